@@ -1,0 +1,67 @@
+"""Model families behind one interface, and the loader that picks the family from a checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from ..errors import ModelNotAvailable, UnsupportedModel
+from ..runtime import Runtime
+from .base import Backbone, ImageBlock, Prompt
+from .qwen2_5_vl import Qwen2_5_VLBackbone
+
+FAMILIES: dict[str, type[Backbone]] = {cls.family: cls for cls in (Qwen2_5_VLBackbone,)}
+PLANNED_FAMILIES = ("qwen3_vl", "llava")
+
+__all__ = ["Backbone", "ImageBlock", "Prompt", "FAMILIES", "load_backbone", "detect_family"]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _not_available(ref: str, revision: str | None, exc: Exception) -> ModelNotAvailable:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    at = f"@{revision}" if revision else ""
+    if _offline():
+        hint = (f"it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; download it first "
+                f"(`hf download {ref}`) or pass --model a local directory")
+    else:
+        hint = "check the id or path, your network, and access rights"
+    return ModelNotAvailable(f"cannot load model {ref}{at}: {hint} ({reason})")
+
+
+def resolve_model_ref(ref: str) -> str:
+    """A local directory as an absolute path, a hub id unchanged; a missing directory is an error."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise ModelNotAvailable(f"model directory {ref} does not exist")
+    return ref
+
+
+def detect_family(ref: str, revision: str | None = None) -> str:
+    """The checkpoint's `model_type`, loading only its config."""
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_ref(ref), revision=revision)
+    except (OSError, ValueError) as exc:
+        raise _not_available(ref, revision, exc) from exc
+    return config.model_type
+
+
+def load_backbone(ref: str, runtime: Runtime, revision: str | None = None) -> Backbone:
+    """Load a checkpoint (hub id or local directory) into the backbone of its family."""
+    family = detect_family(ref, revision)
+    if family not in FAMILIES:
+        planned = " (planned, not implemented yet)" if family in PLANNED_FAMILIES else ""
+        raise UnsupportedModel(
+            f"model family {family!r}{planned} is not supported; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    try:
+        return FAMILIES[family].from_pretrained(resolve_model_ref(ref), revision=revision, device=runtime.device,
+                                                dtype=runtime.dtype, attn=runtime.attn)
+    except OSError as exc:
+        raise _not_available(ref, revision, exc) from exc

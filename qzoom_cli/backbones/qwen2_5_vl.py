@@ -1,0 +1,161 @@
+"""Qwen2.5-VL over the stock transformers classes (no forked model file).
+
+Inputs are built from the tokenizer's chat template and the image processor directly, not from
+`AutoProcessor`: qzoom resizes images itself, splices image blocks itself, and so never needs
+the video processor that would pull in torchvision.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    Cache,
+    DynamicCache,
+    GenerationConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
+from transformers.masking_utils import create_causal_mask
+
+from .base import Backbone, ImageBlock, Prompt
+
+IMAGE_PLACEHOLDER = "<|image_pad|>"
+
+
+def mrope_position_ids(length: int, images: list[ImageBlock]) -> torch.Tensor:
+    """Qwen M-RoPE positions [3, 1, length] for text with still-image blocks.
+
+    Text advances all three rows by one per token. An image block starting at position p gets
+    temporal p, height p + row, width p + col; the text after it resumes at p + max(rows, cols).
+    """
+    rows_out = torch.empty(3, length, dtype=torch.long)
+    index, position = 0, 0
+    for block in sorted(images, key=lambda b: b.start):
+        span = block.start - index
+        rows_out[:, index:block.start] = torch.arange(position, position + span)
+        position += span
+        r = torch.arange(block.rows).repeat_interleave(block.cols)
+        c = torch.arange(block.cols).repeat(block.rows)
+        rows_out[0, block.start:block.stop] = position
+        rows_out[1, block.start:block.stop] = position + r
+        rows_out[2, block.start:block.stop] = position + c
+        position += max(block.rows, block.cols)
+        index = block.stop
+    rows_out[:, index:] = torch.arange(position, position + length - index)
+    return rows_out.unsqueeze(1)
+
+
+class Qwen2_5_VLBackbone(Backbone):
+    family = "qwen2_5_vl"
+    model_class = Qwen2_5_VLForConditionalGeneration
+
+    def __init__(self, model, tokenizer, image_processor, *, model_id: str, revision: str | None, attn: str):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.model_id = model_id
+        self.revision = revision
+        self.attn = attn
+        self.config = model.config
+        self.text_config = model.config.text_config
+        self.language_model = model.model.language_model
+        self.device = model.device
+        self.dtype = model.dtype
+        merge = self.config.vision_config.spatial_merge_size
+        self._patch_factor = self.config.vision_config.patch_size * merge
+        self._eos = _eos_token_ids(model, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, ref: str, *, revision: str | None, device: torch.device, dtype: torch.dtype,
+                        attn: str) -> Qwen2_5_VLBackbone:
+        model = cls.model_class.from_pretrained(
+            ref, revision=revision, dtype=dtype, attn_implementation=attn, device_map=str(device)
+        )
+        tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision)
+        image_processor = AutoImageProcessor.from_pretrained(ref, revision=revision)
+        return cls(model, tokenizer, image_processor, model_id=ref, revision=revision, attn=attn)
+
+    @property
+    def patch_factor(self) -> int:
+        return self._patch_factor
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self._eos
+
+    def build_prompt(self, question: str, image_grids: list[tuple[int, int]]) -> Prompt:
+        content = [{"type": "image"} for _ in image_grids] + [{"type": "text", "text": question}]
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        if len(pieces) != len(image_grids) + 1:
+            raise ValueError(f"chat template of {self.model_id} did not place {len(image_grids)} image(s)")
+        pad_id = self.config.image_token_id
+        ids: list[int] = []
+        images: list[ImageBlock] = []
+        for i, piece in enumerate(pieces):
+            ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
+            if i < len(image_grids):
+                rows, cols = image_grids[i]
+                images.append(ImageBlock(len(ids), rows, cols))
+                ids.extend([pad_id] * (rows * cols))
+        return Prompt(torch.tensor([ids], dtype=torch.long), images)
+
+    @torch.inference_mode()
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        factor = self.patch_factor
+        if image.width % factor or image.height % factor:
+            raise ValueError(f"image {image.size} is not a multiple of {factor} pixels; resize it to its budget first")
+        batch = self.image_processor(images=[image], do_resize=False, return_tensors="pt")
+        grid = batch["image_grid_thw"]
+        expected = [1, image.height // factor * 2, image.width // factor * 2]
+        if grid[0].tolist() != expected:
+            raise RuntimeError(f"image processor produced grid {grid[0].tolist()}, expected {expected}")
+        pixels = batch["pixel_values"].to(self.device, self.model.model.visual.dtype)
+        features = self.model.model.get_image_features(pixels, grid.to(self.device)).pooler_output
+        return features[0]
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def position_ids(self, prompt: Prompt) -> torch.Tensor:
+        return mrope_position_ids(prompt.length, prompt.images).to(self.device)
+
+    def next_position_ids(self, positions: torch.Tensor, step: int) -> torch.Tensor:
+        next_pos = positions.max() + 1 + step
+        return next_pos.view(1, 1, 1).expand(3, positions.shape[1], 1)
+
+    def new_cache(self) -> Cache:
+        return DynamicCache(config=self.text_config)
+
+    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, cache: Cache | None,
+                   start: int, stop: int) -> torch.Tensor:
+        mask = create_causal_mask(config=self.text_config, inputs_embeds=hidden, attention_mask=None,
+                                  past_key_values=cache, layer_idx=start)
+        rotary = self.language_model.rotary_emb(hidden, positions)
+        for layer in self.language_model.layers[start:stop]:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary,
+                           past_key_values=cache, use_cache=cache is not None)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.language_model.norm(hidden))
+
+
+def _eos_token_ids(model, tokenizer) -> list[int]:
+    """End-of-answer ids: the generation config's (instruct checkpoints list <|im_end|>), else the tokenizer's."""
+    config = getattr(model, "generation_config", None) or GenerationConfig()
+    eos = config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if not ids:
+        raise ValueError("the checkpoint defines no end-of-sequence token")
+    return ids

@@ -1,0 +1,239 @@
+"""Documents in, page images out.
+
+A document is read once into memory (so its hash is known and stdin works like a file), its
+type is told from its first bytes rather than its name, and its pages are rendered one at a
+time on demand so a long PDF never sits in memory as images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pymupdf
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import (
+    FileNotFound,
+    ImageCorrupt,
+    InputError,
+    PageOutOfRange,
+    PdfCorrupt,
+    PdfEncrypted,
+    UnsupportedType,
+    UsageError,
+)
+
+STDIN = "-"
+DEFAULT_DPI = 200
+MAX_RENDER_PIXELS = 120_000_000
+IMAGE_KINDS = ("png", "jpeg", "webp", "bmp", "gif", "tiff")
+
+# MuPDF would print its own diagnostics to stderr; qzoom reports problems itself, once.
+pymupdf.TOOLS.mupdf_display_errors(False)
+pymupdf.TOOLS.mupdf_display_warnings(False)
+
+
+def detect_kind(data: bytes) -> str:
+    """'pdf' or one of IMAGE_KINDS, from the leading bytes; raises UnsupportedType otherwise."""
+    if not data:
+        raise UnsupportedType("the file is empty")
+    if b"%PDF-" in data[:1024]:
+        return "pdf"
+    signatures = (
+        (b"\x89PNG\r\n\x1a\n", "png"),
+        (b"\xff\xd8\xff", "jpeg"),
+        (b"GIF87a", "gif"),
+        (b"GIF89a", "gif"),
+        (b"II*\x00", "tiff"),
+        (b"MM\x00*", "tiff"),
+        (b"II+\x00", "tiff"),
+        (b"BM", "bmp"),
+    )
+    for magic, kind in signatures:
+        if data.startswith(magic):
+            return kind
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    raise UnsupportedType(
+        f"not a PDF or a supported image (PNG, JPEG, WebP, BMP, GIF, TIFF); it starts with {data[:8]!r}"
+    )
+
+
+def parse_page_spec(spec: str | None, page_count: int) -> list[int]:
+    """'1-3,7' -> [1, 2, 3, 7]: 1-based, inclusive, open ends ('5-', '-3'), order kept, no repeats."""
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return list(range(1, page_count + 1))
+    pages: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo_text, hi_text = part.split("-", 1)
+                lo = int(lo_text) if lo_text.strip() else 1
+                hi = int(hi_text) if hi_text.strip() else page_count
+            else:
+                lo = hi = int(part)
+        except ValueError:
+            raise UsageError(f"bad page range {spec!r}: use 1-based numbers like '1-3,7'") from None
+        if lo < 1:
+            raise UsageError(f"bad page range {spec!r}: pages are numbered from 1")
+        if lo > hi:
+            raise UsageError(f"bad page range {spec!r}: {lo}-{hi} is empty")
+        if hi > page_count:
+            noun = "page" if page_count == 1 else "pages"
+            raise PageOutOfRange(f"page {hi} is out of range: the document has {page_count} {noun}")
+        pages.extend(p for p in range(lo, hi + 1) if p not in pages)
+    return pages
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with transparency flattened onto white (a transparent PNG must not turn black)."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+@dataclass
+class Document:
+    """An opened document: its pages can be rendered, by 1-based number, at a chosen DPI."""
+
+    source: str
+    kind: str
+    sha256: str
+    page_count: int
+    dpi: int | None
+    warnings: list[str] = field(default_factory=list)
+    _pdf: pymupdf.Document | None = field(default=None, repr=False)
+    _image: Image.Image | None = field(default=None, repr=False)
+
+    def _check(self, number: int) -> None:
+        if not 1 <= number <= self.page_count:
+            raise PageOutOfRange(f"page {number} is out of range: the document has {self.page_count} pages")
+
+    def page_size(self, number: int) -> tuple[int, int]:
+        """(width, height) in page pixels: the coordinate space every box qzoom reports lives in."""
+        self._check(number)
+        if self._pdf is not None:
+            scale = self.dpi / 72
+            box = (self._pdf[number - 1].rect * pymupdf.Matrix(scale, scale)).irect
+            return box.width, box.height
+        self._image.seek(number - 1)
+        return ImageOps.exif_transpose(self._image).size
+
+    def render(self, number: int) -> Image.Image:
+        """Page `number` as an RGB image; PDFs at the document's DPI (page rotation applied)."""
+        self._check(number)
+        if self._pdf is not None:
+            return self._render_pdf_page(number)
+        try:
+            self._image.seek(number - 1)
+            return _to_rgb(ImageOps.exif_transpose(self._image))
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageCorrupt(f"cannot decode page {number} of {self.source}: {exc}") from exc
+
+    def _render_pdf_page(self, number: int) -> Image.Image:
+        width, height = self.page_size(number)
+        if width * height > MAX_RENDER_PIXELS:
+            raise UsageError(
+                f"page {number} at {self.dpi} dpi would be {width}x{height} pixels; lower --dpi"
+            )
+        try:
+            pixmap = self._pdf[number - 1].get_pixmap(dpi=self.dpi, alpha=False)
+        except Exception as exc:  # MuPDF raises its own error types for damaged content streams
+            raise PdfCorrupt(f"cannot render page {number} of {self.source}: {exc}") from exc
+        return Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+
+    def thumbnail(self, number: int, max_side: int = 96) -> Image.Image:
+        """A small RGB picture of a page, rendered directly at low resolution for PDFs."""
+        if self._pdf is not None:
+            width, height = self.page_size(number)
+            dpi = max(1, int(self.dpi * max_side / max(width, height)))
+            pixmap = self._pdf[number - 1].get_pixmap(dpi=dpi, alpha=False)
+            image = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+        else:
+            image = self.render(number)
+        image.thumbnail((max_side, max_side))
+        return image
+
+    def close(self) -> None:
+        if self._pdf is not None:
+            self._pdf.close()
+        if self._image is not None:
+            self._image.close()
+
+    def __enter__(self) -> Document:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_source(source: str | Path | bytes) -> tuple[str, bytes]:
+    """(display name, bytes) of a path, '-' for standard input, or raw bytes."""
+    if isinstance(source, bytes):
+        return "<bytes>", source
+    name = str(source)
+    if name == STDIN:
+        return STDIN, sys.stdin.buffer.read()
+    path = Path(name)
+    if not path.exists():
+        raise FileNotFound(f"no such file: {name}")
+    if path.is_dir():
+        raise UnsupportedType(f"{name} is a directory, not a document")
+    try:
+        return name, path.read_bytes()
+    except PermissionError:
+        raise InputError(f"permission denied: {name}") from None
+
+
+def open_document(source: str | Path | bytes, *, password: str | None = None, dpi: int = DEFAULT_DPI) -> Document:
+    """Open a PDF or image from a path, '-' (stdin) or bytes; raises InputError subclasses."""
+    if dpi < 1:
+        raise UsageError("--dpi must be positive")
+    name, data = read_source(source)
+    kind = detect_kind(data)
+    digest = hashlib.sha256(data).hexdigest()
+    if kind == "pdf":
+        pdf = _open_pdf(name, data, password)
+        notes = [f"{name} is damaged; MuPDF repaired it and some content may be missing"] if pdf.is_repaired else []
+        return Document(name, kind, digest, pdf.page_count, dpi, notes, _pdf=pdf)
+    image = _open_image(name, data)
+    frames = getattr(image, "n_frames", 1) if kind == "tiff" else 1
+    return Document(name, kind, digest, frames, None, _image=image)
+
+
+def _open_pdf(name: str, data: bytes, password: str | None) -> pymupdf.Document:
+    try:
+        pdf = pymupdf.open(stream=data, filetype="pdf")
+    except Exception as exc:  # pymupdf.FileDataError and friends
+        raise PdfCorrupt(f"{name} is not a readable PDF: {exc}") from exc
+    if pdf.needs_pass:
+        if password is None:
+            raise PdfEncrypted(f"{name} is encrypted: pass its password with --password")
+        if not pdf.authenticate(password):
+            raise PdfEncrypted(f"wrong password for {name}")
+    if pdf.page_count == 0:
+        raise PdfCorrupt(f"{name} has no readable pages")
+    return pdf
+
+
+def _open_image(name: str, data: bytes) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise ImageCorrupt(f"cannot decode image {name}: {exc}") from exc
+    return image
+

@@ -1,0 +1,81 @@
+"""User-facing failures, each carrying the exit code and the result-record error code it maps to.
+
+Exit codes (documented in the README): 0 ok, 1 internal error, 2 usage error, 3 input error,
+4 model or environment error, 5 batch finished with failed rows, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_MODEL = 4
+EXIT_PARTIAL = 5
+EXIT_INTERRUPTED = 130
+
+
+class QZoomError(Exception):
+    """Base class: `code` names the failure in JSON records, `exit_code` is what the CLI returns."""
+
+    code = "internal"
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(QZoomError):
+    code = "usage"
+    exit_code = EXIT_USAGE
+
+
+class InputError(QZoomError):
+    code = "input_error"
+    exit_code = EXIT_INPUT
+
+
+class FileNotFound(InputError):
+    code = "file_not_found"
+
+
+class UnsupportedType(InputError):
+    code = "unsupported_type"
+
+
+class PdfEncrypted(InputError):
+    code = "pdf_encrypted"
+
+
+class PdfCorrupt(InputError):
+    code = "pdf_corrupt"
+
+
+class ImageCorrupt(InputError):
+    code = "image_corrupt"
+
+
+class PageOutOfRange(InputError):
+    code = "page_out_of_range"
+
+
+class ModelError(QZoomError):
+    code = "model_error"
+    exit_code = EXIT_MODEL
+
+
+class ModelNotAvailable(ModelError):
+    code = "model_not_available"
+
+
+class UnsupportedModel(ModelError):
+    code = "unsupported_model"
+
+
+class EnvironmentProblem(ModelError):
+    code = "environment"
+
+
+class OutOfMemory(ModelError):
+    code = "oom"

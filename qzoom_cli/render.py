@@ -1,0 +1,77 @@
+"""What a person sees on the terminal: a rich panel with the answer, the page and the numbers.
+
+Everything here writes to a stderr console; stdout carries only results.
+"""
+
+from __future__ import annotations
+
+from PIL import Image, ImageDraw
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from .results import Result
+
+BOX_COLOR = (220, 30, 30)
+
+
+def page_thumbnail_text(image: Image.Image, box_norm: list[float] | None = None, width: int = 28) -> Text:
+    """The page as terminal art: one character cell shows two pixel rows with the upper half block.
+
+    `box_norm` ([x1, y1, x2, y2] in 0..1 of the page) is outlined in red when given.
+    """
+    height = max(2, round(image.height / image.width * width / 2) * 2)  # square pixels, even rows
+    small = image.convert("RGB").resize((width, height), Image.Resampling.BOX)
+    if box_norm is not None:
+        x1, y1, x2, y2 = box_norm
+        ImageDraw.Draw(small).rectangle(
+            [x1 * (width - 1), y1 * (height - 1), x2 * (width - 1), y2 * (height - 1)], outline=BOX_COLOR
+        )
+    pixels = small.load()
+    text = Text()
+    for y in range(0, height, 2):
+        for x in range(width):
+            top, bottom = pixels[x, y], pixels[x, y + 1]
+            text.append("▀", style=f"rgb{top} on rgb{bottom}")
+        if y + 2 < height:
+            text.append("\n")
+    return text
+
+
+def _stats_table(result: Result) -> Table:
+    table = Table.grid(padding=(0, 1))
+    table.add_column(style="dim")
+    table.add_column()
+    stats, timings = result.stats, result.stats.time
+    candidates = ", ".join(f"p{c.page} {c.score:.2f}" for c in result.candidates)
+    rows = [
+        ("page", f"{result.page} of {result.input.pages}"),
+        ("scores", candidates),
+        ("zoom", "zoomed" if result.zoom.zoomed else f"skipped (mode {result.zoom.mode})"),
+        ("visual tokens", f"{stats.visual_tokens} (all pages {stats.total_visual_tokens})"),
+        ("prompt / output", f"{stats.prompt_tokens} / {stats.output_tokens} tokens"),
+        ("latency", f"{stats.latency_s:.3f} s  (render {timings.render_s:.3f}, encode {timings.preprocess_s:.3f}, "
+                    f"prefill {timings.prefill_s:.3f}, decode {timings.decode_s:.3f})"),
+        ("decode speed", f"{stats.tokens_per_s:.1f} tokens/s"),
+        ("peak memory", f"{stats.peak_mem_gib:.2f} GiB ({stats.peak_mem_source})"),
+        ("model", f"{result.model.id} on {result.model.device} ({result.model.dtype}, {result.model.attn})"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def answer_panel(result: Result, thumbnail: Image.Image | None) -> Panel:
+    """The answer in bold, the page it came from (box outlined once zoom reports one), the stats."""
+    roi = result.zoom.roi or {}
+    body = Table.grid(padding=(0, 2))
+    if thumbnail is not None:
+        body.add_column()
+    body.add_column()
+    cells = [page_thumbnail_text(thumbnail, roi.get("bbox_norm"))] if thumbnail is not None else []
+    body.add_row(*cells, _stats_table(result))
+    title = Text(result.question, style="bold cyan")
+    answer = Text(result.answer or "", style="bold")
+    subtitle = f"{result.id} · {result.status}"
+    return Panel(Group(answer, Text(""), body), title=title, subtitle=subtitle, title_align="left")

@@ -1,0 +1,118 @@
+"""Tiny checkpoints built offline: a complete model directory that loads exactly like a real one.
+
+Random seeded weights, a few small layers, a byte-level BPE tokenizer trained on a few lines of
+text that carries the family's real special tokens and chat template, and the real image
+processor config (14 px patches, 2x2 merge), so every code path of qzoom runs on CPU in seconds.
+Its answers are meaningless; its shapes, tokens and control flow are the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2Tokenizer
+
+from .errors import UsageError
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# Same conversation format as the Qwen2.5-VL instruct checkpoints: a default system turn, images
+# as <|vision_start|><|image_pad|><|vision_end|>, and an assistant header as generation prompt.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+TRAINING_TEXT = [
+    "What is the total due on this invoice? Answer the question using a single word or phrase.",
+    "Invoice number, date, due date, bill to, ship to, description, quantity, unit price, amount.",
+    "Subtotal tax total balance due payment terms net 30 bank account IBAN receipt store cashier.",
+    "0123456789 $ . , : - / # % USD EUR page of the a an is what which who when where how much",
+    "You are a helpful assistant. system user assistant",
+]
+
+FAMILIES = ("qwen2_5_vl",)
+# Wider than the usual 0.02 so a random model's greedy answer depends on the page and question.
+INIT_STD = 0.2
+
+
+def make_tokenizer(vocab_size: int = 400) -> Qwen2Tokenizer:
+    """A byte-level BPE tokenizer with Qwen's special tokens and chat template."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(TRAINING_TEXT * 4, trainer)
+    spec = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=spec["vocab"], merges=merges, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", unk_token=None)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_qwen2_5_vl_config(tokenizer: Qwen2Tokenizer, num_layers: int = 4) -> Qwen2_5_VLConfig:
+    ids = dict(zip(QWEN_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(QWEN_SPECIAL_TOKENS), strict=True))
+    special = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+               "pad_token_id": ids["<|endoftext|>"]}
+    text = {
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": num_layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+        "initializer_range": INIT_STD, **special,
+    }
+    vision = {
+        "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+        "fullatt_block_indexes": [1], "in_channels": 3, "initializer_range": INIT_STD,
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True, initializer_range=INIT_STD, **special,
+    )
+
+
+def make_tiny(directory: str | Path, family: str = "qwen2_5_vl", seed: int = 0, num_layers: int = 4) -> Path:
+    """Write a tiny random checkpoint of `family` to `directory` and return its path."""
+    if family not in FAMILIES:
+        raise UsageError(f"no tiny model for family {family!r}; available: {', '.join(FAMILIES)}")
+    if num_layers < 1:
+        raise UsageError("a tiny model needs at least one layer")
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer()
+    config = tiny_qwen2_5_vl_config(tokenizer, num_layers)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    im_end, eot = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    model.generation_config = GenerationConfig(eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
+                             min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28).save_pretrained(directory)
+    return directory

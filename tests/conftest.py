@@ -1,0 +1,32 @@
+"""Shared fixtures: everything offline, one tiny checkpoint and one loaded model per session."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.pop("QZOOM_DEVICE", None)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from qzoom_cli.testing import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def qz(tiny_dir):
+    from qzoom_cli import QZoom
+
+    return QZoom.from_pretrained(str(tiny_dir), device="cpu")
+
+
+@pytest.fixture
+def pdf_path(tmp_path):
+    from docmaker import make_pdf
+
+    path = tmp_path / "doc.pdf"
+    path.write_bytes(make_pdf(3))
+    return path

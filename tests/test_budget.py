@@ -1,0 +1,77 @@
+import itertools
+import math
+
+import pytest
+from PIL import Image
+
+from qzoom_cli.budget import VisualBudget, resize_to_budget, smart_resize, token_grid, visual_tokens
+from qzoom_cli.errors import UsageError
+
+# performance.md: an A4 page at several DPIs under several budgets (Qwen2.5-VL, factor 28).
+A4_TABLE = {
+    (595, 842): (630, 560, 630, 630),
+    (827, 1169): (1260, 560, 988, 1260),
+    (1191, 1683): (2580, 560, 988, 2580),
+    (1654, 2338): (4956, 560, 988, 4028),
+    (2481, 3507): (11125, 560, 988, 4028),
+}
+
+
+@pytest.mark.parametrize("size", A4_TABLE)
+def test_a4_token_counts_match_the_published_table(size):
+    width, height = size
+    got = tuple(visual_tokens(height, width, 28, VisualBudget(4, cap)) for cap in (10**9, 576, 1024, 4096))
+    assert got == A4_TABLE[size]
+
+
+SIZES = [1, 13, 27, 28, 29, 100, 333, 595, 1000, 2339, 4001]
+
+
+@pytest.mark.parametrize("factor", [28, 32])
+@pytest.mark.parametrize("budget", [VisualBudget(4, 16), VisualBudget(256, 576), VisualBudget(256, 4096),
+                                    VisualBudget(1024, 1024)])
+def test_smart_resize_properties(factor, budget):
+    min_px, max_px = budget.pixel_bounds(factor)
+    for height, width in itertools.product(SIZES, SIZES):
+        if max(height, width) / min(height, width) > 200:
+            continue
+        h, w = smart_resize(height, width, factor, min_px, max_px)
+        assert h % factor == 0 and w % factor == 0 and h >= factor and w >= factor
+        assert h * w <= max_px or min(h, w) == factor  # only a side clamped to one token can overshoot
+        if budget.max_tokens >= 4 * budget.min_tokens:
+            assert h * w >= min_px
+        if min(h, w) > 2 * factor:  # aspect kept up to one grid cell of rounding per side
+            assert abs(math.log((h / w) / (height / width))) <= 2 * factor / (min(h, w) - factor)
+
+
+def test_extreme_aspect_ratio_rejected():
+    with pytest.raises(ValueError, match="aspect ratio"):
+        smart_resize(10, 3000, 28, 4 * 784, 576 * 784)
+
+
+@pytest.mark.parametrize("size", [(1654, 2338), (333, 100), (28, 28), (5000, 400)])
+def test_resize_gives_exactly_the_counted_tokens(size):
+    budget = VisualBudget(64, 576)
+    image = Image.new("RGBA", size, (10, 20, 30, 255))
+    resized = resize_to_budget(image, 28, budget)
+    rows, cols = token_grid(size[1], size[0], 28, budget)
+    assert resized.mode == "RGB"
+    assert resized.size == (cols * 28, rows * 28)
+    assert rows * cols <= budget.max_tokens
+
+
+def test_budget_validation():
+    with pytest.raises(UsageError):
+        VisualBudget(600, 576)
+    with pytest.raises(UsageError):
+        VisualBudget(0, 576)
+    assert VisualBudget(256, 576).pixel_bounds(32) == (256 * 1024, 576 * 1024)
+
+
+def test_resolve_budget_fills_missing_bound(qz):
+    default = qz.default_budget
+    assert qz.resolve_budget() == default
+    assert qz.resolve_budget(max_tokens=64) == VisualBudget(min(default.min_tokens, 64), 64)
+    assert qz.resolve_budget(min_tokens=5000) == VisualBudget(5000, 5000)
+    assert qz.resolve_budget(100, 200) == VisualBudget(100, 200)
+    assert math.isclose(qz.backbone.patch_factor, 28)

@@ -1,0 +1,206 @@
+"""The `qzoom` command end to end on the tiny model: outputs, schema and every exit code."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from docmaker import make_encrypted_pdf, make_pdf
+from qzoom_cli import cli
+from qzoom_cli.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_USAGE
+
+runner = CliRunner()
+
+RESULT_SCHEMA = {
+    "schema": str, "id": str, "status": str, "question": str, "answer": str, "page": int, "error": type(None),
+    "warnings": [str],
+    "input": {"file": str, "sha256": str, "kind": str, "pages": [int], "dpi": (int, type(None)), "warnings": [str]},
+    "candidates": [{"page": int, "answer": str, "score": float, "output_tokens": int, "visual_tokens": int,
+                    "truncated": bool}],
+    "zoom": {"mode": str, "zoomed": bool, "gate": type(None), "roi": type(None)},
+    "model": {"id": str, "revision": (str, type(None)), "family": str, "device": str, "dtype": str, "attn": str},
+    "budget": {"min_tokens": int, "max_tokens": int, "visual_tokens": int, "roi_tokens": int},
+    "stats": {"latency_s": float, "visual_tokens": int, "prompt_tokens": int, "output_tokens": int,
+              "tokens_per_s": float, "total_visual_tokens": int, "total_prompt_tokens": int,
+              "peak_mem_gib": float, "peak_mem_source": str,
+              "time": {"render_s": float, "preprocess_s": float, "prefill_s": float, "decode_s": float}},
+}
+
+
+def check_schema(value, schema, where="record"):
+    if isinstance(schema, dict):
+        assert isinstance(value, dict) and set(value) == set(schema), f"{where}: keys {sorted(value)}"
+        for key, sub in schema.items():
+            check_schema(value[key], sub, f"{where}.{key}")
+    elif isinstance(schema, list):
+        assert isinstance(value, list), where
+        for i, item in enumerate(value):
+            check_schema(item, schema[0], f"{where}[{i}]")
+    else:
+        assert isinstance(value, schema) and not (isinstance(value, bool) and schema in (int, float)), \
+            f"{where}: {value!r} is not {schema}"
+
+
+def ask(tiny_dir, *args, **kwargs):
+    defaults = ["--model", str(tiny_dir), "--device", "cpu", "--max-visual-tokens", "64",
+                "--min-visual-tokens", "16", "--max-new-tokens", "4", "--dpi", "72"]
+    return runner.invoke(cli.app, ["ask", *defaults, *args], **kwargs)  # later flags win
+
+
+def test_plain_answers_one_line_per_question(tiny_dir, pdf_path):
+    result = ask(tiny_dir, str(pdf_path), "What is the total due?", "What is the date?", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+    assert result.stderr == ""
+
+
+def test_json_records_follow_the_schema(tiny_dir, pdf_path):
+    result = ask(tiny_dir, str(pdf_path), "total?", "date?", "--json", "--pages", "1-2")
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["id"] for r in records] == ["q1", "q2"]
+    for record in records:
+        check_schema(record, RESULT_SCHEMA)
+        assert record["schema"] == "qzoom.result/v1" and record["input"]["pages"] == [1, 2]
+        assert record["budget"]["max_tokens"] == 64 and record["budget"]["visual_tokens"] <= 64
+
+
+def test_json_is_deterministic_apart_from_timings(tiny_dir, pdf_path):
+    def strip(record):
+        record.pop("stats")
+        return record
+
+    outs = [strip(json.loads(ask(tiny_dir, str(pdf_path), "total?", "--json").stdout)) for _ in range(2)]
+    assert outs[0] == outs[1]
+
+
+def test_stdin_document(tiny_dir):
+    result = ask(tiny_dir, "-", "total?", "--json", input=make_pdf(2))
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["input"]["file"] == "-" and record["input"]["pages"] == [1, 2]
+
+
+def test_encrypted_pdf_with_password(tiny_dir, tmp_path):
+    path = tmp_path / "locked.pdf"
+    path.write_bytes(make_encrypted_pdf("pw"))
+    assert ask(tiny_dir, str(path), "q?").exit_code == EXIT_INPUT
+    assert ask(tiny_dir, str(path), "q?", "--password", "pw").exit_code == 0
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["{missing}", "q?"], EXIT_INPUT, "no such file"),
+    (["{notes}", "q?"], EXIT_INPUT, "not a PDF or a supported image"),
+    (["{corrupt}", "q?"], EXIT_INPUT, "not a readable PDF"),
+    (["{locked}", "q?"], EXIT_INPUT, "encrypted"),
+    (["{pdf}", "q?", "--pages", "7"], EXIT_INPUT, "out of range"),
+    (["{pdf}", "  "], EXIT_USAGE, "empty question"),
+    (["{pdf}", "q?", "--pages", "0"], EXIT_USAGE, "numbered from 1"),
+    (["{pdf}", "q?", "--dtype", "fp8"], EXIT_USAGE, "unknown dtype"),
+    (["{pdf}", "q?", "--device", "tpu"], EXIT_USAGE, "device"),
+    (["{pdf}", "q?", "--device", "cuda:3"], EXIT_MODEL, "CUDA"),
+])
+def test_error_exit_codes(tiny_dir, tmp_path, args, code, message):
+    files = {"missing": tmp_path / "missing.pdf", "notes": tmp_path / "notes.txt", "corrupt": tmp_path / "bad.pdf",
+             "locked": tmp_path / "locked.pdf", "pdf": tmp_path / "ok.pdf"}
+    files["notes"].write_text("plain text")
+    files["corrupt"].write_bytes(b"%PDF-1.7\n\x00\x01 broken")
+    files["locked"].write_bytes(make_encrypted_pdf())
+    files["pdf"].write_bytes(make_pdf(2))
+    result = ask(tiny_dir, *[a.format(**files) for a in args])
+    assert result.exit_code == code
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qzoom: error:") and message in lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_model_not_available_offline(pdf_path):
+    result = runner.invoke(cli.app, ["ask", str(pdf_path), "q?", "--model", "nobody/no-such-model", "--device", "cpu"])
+    assert result.exit_code == EXIT_MODEL
+    assert "HF_HUB_OFFLINE=1" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = runner.invoke(cli.app, ["ask", str(pdf_path), "q?", "--model", "./no/such/dir", "--device", "cpu"])
+    assert result.exit_code == EXIT_MODEL and "does not exist" in result.stderr
+
+
+def test_unsupported_family_is_a_model_error(tmp_path, pdf_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                vocab_size=64).save_pretrained(tmp_path / "llama")
+    result = runner.invoke(cli.app, ["ask", str(pdf_path), "q?", "--model", str(tmp_path / "llama")])
+    assert result.exit_code == EXIT_MODEL and "not supported" in result.stderr
+
+
+def test_interrupt_and_internal_error_exit_codes(tiny_dir, pdf_path, monkeypatch):
+    from qzoom_cli import api
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api.QZoom, "ask", interrupted)
+    result = ask(tiny_dir, str(pdf_path), "q?")
+    assert result.exit_code == EXIT_INTERRUPTED and "interrupted" in result.stderr
+
+    def broken(*a, **k):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(api.QZoom, "ask", broken)
+    result = ask(tiny_dir, str(pdf_path), "q?")
+    assert result.exit_code == EXIT_INTERNAL
+    assert result.stderr.strip() == "qzoom: internal error: RuntimeError: boom (rerun with -v for details)"
+    verbose = ask(tiny_dir, str(pdf_path), "q?", "-v")
+    assert verbose.exit_code == EXIT_INTERNAL and "Traceback" in verbose.stderr
+
+
+def test_unsupported_transformers_is_an_environment_error(tiny_dir, pdf_path, monkeypatch):
+    from qzoom_cli import doctor
+
+    monkeypatch.setattr(doctor, "package_version", lambda name: "4.51.3")
+    result = ask(tiny_dir, str(pdf_path), "q?")
+    assert result.exit_code == EXIT_MODEL and "transformers 4.51.3" in result.stderr
+
+
+def test_missing_arguments_are_usage_errors():
+    assert runner.invoke(cli.app, ["ask"]).exit_code == EXIT_USAGE
+    assert runner.invoke(cli.app, ["ask", "doc.pdf", "q", "--no-such-flag"]).exit_code == EXIT_USAGE
+
+
+def test_doctor_json():
+    result = runner.invoke(cli.app, ["doctor", "--json"])
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["hub"]["offline"] is True and report["packages"]["transformers"]
+    assert {"device": "cpu"}.items() <= report["devices"][-1].items()
+    assert isinstance(report["flash_attention"], bool) and report["transformers_ok"] is True
+    text = runner.invoke(cli.app, ["doctor"])
+    assert text.exit_code == 0 and "hub cache" in text.stdout and "offline: True" in text.stdout
+
+
+def test_models_list_and_make_tiny(tmp_path):
+    listed = runner.invoke(cli.app, ["models", "list", "--json"])
+    cards = json.loads(listed.stdout)["models"]
+    assert sum(card["default"] for card in cards) == 1
+    assert all(card["patch_factor"] == 28 for card in cards if card["family"] == "qwen2_5_vl")
+    made = runner.invoke(cli.app, ["models", "make-tiny", str(tmp_path / "t"), "--layers", "2", "--seed", "3"])
+    assert made.exit_code == 0 and made.stdout.strip() == str(tmp_path / "t")
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2
+    bad = runner.invoke(cli.app, ["models", "make-tiny", str(tmp_path / "u"), "--family", "nope"])
+    assert bad.exit_code == EXIT_USAGE
+
+
+def test_console_script_runs_as_a_real_process(tiny_dir, pdf_path):
+    """The installed entry point, a real process: stdout carries only the JSON, exit codes are real."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    common = ["--model", str(tiny_dir), "--device", "cpu", "--max-visual-tokens", "32", "--max-new-tokens", "2"]
+    done = subprocess.run(["qzoom", "ask", str(pdf_path), "total?", "--json", *common],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["input"]["kind"] == "pdf"
+    missing = subprocess.run([sys.executable, "-m", "qzoom_cli", "ask", "missing.pdf", "q?", *common],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert missing.returncode == EXIT_INPUT and missing.stderr.startswith("qzoom: error: no such file")
+    version = subprocess.run(["qzoom", "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("qzoom ")

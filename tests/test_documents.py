@@ -1,0 +1,173 @@
+import io
+import sys
+
+import pytest
+from PIL import Image
+
+from docmaker import make_encrypted_pdf, make_image, make_pdf, make_tiff
+from qzoom_cli.documents import detect_kind, open_document, parse_page_spec
+from qzoom_cli.errors import (
+    FileNotFound,
+    ImageCorrupt,
+    PageOutOfRange,
+    PdfCorrupt,
+    PdfEncrypted,
+    UnsupportedType,
+    UsageError,
+)
+
+
+@pytest.mark.parametrize("fmt,kind", [("PNG", "png"), ("JPEG", "jpeg"), ("WEBP", "webp"), ("BMP", "bmp"),
+                                      ("GIF", "gif"), ("TIFF", "tiff")])
+def test_images_are_detected_by_content_not_name(tmp_path, fmt, kind):
+    path = tmp_path / "misleading.pdf"  # the extension lies on purpose
+    path.write_bytes(make_image(fmt))
+    with open_document(path) as doc:
+        assert doc.kind == kind and doc.page_count == 1 and doc.dpi is None
+        page = doc.render(1)
+        assert page.mode == "RGB" and page.size == (300, 200) == doc.page_size(1)
+
+
+def test_pdf_pages_render_at_dpi_and_match_page_size():
+    with open_document(make_pdf(3), dpi=100) as doc:
+        assert (doc.kind, doc.page_count, doc.dpi) == ("pdf", 3, 100)
+        for number in (1, 2, 3):
+            image = doc.render(number)
+            assert image.size == doc.page_size(number)
+            assert abs(image.width - 595 * 100 / 72) <= 1 and abs(image.height - 842 * 100 / 72) <= 1
+
+
+def test_pages_differ_and_rendering_is_deterministic():
+    with open_document(make_pdf(2), dpi=50) as doc:
+        first, second = doc.render(1), doc.render(2)
+        assert first.tobytes() != second.tobytes()
+        assert first.tobytes() == doc.render(1).tobytes()
+
+
+def test_rotated_page_renders_in_its_displayed_orientation():
+    with open_document(make_pdf(2, rotate={2: 90}), dpi=72) as doc:
+        assert doc.render(1).width < doc.render(1).height
+        rotated = doc.render(2)
+        assert rotated.width > rotated.height and rotated.size == doc.page_size(2)
+
+
+def test_encrypted_pdf_needs_the_right_password():
+    data = make_encrypted_pdf("s3cret")
+    with pytest.raises(PdfEncrypted, match="--password"):
+        open_document(data)
+    with pytest.raises(PdfEncrypted, match="wrong password"):
+        open_document(data, password="nope")
+    with open_document(data, password="s3cret") as doc:
+        assert doc.page_count == 2 and doc.render(2).size == doc.page_size(2)
+
+
+def test_garbage_and_truncated_pdfs():
+    with pytest.raises(PdfCorrupt):
+        open_document(b"%PDF-1.7\nthis is not a pdf body at all")
+    data = make_pdf(3)
+    with pytest.raises(PdfCorrupt):
+        open_document(data[:20])
+
+
+def test_repaired_pdf_is_flagged_not_hidden():
+    data = make_pdf(3)
+    outcomes = []
+    for cut in range(len(data) // 5, len(data), max(1, len(data) // 40)):
+        try:
+            with open_document(data[:cut]) as doc:
+                outcomes.append(bool(doc.warnings))
+        except PdfCorrupt:
+            outcomes.append("error")
+    # MuPDF either refuses a truncated file or repairs it; a repair must never pass silently.
+    assert outcomes and all(o is True or o == "error" for o in outcomes)
+    assert True in outcomes
+
+
+def test_multi_frame_tiff_has_one_page_per_frame():
+    sizes = [(120, 80), (90, 60), (40, 50)]
+    with open_document(make_tiff(sizes)) as doc:
+        assert doc.kind == "tiff" and doc.page_count == 3
+        for number, size in enumerate(sizes, start=1):
+            page = doc.render(number)
+            assert page.size == size == doc.page_size(number)
+            assert page.getpixel((5, 5)) == (60 * (number - 1),) * 3
+
+
+def test_transparent_png_is_flattened_on_white():
+    data = make_image("PNG", mode="RGBA", color=(0, 0, 0, 0))
+    with open_document(data) as doc:
+        assert doc.render(1).getpixel((299, 199)) == (255, 255, 255)
+
+
+def test_sixteen_bit_grayscale_png():
+    buffer = io.BytesIO()
+    Image.new("I;16", (64, 32), 65535).save(buffer, format="PNG")
+    with open_document(buffer.getvalue()) as doc:
+        assert doc.render(1).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (300, 200), "white")
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    with open_document(buffer.getvalue()) as doc:
+        assert doc.render(1).size == (200, 300) == doc.page_size(1)
+
+
+def test_stdin(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(make_pdf(2))))
+    with open_document("-") as doc:
+        assert doc.source == "-" and doc.page_count == 2
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFound):
+        open_document(tmp_path / "missing.pdf")
+    with pytest.raises(UnsupportedType, match="directory"):
+        open_document(tmp_path)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(UnsupportedType, match="empty"):
+        open_document(tmp_path / "empty.png")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UnsupportedType):
+        open_document(tmp_path / "notes.txt")
+    with pytest.raises(ImageCorrupt):
+        open_document(make_image("PNG")[:60])
+    with pytest.raises(UsageError):
+        open_document(make_pdf(1), dpi=0)
+
+
+def test_detect_kind_signatures():
+    assert detect_kind(b"junk\n%PDF-1.4 ...") == "pdf"
+    assert detect_kind(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "webp"
+    assert detect_kind(b"MM\x00*rest") == "tiff"
+    with pytest.raises(UnsupportedType):
+        detect_kind(b"RIFF\x00\x00\x00\x00WAVE")
+
+
+@pytest.mark.parametrize("spec,count,expected", [
+    (None, 3, [1, 2, 3]), ("all", 2, [1, 2]), ("2", 3, [2]), ("1-3,7", 9, [1, 2, 3, 7]),
+    ("3-", 5, [3, 4, 5]), ("-2", 5, [1, 2]), (" 2 , 1 ", 3, [2, 1]), ("1-2,2-3", 4, [1, 2, 3]),
+])
+def test_page_spec(spec, count, expected):
+    assert parse_page_spec(spec, count) == expected
+
+
+@pytest.mark.parametrize("spec,error", [("0", UsageError), ("3-1", UsageError), ("a", UsageError),
+                                        ("1-x", UsageError), ("4", PageOutOfRange), ("2-9", PageOutOfRange)])
+def test_bad_page_spec(spec, error):
+    with pytest.raises(error):
+        parse_page_spec(spec, 3)
+
+
+def test_render_of_missing_page_is_out_of_range():
+    with open_document(make_pdf(2)) as doc, pytest.raises(PageOutOfRange):
+        doc.render(3)
+
+
+def test_thumbnail_is_small_and_keeps_aspect():
+    with open_document(make_pdf(1)) as doc:
+        thumb = doc.thumbnail(1, max_side=64)
+        assert max(thumb.size) <= 64 and thumb.height > thumb.width
