@@ -3,17 +3,19 @@
     from qzoom_cli import QZoom
     qz = QZoom.from_pretrained("Qwen/Qwen2.5-VL-7B-Instruct")
     [result] = qz.ask("invoice.pdf", "What is the total due?")
-    print(result.answer, result.page)
+    print(result.answer, result.page, result.zoom.roi)
 
-Every selected page answers every question; the page whose answer the model is most confident
-about wins (score: mean log-probability of the generated tokens, see `decode.Generation.score`).
-Pages are rendered and encoded one at a time, so memory does not grow with document length.
+Every selected page answers every question (through the zoom engine, `zoom/pipeline.py`); the
+page whose answer the model is most confident about wins (score: mean log-probability of the
+generated tokens, see `decode.Generation.score`). Pages are rendered and encoded one at a time,
+so memory does not grow with document length.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,37 +23,32 @@ import torch
 from .backbones import Backbone, load_backbone
 from .budget import VisualBudget, resize_to_budget
 from .cards import GENERIC_BUDGET, ModelCard, default_card, find_card
-from .decode import Generation, greedy_decode, prefill
 from .documents import DEFAULT_DPI, Document, open_document, parse_page_spec
 from .errors import OutOfMemory, UsageError
 from .results import BudgetInfo, Candidate, InputInfo, ModelInfo, Result, Stats, Timings
 from .runtime import Runtime, peak_memory, reset_peak_memory, resolve_runtime, synchronize
+from .zoom.adapter import ZoomAdapter, checkpoint_files, official_adapter_config
+from .zoom.pipeline import PageAnswer, PageView, ZoomEngine, ZoomSettings
 
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 DEFAULT_MAX_NEW_TOKENS = 64
+ZOOM_COARSE_BUDGET = (256, 576)
 
-__all__ = ["QZoom", "SHORT_ANSWER_INSTRUCTION", "DEFAULT_MAX_NEW_TOKENS"]
-
-
-@dataclass
-class _PageAnswer:
-    """One page's answer to one question, with the time this question spent on it."""
-
-    page: int
-    generation: Generation
-    text: str
-    visual_tokens: int
-    prompt_tokens: int
-    time: Timings
+__all__ = ["QZoom", "ZoomSettings", "SHORT_ANSWER_INSTRUCTION", "DEFAULT_MAX_NEW_TOKENS"]
 
 
 @dataclass
 class _EncodedPage:
-    number: int
-    features: torch.Tensor
-    grid: tuple[int, int]
+    view: PageView
     time: Timings
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Candidate:
+    answer: PageAnswer
+    text: str
+    time: Timings
 
 
 def check_questions(questions: str | list[str]) -> list[str]:
@@ -64,33 +61,75 @@ def check_questions(questions: str | list[str]) -> list[str]:
     return [q.strip() for q in questions]
 
 
-class QZoom:
-    """A loaded model ready to answer questions about documents."""
+def default_branch(num_layers: int) -> tuple[int, int]:
+    """(K, T) for models without a card: branch two thirds of the way up, three layers deep."""
+    k = min(num_layers - 1, max(1, round(num_layers * 2 / 3)))
+    return k, min(3, num_layers - k)
 
-    def __init__(self, backbone: Backbone, runtime: Runtime, card: ModelCard | None = None):
+
+class QZoom:
+    """A loaded model, with its zoom engine, ready to answer questions about documents."""
+
+    def __init__(self, backbone: Backbone, runtime: Runtime, card: ModelCard | None = None,
+                 adapter: ZoomAdapter | None = None, branch_layer: int | None = None, depth: int | None = None):
         self.backbone = backbone
         self.runtime = runtime
         self.card = card
+        self.adapter = adapter
+        zoom_card = card.zoom if card else {}
+        if adapter is not None:
+            k, t = adapter.config.branch_layer, adapter.config.depth
+        else:
+            k, t = zoom_card.get("branch_layer"), zoom_card.get("depth")
+            if k is None or t is None:
+                k, t = default_branch(backbone.num_layers)
+            k, t = branch_layer or k, depth or t
+        trained = adapter is not None
+        gate_threshold = adapter.config.gate_threshold if trained else None
+        roi_threshold = adapter.config.roi_threshold if trained else None
+        if trained:
+            gate_threshold = gate_threshold if gate_threshold is not None else zoom_card.get("gate_threshold")
+            roi_threshold = roi_threshold if roi_threshold is not None else zoom_card.get("roi_threshold")
+        self.engine = ZoomEngine(backbone, k, t, adapter, reuse_src_pos=bool(adapter and adapter.config.reuse_src_pos),
+                                 gate_threshold=gate_threshold, roi_threshold=roi_threshold)
 
     @classmethod
-    def from_pretrained(cls, model: str | Path | None = None, *, revision: str | None = None,
-                        device: str | None = "auto", dtype: str | None = "auto",
-                        attn: str | None = "auto") -> QZoom:
-        """Load a hub id or local checkpoint directory (default: the default model card's id)."""
+    def from_pretrained(cls, model: str | Path | None = None, *, adapter: str | Path | None = None,
+                        revision: str | None = None, device: str | None = "auto", dtype: str | None = "auto",
+                        attn: str | None = "auto", branch_layer: int | None = None,
+                        depth: int | None = None) -> QZoom:
+        """Load a hub id or local checkpoint (default: the default card's model) with its zoom modules.
+
+        Zoom modules come from `adapter` (a directory written by `ZoomAdapter.save_pretrained`),
+        else from the checkpoint itself when it is a released Q-Zoom checkpoint; a stock
+        checkpoint zooms training-free with its own layers K..K+T-1 as region head.
+        """
         card = default_card() if model is None else find_card(str(model))
         ref = card.id if model is None else str(model)
         runtime = resolve_runtime(device, dtype, attn)
-        return cls(load_backbone(ref, runtime, revision), runtime, card)
+        backbone = load_backbone(ref, runtime, revision)
+        if adapter is not None:
+            zoom_modules = ZoomAdapter.from_pretrained(adapter, backbone)
+        elif official_adapter_config(backbone) is not None:
+            zoom_modules = ZoomAdapter.from_official_checkpoint(backbone, checkpoint_files(backbone.model_id, revision))
+        else:
+            zoom_modules = None
+        return cls(backbone, runtime, card, zoom_modules, branch_layer, depth)
 
-    @property
-    def default_budget(self) -> VisualBudget:
+    def default_budget(self, zoom_mode: str = "auto") -> VisualBudget:
+        """The page budget: the card's zoom coarse budget when zooming, its plain budget otherwise."""
+        if zoom_mode != "never":
+            zoom_card = self.card.zoom if self.card else {}
+            return VisualBudget(zoom_card.get("min_visual_tokens", ZOOM_COARSE_BUDGET[0]),
+                                zoom_card.get("max_visual_tokens", ZOOM_COARSE_BUDGET[1]))
         if self.card is not None:
             return VisualBudget(self.card.min_visual_tokens, self.card.max_visual_tokens)
         return VisualBudget(*GENERIC_BUDGET)
 
-    def resolve_budget(self, min_tokens: int | None = None, max_tokens: int | None = None) -> VisualBudget:
+    def resolve_budget(self, min_tokens: int | None = None, max_tokens: int | None = None,
+                       zoom_mode: str = "auto") -> VisualBudget:
         """The default budget with the given bounds replaced; a lone bound drags the other along."""
-        default = self.default_budget
+        default = self.default_budget(zoom_mode)
         if min_tokens is None and max_tokens is None:
             return default
         if min_tokens is None:
@@ -107,33 +146,38 @@ class QZoom:
 
     def ask(self, document: str | Path | bytes | Document, questions: str | list[str], *,
             pages: str | None = None, dpi: int = DEFAULT_DPI, password: str | None = None,
-            budget: VisualBudget | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-            instruction: str = SHORT_ANSWER_INSTRUCTION, ids: list[str] | None = None) -> list[Result]:
+            budget: VisualBudget | None = None, zoom: ZoomSettings | str = "auto",
+            max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, instruction: str = SHORT_ANSWER_INSTRUCTION,
+            ids: list[str] | None = None, overlay_dir: str | Path | None = None) -> list[Result]:
         """Answer each question about the document; one `Result` per question, in order."""
         questions = check_questions(questions)
+        settings = ZoomSettings(mode=zoom) if isinstance(zoom, str) else zoom
         if max_new_tokens < 1:
             raise UsageError("--max-new-tokens must be at least 1")
         ids = ids or [f"q{i}" for i in range(1, len(questions) + 1)]
         if len(ids) != len(questions):
             raise UsageError("one id per question is needed")
-        budget = budget or self.default_budget
+        budget = budget or self.default_budget(settings.mode)
         doc = document if isinstance(document, Document) else open_document(document, password=password, dpi=dpi)
         try:
             selected = parse_page_spec(pages, doc.page_count)
             input_info = InputInfo(file=doc.source, sha256=doc.sha256, kind=doc.kind, pages=selected,
                                    dpi=doc.dpi, warnings=list(doc.warnings))
             reset_peak_memory(self.runtime.device)
-            answers: list[list[_PageAnswer]] = [[] for _ in questions]
+            candidates: list[list[_Candidate]] = [[] for _ in questions]
             warnings: list[str] = []
             for number in selected:
                 page = self._encode_page_with_retry(doc, number, budget)
                 warnings.extend(page.warnings)
                 for i, question in enumerate(questions):
-                    answers[i].append(self._answer_page(page, question, instruction, max_new_tokens,
-                                                        share=len(questions)))
+                    candidates[i].append(self._answer_page(page, question, instruction, settings, max_new_tokens,
+                                                           share=len(questions)))
             memory = peak_memory(self.runtime.device)
-            return [self._result(qid, q, input_info, budget, per_page, memory, warnings)
-                    for qid, q, per_page in zip(ids, questions, answers, strict=True)]
+            results = [self._result(qid, q, input_info, budget, per_page, memory, warnings, settings)
+                       for qid, q, per_page in zip(ids, questions, candidates, strict=True)]
+            if overlay_dir is not None:
+                self._write_overlays(doc, results, candidates, Path(overlay_dir))
+            return results
         finally:
             if doc is not document:
                 doc.close()
@@ -165,66 +209,85 @@ class QZoom:
         image = doc.render(number)
         rendered = time.perf_counter()
         resized = resize_to_budget(image, bb.patch_factor, budget)
-        del image
         features = bb.encode_image(resized)
         synchronize(self.runtime.device)
         grid = (resized.height // bb.patch_factor, resized.width // bb.patch_factor)
-        return _EncodedPage(number, features, grid,
-                            Timings(render_s=rendered - start, preprocess_s=time.perf_counter() - rendered))
+        view = PageView(number=number, size=image.size, grid=grid, features=features, budget=budget,
+                        crop=partial(doc.render_region, number), coord_space=doc.coord_space)
+        return _EncodedPage(view, Timings(render_s=rendered - start, preprocess_s=time.perf_counter() - rendered))
 
-    def _answer_page(self, page: _EncodedPage, question: str, instruction: str, max_new_tokens: int,
-                     share: int) -> _PageAnswer:
-        """Prefill and decode one question on an encoded page; shared page work is split `share` ways."""
-        bb = self.backbone
+    def _answer_page(self, page: _EncodedPage, question: str, instruction: str, settings: ZoomSettings,
+                     max_new_tokens: int, share: int) -> _Candidate:
+        """One question on one encoded page; the page's rendering and encoding are split `share` ways."""
         text = f"{question}\n{instruction}" if instruction else question
-        start = time.perf_counter()
-        prompt = bb.build_prompt(text, [page.grid])
-        embeds = bb.embed_prompt(prompt, [page.features])
-        positions = bb.position_ids(prompt)
-        cache = bb.new_cache()
         try:
-            logits = prefill(bb, embeds, positions, cache)
-            synchronize(self.runtime.device)
-            prefill_s = time.perf_counter() - start
-            generation = greedy_decode(bb, logits, cache, positions, max_new_tokens)
+            answer = self.engine.answer(page.view, text, settings, max_new_tokens)
         except torch.OutOfMemoryError:
-            del cache
             self._release_memory()
-            raise OutOfMemory(f"out of memory answering on page {page.number} ({prompt.length} prompt tokens); "
-                              "lower --max-visual-tokens") from None
-        answer_ids = generation.token_ids[:-1] if generation.finished else generation.token_ids
-        timings = Timings(render_s=page.time.render_s / share, preprocess_s=page.time.preprocess_s / share,
-                          prefill_s=prefill_s, decode_s=generation.decode_s)
-        return _PageAnswer(page.number, generation, bb.decode_text(answer_ids), page.grid[0] * page.grid[1],
-                           prompt.length, timings)
+            raise OutOfMemory(f"out of memory answering on page {page.view.number}; "
+                              "lower --max-visual-tokens or --roi-max-visual-tokens") from None
+        timings = answer.time
+        timings.render_s += page.time.render_s / share
+        timings.preprocess_s += page.time.preprocess_s / share
+        return _Candidate(answer, self._text(answer.generation), timings)
+
+    def _text(self, generation) -> str:
+        ids = generation.token_ids[:-1] if generation.finished else generation.token_ids
+        return self.backbone.decode_text(ids)
 
     def _result(self, qid: str, question: str, input_info: InputInfo, budget: VisualBudget,
-                per_page: list[_PageAnswer], memory: tuple[float, str], warnings: list[str]) -> Result:
-        best = max(per_page, key=lambda a: a.generation.score)  # ties: the first page in selection order
+                per_page: list[_Candidate], memory: tuple[float, str], warnings: list[str],
+                settings: ZoomSettings) -> Result:
+        best_index = max(range(len(per_page)), key=lambda i: per_page[i].answer.generation.score)  # ties: first
+        best = per_page[best_index]
+        answer = best.answer
         total = Timings()
-        for answer in per_page:
-            total.add(answer.time)
-        output_tokens = len(best.generation.token_ids)
-        decode_s = best.time.decode_s
-        truncated = not best.generation.finished
+        for candidate in per_page:
+            total.add(candidate.time)
+        output_tokens = len(answer.generation.token_ids)
+        truncated = not answer.generation.finished
         result_warnings = list(warnings)
         if truncated:
             result_warnings.append(f"answer stopped at the --max-new-tokens limit ({output_tokens} tokens)")
+        zoom = answer.zoom
+        if settings.explain and zoom.zoomed:
+            zoom.zoom_answer = best.text
+            zoom.direct_answer = self._text(answer.direct) if answer.direct is not None else None
+        region_budget = settings.region_budget or budget
+        decode_s = answer.time.decode_s
         return Result(
             id=qid, status="truncated" if truncated else "ok", input=input_info, question=question,
-            answer=best.text, page=best.page,
-            candidates=[Candidate(page=a.page, answer=a.text, score=round(a.generation.score, 6),
-                                  output_tokens=len(a.generation.token_ids), visual_tokens=a.visual_tokens,
-                                  truncated=not a.generation.finished) for a in per_page],
+            answer=best.text, page=input_info.pages[best_index],
+            candidates=[Candidate(page=page, answer=c.text, score=round(c.answer.generation.score, 6),
+                                  output_tokens=len(c.answer.generation.token_ids),
+                                  visual_tokens=c.answer.coarse_tokens + c.answer.region_tokens,
+                                  truncated=not c.answer.generation.finished, zoomed=c.answer.zoom.zoomed)
+                        for page, c in zip(input_info.pages, per_page, strict=True)],
+            zoom=zoom,
             model=self.model_info(),
             budget=BudgetInfo(min_tokens=budget.min_tokens, max_tokens=budget.max_tokens,
-                              visual_tokens=best.visual_tokens),
-            stats=Stats(latency_s=round(total.total, 6), visual_tokens=best.visual_tokens,
-                        prompt_tokens=best.prompt_tokens, output_tokens=output_tokens,
+                              visual_tokens=answer.coarse_tokens + answer.region_tokens,
+                              roi_tokens=answer.region_tokens, roi_max_tokens=region_budget.max_tokens),
+            stats=Stats(latency_s=round(total.total, 6), visual_tokens=answer.coarse_tokens + answer.region_tokens,
+                        coarse_visual_tokens=answer.coarse_tokens, region_visual_tokens=answer.region_tokens,
+                        baseline_visual_tokens=answer.baseline_tokens, prompt_tokens=answer.prompt_tokens,
+                        output_tokens=output_tokens,
                         tokens_per_s=round(output_tokens / decode_s, 3) if decode_s > 0 else 0.0,
-                        total_visual_tokens=sum(a.visual_tokens for a in per_page),
-                        total_prompt_tokens=sum(a.prompt_tokens for a in per_page),
-                        peak_mem_gib=round(memory[0], 3), peak_mem_source=memory[1], time=total),
+                        total_visual_tokens=sum(c.answer.coarse_tokens + c.answer.region_tokens for c in per_page),
+                        total_prompt_tokens=sum(c.answer.prompt_tokens for c in per_page),
+                        peak_mem_gib=round(memory[0], 3), peak_mem_source=memory[1], time=total.rounded()),
             warnings=result_warnings,
         )
 
+    def _write_overlays(self, doc: Document, results: list[Result], candidates: list[list[_Candidate]],
+                        directory: Path) -> None:
+        from .render import write_overlay
+
+        directory.mkdir(parents=True, exist_ok=True)
+        stem = Path(doc.source).stem if doc.source not in ("-", "<bytes>") else "stdin"
+        for result, per_page in zip(results, candidates, strict=True):
+            chosen = per_page[result.input.pages.index(result.page)].answer
+            path = directory / f"{stem}-{result.id}-p{result.page}.png"
+            write_overlay(path, doc.render(result.page), chosen.region_map,
+                          result.zoom.roi["bbox_xyxy"] if result.zoom.roi else None)
+            result.zoom.overlay = str(path)

@@ -1,7 +1,9 @@
 """Model cards: one small TOML file per supported checkpoint under `models/`.
 
-A card names the hub id, the family, its patch factor and default visual-token budgets, so
-`qzoom ask` can start without flags. Models without a card still work with generic defaults.
+A card names the hub id, the family, its patch factor, the default visual-token budget without
+zoom (`[budget]`) and the zoom defaults (`[zoom]`: branch layer K, depth T, thresholds of trained
+checkpoints, coarse budget), so `qzoom ask` can start without flags. Models without a card still
+work with generic defaults.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class ModelCard:
     max_visual_tokens: int
     description: str = ""
     default: bool = False
+    zoom: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
 
@@ -34,7 +37,7 @@ def cards_dir() -> Path:
 def _parse(path: Path) -> ModelCard:
     data = tomllib.loads(path.read_text())
     budget = data.pop("budget", {})
-    known = {k: data.pop(k) for k in ("id", "family", "patch_factor", "description", "default") if k in data}
+    known = {k: data.pop(k) for k in ("id", "family", "patch_factor", "description", "default", "zoom") if k in data}
     return ModelCard(min_visual_tokens=budget.get("min_visual_tokens", GENERIC_BUDGET[0]),
                      max_visual_tokens=budget.get("max_visual_tokens", GENERIC_BUDGET[1]), extra=data, **known)
 

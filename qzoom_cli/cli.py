@@ -97,6 +97,21 @@ def ask(
     questions: Annotated[list[str], typer.Argument(help="One or more questions about the document.")],
     model: Annotated[str | None, typer.Option(help="Hub id or local checkpoint directory "
                                                    "[default: the default model card].")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Zoom adapter directory (qzoom_config.json + "
+                                                     "qzoom_adapter.safetensors) to attach to the model.")] = None,
+    zoom: Annotated[str, typer.Option(help="auto: zoom when the gate says so; always: read the region "
+                                           "whenever one is found; never: one pass at the page budget.")] = "auto",
+    gate_threshold: Annotated[float | None, typer.Option(
+        help="Zoom when the gate score reaches this [default: model card, adapter, or 0.05 for a trained "
+             "gate / 2.0 attention lift without one].")] = None,
+    roi_threshold: Annotated[float | None, typer.Option(
+        help="Region map cut-off [default: model card, adapter, or 0.125 trained / 0.5 training-free].")] = None,
+    roi_max_visual_tokens: Annotated[int | None, typer.Option(
+        help="Most visual tokens for the region [default: the page budget].")] = None,
+    explain: Annotated[bool, typer.Option(help="When a region is read, also decode the answer without it "
+                                               "(zoom.direct_answer vs zoom.zoom_answer).")] = False,
+    overlay: Annotated[str | None, typer.Option(help="Write the answering page with the region map and box "
+                                                     "as PNG into this directory.")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) to pin.")] = None,
     pages: Annotated[str | None, typer.Option("--pages", "--page-range",
                                               help="1-based inclusive pages, e.g. '1-3,7' [default: all].")] = None,
@@ -104,8 +119,8 @@ def ask(
     password: Annotated[str | None, typer.Option(help="Password of an encrypted PDF.")] = None,
     min_visual_tokens: Annotated[int | None, typer.Option(help="Fewest visual tokens per page "
                                                                "[default: from the model card].")] = None,
-    max_visual_tokens: Annotated[int | None, typer.Option(help="Most visual tokens per page "
-                                                               "[default: from the model card].")] = None,
+    max_visual_tokens: Annotated[int | None, typer.Option(help="Most visual tokens per page (the coarse pass "
+                                                               "when zooming) [default: from the model card].")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 64,
     instruction: Annotated[str | None, typer.Option(
         help="Text appended to each question [default: ask for a single word or phrase]; '' for none.")] = None,
@@ -116,13 +131,20 @@ def ask(
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Answer QUESTIONS about the document at PATH (every selected page is tried; the surest answer wins)."""
+    """Answer QUESTIONS about the document at PATH (every selected page is tried; the surest answer wins).
+
+    A cheap pass over each page first; when the question needs detail, the region it is about is
+    read again at high resolution in the same pass (Q-Zoom).
+    """
     with _reporting_errors(verbose):
-        from .api import SHORT_ANSWER_INSTRUCTION, QZoom, check_questions
+        from .api import SHORT_ANSWER_INSTRUCTION, QZoom, ZoomSettings, check_questions
+        from .budget import VisualBudget
         from .doctor import check_transformers
         from .documents import open_document, parse_page_spec
 
         questions = check_questions(questions)
+        settings = ZoomSettings(mode=zoom, gate_threshold=gate_threshold, roi_threshold=roi_threshold,
+                                explain=explain)
         check_transformers()
         _configure_logging(verbose, quiet)
         with open_document(path, password=password, dpi=dpi) as doc:
@@ -132,11 +154,16 @@ def ask(
             show_panel = not quiet and err_console.is_terminal
             status = err_console.status("Loading model…") if show_panel else nullcontext()
             with status:
-                qz = QZoom.from_pretrained(model, revision=revision, device=device, dtype=dtype, attn=attn)
-            budget = qz.resolve_budget(min_visual_tokens, max_visual_tokens)
+                qz = QZoom.from_pretrained(model, adapter=adapter, revision=revision, device=device, dtype=dtype,
+                                           attn=attn)
+            budget = qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=zoom)
+            if roi_max_visual_tokens is not None:
+                settings.region_budget = VisualBudget(min(budget.min_tokens, roi_max_visual_tokens),
+                                                      roi_max_visual_tokens)
             status = err_console.status("Answering…") if show_panel else nullcontext()
             with status:
-                results = qz.ask(doc, questions, pages=pages, budget=budget, max_new_tokens=max_new_tokens,
+                results = qz.ask(doc, questions, pages=pages, budget=budget, zoom=settings,
+                                 max_new_tokens=max_new_tokens, overlay_dir=overlay,
                                  instruction=SHORT_ANSWER_INSTRUCTION if instruction is None else instruction)
             for result in results:
                 for warning in result.warnings:

@@ -32,6 +32,23 @@ class Generation:
         return sum(self.logprobs) / len(self.logprobs) if self.logprobs else float("-inf")
 
 
+def truncate_cache(cache: Cache, length: int, layers: range) -> None:
+    """Keep only the first `length` positions of the given layers' keys and values."""
+    for index in layers:
+        extra = cache.layers[index].get_seq_length() - length
+        if extra > 0:
+            cache.layers[index].crop(-extra)
+
+
+def copy_cache(cache: Cache, empty: Cache, layers: range) -> Cache:
+    """`empty` filled with copies of the given layers' keys and values from `cache`."""
+    for index in layers:
+        layer = cache.layers[index]
+        if layer.get_seq_length() > 0:
+            empty.update(layer.keys.clone(), layer.values.clone(), index)
+    return empty
+
+
 @torch.inference_mode()
 def prefill(backbone: Backbone, embeds: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
     """Run the whole prompt through every layer, filling `cache`; returns next-token logits [1, vocab]."""

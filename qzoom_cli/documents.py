@@ -31,6 +31,7 @@ from .errors import (
 STDIN = "-"
 DEFAULT_DPI = 200
 MAX_RENDER_PIXELS = 120_000_000
+MAX_REGION_DPI = 1200
 IMAGE_KINDS = ("png", "jpeg", "webp", "bmp", "gif", "tiff")
 
 # MuPDF would print its own diagnostics to stderr; qzoom reports problems itself, once.
@@ -151,6 +152,35 @@ class Document:
         except Exception as exc:  # MuPDF raises its own error types for damaged content streams
             raise PdfCorrupt(f"cannot render page {number} of {self.source}: {exc}") from exc
         return Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+
+    @property
+    def coord_space(self) -> str:
+        """How boxes on this document's pages are measured, as reported in results."""
+        return f"page_px@{self.dpi}dpi" if self._pdf is not None else "page_px"
+
+    def render_region(self, number: int, box, size: tuple[int, int]) -> Image.Image:
+        """The page-pixel `box` (x0, y0, x1, y1) as an RGB image of exactly `size` (w, h).
+
+        PDFs re-render just that clip at the resolution `size` needs, so vector text stays sharp
+        however far the region is magnified; images are cropped from their original pixels.
+        """
+        self._check(number)
+        x0, y0, x1, y1 = (float(v) for v in box.as_list())
+        if self._pdf is not None:
+            points = 72 / self.dpi
+            clip = pymupdf.Rect(x0 * points, y0 * points, x1 * points, y1 * points)
+            zoom = max(size[0] / (x1 - x0), size[1] / (y1 - y0)) * self.dpi / 72
+            zoom = min(zoom, MAX_REGION_DPI / 72)
+            try:
+                pixmap = self._pdf[number - 1].get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), clip=clip, alpha=False)
+            except Exception as exc:  # MuPDF raises its own error types for damaged content streams
+                raise PdfCorrupt(f"cannot render page {number} of {self.source}: {exc}") from exc
+            region = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+        else:
+            region = self.render(number).crop((int(x0), int(y0), int(x1), int(y1)))
+        if region.size == size:
+            return region
+        return region.resize(size, Image.Resampling.BICUBIC)
 
     def thumbnail(self, number: int, max_side: int = 96) -> Image.Image:
         """A small RGB picture of a page, rendered directly at low resolution for PDFs."""

@@ -5,6 +5,9 @@ Everything here writes to a stderr console; stdout carries only results.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from PIL import Image, ImageDraw
 from rich.console import Group
 from rich.panel import Panel
@@ -48,11 +51,14 @@ def _stats_table(result: Result) -> Table:
     rows = [
         ("page", f"{result.page} of {result.input.pages}"),
         ("scores", candidates),
-        ("zoom", "zoomed" if result.zoom.zoomed else f"skipped (mode {result.zoom.mode})"),
-        ("visual tokens", f"{stats.visual_tokens} (all pages {stats.total_visual_tokens})"),
+        ("zoom", _zoom_line(result)),
+        ("visual tokens", f"{stats.visual_tokens} = page {stats.coarse_visual_tokens} + region "
+                          f"{stats.region_visual_tokens} (one page at this detail: {stats.baseline_visual_tokens}; "
+                          f"all pages {stats.total_visual_tokens})"),
         ("prompt / output", f"{stats.prompt_tokens} / {stats.output_tokens} tokens"),
-        ("latency", f"{stats.latency_s:.3f} s  (render {timings.render_s:.3f}, encode {timings.preprocess_s:.3f}, "
-                    f"prefill {timings.prefill_s:.3f}, decode {timings.decode_s:.3f})"),
+        ("latency", f"{stats.latency_s:.3f} s"),
+        ("time split", "  ".join(f"{name.removesuffix('_s').replace('_', ' ')} {value:.3f}"
+                                 for name, value in vars(timings).items() if value)),
         ("decode speed", f"{stats.tokens_per_s:.1f} tokens/s"),
         ("peak memory", f"{stats.peak_mem_gib:.2f} GiB ({stats.peak_mem_source})"),
         ("model", f"{result.model.id} on {result.model.device} ({result.model.dtype}, {result.model.attn})"),
@@ -60,6 +66,33 @@ def _stats_table(result: Result) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _zoom_line(result: Result) -> str:
+    zoom = result.zoom
+    gate = f", {zoom.gate['kind']} gate {zoom.gate['score']:.3f} vs {zoom.gate['threshold']}" if zoom.gate else ""
+    if zoom.zoomed:
+        roi = zoom.roi
+        return f"read region {roi['bbox_xyxy']} ({roi['coord_space']}){gate}"
+    if zoom.mode == "never":
+        return "off (--zoom never)"
+    return f"skipped: {zoom.skipped_reason}{gate}"
+
+
+def write_overlay(path: Path, page: Image.Image, region_map: torch.Tensor | None, box: list[int] | None) -> Path:
+    """The page with the region map blended in red (when there is one) and the read box outlined."""
+    image = page.convert("RGB")
+    if region_map is not None:
+        heat = region_map.float()
+        spread = float(heat.max() - heat.min())
+        heat = (heat - heat.min()) / spread if spread > 0 else torch.zeros_like(heat)
+        alpha = Image.fromarray((heat.numpy() * 160).astype("uint8")).resize(image.size, Image.Resampling.BILINEAR)
+        image = Image.composite(Image.new("RGB", image.size, (255, 0, 0)), image, alpha)
+    if box is not None:
+        width = max(2, round(max(image.size) / 300))
+        ImageDraw.Draw(image).rectangle(box, outline=(0, 90, 255), width=width)
+    image.save(path)
+    return path
 
 
 def answer_panel(result: Result, thumbnail: Image.Image | None) -> Panel:

@@ -34,16 +34,31 @@ class Candidate:
     output_tokens: int
     visual_tokens: int
     truncated: bool
+    zoomed: bool = False
 
 
 @dataclass
 class ZoomInfo:
-    """What the zoom stage did; `mode` 'never' means the page was answered at one resolution."""
+    """What the zoom stage did on the answering page.
+
+    `mode` is what was asked (auto, always, never); `zoomed` whether a region was read;
+    `region_head` 'trained' (SD-RPN twig layers) or 'base_layers' (training-free);
+    `gate` {kind, score, threshold}: kind 'trained' (probability from the gate head) or
+    'attention_lift' (training-free: attention share inside the box / its area share);
+    `roi` the region read, in page pixels; `skipped_reason` why no region was read;
+    `positions` 'aligned' (inside the page grid) or 'second_image'.
+    """
 
     mode: str = "never"
     zoomed: bool = False
+    region_head: str | None = None
     gate: dict | None = None
     roi: dict | None = None
+    skipped_reason: str | None = None
+    positions: str | None = None
+    direct_answer: str | None = None
+    zoom_answer: str | None = None
+    overlay: str | None = None
 
 
 @dataclass
@@ -62,32 +77,49 @@ class BudgetInfo:
     max_tokens: int
     visual_tokens: int
     roi_tokens: int = 0
+    roi_max_tokens: int | None = None
 
 
 @dataclass
 class Timings:
-    """Seconds spent on this question: rendering, resize + vision encoding, prefill, decode."""
+    """Seconds this question cost, by stage.
+
+    coarse_prefill_s covers the page-level prefill: every layer when no region is read, layers
+    below the branch point when one is; fused_prefill_s the replay of the new suffix and the
+    upper layers over the fused sequence.
+    """
 
     render_s: float = 0.0
     preprocess_s: float = 0.0
-    prefill_s: float = 0.0
+    coarse_prefill_s: float = 0.0
+    gate_s: float = 0.0
+    region_s: float = 0.0
+    region_encode_s: float = 0.0
+    fused_prefill_s: float = 0.0
     decode_s: float = 0.0
 
     def add(self, other: Timings) -> None:
-        self.render_s += other.render_s
-        self.preprocess_s += other.preprocess_s
-        self.prefill_s += other.prefill_s
-        self.decode_s += other.decode_s
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property
     def total(self) -> float:
-        return self.render_s + self.preprocess_s + self.prefill_s + self.decode_s
+        return sum(getattr(self, name) for name in self.__dataclass_fields__)
+
+    def rounded(self, digits: int = 6) -> Timings:
+        return Timings(**{name: round(getattr(self, name), digits) for name in self.__dataclass_fields__})
 
 
 @dataclass
 class Stats:
+    """Token counts of the answering page (visual = coarse + region) and totals over all pages;
+    baseline_visual_tokens is what one page read at the region's resolution would cost."""
+
     latency_s: float
     visual_tokens: int
+    coarse_visual_tokens: int
+    region_visual_tokens: int
+    baseline_visual_tokens: int
     prompt_tokens: int
     output_tokens: int
     tokens_per_s: float

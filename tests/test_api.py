@@ -11,7 +11,7 @@ BUDGET = VisualBudget(16, 96)
 
 
 def test_every_page_is_a_candidate_and_the_surest_wins(qz):
-    [result] = qz.ask(make_pdf(3), "What is the total due?", budget=BUDGET, max_new_tokens=6, dpi=72)
+    [result] = qz.ask(make_pdf(3), "What is the total due?", budget=BUDGET, max_new_tokens=6, dpi=72, zoom="always")
     assert [c.page for c in result.candidates] == [1, 2, 3]
     best = max(result.candidates, key=lambda c: c.score)
     assert result.page == best.page and result.answer == best.answer
@@ -27,7 +27,7 @@ def test_answers_are_deterministic(qz):
 def test_page_selection_and_tiff_frames(qz):
     [result] = qz.ask(make_pdf(4), "q?", pages="2,4", budget=BUDGET, max_new_tokens=2, dpi=72)
     assert result.input.pages == [2, 4] and [c.page for c in result.candidates] == [2, 4]
-    [result] = qz.ask(make_tiff([(200, 100), (100, 200)]), "q?", budget=BUDGET, max_new_tokens=2)
+    [result] = qz.ask(make_tiff([(200, 100), (100, 200)]), "q?", budget=BUDGET, max_new_tokens=2, zoom="never")
     assert result.input.kind == "tiff" and [c.page for c in result.candidates] == [1, 2]
     assert [c.visual_tokens for c in result.candidates] == [
         visual_tokens(100, 200, 28, BUDGET), visual_tokens(200, 100, 28, BUDGET)]
@@ -35,7 +35,7 @@ def test_page_selection_and_tiff_frames(qz):
 
 def test_visual_tokens_are_exactly_the_budgeted_count(qz):
     for budget in (VisualBudget(4, 30), VisualBudget(16, 96), VisualBudget(200, 400)):
-        [result] = qz.ask(make_pdf(1), "q?", budget=budget, max_new_tokens=1, dpi=100)
+        [result] = qz.ask(make_pdf(1), "q?", budget=budget, max_new_tokens=1, dpi=100, zoom="never")
         width, height = round(595 * 100 / 72), round(842 * 100 / 72)
         expected = visual_tokens(height, width, 28, budget)
         assert result.stats.visual_tokens == result.budget.visual_tokens == expected <= budget.max_tokens
@@ -50,12 +50,13 @@ def test_record_fields(qz, pdf_path):
     for r in results:
         assert r.status in ("ok", "truncated") and r.error is None
         assert r.input.file == str(pdf_path) and len(r.input.sha256) == 64 and r.input.dpi == 72
-        assert r.zoom.mode == "never" and r.zoom.zoomed is False
+        assert r.zoom.mode == "auto" and r.zoom.region_head == "base_layers"
         assert r.model.family == "qwen2_5_vl" and r.model.device == "cpu" and r.model.dtype == "float32"
         t = r.stats.time
-        assert t.render_s > 0 and t.preprocess_s > 0 and t.prefill_s > 0 and t.decode_s > 0
+        assert t.render_s > 0 and t.preprocess_s > 0 and t.coarse_prefill_s > 0 and t.region_s > 0 and t.decode_s > 0
         assert r.stats.latency_s == pytest.approx(t.total, abs=1e-5)
         assert r.stats.total_visual_tokens == sum(c.visual_tokens for c in r.candidates)
+        assert r.stats.visual_tokens == r.stats.coarse_visual_tokens + r.stats.region_visual_tokens
         assert r.stats.output_tokens == len([c for c in r.candidates if c.page == r.page]) * \
             next(c.output_tokens for c in r.candidates if c.page == r.page)
     # rendering and encoding happen once per page and are split evenly between the questions

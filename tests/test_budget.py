@@ -69,7 +69,9 @@ def test_budget_validation():
 
 
 def test_resolve_budget_fills_missing_bound(qz):
-    default = qz.default_budget
+    assert qz.default_budget("auto") == VisualBudget(256, 576)  # zoom: a cheap coarse pass
+    assert qz.default_budget("never") == VisualBudget(256, 1280)  # one pass must see enough
+    default = qz.default_budget()
     assert qz.resolve_budget() == default
     assert qz.resolve_budget(max_tokens=64) == VisualBudget(min(default.min_tokens, 64), 64)
     assert qz.resolve_budget(min_tokens=5000) == VisualBudget(5000, 5000)

@@ -19,14 +19,18 @@ RESULT_SCHEMA = {
     "warnings": [str],
     "input": {"file": str, "sha256": str, "kind": str, "pages": [int], "dpi": (int, type(None)), "warnings": [str]},
     "candidates": [{"page": int, "answer": str, "score": float, "output_tokens": int, "visual_tokens": int,
-                    "truncated": bool}],
-    "zoom": {"mode": str, "zoomed": bool, "gate": type(None), "roi": type(None)},
+                    "truncated": bool, "zoomed": bool}],
+    "zoom": {"mode": str, "zoomed": bool, "region_head": (str, type(None)), "gate": (dict, type(None)),
+             "roi": (dict, type(None)), "skipped_reason": (str, type(None)), "positions": (str, type(None)),
+             "direct_answer": (str, type(None)), "zoom_answer": (str, type(None)), "overlay": (str, type(None))},
     "model": {"id": str, "revision": (str, type(None)), "family": str, "device": str, "dtype": str, "attn": str},
-    "budget": {"min_tokens": int, "max_tokens": int, "visual_tokens": int, "roi_tokens": int},
-    "stats": {"latency_s": float, "visual_tokens": int, "prompt_tokens": int, "output_tokens": int,
+    "budget": {"min_tokens": int, "max_tokens": int, "visual_tokens": int, "roi_tokens": int, "roi_max_tokens": int},
+    "stats": {"latency_s": float, "visual_tokens": int, "coarse_visual_tokens": int, "region_visual_tokens": int,
+              "baseline_visual_tokens": int, "prompt_tokens": int, "output_tokens": int,
               "tokens_per_s": float, "total_visual_tokens": int, "total_prompt_tokens": int,
               "peak_mem_gib": float, "peak_mem_source": str,
-              "time": {"render_s": float, "preprocess_s": float, "prefill_s": float, "decode_s": float}},
+              "time": {"render_s": float, "preprocess_s": float, "coarse_prefill_s": float, "gate_s": float,
+                       "region_s": float, "region_encode_s": float, "fused_prefill_s": float, "decode_s": float}},
 }
 
 

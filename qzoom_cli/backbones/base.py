@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 from PIL import Image
+from torch import nn
 from transformers import Cache
 
 
@@ -102,6 +103,35 @@ class Backbone(ABC):
     @abstractmethod
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head."""
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def decoder_layers(self) -> nn.ModuleList:
+        """The base model's decoder layers (shared, never copied, by training-free zoom)."""
+
+    @abstractmethod
+    def new_decoder_layer(self, layer_idx: int) -> nn.Module:
+        """A fresh decoder layer of the family's stock class, as if it sat at `layer_idx`."""
+
+    @abstractmethod
+    def run_modules(self, modules: list[nn.Module], hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Decoder layers outside the base stack (zoom branches) on `hidden`, causal, no cache."""
+
+    @abstractmethod
+    def query_key(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention queries and keys `layer` would compute on `hidden`: rotary applied, keys
+        repeated to one per query head; both [batch, heads, seq, head_dim]."""
+
+    @property
+    def spatial_position_rows(self) -> tuple[int, int] | None:
+        """Rows of the position ids that carry an image token's (height, width), if the family's
+        positions are spatial (M-RoPE); None for 1-D positions."""
+        return None
 
     def embed_prompt(self, prompt: Prompt, image_features: list[torch.Tensor]) -> torch.Tensor:
         """Prompt embeddings with each image block replaced by its vision features."""

@@ -17,7 +17,13 @@ from transformers import (
     GenerationConfig,
     Qwen2_5_VLForConditionalGeneration,
 )
+from torch import nn
 from transformers.masking_utils import create_causal_mask
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VLDecoderLayer,
+    apply_rotary_pos_emb,
+    repeat_kv,
+)
 
 from .base import Backbone, ImageBlock, Prompt
 
@@ -137,13 +143,44 @@ class Qwen2_5_VLBackbone(Backbone):
 
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, cache: Cache | None,
                    start: int, stop: int) -> torch.Tensor:
+        return self._forward(self.language_model.layers[start:stop], hidden, positions, cache, start)
+
+    def run_modules(self, modules, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self._forward(modules, hidden, positions, None, 0)
+
+    def _forward(self, layers, hidden, positions, cache, first_layer):
         mask = create_causal_mask(config=self.text_config, inputs_embeds=hidden, attention_mask=None,
-                                  past_key_values=cache, layer_idx=start)
+                                  past_key_values=cache, layer_idx=first_layer)
         rotary = self.language_model.rotary_emb(hidden, positions)
-        for layer in self.language_model.layers[start:stop]:
+        for layer in layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary,
                            past_key_values=cache, use_cache=cache is not None)
         return hidden
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    def new_decoder_layer(self, layer_idx: int) -> nn.Module:
+        return Qwen2_5_VLDecoderLayer(self.text_config, layer_idx).to(self.device, self.dtype)
+
+    def query_key(self, layer, hidden, positions):
+        attn = layer.self_attn
+        batch, length, _ = hidden.shape
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = self.language_model.rotary_emb(hidden, positions)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, repeat_kv(k, q.shape[1] // k.shape[1])
+
+    @property
+    def spatial_position_rows(self) -> tuple[int, int]:
+        return 1, 2
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.language_model.norm(hidden))

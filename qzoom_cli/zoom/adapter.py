@@ -1,0 +1,187 @@
+"""The zoom adapter: small modules attached to a frozen base model, saved as their own files.
+
+    twig_layers      T decoder layers: the SD-RPN region head (its last layer only lends q/k)
+    high_res_layers  T decoder layers + high_res_head (Linear D -> 1): the gate
+
+Names follow the released Q-Zoom checkpoints so both layouts map onto one module tree:
+ours (`qzoom_adapter.safetensors` + `qzoom_config.json`, peft-style) and the official one (extra
+keys inside the base checkpoint, `model.` or `model.language_model.` prefixed, with
+`enable_twig`, `twig_K`, `twig_T`, `enable_high_res`, `reuse_src_pos` in `config.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..backbones import Backbone
+from ..errors import ModelError, ModelNotAvailable
+
+ADAPTER_WEIGHTS = "qzoom_adapter.safetensors"
+ADAPTER_CONFIG = "qzoom_config.json"
+ADAPTER_FORMAT = "qzoom.adapter/v1"
+_OFFICIAL_KEY = re.compile(r"^(?:model\.)?(?:language_model\.)?((?:twig_layers|high_res_layers|high_res_head)\..+)$")
+
+
+@dataclass
+class AdapterConfig:
+    """What an adapter holds and where it attaches: branch after base layer `branch_layer` (K),
+    `depth` (T) layers per branch."""
+
+    branch_layer: int
+    depth: int
+    region_head: bool = True
+    gate: bool = True
+    reuse_src_pos: bool = False
+    gate_threshold: float | None = None
+    roi_threshold: float | None = None
+    family: str | None = None
+    hidden_size: int | None = None
+    base_model: str | None = None
+    base_revision: str | None = None
+    training: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": ADAPTER_FORMAT, **asdict(self)}, indent=2)
+
+    @classmethod
+    def from_file(cls, path: Path) -> AdapterConfig:
+        data = json.loads(path.read_text())
+        if data.pop("format", None) != ADAPTER_FORMAT:
+            raise ModelError(f"{path} is not a qzoom adapter config ({ADAPTER_FORMAT})")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ModelError(f"{path}: {exc}") from None
+
+
+class ZoomAdapter(nn.Module):
+    """Region head and gate modules built from the backbone's own decoder-layer class."""
+
+    def __init__(self, config: AdapterConfig, backbone: Backbone):
+        super().__init__()
+        check_attachment(config, backbone)
+        self.config = config
+        k, t = config.branch_layer, config.depth
+        if config.region_head:
+            self.twig_layers = nn.ModuleList([backbone.new_decoder_layer(k + i) for i in range(t)])
+        if config.gate:
+            self.high_res_layers = nn.ModuleList([backbone.new_decoder_layer(k + i) for i in range(t)])
+            self.high_res_head = nn.Linear(backbone.hidden_size, 1).to(backbone.device, backbone.dtype)
+        self.eval()
+
+    @classmethod
+    def initialized_from_base(cls, config: AdapterConfig, backbone: Backbone) -> ZoomAdapter:
+        """Branch layers start as copies of base layers K..K+T-1 (how training begins)."""
+        adapter = cls(config, backbone)
+        for name in ("twig_layers", "high_res_layers"):
+            for i, layer in enumerate(getattr(adapter, name, [])):
+                layer.load_state_dict(backbone.decoder_layers[config.branch_layer + i].state_dict())
+        return adapter
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
+        (directory / ADAPTER_CONFIG).write_text(self.config.to_json())
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, backbone: Backbone) -> ZoomAdapter:
+        directory = Path(directory)
+        if not (directory / ADAPTER_CONFIG).is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
+            raise ModelNotAvailable(f"{directory} is not a qzoom adapter (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+        adapter = cls(AdapterConfig.from_file(directory / ADAPTER_CONFIG), backbone)
+        with safe_open(directory / ADAPTER_WEIGHTS, framework="pt") as weights:
+            adapter.load_strict({key: weights.get_tensor(key) for key in weights.keys()}, str(directory))
+        return adapter
+
+    @classmethod
+    def from_official_checkpoint(cls, backbone: Backbone, files: list[Path]) -> ZoomAdapter | None:
+        """The Q-Zoom modules stored inside a released checkpoint, or None for a stock checkpoint."""
+        config = official_adapter_config(backbone)
+        if config is None:
+            return None
+        tensors: dict[str, torch.Tensor] = {}
+        for path in files:
+            with safe_open(path, framework="pt") as weights:
+                for key in weights.keys():
+                    match = _OFFICIAL_KEY.match(key)
+                    if match:
+                        tensors[match.group(1)] = weights.get_tensor(key)
+        adapter = cls(config, backbone)
+        adapter.load_strict(tensors, backbone.model_id)
+        return adapter
+
+    def load_strict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Load every expected tensor, refusing missing, unexpected or misshapen ones."""
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            detail = []
+            if missing:
+                detail.append(f"missing {len(missing)} (e.g. {missing[0]})")
+            if unexpected:
+                detail.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
+            raise ModelError(f"zoom weights in {source} do not match the adapter config: {'; '.join(detail)}")
+        for key, tensor in tensors.items():
+            if tensor.shape != expected[key].shape:
+                raise ModelError(f"zoom weight {key} in {source} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(expected[key].shape)}")
+        self.load_state_dict(tensors, strict=True)
+
+
+def check_attachment(config: AdapterConfig, backbone: Backbone) -> None:
+    if config.family is not None and config.family != backbone.family:
+        raise ModelError(f"adapter is for {config.family} models, the base model is {backbone.family}")
+    if config.hidden_size is not None and config.hidden_size != backbone.hidden_size:
+        raise ModelError(f"adapter expects hidden size {config.hidden_size}, the base model has {backbone.hidden_size}")
+    if not 0 < config.branch_layer < backbone.num_layers or config.depth < 1 \
+            or config.branch_layer + config.depth > backbone.num_layers:
+        raise ModelError(f"branch after layer {config.branch_layer} with {config.depth} layers does not fit a "
+                         f"{backbone.num_layers}-layer model")
+
+
+def official_adapter_config(backbone: Backbone) -> AdapterConfig | None:
+    """AdapterConfig from the Q-Zoom keys of a checkpoint's config.json (None if it has none)."""
+    config = backbone.config
+    if not getattr(config, "enable_twig", False):
+        return None
+    k, t = getattr(config, "twig_K", None), getattr(config, "twig_T", None)
+    if not isinstance(k, int) or not isinstance(t, int):
+        raise ModelError(f"{backbone.model_id} sets enable_twig but not integer twig_K/twig_T")
+    gate = bool(getattr(config, "enable_high_res", False))
+    if gate and (getattr(config, "high_res_K", k), getattr(config, "high_res_T", t)) != (k, t):
+        raise ModelError(f"{backbone.model_id}: a gate branching apart from the region head is not supported")
+    return AdapterConfig(branch_layer=k, depth=t, region_head=True, gate=gate,
+                         reuse_src_pos=bool(getattr(config, "reuse_src_pos", False)),
+                         gate_threshold=getattr(config, "high_res_thresh", None), family=backbone.family,
+                         hidden_size=backbone.hidden_size, base_model=backbone.model_id)
+
+
+def checkpoint_files(ref: str, revision: str | None) -> list[Path]:
+    """The safetensors files of a local checkpoint directory or a (cached) hub checkpoint."""
+    local = Path(ref)
+    if local.is_dir():
+        return sorted(local.glob("*.safetensors"))
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        index = Path(hf_hub_download(ref, "model.safetensors.index.json", revision=revision))
+    except EntryNotFoundError:  # no index: a single-file checkpoint (or nothing cached offline)
+        try:
+            return [Path(hf_hub_download(ref, "model.safetensors", revision=revision))]
+        except EntryNotFoundError as exc:
+            raise ModelNotAvailable(f"cannot find the safetensors weights of {ref}: {exc}") from None
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [Path(hf_hub_download(ref, shard, revision=revision)) for shard in shards]

@@ -1,0 +1,21 @@
+"""The dynamic gate: does this question need a closer look at the page?
+
+T decoder layers on the base model's layer-K hidden states, then a linear head on the last
+prompt token (no final norm): p = sigmoid(w . h + b). Zoom when p >= threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..backbones import Backbone
+
+
+@torch.inference_mode()
+def gate_probability(backbone: Backbone, layers: Sequence[nn.Module], head: nn.Linear, hidden: torch.Tensor,
+                     positions: torch.Tensor) -> float:
+    hidden = backbone.run_modules(layers, hidden, positions)
+    return float(torch.sigmoid(head(hidden[:, -1]).float()))
