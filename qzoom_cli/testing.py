@@ -71,26 +71,39 @@ def make_tokenizer(vocab_size: int = 400) -> Qwen2Tokenizer:
     return tokenizer
 
 
-def tiny_qwen2_5_vl_config(tokenizer: Qwen2Tokenizer, num_layers: int = 4) -> Qwen2_5_VLConfig:
+TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 16, "mrope_section": [2, 3, 3]}
+TINY_VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "fullatt_block_indexes": [1]}
+
+
+def qwen2_5_vl_config(tokenizer: Qwen2Tokenizer, num_layers: int, text: dict = TINY_TEXT,
+                      vision: dict = TINY_VISION, vocab_size: int | None = None,
+                      init_std: float = INIT_STD) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config of any size whose special-token ids are `tokenizer`'s.
+
+    `text` sets hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
+    head_dim and mrope_section; `vision` sets depth, hidden_size, intermediate_size, num_heads
+    and fullatt_block_indexes. Patches (14 px, 2x2 merge, 112 px windows) are the real ones.
+    """
     ids = dict(zip(QWEN_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(QWEN_SPECIAL_TOKENS), strict=True))
     special = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
                "pad_token_id": ids["<|endoftext|>"]}
-    text = {
-        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": num_layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
-        "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-        "initializer_range": INIT_STD, **special,
+    text = dict(text)
+    section = text.pop("mrope_section")
+    text_config = {
+        **text, "vocab_size": vocab_size or len(tokenizer), "num_hidden_layers": num_layers,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": section},
+        "max_position_embeddings": 128000, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+        "initializer_range": init_std, **special,
     }
-    vision = {
-        "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
-        "fullatt_block_indexes": [1], "in_channels": 3, "initializer_range": INIT_STD,
+    vision_config = {
+        **vision, "out_hidden_size": text["hidden_size"], "patch_size": 14, "spatial_merge_size": 2,
+        "temporal_patch_size": 2, "window_size": 112, "in_channels": 3, "initializer_range": init_std,
     }
     return Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True, initializer_range=INIT_STD, **special,
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True, initializer_range=init_std, **special,
     )
 
 
@@ -106,7 +119,7 @@ def make_tiny(directory: str | Path, family: str = "qwen2_5_vl", seed: int = 0, 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer()
-    config = tiny_qwen2_5_vl_config(tokenizer, num_layers)
+    config = qwen2_5_vl_config(tokenizer, num_layers)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     im_end, eot = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])

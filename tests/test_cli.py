@@ -208,3 +208,40 @@ def test_console_script_runs_as_a_real_process(tiny_dir, pdf_path):
     assert missing.returncode == EXIT_INPUT and missing.stderr.startswith("qzoom: error: no such file")
     version = subprocess.run(["qzoom", "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("qzoom ")
+
+
+def test_zoom_always_reports_the_region_and_writes_an_overlay(tiny_dir, pdf_path, tmp_path):
+    result = ask(tiny_dir, str(pdf_path), "total?", "--json", "--zoom", "always", "--pages", "2",
+                 "--explain", "--overlay", str(tmp_path / "ov"), "--roi-max-visual-tokens", "40")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    check_schema(record, RESULT_SCHEMA)
+    zoom, stats = record["zoom"], record["stats"]
+    assert zoom["mode"] == "always" and zoom["zoomed"] and zoom["region_head"] == "base_layers"
+    roi = zoom["roi"]
+    assert roi["page"] == 2 and roi["coord_space"] == "page_px@72dpi"
+    x0, y0, x1, y1 = roi["bbox_xyxy"]
+    assert 0 <= x0 < x1 <= 595 and 0 <= y0 < y1 <= 842
+    assert roi["bbox_norm"] == [round(x0 / 595, 4), round(y0 / 842, 4), round(x1 / 595, 4), round(y1 / 842, 4)]
+    assert 0 < roi["tokens"] == stats["region_visual_tokens"] == record["budget"]["roi_tokens"] <= 40
+    assert stats["visual_tokens"] == stats["coarse_visual_tokens"] + stats["region_visual_tokens"]
+    assert stats["time"]["region_encode_s"] > 0 and stats["time"]["fused_prefill_s"] > 0
+    assert zoom["zoom_answer"] == record["answer"] and isinstance(zoom["direct_answer"], str)
+    assert zoom["overlay"] and (tmp_path / "ov" / "doc-q1-p2.png").is_file()
+    never = json.loads(ask(tiny_dir, str(pdf_path), "total?", "--json", "--zoom", "never", "--pages", "2").stdout)
+    assert never["zoom"]["zoomed"] is False and never["answer"] == zoom["direct_answer"]
+
+
+def test_adapter_flag_and_zoom_errors(tiny_dir, pdf_path, tmp_path, qz):
+    from zoomkit import trained_adapter
+
+    trained_adapter(qz.backbone).save_pretrained(tmp_path / "adapter")
+    result = ask(tiny_dir, str(pdf_path), "total?", "--json", "--adapter", str(tmp_path / "adapter"),
+                 "--gate-threshold", "0", "--roi-threshold", "0")
+    assert result.exit_code == 0, result.stderr
+    zoom = json.loads(result.stdout)["zoom"]
+    assert zoom["region_head"] == "trained" and zoom["gate"]["kind"] == "trained" and zoom["zoomed"]
+    missing = ask(tiny_dir, str(pdf_path), "q?", "--adapter", str(tmp_path / "nope"))
+    assert missing.exit_code == EXIT_MODEL and "not a qzoom adapter" in missing.stderr
+    bad = ask(tiny_dir, str(pdf_path), "q?", "--zoom", "sometimes")
+    assert bad.exit_code == EXIT_USAGE and "unknown zoom mode" in bad.stderr

@@ -31,7 +31,7 @@ from ..errors import UsageError
 from ..results import Timings, ZoomInfo
 from ..runtime import synchronize
 from .adapter import ZoomAdapter
-from .fuse import fuse_region
+from .fuse import FusedInputs, fuse_region
 from .gate import gate_probability
 from .geometry import (
     Box,
@@ -198,12 +198,7 @@ class ZoomEngine:
         with clock("fused_prefill_s"):
             fused = fuse_region(bb, text, prompt, page.features, region_features, (rows, cols), box,
                                 aligned=self.reuse_src_pos)
-            keep = fused.reused
-            truncate_cache(cache, keep, range(self.branch_layer))
-            replay = bb.run_layers(fused.embeds[:, keep:], fused.positions[..., keep:], cache, 0, self.branch_layer)
-            hidden = torch.cat([hidden_k[:, :keep], replay], dim=1)
-            hidden = bb.run_layers(hidden, fused.positions, cache, self.branch_layer, bb.num_layers)
-            logits = bb.logits(hidden[:, -1:])[:, -1]
+            logits = self.fused_prefill(fused, hidden_k, cache)
         answer.generation = greedy_decode(bb, logits, cache, fused.positions, max_new_tokens)
         answer.time.decode_s += answer.generation.decode_s
         answer.prompt_tokens = fused.prompt.length
@@ -222,6 +217,19 @@ class ZoomEngine:
             "tokens": rows * cols,
         }
         return answer
+
+
+    def fused_prefill(self, fused: FusedInputs, hidden_k: torch.Tensor, cache) -> torch.Tensor:
+        """Prefill the fused sequence reusing the coarse pass: the unchanged prefix keeps its cache
+        and layer-K states; only the new suffix runs through layers 0..K-1, then layers K..L-1 run
+        over the whole fused sequence. Returns next-token logits; `cache` ends up holding it all."""
+        bb = self.backbone
+        keep = fused.reused
+        truncate_cache(cache, keep, range(self.branch_layer))
+        replay = bb.run_layers(fused.embeds[:, keep:], fused.positions[..., keep:], cache, 0, self.branch_layer)
+        hidden = torch.cat([hidden_k[:, :keep], replay], dim=1)
+        hidden = bb.run_layers(hidden, fused.positions, cache, self.branch_layer, bb.num_layers)
+        return bb.logits(hidden[:, -1:])[:, -1]
 
 
 def _pick(value: float | None, default: float) -> float:

@@ -1,0 +1,196 @@
+"""Heatmap -> box -> page pixels -> crop -> positions: the pure geometry, exhaustively."""
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from docmaker import make_image, make_pdf
+from qzoom_cli.backbones import ImageBlock
+from qzoom_cli.backbones.qwen2_5_vl import mrope_position_ids
+from qzoom_cli.documents import open_document
+from qzoom_cli.zoom.fuse import align_positions
+from qzoom_cli.zoom.geometry import (
+    Box,
+    aligned_region_positions,
+    attention_lift,
+    equivalent_page_tokens,
+    foreground_box,
+    gaussian_blur3,
+    grid_box_to_pixels,
+    normalized,
+    relative_region_map,
+    sigmoid_region_map,
+    sink_mask,
+)
+
+G = (0.27406862, 0.45186276, 0.27406862)
+
+
+def test_sink_mask_only_on_large_grids():
+    assert sink_mask(16, 16).all()  # 256 tokens: nothing masked
+    keep = sink_mask(20, 24)
+    masked = {tuple(c) for c in torch.nonzero(~keep).tolist()}
+    assert masked == {(r, 0) for r in range(5)} | {(0, c) for c in range(6)}
+    assert not sink_mask(300, 1)[0, 0] and sink_mask(300, 1)[75, 0]
+
+
+def test_blur_by_hand():
+    delta = torch.zeros(5, 5)
+    delta[2, 2] = 1
+    out = gaussian_blur3(delta)
+    assert out[2, 2] == pytest.approx(G[1] ** 2) and out[1, 2] == pytest.approx(G[0] * G[1])
+    assert out[1, 1] == pytest.approx(G[0] ** 2) and out[0].sum() == 0
+    corner = torch.zeros(4, 4)
+    corner[0, 0] = 1
+    out = gaussian_blur3(corner)  # reflect padding mirrors the row/column next to the edge
+    assert out[0, 0] == pytest.approx(G[1] ** 2) and out[0, 1] == pytest.approx(G[1] * G[0])
+    row = torch.tensor([[0.0, 1.0, 0.0]])
+    assert gaussian_blur3(row).tolist()[0] == pytest.approx([2 * G[0], G[1], 2 * G[0]])
+    assert torch.equal(gaussian_blur3(torch.ones(1, 1)), torch.ones(1, 1))
+
+
+def test_foreground_box_cases():
+    prob = torch.zeros(6, 9)
+    assert foreground_box(prob, 0.1) is None
+    prob[2, 3] = 0.5
+    assert foreground_box(prob, 0.1) == Box(3, 2, 4, 3)
+    prob[5, 8] = 0.2  # far corner cell: one box encloses both, no components
+    assert foreground_box(prob, 0.1) == Box(3, 2, 9, 6)
+    assert foreground_box(prob, 0.2) == Box(3, 2, 4, 3)  # strictly above the threshold
+    prob[0, 0] = 0.9
+    assert foreground_box(prob, 0.1) == Box(0, 0, 9, 6)
+
+
+def test_region_maps():
+    logits = torch.full((20, 20), -4.0)
+    logits[0, 0] = 50.0  # an attention sink: ignored
+    logits[10:12, 5:8] = 3.0
+    for prob in (sigmoid_region_map(logits), relative_region_map(logits)):
+        box = foreground_box(prob, 0.3 * float(prob.max()))
+        assert box is not None and box.x0 >= 4 and box.y0 >= 9 and box.x1 <= 9 and box.y1 <= 13
+    rel = relative_region_map(logits)
+    assert float(rel.max()) == pytest.approx(1.0)
+    assert attention_lift(torch.ones(8, 8), Box(0, 0, 4, 4)) == pytest.approx(1.0)
+    peaked = torch.zeros(8, 8)
+    peaked[1, 1] = 1
+    assert attention_lift(peaked, Box(0, 0, 2, 2)) == pytest.approx(16.0)
+    assert attention_lift(torch.zeros(3, 3), Box(0, 0, 1, 1)) == 0.0
+
+
+def _random_cases(count=400, seed=0):
+    rng = random.Random(seed)
+    for _ in range(count):
+        rows, cols = rng.randint(1, 40), rng.randint(1, 40)
+        width, height = rng.choice([rng.randint(1, 60), rng.randint(60, 5000)]), rng.randint(1, 5000)
+        y0, x0 = rng.randrange(rows), rng.randrange(cols)
+        yield Box(x0, y0, rng.randint(x0 + 1, cols), rng.randint(y0 + 1, rows)), (rows, cols), (width, height)
+
+
+def test_grid_box_to_pixels_properties():
+    for box, grid, (width, height) in _random_cases():
+        px = grid_box_to_pixels(box, grid, (width, height))
+        rows, cols = grid
+        assert all(isinstance(v, int) for v in px.as_list())
+        assert 0 <= px.x0 < px.x1 <= width and 0 <= px.y0 < px.y1 <= height
+        assert px.width >= min(28, width) and px.height >= min(28, height)
+        exact = (box.x0 * width / cols, box.y0 * height / rows, box.x1 * width / cols, box.y1 * height / rows)
+        if exact[2] - exact[0] >= 28:  # large enough: the box covers its cells up to truncation
+            assert px.x0 <= exact[0] + 1e-6 and px.x1 >= int(exact[2]) - 1
+        else:  # grown around the centre, slid inside
+            centre = (exact[0] + exact[2]) / 2
+            assert px.x0 - 1 <= centre <= px.x1 + 1
+
+
+@pytest.mark.parametrize("box,grid,expected", [
+    (Box(0, 0, 1, 1), (100, 100), Box(0, 0, 28, 28)),              # 10 px corner cell: grown, clamped at 0
+    (Box(99, 99, 100, 100), (100, 100), Box(972, 972, 1000, 1000)),  # far corner: slid back inside
+    (Box(50, 50, 51, 51), (100, 100), Box(491, 491, 519, 519)),      # grown around its centre
+    (Box(0, 0, 10, 10), (10, 10), Box(0, 0, 1000, 1000)),            # whole page
+    (Box(4, 2, 6, 3), (10, 10), Box(400, 200, 600, 300)),            # plain scaling
+])
+def test_grid_box_to_pixels_edges(box, grid, expected):
+    assert grid_box_to_pixels(box, grid, (1000, 1000)) == expected
+
+
+def test_tiny_page_gets_whole_sides():
+    assert grid_box_to_pixels(Box(0, 0, 1, 1), (2, 2), (20, 10)) == Box(0, 0, 20, 10)
+
+
+def test_normalized_and_equivalent_tokens():
+    assert normalized(Box(100, 50, 300, 150), (400, 200)) == [0.25, 0.25, 0.75, 0.75]
+    assert equivalent_page_tokens(500, Box(0, 0, 100, 100), (200, 400)) == 4000
+
+
+def test_aligned_positions_span_the_box():
+    rows_map = torch.arange(5).view(5, 1).expand(5, 7).float() + 10
+    cols_map = torch.arange(7).view(1, 7).expand(5, 7).float() + 10
+    h, w = aligned_region_positions(rows_map, cols_map, Box(2, 1, 6, 4), 4, 9)
+    assert h.shape == w.shape == (36,)
+    assert (h[0], w[0]) == (11.0, 12.0) and (h[-1], w[-1]) == (13.0, 15.0)
+    assert torch.all(torch.diff(w[:9]) > 0) and torch.all(h.view(4, 9)[:, 0].diff() > 0)
+    one_h, one_w = aligned_region_positions(rows_map, cols_map, Box(3, 2, 4, 3), 1, 1)
+    assert (float(one_h[0]), float(one_w[0])) == (12.0, 13.0)
+
+
+@pytest.mark.parametrize("src,region", [((5, 7), (4, 9)), ((3, 3), (1, 1)), ((6, 2), (8, 3))])
+def test_fused_positions_both_schemes(src, region):
+    source = ImageBlock(4, *src)
+    roi = ImageBlock(source.stop + 2, *region)
+    length = roi.stop + 6
+    plain = mrope_position_ids(length, [source, roi])
+    start = 4 + max(src)  # the source's <|vision_end|> position, p_e
+    assert plain[0, 0, roi.start] == start + 2 and plain[1, 0, roi.start] == start + 2
+    assert plain[0, 0, roi.stop] == start + 2 + max(region)  # region <|vision_end|>
+    box = Box(0, 1, src[1], src[0])
+    aligned = align_positions(plain, (1, 2), source, roi, box)
+    assert aligned.dtype == torch.float32
+    assert torch.equal(aligned[0], plain[0].float())  # temporal row untouched
+    mask = torch.ones(length, dtype=torch.bool)
+    mask[roi.start:roi.stop] = False
+    assert torch.equal(aligned[:, 0, mask], plain[:, 0, mask].float())  # everything else untouched
+    src_rows = plain[1, 0, source.start:source.stop].view(*src)
+    assert aligned[1, 0, roi.start] == src_rows[1, 0]  # first region row sits on the box's first row
+    if region[0] > 1:  # ... and the last on its last row (a one-row region stays on the first)
+        assert aligned[1, 0, roi.stop - 1] == src_rows[src[0] - 1, 0]
+
+
+def _pixels(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.parametrize("rotate", [None, 90, 270])
+def test_pdf_region_crop_matches_a_render_at_that_resolution(rotate):
+    """A PDF region is re-rendered (vector-sharp) and shows exactly the page box it names."""
+    data = make_pdf(1, rotate={1: rotate} if rotate else None)
+    with open_document(data, dpi=72) as doc, open_document(data, dpi=288) as fine:
+        width, height = doc.page_size(1)
+        box = Box(width // 5, height // 7, width // 5 + 150, height // 7 + 90)
+        region = doc.render_region(1, box, (600, 360))  # 4x magnification
+        reference = fine.render(1).crop((box.x0 * 4, box.y0 * 4, box.x1 * 4, box.y1 * 4))
+        assert region.size == reference.size == (600, 360)
+        assert np.abs(_pixels(region) - _pixels(reference)).mean() < 3
+
+
+def test_image_region_crop_uses_original_pixels():
+    data = make_image("PNG", size=(400, 300))
+    with open_document(data) as doc:
+        box = Box(10, 20, 110, 70)
+        region = doc.render_region(1, box, (100, 50))
+        assert np.array_equal(_pixels(region), _pixels(doc.render(1).crop((10, 20, 110, 70))))
+        assert doc.render_region(1, box, (200, 100)).size == (200, 100)
+
+
+def test_chain_from_heatmap_to_crop_on_odd_sizes():
+    """A blob in the map ends up as a crop of that part of the page, for odd grids and pages."""
+    for (rows, cols), (width, height) in itertools.product([(7, 5), (13, 21), (1, 9)], [(333, 517), (29, 1001)]):
+        logits = torch.full((rows, cols), -6.0)
+        r, c = rows // 2, cols // 3
+        logits[r, c] = 6.0
+        box = foreground_box(sigmoid_region_map(logits), 0.2)
+        assert box is not None and box.x0 <= c < box.x1 and box.y0 <= r < box.y1
+        px = grid_box_to_pixels(box, (rows, cols), (width, height))
+        centre = ((c + 0.5) * width / cols, (r + 0.5) * height / rows)
+        assert px.x0 <= centre[0] <= px.x1 and px.y0 <= centre[1] <= px.y1

@@ -1,0 +1,223 @@
+"""The zoom engine on the tiny model: exactness of every shortcut it takes, and both checkpoint layouts."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from docmaker import make_pdf
+from qzoom_cli import QZoom
+from qzoom_cli.budget import VisualBudget
+from qzoom_cli.decode import greedy_decode, prefill
+from qzoom_cli.documents import open_document
+from qzoom_cli.errors import ModelError, UsageError
+from qzoom_cli.zoom.adapter import ADAPTER_WEIGHTS, AdapterConfig, ZoomAdapter
+from qzoom_cli.zoom.fuse import fuse_region
+from qzoom_cli.zoom.geometry import Box, grid_box_to_pixels
+from qzoom_cli.zoom.pipeline import ZoomEngine, ZoomSettings
+from qzoom_cli.zoom.region import region_logits
+from zoomkit import trained_adapter, write_official_checkpoint
+
+BUDGET = VisualBudget(16, 80)
+QUESTION = "What is the total due?\nAnswer the question using a single word or phrase."
+
+
+@pytest.fixture(scope="module")
+def page(qz):
+    doc = open_document(make_pdf(1), dpi=72)
+    yield qz._encode_page(doc, 1, BUDGET).view
+    doc.close()
+
+
+def _coarse(bb, page, text=QUESTION):
+    prompt = bb.build_prompt(text, [page.grid])
+    return prompt, bb.embed_prompt(prompt, [page.features]), bb.position_ids(prompt)
+
+
+def _hand_region_logits(bb, layer, hidden, positions, block):
+    """q.k/sqrt(d) of the last token against the image tokens, from the layer's weights by hand."""
+    cfg = bb.text_config
+    heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    x = hidden[0].float()
+    norm = layer.input_layernorm
+    x = norm.weight.float() * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    attn = layer.self_attn
+    q = (x @ attn.q_proj.weight.float().T + attn.q_proj.bias.float()).view(-1, heads, dim)
+    k = (x @ attn.k_proj.weight.float().T + attn.k_proj.bias.float()).view(-1, kv_heads, dim)
+    inv_freq = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim))
+    axis = [a for a, n in enumerate(cfg.rope_parameters["mrope_section"]) for _ in range(n)]
+    angles = torch.stack([positions[axis[i], 0].float() * inv_freq[i] for i in range(dim // 2)], dim=-1)
+    cos, sin = torch.cat([angles.cos()] * 2, -1)[:, None], torch.cat([angles.sin()] * 2, -1)[:, None]
+
+    def rotate(t):
+        return torch.cat([-t[..., dim // 2:], t[..., :dim // 2]], dim=-1)
+
+    q, k = q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+    group = heads // kv_heads
+    per_head = torch.stack([k[block.start:block.stop, h // group] @ q[-1, h] for h in range(heads)]) / math.sqrt(dim)
+    return per_head.mean(0).view(block.rows, block.cols)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_base_layer_region_head_scores_the_base_attention_logits(qz, page, depth):
+    bb = qz.backbone
+    prompt, embeds, positions = _coarse(bb, page)
+    k = 1
+    with torch.no_grad():
+        hidden_k = bb.run_layers(embeds, positions, None, 0, k)
+        layers = list(bb.decoder_layers[k:k + depth])
+        got = region_logits(bb, layers, hidden_k, positions, prompt.images[0])
+        hidden = bb.run_layers(hidden_k, positions, None, k, k + depth - 1)
+        expected = _hand_region_logits(bb, layers[-1], hidden, positions, prompt.images[0])
+        copied = ZoomAdapter.initialized_from_base(AdapterConfig(k, depth, gate=False), bb)
+        from_copy = region_logits(bb, list(copied.twig_layers), hidden_k, positions, prompt.images[0])
+    assert got.shape == (page.grid[0], page.grid[1])
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got, from_copy)  # shared base layers and copies score alike
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_fused_prefill_with_cache_reuse_equals_prefill_from_scratch(qz, page, aligned):
+    """Reusing the coarse prefix (cache + layer-K states) gives the logits of a full fused prefill
+    to 1e-4 (float32), and then the same greedy tokens."""
+    bb = qz.backbone
+    engine = ZoomEngine(bb, 2, 2)
+    prompt, embeds, positions = _coarse(bb, page)
+    cache = bb.new_cache()
+    with torch.no_grad():
+        hidden_k = bb.run_layers(embeds, positions, cache, 0, 2)
+    box = Box(1, 2, 4, 5)
+    px = grid_box_to_pixels(box, page.grid, page.size)
+    region = bb.encode_image(page.crop(px, (3 * 28, 2 * 28)))
+    fused = fuse_region(bb, QUESTION, prompt, page.features, region, (2, 3), box, aligned=aligned)
+    reused = engine.fused_prefill(fused, hidden_k, cache)
+    fresh = bb.new_cache()
+    scratch = prefill(bb, fused.embeds, fused.positions, fresh)
+    assert torch.allclose(reused, scratch, atol=1e-4)
+    assert all(cache.layers[i].get_seq_length() == fused.prompt.length for i in range(bb.num_layers))
+    ours = greedy_decode(bb, reused, cache, fused.positions, 6).token_ids
+    assert ours == greedy_decode(bb, scratch, fresh, fused.positions, 6).token_ids
+
+
+def test_never_mode_equals_stock_generate(qz, page):
+    bb = qz.backbone
+    answer = qz.engine.answer(page, QUESTION, ZoomSettings("never"), 8)
+    prompt, _, _ = _coarse(bb, page)
+    pixels = torch.cat([p for p in [bb.image_processor(images=[page.crop(Box(0, 0, *page.size),
+                                                                          (page.grid[1] * 28, page.grid[0] * 28))],
+                                                        do_resize=False, return_tensors="pt")["pixel_values"]]])
+    ids = prompt.input_ids
+    stock = bb.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                              image_grid_thw=torch.tensor([[1, page.grid[0] * 2, page.grid[1] * 2]]),
+                              mm_token_type_ids=(ids == bb.config.image_token_id).int(), max_new_tokens=8,
+                              do_sample=False)
+    assert answer.generation.token_ids == stock[0, ids.shape[1]:].tolist()
+    assert answer.zoom.mode == "never" and answer.zoom.region_head is None
+
+
+def test_skip_path_equals_never_and_explain_reports_it(qz, page):
+    """A skipped zoom is the plain answer: the coarse prefill split at layer K changes nothing."""
+    bb = qz.backbone
+    engine = ZoomEngine(bb, 2, 2, trained_adapter(bb))
+    never = engine.answer(page, QUESTION, ZoomSettings("never"), 8).generation.token_ids
+    skipped = engine.answer(page, QUESTION, ZoomSettings("auto", gate_threshold=1.01), 8)
+    assert skipped.zoom.skipped_reason == "gate score below threshold" and not skipped.zoom.zoomed
+    assert 0 <= skipped.zoom.gate["score"] <= 1 and skipped.generation.token_ids == never
+    zoomed = engine.answer(page, QUESTION, ZoomSettings("always", roi_threshold=0.0, explain=True), 8)
+    assert zoomed.zoom.zoomed and zoomed.zoom.gate is None  # always: the gate is not consulted
+    assert zoomed.direct.token_ids == never
+    assert zoomed.region_tokens > 0 and zoomed.prompt_tokens == len(_coarse(bb, page)[0].input_ids[0]) \
+        + zoomed.region_tokens + 2
+
+
+def test_gate_decides_in_auto_mode(qz, page):
+    engine = ZoomEngine(qz.backbone, 2, 2, trained_adapter(qz.backbone))
+    on = engine.answer(page, QUESTION, ZoomSettings("auto", gate_threshold=0.0, roi_threshold=0.0), 4)
+    assert on.zoom.zoomed and on.zoom.gate["kind"] == "trained" and on.zoom.region_head == "trained"
+    roi = on.zoom.roi
+    width, height = page.size
+    assert roi["coord_space"] == "page_px@72dpi" and roi["grid"] == list(page.grid)
+    assert 0 <= roi["bbox_xyxy"][0] < roi["bbox_xyxy"][2] <= width and 0 <= roi["bbox_xyxy"][1] < roi["bbox_xyxy"][3] <= height
+    assert on.baseline_tokens >= on.coarse_tokens and on.time.gate_s > 0 and on.time.fused_prefill_s > 0
+    empty = engine.answer(page, QUESTION, ZoomSettings("always", roi_threshold=1.0), 4)
+    assert not empty.zoom.zoomed and empty.zoom.skipped_reason == "no region above the region threshold"
+
+
+def test_training_free_auto_uses_attention_lift(qz, page):
+    engine = ZoomEngine(qz.backbone, 2, 2)
+    low = engine.answer(page, QUESTION, ZoomSettings("auto", gate_threshold=0.0), 4)
+    high = engine.answer(page, QUESTION, ZoomSettings("auto", gate_threshold=1e9), 4)
+    assert low.zoom.gate["kind"] == high.zoom.gate["kind"] == "attention_lift"
+    assert low.zoom.zoomed and low.zoom.region_head == "base_layers" and not high.zoom.zoomed
+    assert low.zoom.gate["score"] == high.zoom.gate["score"] >= 1.0
+
+
+def test_aligned_positions_reach_the_model(qz, page):
+    bb = qz.backbone
+    settings = ZoomSettings("always", roi_threshold=0.0)
+    plain = ZoomEngine(bb, 2, 2, trained_adapter(bb)).answer(page, QUESTION, settings, 6)
+    aligned = ZoomEngine(bb, 2, 2, trained_adapter(bb, reuse_src_pos=True), reuse_src_pos=True).answer(
+        page, QUESTION, settings, 6)
+    assert (plain.zoom.positions, aligned.zoom.positions) == ("second_image", "aligned")
+    assert plain.generation.logprobs != aligned.generation.logprobs
+
+
+def test_official_layout_and_adapter_layout_give_identical_outputs(qz, tiny_dir, tmp_path):
+    adapter = trained_adapter(qz.backbone, branch_layer=2, depth=2)
+    adapter.save_pretrained(tmp_path / "adapter")
+    write_official_checkpoint(tiny_dir, adapter, tmp_path / "official")
+    ours = QZoom.from_pretrained(str(tiny_dir), adapter=tmp_path / "adapter", device="cpu")
+    official = QZoom.from_pretrained(str(tmp_path / "official"), device="cpu")
+    base, loaded = qz.backbone.model.state_dict(), official.backbone.model.state_dict()
+    assert base.keys() == loaded.keys() and all(torch.equal(base[k], loaded[k]) for k in base)
+    assert official.adapter is not None and official.adapter.config.gate
+    for settings in (ZoomSettings("auto"), ZoomSettings("auto", gate_threshold=0.0, roi_threshold=0.0)):
+        a, b = (m.ask(make_pdf(2), "total?", budget=BUDGET, zoom=settings, max_new_tokens=4, dpi=72)[0]
+                for m in (ours, official))
+        assert (a.answer, a.page, a.zoom.gate, a.zoom.roi) == (b.answer, b.page, b.zoom.gate, b.zoom.roi)
+        assert [c.answer for c in a.candidates] == [c.answer for c in b.candidates]
+        # equal weights, but loaded at different memory alignments: CPU kernels may round the
+        # last float32 bit differently, nothing more
+        assert [c.score for c in a.candidates] == pytest.approx([c.score for c in b.candidates], abs=1e-5)
+
+
+def test_adapter_round_trip_and_strict_loading(qz, tmp_path):
+    bb = qz.backbone
+    adapter = trained_adapter(bb)
+    adapter.save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "qzoom_config.json").read_text())
+    assert config["format"] == "qzoom.adapter/v1" and config["branch_layer"] == 2 and config["depth"] == 2
+    again = ZoomAdapter.from_pretrained(tmp_path / "a", bb)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in adapter.state_dict().items())
+
+    weights = load_file(tmp_path / "a" / ADAPTER_WEIGHTS)
+    weights.pop("high_res_head.bias")
+    save_file(weights, tmp_path / "a" / ADAPTER_WEIGHTS)
+    with pytest.raises(ModelError, match="missing 1"):
+        ZoomAdapter.from_pretrained(tmp_path / "a", bb)
+    weights["high_res_head.bias"] = torch.zeros(1)
+    weights["twig_layers.7.mlp.up_proj.weight"] = torch.zeros(1)
+    save_file(weights, tmp_path / "a" / ADAPTER_WEIGHTS)
+    with pytest.raises(ModelError, match="unexpected 1"):
+        ZoomAdapter.from_pretrained(tmp_path / "a", bb)
+    with pytest.raises(ModelError, match="does not fit"):
+        ZoomAdapter(AdapterConfig(branch_layer=3, depth=2), bb)
+    with pytest.raises(ModelError, match="hidden size"):
+        ZoomAdapter(AdapterConfig(branch_layer=1, depth=1, hidden_size=999), bb)
+
+
+def test_official_checkpoint_with_missing_modules_is_refused(qz, tiny_dir, tmp_path):
+    adapter = trained_adapter(qz.backbone, gate=False)
+    out = write_official_checkpoint(tiny_dir, adapter, tmp_path / "broken")
+    config = json.loads((out / "config.json").read_text())
+    config["enable_high_res"] = True  # claims a gate whose weights are not there
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="missing"):
+        QZoom.from_pretrained(str(out), device="cpu")
+
+
+def test_bad_zoom_mode():
+    with pytest.raises(UsageError):
+        ZoomSettings("sometimes")

@@ -1,0 +1,57 @@
+"""Test helpers: a 'trained' zoom adapter for the tiny model and the official Q-Zoom layout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qzoom_cli.zoom.adapter import AdapterConfig, ZoomAdapter
+
+
+def trained_adapter(backbone, branch_layer=2, depth=2, gate=True, reuse_src_pos=False, seed=0) -> ZoomAdapter:
+    """Branch layers copied from the base, then nudged, as a stand-in for a trained adapter."""
+    config = AdapterConfig(branch_layer=branch_layer, depth=depth, gate=gate, reuse_src_pos=reuse_src_pos,
+                           family=backbone.family, hidden_size=backbone.hidden_size, base_model=backbone.model_id)
+    adapter = ZoomAdapter.initialized_from_base(config, backbone)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in adapter.named_parameters():
+            tensor.add_(torch.randn(tensor.shape, generator=generator) * (0.5 if "head" in name else 0.05))
+    return adapter
+
+
+def write_official_checkpoint(base_dir: Path, adapter: ZoomAdapter, out_dir: Path, shards: int = 2) -> Path:
+    """The base checkpoint re-keyed as transformers 4.51 wrote Qwen2.5-VL (`model.*`, `visual.*`),
+    with the adapter's tensors under `model.twig_layers.*`, `model.high_res_layers.*`,
+    `model.high_res_head.*`, sharded with an index, and Q-Zoom's keys in config.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in base_dir.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, out_dir / path.name)
+    tensors = {}
+    with safe_open(base_dir / "model.safetensors", framework="pt") as weights:
+        for key in weights.keys():
+            new = key.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
+            tensors[new] = weights.get_tensor(key)
+    for key, tensor in adapter.state_dict().items():
+        tensors[f"model.{key}"] = tensor.detach().clone()
+    names = sorted(tensors)
+    weight_map = {}
+    for index in range(shards):
+        shard = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        part = {name: tensors[name].contiguous() for name in names[index::shards]}
+        save_file(part, out_dir / shard, metadata={"format": "pt"})
+        weight_map.update({name: shard for name in part})
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = json.loads((out_dir / "config.json").read_text())
+    cfg = adapter.config
+    config.update({"enable_twig": True, "twig_K": cfg.branch_layer, "twig_T": cfg.depth, "roi_source": "qk",
+                   "roi_loss": "bce", "roi_multi_head": True, "enable_high_res": cfg.gate,
+                   "reuse_src_pos": cfg.reuse_src_pos, "min_pixels": 451584, "max_pixels": 451584})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
