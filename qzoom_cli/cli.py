@@ -122,6 +122,7 @@ def ask(
     max_visual_tokens: Annotated[int | None, typer.Option(help="Most visual tokens per page (the coarse pass "
                                                                "when zooming) [default: from the model card].")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Questions about one page answered together.")] = 1,
     instruction: Annotated[str | None, typer.Option(
         help="Text appended to each question [default: ask for a single word or phrase]; '' for none.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps (or $QZOOM_DEVICE).")] = "auto",
@@ -163,7 +164,7 @@ def ask(
             status = err_console.status("Answering…") if show_panel else nullcontext()
             with status:
                 results = qz.ask(doc, questions, pages=pages, budget=budget, zoom=settings,
-                                 max_new_tokens=max_new_tokens, overlay_dir=overlay,
+                                 max_new_tokens=max_new_tokens, overlay_dir=overlay, batch_size=batch_size,
                                  instruction=SHORT_ANSWER_INSTRUCTION if instruction is None else instruction)
             for result in results:
                 for warning in result.warnings:

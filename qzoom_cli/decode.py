@@ -2,7 +2,8 @@
 
 Written out instead of calling `generate()` so every stage can be timed, per-token
 log-probabilities come for free (they score multi-page candidates), and the zoom engine can
-stop the prefill at a chosen layer and resume it.
+stop the prefill at a chosen layer and resume it. Batches are padded; an attention mask marks
+the real tokens.
 """
 
 from __future__ import annotations
@@ -40,45 +41,64 @@ def truncate_cache(cache: Cache, length: int, layers: range) -> None:
             cache.layers[index].crop(-extra)
 
 
-def copy_cache(cache: Cache, empty: Cache, layers: range) -> Cache:
-    """`empty` filled with copies of the given layers' keys and values from `cache`."""
+def copy_cache(cache: Cache, empty: Cache, layers: range, rows: list[int] | None = None) -> Cache:
+    """`empty` filled with copies of the given layers' keys and values (of batch `rows`, or all)."""
     for index in layers:
         layer = cache.layers[index]
         if layer.get_seq_length() > 0:
-            empty.update(layer.keys.clone(), layer.values.clone(), index)
+            keys, values = layer.keys, layer.values
+            if rows is not None:
+                picked = torch.tensor(rows, device=keys.device)
+                keys, values = keys.index_select(0, picked), values.index_select(0, picked)
+            empty.update(keys.clone(), values.clone(), index)
     return empty
 
 
 @torch.inference_mode()
-def prefill(backbone: Backbone, embeds: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
-    """Run the whole prompt through every layer, filling `cache`; returns next-token logits [1, vocab]."""
-    hidden = backbone.run_layers(embeds, positions, cache, 0, backbone.num_layers)
+def prefill(backbone: Backbone, embeds: torch.Tensor, positions: torch.Tensor, cache: Cache,
+            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the whole prompt through every layer, filling `cache`; returns next-token logits [batch, vocab]."""
+    hidden = backbone.run_layers(embeds, positions, cache, 0, backbone.num_layers, attention_mask)
     return backbone.logits(hidden[:, -1:])[:, -1]
 
 
 @torch.inference_mode()
-def greedy_decode(backbone: Backbone, first_logits: torch.Tensor, cache: Cache, positions: torch.Tensor,
-                  max_new_tokens: int) -> Generation:
-    """Pick the most likely token until an end token or `max_new_tokens`; `positions` are the prompt's."""
+def greedy_decode_batch(backbone: Backbone, first_logits: torch.Tensor, cache: Cache, positions: torch.Tensor,
+                        max_new_tokens: int, attention_mask: torch.Tensor | None = None) -> list[Generation]:
+    """Most likely tokens for every sample until each ends or `max_new_tokens`; `positions` are
+    the prompts' and `attention_mask` their padding (None for one unpadded sequence). Decode
+    time is shared evenly between the samples."""
     device = first_logits.device
+    batch = first_logits.shape[0]
     eos = set(backbone.eos_token_ids)
-    out = Generation()
+    outs = [Generation() for _ in range(batch)]
     logits = first_logits
     start = time.perf_counter()
     for step in range(max_new_tokens):
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        token = int(logprobs.argmax(dim=-1))
-        out.token_ids.append(token)
-        out.logprobs.append(float(logprobs[0, token]))
-        if token in eos:
-            out.finished = True
+        tokens = logprobs.argmax(dim=-1)
+        picked = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+        for out, token, logprob in zip(outs, tokens.tolist(), picked, strict=True):
+            if not out.finished:
+                out.token_ids.append(token)
+                out.logprobs.append(logprob)
+                out.finished = token in eos
+        if all(out.finished for out in outs) or step + 1 == max_new_tokens:
             break
-        if step + 1 == max_new_tokens:
-            break
-        embeds = backbone.embed_tokens(torch.tensor([[token]], device=device))
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        embeds = backbone.embed_tokens(tokens[:, None])
         hidden = backbone.run_layers(embeds, backbone.next_position_ids(positions, step), cache, 0,
-                                     backbone.num_layers)
+                                     backbone.num_layers, attention_mask)
         logits = backbone.logits(hidden)[:, -1]
     synchronize(device)
-    out.decode_s = time.perf_counter() - start
-    return out
+    elapsed = (time.perf_counter() - start) / batch
+    for out in outs:
+        out.decode_s = elapsed
+    return outs
+
+
+def greedy_decode(backbone: Backbone, first_logits: torch.Tensor, cache: Cache, positions: torch.Tensor,
+                  max_new_tokens: int) -> Generation:
+    """`greedy_decode_batch` for one unpadded sequence."""
+    return greedy_decode_batch(backbone, first_logits, cache, positions, max_new_tokens)[0]

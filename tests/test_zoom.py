@@ -68,11 +68,11 @@ def test_base_layer_region_head_scores_the_base_attention_logits(qz, page, depth
     with torch.no_grad():
         hidden_k = bb.run_layers(embeds, positions, None, 0, k)
         layers = list(bb.decoder_layers[k:k + depth])
-        got = region_logits(bb, layers, hidden_k, positions, prompt.images[0])
+        [got] = region_logits(bb, layers, hidden_k, positions, [prompt.images[0]])
         hidden = bb.run_layers(hidden_k, positions, None, k, k + depth - 1)
         expected = _hand_region_logits(bb, layers[-1], hidden, positions, prompt.images[0])
         copied = ZoomAdapter.initialized_from_base(AdapterConfig(k, depth, gate=False), bb)
-        from_copy = region_logits(bb, list(copied.twig_layers), hidden_k, positions, prompt.images[0])
+        [from_copy] = region_logits(bb, list(copied.twig_layers), hidden_k, positions, [prompt.images[0]])
     assert got.shape == (page.grid[0], page.grid[1])
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
     assert torch.equal(got, from_copy)  # shared base layers and copies score alike
@@ -92,7 +92,9 @@ def test_fused_prefill_with_cache_reuse_equals_prefill_from_scratch(qz, page, al
     px = grid_box_to_pixels(box, page.grid, page.size)
     region = bb.encode_image(page.crop(px, (3 * 28, 2 * 28)))
     fused = fuse_region(bb, QUESTION, prompt, page.features, region, (2, 3), box, aligned=aligned)
-    reused = engine.fused_prefill(fused, hidden_k, cache)
+    reused, fused_positions, mask = engine.fused_prefill([fused], hidden_k, positions,
+                                                         torch.ones(1, fused.reused, dtype=torch.long), cache)
+    assert mask is None and torch.equal(fused_positions, fused.positions)
     fresh = bb.new_cache()
     scratch = prefill(bb, fused.embeds, fused.positions, fresh)
     assert torch.allclose(reused, scratch, atol=1e-4)

@@ -90,15 +90,19 @@ class Backbone(ABC):
 
     @abstractmethod
     def next_position_ids(self, positions: torch.Tensor, step: int) -> torch.Tensor:
-        """Position ids of the `step`-th (0-based) generated token after a prompt with `positions`."""
+        """Position ids of each sample's `step`-th (0-based) generated token after a prompt with
+        `positions` (padding positions are 0)."""
 
     @abstractmethod
     def new_cache(self) -> Cache: ...
 
     @abstractmethod
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, cache: Cache | None,
-                   start: int, stop: int) -> torch.Tensor:
-        """Decoder layers [start, stop) on `hidden`, appending to `cache` when one is given."""
+                   start: int, stop: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder layers [start, stop) on `hidden`, appending to `cache` when one is given.
+
+        `attention_mask` [batch, cached + new] marks real tokens (1) and padding (0); None means
+        a single unpadded sequence."""
 
     @abstractmethod
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -118,7 +122,8 @@ class Backbone(ABC):
         """A fresh decoder layer of the family's stock class, as if it sat at `layer_idx`."""
 
     @abstractmethod
-    def run_modules(self, modules: list[nn.Module], hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def run_modules(self, modules: list[nn.Module], hidden: torch.Tensor, positions: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder layers outside the base stack (zoom branches) on `hidden`, causal, no cache."""
 
     @abstractmethod

@@ -135,21 +135,22 @@ class Qwen2_5_VLBackbone(Backbone):
         return mrope_position_ids(prompt.length, prompt.images).to(self.device)
 
     def next_position_ids(self, positions: torch.Tensor, step: int) -> torch.Tensor:
-        next_pos = positions.max() + 1 + step
-        return next_pos.view(1, 1, 1).expand(3, positions.shape[1], 1)
+        next_pos = positions.amax(dim=(0, 2)) + 1 + step  # per sample; padding sits at 0
+        return next_pos.view(1, -1, 1).expand(3, -1, 1)
 
     def new_cache(self) -> Cache:
         return DynamicCache(config=self.text_config)
 
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, cache: Cache | None,
-                   start: int, stop: int) -> torch.Tensor:
-        return self._forward(self.language_model.layers[start:stop], hidden, positions, cache, start)
+                   start: int, stop: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._forward(self.language_model.layers[start:stop], hidden, positions, cache, start, attention_mask)
 
-    def run_modules(self, modules, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self._forward(modules, hidden, positions, None, 0)
+    def run_modules(self, modules, hidden: torch.Tensor, positions: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._forward(modules, hidden, positions, None, 0, attention_mask)
 
-    def _forward(self, layers, hidden, positions, cache, first_layer):
-        mask = create_causal_mask(config=self.text_config, inputs_embeds=hidden, attention_mask=None,
+    def _forward(self, layers, hidden, positions, cache, first_layer, attention_mask):
+        mask = create_causal_mask(config=self.text_config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   past_key_values=cache, layer_idx=first_layer)
         rotary = self.language_model.rotary_emb(hidden, positions)
         for layer in layers:

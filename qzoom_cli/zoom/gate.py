@@ -15,7 +15,7 @@ from ..backbones import Backbone
 
 
 @torch.inference_mode()
-def gate_probability(backbone: Backbone, layers: Sequence[nn.Module], head: nn.Linear, hidden: torch.Tensor,
-                     positions: torch.Tensor) -> float:
-    hidden = backbone.run_modules(layers, hidden, positions)
-    return float(torch.sigmoid(head(hidden[:, -1]).float()))
+def gate_probabilities(backbone: Backbone, layers: Sequence[nn.Module], head: nn.Linear, hidden: torch.Tensor,
+                       positions: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[float]:
+    hidden = backbone.run_modules(layers, hidden, positions, attention_mask)
+    return torch.sigmoid(head(hidden[:, -1]).float())[:, 0].tolist()

@@ -1,4 +1,4 @@
-"""Q-Zoom on one page: coarse pass -> gate -> region -> fused high-resolution pass -> answer.
+"""Q-Zoom on pages: coarse pass -> gate -> region -> fused high-resolution pass -> answer.
 
 Family-agnostic: everything model-specific goes through the Backbone interface.
 
@@ -12,6 +12,11 @@ Family-agnostic: everything model-specific goes through the Backbone interface.
 
 Without a trained gate, `auto` zooms when the region map is concentrated: the attention share
 inside the box divided by the box's share of the page (its "lift") reaches the threshold.
+
+Questions are answered in batches (one question is a batch of one): prompts are padded in two
+segments split after each page's last image token (`padding.py`), so every sample's reusable
+prefix ends at the same index; after the gate and region decisions the batch splits into a
+direct group and a zoom group, each continuing with its own rows of the cache.
 """
 
 from __future__ import annotations
@@ -24,15 +29,16 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ..backbones import Backbone, Prompt
+from ..backbones import Backbone, ImageBlock
 from ..budget import VisualBudget, token_grid
-from ..decode import Generation, copy_cache, greedy_decode, prefill, truncate_cache
+from ..decode import Generation, copy_cache, greedy_decode_batch, prefill, truncate_cache
 from ..errors import UsageError
+from ..padding import PaddedBatch, Segment, pad_segments
 from ..results import Timings, ZoomInfo
 from ..runtime import synchronize
 from .adapter import ZoomAdapter
 from .fuse import FusedInputs, fuse_region
-from .gate import gate_probability
+from .gate import gate_probabilities
 from .geometry import (
     Box,
     attention_lift,
@@ -93,6 +99,17 @@ class PageAnswer:
     direct: Generation | None = None
 
 
+@dataclass
+class _Group:
+    """Some rows of the coarse batch continuing together, with their own cache."""
+
+    rows: list[int]
+    hidden_k: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+    cache: object
+
+
 class ZoomEngine:
     """Answers questions on encoded pages with the Q-Zoom pipeline."""
 
@@ -115,121 +132,184 @@ class ZoomEngine:
             (TRAINED_ROI_THRESHOLD if trained_region else RELATIVE_ROI_THRESHOLD)
 
     def answer(self, page: PageView, text: str, settings: ZoomSettings, max_new_tokens: int) -> PageAnswer:
+        return self.answer_batch([(page, text)], settings, max_new_tokens)[0]
+
+    def answer_batch(self, items: list[tuple[PageView, str]], settings: ZoomSettings,
+                     max_new_tokens: int) -> list[PageAnswer]:
+        """Answer each (page, prompt text); equal to answering them one by one."""
         bb = self.backbone
-        timings = Timings()
-        clock = _Clock(timings, bb.device)
-        prompt = bb.build_prompt(text, [page.grid])
-        embeds = bb.embed_prompt(prompt, [page.features])
-        positions = bb.position_ids(prompt)
+        prompts = [bb.build_prompt(text, [page.grid]) for page, text in items]
+        segments = []
+        for (page, _), prompt in zip(items, prompts, strict=True):
+            embeds, positions = bb.embed_prompt(prompt, [page.features]), bb.position_ids(prompt)
+            split = prompt.images[0].stop
+            segments.append([Segment(embeds[:, :split], positions[..., :split]),
+                             Segment(embeds[:, split:], positions[..., split:])])
+        batch = pad_segments(segments)
+        answers = [PageAnswer(Generation(), prompt.length, page.grid[0] * page.grid[1], 0,
+                              page.grid[0] * page.grid[1], ZoomInfo(mode=settings.mode), Timings())
+                   for (page, _), prompt in zip(items, prompts, strict=True)]
+        clock = _Clock([a.time for a in answers], bb.device)
+        everyone = list(range(len(items)))
         cache = bb.new_cache()
-        info = ZoomInfo(mode=settings.mode)
-        coarse_tokens = page.grid[0] * page.grid[1]
-        answer = PageAnswer(Generation(), prompt.length, coarse_tokens, 0, coarse_tokens, info, timings)
+        mask = batch.mask_or_none()
 
         if settings.mode == "never":
-            with clock("coarse_prefill_s"):
-                logits = prefill(bb, embeds, positions, cache)
-            answer.generation = greedy_decode(bb, logits, cache, positions, max_new_tokens)
-            timings.decode_s = answer.generation.decode_s
-            return answer
+            with clock("coarse_prefill_s", everyone):
+                logits = prefill(bb, batch.embeds, batch.positions, cache, mask)
+            self._decode(answers, everyone, logits, cache, batch.positions, mask, max_new_tokens)
+            return answers
 
-        info.region_head = self.region_head
+        for answer in answers:
+            answer.zoom.region_head = self.region_head
         gate_threshold = _pick(settings.gate_threshold, self.gate_threshold)
         roi_threshold = _pick(settings.roi_threshold, self.roi_threshold)
-        with clock("coarse_prefill_s"):
-            hidden_k = bb.run_layers(embeds, positions, cache, 0, self.branch_layer)
+        with clock("coarse_prefill_s", everyone):
+            hidden_k = bb.run_layers(batch.embeds, batch.positions, cache, 0, self.branch_layer, mask)
 
+        candidates = everyone
         if settings.mode == "auto" and self.has_gate:
-            with clock("gate_s"):
-                score = gate_probability(bb, self.adapter.high_res_layers, self.adapter.high_res_head,
-                                         hidden_k, positions)
-            info.gate = {"kind": "trained", "score": round(score, 6), "threshold": gate_threshold}
-            if score < gate_threshold:
-                return self._direct(answer, clock, hidden_k, positions, cache, max_new_tokens,
-                                    "gate score below threshold")
+            with clock("gate_s", everyone):
+                scores = gate_probabilities(bb, self.adapter.high_res_layers, self.adapter.high_res_head,
+                                            hidden_k, batch.positions, mask)
+            for answer, score in zip(answers, scores, strict=True):
+                answer.zoom.gate = {"kind": "trained", "score": round(score, 6), "threshold": gate_threshold}
+                if score < gate_threshold:
+                    answer.zoom.skipped_reason = "gate score below threshold"
+            candidates = [i for i in everyone if scores[i] >= gate_threshold]
 
-        with clock("region_s"):
-            logits = region_logits(bb, self.region_layers, hidden_k, positions, prompt.images[0])
-            prob = sigmoid_region_map(logits) if self.region_head == "trained" else relative_region_map(logits)
-            box = foreground_box(prob, roi_threshold)
-        answer.region_map = prob.cpu()
-        if box is None:
-            return self._direct(answer, clock, hidden_k, positions, cache, max_new_tokens,
-                                "no region above the region threshold")
-        if settings.mode == "auto" and not self.has_gate:
-            lift = attention_lift(prob, box)
-            info.gate = {"kind": "attention_lift", "score": round(lift, 6), "threshold": gate_threshold}
-            if lift < gate_threshold:
-                return self._direct(answer, clock, hidden_k, positions, cache, max_new_tokens,
-                                    "attention too spread out for a region to help")
+        boxes: dict[int, Box] = {}
+        if candidates:
+            with clock("region_s", candidates):
+                blocks = [ImageBlock(batch.index(i, 0, prompts[i].images[0].start), *items[i][0].grid)
+                          for i in candidates]
+                maps = region_logits(bb, self.region_layers, hidden_k[candidates], batch.positions[:, candidates],
+                                     blocks, _rows(mask, candidates))
+            for i, logits in zip(candidates, maps, strict=True):
+                prob = sigmoid_region_map(logits) if self.region_head == "trained" else relative_region_map(logits)
+                answers[i].region_map = prob.cpu()
+                box = foreground_box(prob, roi_threshold)
+                if box is None:
+                    answers[i].zoom.skipped_reason = "no region above the region threshold"
+                    continue
+                if settings.mode == "auto" and not self.has_gate:
+                    lift = attention_lift(prob, box)
+                    answers[i].zoom.gate = {"kind": "attention_lift", "score": round(lift, 6),
+                                            "threshold": gate_threshold}
+                    if lift < gate_threshold:
+                        answers[i].zoom.skipped_reason = "attention too spread out for a region to help"
+                        continue
+                boxes[i] = box
 
-        if settings.explain:  # the answer without the region, on a copy of the cache (not timed)
-            spare = copy_cache(cache, bb.new_cache(), range(self.branch_layer))
-            answer.direct = self._finish_direct(hidden_k, positions, spare, max_new_tokens, _Clock(Timings(), bb.device))
-        return self._zoom(answer, page, text, prompt, box, roi_threshold, settings, clock, hidden_k, cache,
-                          max_new_tokens)
+        zoom_rows = sorted(boxes)
+        direct_rows = [i for i in everyone if i not in boxes]
+        groups = {}
+        for name, rows in (("zoom", zoom_rows), ("direct", direct_rows)):
+            if rows:
+                own = cache if len(rows) == len(everyone) else \
+                    copy_cache(cache, bb.new_cache(), range(self.branch_layer), rows)
+                groups[name] = _Group(rows, hidden_k[rows], batch.positions[:, rows], _rows(mask, rows), own)
+        if settings.explain and "zoom" in groups:  # the zoom group's answers without the region (untimed)
+            group = groups["zoom"]
+            spare = copy_cache(group.cache, bb.new_cache(), range(self.branch_layer))
+            silent = _Clock([Timings() for _ in everyone], bb.device)
+            for i, generation in zip(group.rows, self._finish_direct(
+                    _Group(group.rows, group.hidden_k, group.positions, group.mask, spare), silent, max_new_tokens),
+                    strict=True):
+                answers[i].direct = generation
+        if "direct" in groups:
+            for i, generation in zip(direct_rows, self._finish_direct(groups["direct"], clock, max_new_tokens),
+                                     strict=True):
+                answers[i].generation = generation
+                answers[i].time.decode_s += generation.decode_s
+        if "zoom" in groups:
+            self._zoom(groups["zoom"], batch, items, prompts, answers, boxes, roi_threshold, settings, clock,
+                       max_new_tokens)
+        return answers
 
-    def _finish_direct(self, hidden_k: torch.Tensor, positions: torch.Tensor, cache, max_new_tokens: int,
-                       clock: _Clock) -> Generation:
+    def _decode(self, answers, rows, logits, cache, positions, mask, max_new_tokens) -> None:
+        for i, generation in zip(rows, greedy_decode_batch(self.backbone, logits, cache, positions, max_new_tokens,
+                                                           mask), strict=True):
+            answers[i].generation = generation
+            answers[i].time.decode_s += generation.decode_s
+
+    def _finish_direct(self, group: _Group, clock: _Clock, max_new_tokens: int) -> list[Generation]:
         """Finish the coarse prefill through the upper layers with the same cache, then decode."""
         bb = self.backbone
-        with clock("coarse_prefill_s"):
-            hidden = bb.run_layers(hidden_k, positions, cache, self.branch_layer, bb.num_layers)
+        with clock("coarse_prefill_s", group.rows):
+            hidden = bb.run_layers(group.hidden_k, group.positions, group.cache, self.branch_layer, bb.num_layers,
+                                   group.mask)
             logits = bb.logits(hidden[:, -1:])[:, -1]
-        return greedy_decode(bb, logits, cache, positions, max_new_tokens)
+        return greedy_decode_batch(bb, logits, group.cache, group.positions, max_new_tokens, group.mask)
 
-    def _direct(self, answer: PageAnswer, clock: _Clock, hidden_k: torch.Tensor, positions: torch.Tensor,
-                cache, max_new_tokens: int, reason: str) -> PageAnswer:
-        answer.generation = self._finish_direct(hidden_k, positions, cache, max_new_tokens, clock)
-        answer.time.decode_s += answer.generation.decode_s
-        answer.zoom.skipped_reason = reason
-        return answer
-
-    def _zoom(self, answer: PageAnswer, page: PageView, text: str, prompt: Prompt, box: Box, roi_threshold: float,
-              settings: ZoomSettings, clock: _Clock, hidden_k: torch.Tensor, cache,
-              max_new_tokens: int) -> PageAnswer:
+    def _zoom(self, group: _Group, batch: PaddedBatch, items, prompts, answers: list[PageAnswer],
+              boxes: dict[int, Box], roi_threshold: float, settings: ZoomSettings, clock: _Clock,
+              max_new_tokens: int) -> None:
         bb = self.backbone
         factor = bb.patch_factor
-        region_px = grid_box_to_pixels(box, page.grid, page.size)
-        budget = settings.region_budget or page.budget
-        with clock("region_encode_s"):
-            rows, cols = token_grid(int(region_px.height), int(region_px.width), factor, budget)
-            region_features = bb.encode_image(page.crop(region_px, (cols * factor, rows * factor)))
-        with clock("fused_prefill_s"):
-            fused = fuse_region(bb, text, prompt, page.features, region_features, (rows, cols), box,
-                                aligned=self.reuse_src_pos)
-            logits = self.fused_prefill(fused, hidden_k, cache)
-        answer.generation = greedy_decode(bb, logits, cache, fused.positions, max_new_tokens)
-        answer.time.decode_s += answer.generation.decode_s
-        answer.prompt_tokens = fused.prompt.length
-        answer.region_tokens = rows * cols
-        answer.baseline_tokens = max(answer.coarse_tokens, equivalent_page_tokens(rows * cols, region_px, page.size))
-        answer.zoom.zoomed = True
-        answer.zoom.positions = "aligned" if self.reuse_src_pos else "second_image"
-        answer.zoom.roi = {
-            "page": page.number,
-            "bbox_xyxy": [int(v) for v in region_px.as_list()],
-            "bbox_norm": normalized(region_px, page.size),
-            "coord_space": page.coord_space,
-            "threshold": roi_threshold,
-            "grid_box": [int(v) for v in box.as_list()],
-            "grid": list(page.grid),
-            "tokens": rows * cols,
-        }
-        return answer
+        fused_inputs = []
+        for i in group.rows:
+            page, text = items[i]
+            box = boxes[i]
+            region_px = grid_box_to_pixels(box, page.grid, page.size)
+            budget = settings.region_budget or page.budget
+            with clock("region_encode_s", [i]):
+                rows, cols = token_grid(int(region_px.height), int(region_px.width), factor, budget)
+                features = bb.encode_image(page.crop(region_px, (cols * factor, rows * factor)))
+            with clock("fused_prefill_s", [i]):
+                fused_inputs.append(fuse_region(bb, text, prompts[i], page.features, features, (rows, cols), box,
+                                                aligned=self.reuse_src_pos))
+            answer = answers[i]
+            answer.prompt_tokens = fused_inputs[-1].prompt.length
+            answer.region_tokens = rows * cols
+            answer.baseline_tokens = max(answer.coarse_tokens, equivalent_page_tokens(rows * cols, region_px,
+                                                                                     page.size))
+            answer.zoom.zoomed = True
+            answer.zoom.positions = "aligned" if self.reuse_src_pos else "second_image"
+            answer.zoom.roi = {
+                "page": page.number,
+                "bbox_xyxy": [int(v) for v in region_px.as_list()],
+                "bbox_norm": normalized(region_px, page.size),
+                "coord_space": page.coord_space,
+                "threshold": roi_threshold,
+                "grid_box": [int(v) for v in box.as_list()],
+                "grid": list(page.grid),
+                "tokens": rows * cols,
+            }
+        prefix_mask = batch.attention_mask[group.rows, :batch.boundaries[1]]
+        with clock("fused_prefill_s", group.rows):
+            logits, positions, mask = self.fused_prefill(fused_inputs, group.hidden_k, group.positions, prefix_mask,
+                                                         group.cache)
+        self._decode(answers, group.rows, logits, group.cache, positions, mask, max_new_tokens)
 
+    def fused_prefill(self, fused: list[FusedInputs], hidden_k: torch.Tensor, coarse_positions: torch.Tensor,
+                      prefix_mask: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Prefill fused sequences reusing the coarse pass.
 
-    def fused_prefill(self, fused: FusedInputs, hidden_k: torch.Tensor, cache) -> torch.Tensor:
-        """Prefill the fused sequence reusing the coarse pass: the unchanged prefix keeps its cache
-        and layer-K states; only the new suffix runs through layers 0..K-1, then layers K..L-1 run
-        over the whole fused sequence. Returns next-token logits; `cache` ends up holding it all."""
+        Every sample's unchanged prefix ends at the same index E (the padded coarse layout puts
+        it there) and keeps its cache and layer-K states; only the new suffixes (left-padded)
+        run through layers 0..K-1, then layers K..L-1 run over prefix + suffix. Returns the
+        next-token logits and the positions and mask to decode with; `cache` ends up holding it all.
+        """
         bb = self.backbone
-        keep = fused.reused
-        truncate_cache(cache, keep, range(self.branch_layer))
-        replay = bb.run_layers(fused.embeds[:, keep:], fused.positions[..., keep:], cache, 0, self.branch_layer)
-        hidden = torch.cat([hidden_k[:, :keep], replay], dim=1)
-        hidden = bb.run_layers(hidden, fused.positions, cache, self.branch_layer, bb.num_layers)
-        return bb.logits(hidden[:, -1:])[:, -1]
+        prefix_end = prefix_mask.shape[1]
+        suffix = pad_segments([[Segment(f.embeds[:, f.reused:], f.positions[..., f.reused:])] for f in fused])
+        mask = torch.cat([prefix_mask, suffix.attention_mask], dim=1)
+        mask = None if bool(mask.all()) else mask
+        dtype = torch.float32 if suffix.positions.is_floating_point() else coarse_positions.dtype
+        positions = torch.cat([coarse_positions[..., :prefix_end].to(dtype), suffix.positions.to(dtype)], dim=2)
+        truncate_cache(cache, prefix_end, range(self.branch_layer))
+        replay = bb.run_layers(suffix.embeds, suffix.positions, cache, 0, self.branch_layer, mask)
+        hidden = torch.cat([hidden_k[:, :prefix_end], replay], dim=1)
+        hidden = bb.run_layers(hidden, positions, cache, self.branch_layer, bb.num_layers, mask)
+        return bb.logits(hidden[:, -1:])[:, -1], positions, mask
+
+
+def _rows(mask: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    picked = mask[rows]
+    return None if bool(picked.all()) else picked
 
 
 def _pick(value: float | None, default: float) -> float:
@@ -237,15 +317,17 @@ def _pick(value: float | None, default: float) -> float:
 
 
 class _Clock:
-    """Adds the wall time of a block (GPU work included) to a Timings field."""
+    """Adds the wall time of a block (GPU work included), split evenly, to the rows taking part."""
 
-    def __init__(self, timings: Timings, device: torch.device):
+    def __init__(self, timings: list[Timings], device: torch.device):
         self.timings = timings
         self.device = device
 
     @contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str, rows: list[int]):
         start = time.perf_counter()
         yield
         synchronize(self.device)
-        setattr(self.timings, name, getattr(self.timings, name) + time.perf_counter() - start)
+        share = (time.perf_counter() - start) / len(rows)
+        for i in rows:
+            setattr(self.timings[i], name, getattr(self.timings[i], name) + share)

@@ -18,12 +18,15 @@ from ..backbones import Backbone, ImageBlock
 
 @torch.inference_mode()
 def region_logits(backbone: Backbone, layers: Sequence[nn.Module], hidden: torch.Tensor, positions: torch.Tensor,
-                  block: ImageBlock, query_index: int = -1) -> torch.Tensor:
-    """[rows, cols] logits of the image `block`, queried by the token at `query_index`."""
+                  blocks: list[ImageBlock], attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """[rows, cols] logits of each sample's image block, queried by its last token."""
     if len(layers) > 1:
-        hidden = backbone.run_modules(layers[:-1], hidden, positions)
+        hidden = backbone.run_modules(layers[:-1], hidden, positions, attention_mask)
     queries, keys = backbone.query_key(layers[-1], hidden, positions)
-    query = queries[0, :, query_index].float()                     # [heads, head_dim]
-    image_keys = keys[0, :, block.start:block.stop].float()        # [heads, tokens, head_dim]
-    scores = torch.einsum("hd,hnd->hn", query, image_keys) / math.sqrt(query.shape[-1])
-    return scores.mean(dim=0).view(block.rows, block.cols)
+    maps = []
+    for b, block in enumerate(blocks):
+        query = queries[b, :, -1].float()                          # [heads, head_dim]
+        image_keys = keys[b, :, block.start:block.stop].float()    # [heads, tokens, head_dim]
+        scores = torch.einsum("hd,hnd->hn", query, image_keys) / math.sqrt(query.shape[-1])
+        maps.append(scores.mean(dim=0).view(block.rows, block.cols))
+    return maps

@@ -1,0 +1,67 @@
+"""Batches of unequal sequences: segment-wise left padding with an attention mask.
+
+Each sample is a list of segments (embeddings + positions); segment j of every sample is
+left-padded to the longest segment j, so segment boundaries line up across the batch. With two
+segments split after each page's last image token, every sample's reusable prefix ends at the
+same index, and all last tokens sit at index -1, ready for batched decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Segment:
+    embeds: torch.Tensor     # [1, length, hidden]
+    positions: torch.Tensor  # [rows, 1, length]
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[1]
+
+
+@dataclass
+class PaddedBatch:
+    embeds: torch.Tensor             # [batch, length, hidden]
+    positions: torch.Tensor          # [rows, batch, length], 0 on padding
+    attention_mask: torch.Tensor     # [batch, length], 1 on real tokens
+    boundaries: list[int]            # start index of each segment column, then the total length
+    lengths: list[list[int]]         # [sample][segment] real lengths
+
+    @property
+    def padded(self) -> bool:
+        return not bool(self.attention_mask.all())
+
+    def mask_or_none(self) -> torch.Tensor | None:
+        """The mask, or None when nothing is padded (one sequence keeps the unmasked fast path)."""
+        return self.attention_mask if self.padded else None
+
+    def index(self, sample: int, segment: int, offset: int) -> int:
+        """Batch index of the token at `offset` within `segment` of `sample`."""
+        end = self.boundaries[segment + 1]
+        return end - self.lengths[sample][segment] + offset
+
+
+def pad_segments(samples: list[list[Segment]]) -> PaddedBatch:
+    count = len(samples[0])
+    widths = [max(sample[j].length for sample in samples) for j in range(count)]
+    boundaries = [0]
+    for width in widths:
+        boundaries.append(boundaries[-1] + width)
+    first = samples[0][0]
+    total, hidden = boundaries[-1], first.embeds.shape[-1]
+    embeds = first.embeds.new_zeros(len(samples), total, hidden)
+    dtype = torch.float32 if any(seg.positions.is_floating_point() for s in samples for seg in s) else torch.long
+    positions = torch.zeros(first.positions.shape[0], len(samples), total, dtype=dtype, device=first.positions.device)
+    mask = torch.zeros(len(samples), total, dtype=torch.long, device=first.embeds.device)
+    for b, sample in enumerate(samples):
+        for j, segment in enumerate(sample):
+            end = boundaries[j + 1]
+            start = end - segment.length
+            embeds[b, start:end] = segment.embeds[0]
+            positions[:, b, start:end] = segment.positions[:, 0].to(dtype)
+            mask[b, start:end] = 1
+    return PaddedBatch(embeds, positions, mask, boundaries, [[seg.length for seg in s] for s in samples])
