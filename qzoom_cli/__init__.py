@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "QZoom": "api",
+    "ZoomSettings": "zoom.pipeline",
+    "ZoomAdapter": "zoom.adapter",
     "Result": "results",
     "VisualBudget": "budget",
     "open_document": "documents",

@@ -107,7 +107,7 @@ class QZoom:
         card = default_card() if model is None else find_card(str(model))
         ref = card.id if model is None else str(model)
         runtime = resolve_runtime(device, dtype, attn)
-        backbone = load_backbone(ref, runtime, revision)
+        backbone = load_backbone(ref, runtime, revision, processor=card.processor if card else None)
         if adapter is not None:
             zoom_modules = ZoomAdapter.from_pretrained(adapter, backbone)
         elif official_adapter_config(backbone) is not None:

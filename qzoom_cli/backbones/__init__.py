@@ -52,8 +52,10 @@ def detect_family(ref: str, revision: str | None = None) -> str:
     return config.model_type
 
 
-def load_backbone(ref: str, runtime: Runtime, revision: str | None = None) -> Backbone:
-    """Load a checkpoint (hub id or local directory) into the backbone of its family."""
+def load_backbone(ref: str, runtime: Runtime, revision: str | None = None, processor: str | None = None) -> Backbone:
+    """Load a checkpoint (hub id or local directory) into the backbone of its family; the
+    tokenizer and image processor come from `processor` when given (a base repo whose chat
+    template is known good), else from the checkpoint."""
     family = detect_family(ref, revision)
     if family not in FAMILIES:
         planned = " (planned, not implemented yet)" if family in PLANNED_FAMILIES else ""
@@ -62,6 +64,7 @@ def load_backbone(ref: str, runtime: Runtime, revision: str | None = None) -> Ba
         )
     try:
         return FAMILIES[family].from_pretrained(resolve_model_ref(ref), revision=revision, device=runtime.device,
-                                                dtype=runtime.dtype, attn=runtime.attn)
+                                                dtype=runtime.dtype, attn=runtime.attn,
+                                                processor=resolve_model_ref(processor) if processor else None)
     except OSError as exc:
         raise _not_available(ref, revision, exc) from exc

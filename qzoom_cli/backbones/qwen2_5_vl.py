@@ -75,12 +75,13 @@ class Qwen2_5_VLBackbone(Backbone):
 
     @classmethod
     def from_pretrained(cls, ref: str, *, revision: str | None, device: torch.device, dtype: torch.dtype,
-                        attn: str) -> Qwen2_5_VLBackbone:
+                        attn: str, processor: str | None = None) -> Qwen2_5_VLBackbone:
         model = cls.model_class.from_pretrained(
             ref, revision=revision, dtype=dtype, attn_implementation=attn, device_map=str(device)
         )
-        tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision)
-        image_processor = AutoImageProcessor.from_pretrained(ref, revision=revision)
+        source, source_revision = (processor, None) if processor else (ref, revision)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=source_revision)
+        image_processor = AutoImageProcessor.from_pretrained(source, revision=source_revision)
         return cls(model, tokenizer, image_processor, model_id=ref, revision=revision, attn=attn)
 
     @property
