@@ -265,7 +265,7 @@ class QZoom:
         if settings.explain and zoom.zoomed:
             zoom.zoom_answer = best.text
             zoom.direct_answer = self._text(answer.direct) if answer.direct is not None else None
-        region_budget = settings.region_budget or budget
+        region_budget = settings.region_budget(budget)
         decode_s = answer.time.decode_s
         return Result(
             id=qid, status="truncated" if truncated else "ok", input=input_info, question=question,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 from contextlib import contextmanager, nullcontext
@@ -16,7 +17,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, QZoomError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PARTIAL, QZoomError
 
 app = typer.Typer(
     name="qzoom",
@@ -91,43 +92,78 @@ def _print_json(obj: dict) -> None:
     print(json.dumps(obj, ensure_ascii=False, indent=2 if sys.stdout.isatty() else None), flush=True)
 
 
+# Options shared by the commands that load a model and answer questions.
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Hub id or local checkpoint directory "
+                                                             "[default: the default model card].")]
+AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Zoom adapter directory (qzoom_config.json + "
+                                                                 "qzoom_adapter.safetensors) to attach.")]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) to pin.")]
+ZoomOpt = Annotated[str, typer.Option("--zoom", help="auto: zoom when the gate says so; always: read the region "
+                                                     "whenever one is found; never: one pass at the page budget.")]
+GateOpt = Annotated[float | None, typer.Option(
+    "--gate-threshold", help="Zoom when the gate score reaches this [default: model card, adapter, or 0.05 for a "
+                             "trained gate / 2.0 attention lift without one].")]
+RoiOpt = Annotated[float | None, typer.Option(
+    "--roi-threshold", help="Region map cut-off [default: model card, adapter, or 0.125 trained / 0.5 "
+                            "training-free].")]
+RoiTokensOpt = Annotated[int | None, typer.Option("--roi-max-visual-tokens",
+                                                  help="Most visual tokens for the region [default: the page budget].")]
+MinTokensOpt = Annotated[int | None, typer.Option("--min-visual-tokens", help="Fewest visual tokens per page "
+                                                                            "[default: from the model card].")]
+MaxTokensOpt = Annotated[int | None, typer.Option("--max-visual-tokens", help="Most visual tokens per page (the "
+                                                  "coarse pass when zooming) [default: from the model card].")]
+DpiOpt = Annotated[int, typer.Option("--dpi", help="PDF render resolution; boxes are in pixels at this DPI.")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")]
+InstructionOpt = Annotated[str | None, typer.Option(
+    "--instruction", help="Text appended to each question [default: ask for a single word or phrase]; '' for none.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Questions about one page answered together.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (or $QZOOM_DEVICE).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, bf16, fp16 or fp32.")]
+AttnOpt = Annotated[str, typer.Option("--attn", help="auto, sdpa, flash_attention_2 or eager.")]
+RootOpt = Annotated[str | None, typer.Option("--root", help="Folder that relative document paths in the manifest "
+                                                           "start from [default: the manifest's folder].")]
+
+
+def _load(model, adapter, revision, device, dtype, attn):
+    from .api import QZoom
+
+    return QZoom.from_pretrained(model, adapter=adapter, revision=revision, device=device, dtype=dtype, attn=attn)
+
+
+def _settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, explain=False):
+    from .zoom.pipeline import ZoomSettings
+
+    return ZoomSettings(mode=zoom, gate_threshold=gate_threshold, roi_threshold=roi_threshold,
+                        region_max_tokens=roi_max_visual_tokens, explain=explain)
+
+
 @app.command()
 def ask(
     path: Annotated[str, typer.Argument(help="PDF or image file; '-' reads the document from stdin.")],
     questions: Annotated[list[str], typer.Argument(help="One or more questions about the document.")],
-    model: Annotated[str | None, typer.Option(help="Hub id or local checkpoint directory "
-                                                   "[default: the default model card].")] = None,
-    adapter: Annotated[str | None, typer.Option(help="Zoom adapter directory (qzoom_config.json + "
-                                                     "qzoom_adapter.safetensors) to attach to the model.")] = None,
-    zoom: Annotated[str, typer.Option(help="auto: zoom when the gate says so; always: read the region "
-                                           "whenever one is found; never: one pass at the page budget.")] = "auto",
-    gate_threshold: Annotated[float | None, typer.Option(
-        help="Zoom when the gate score reaches this [default: model card, adapter, or 0.05 for a trained "
-             "gate / 2.0 attention lift without one].")] = None,
-    roi_threshold: Annotated[float | None, typer.Option(
-        help="Region map cut-off [default: model card, adapter, or 0.125 trained / 0.5 training-free].")] = None,
-    roi_max_visual_tokens: Annotated[int | None, typer.Option(
-        help="Most visual tokens for the region [default: the page budget].")] = None,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    revision: RevisionOpt = None,
+    zoom: ZoomOpt = "auto",
+    gate_threshold: GateOpt = None,
+    roi_threshold: RoiOpt = None,
+    roi_max_visual_tokens: RoiTokensOpt = None,
     explain: Annotated[bool, typer.Option(help="When a region is read, also decode the answer without it "
                                                "(zoom.direct_answer vs zoom.zoom_answer).")] = False,
     overlay: Annotated[str | None, typer.Option(help="Write the answering page with the region map and box "
                                                      "as PNG into this directory.")] = None,
-    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) to pin.")] = None,
     pages: Annotated[str | None, typer.Option("--pages", "--page-range",
                                               help="1-based inclusive pages, e.g. '1-3,7' [default: all].")] = None,
-    dpi: Annotated[int, typer.Option(help="PDF render resolution; boxes are in pixels at this DPI.")] = 200,
+    dpi: DpiOpt = 200,
     password: Annotated[str | None, typer.Option(help="Password of an encrypted PDF.")] = None,
-    min_visual_tokens: Annotated[int | None, typer.Option(help="Fewest visual tokens per page "
-                                                               "[default: from the model card].")] = None,
-    max_visual_tokens: Annotated[int | None, typer.Option(help="Most visual tokens per page (the coarse pass "
-                                                               "when zooming) [default: from the model card].")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Questions about one page answered together.")] = 1,
-    instruction: Annotated[str | None, typer.Option(
-        help="Text appended to each question [default: ask for a single word or phrase]; '' for none.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps (or $QZOOM_DEVICE).")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
-    attn: Annotated[str, typer.Option(help="auto, sdpa, flash_attention_2 or eager.")] = "auto",
+    min_visual_tokens: MinTokensOpt = None,
+    max_visual_tokens: MaxTokensOpt = None,
+    max_new_tokens: MaxNewOpt = 64,
+    batch_size: BatchOpt = 1,
+    instruction: InstructionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "auto",
     as_json: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -138,14 +174,12 @@ def ask(
     read again at high resolution in the same pass (Q-Zoom).
     """
     with _reporting_errors(verbose):
-        from .api import SHORT_ANSWER_INSTRUCTION, QZoom, ZoomSettings, check_questions
-        from .budget import VisualBudget
+        from .api import SHORT_ANSWER_INSTRUCTION, check_questions
         from .doctor import check_transformers
         from .documents import open_document, parse_page_spec
 
         questions = check_questions(questions)
-        settings = ZoomSettings(mode=zoom, gate_threshold=gate_threshold, roi_threshold=roi_threshold,
-                                explain=explain)
+        settings = _settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, explain)
         check_transformers()
         _configure_logging(verbose, quiet)
         with open_document(path, password=password, dpi=dpi) as doc:
@@ -153,16 +187,10 @@ def ask(
             for warning in doc.warnings:
                 _warn(warning, quiet)
             show_panel = not quiet and err_console.is_terminal
-            status = err_console.status("Loading model…") if show_panel else nullcontext()
-            with status:
-                qz = QZoom.from_pretrained(model, adapter=adapter, revision=revision, device=device, dtype=dtype,
-                                           attn=attn)
+            with err_console.status("Loading model…") if show_panel else nullcontext():
+                qz = _load(model, adapter, revision, device, dtype, attn)
             budget = qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=zoom)
-            if roi_max_visual_tokens is not None:
-                settings.region_budget = VisualBudget(min(budget.min_tokens, roi_max_visual_tokens),
-                                                      roi_max_visual_tokens)
-            status = err_console.status("Answering…") if show_panel else nullcontext()
-            with status:
+            with err_console.status("Answering…") if show_panel else nullcontext():
                 results = qz.ask(doc, questions, pages=pages, budget=budget, zoom=settings,
                                  max_new_tokens=max_new_tokens, overlay_dir=overlay, batch_size=batch_size,
                                  instruction=SHORT_ANSWER_INSTRUCTION if instruction is None else instruction)
@@ -177,6 +205,146 @@ def ask(
                     from .render import answer_panel
 
                     err_console.print(answer_panel(result, doc.thumbnail(result.page)))
+
+
+def _relaunch_on_gpus(gpus: str) -> int:
+    """`--gpus 0,1`: the same command under `accelerate launch`, one process per listed GPU."""
+    import subprocess
+
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not ids or not all(g.isdigit() for g in ids):
+        from .errors import UsageError
+
+        raise UsageError(f"--gpus takes GPU indices like 0,1,2, got {gpus!r}")
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--gpus":
+            skip = True
+        elif not arg.startswith("--gpus="):
+            argv.append(arg)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(len(ids)),
+               "--gpu_ids", ",".join(ids), "-m", "qzoom_cli", *argv]
+    return subprocess.call(command)
+
+
+def _distributed(device: str) -> tuple[int, int, object]:
+    """(rank, world size, state) under `accelerate launch`/torchrun, else (0, 1, None)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state
+
+
+@app.command()
+def run(
+    manifest: Annotated[str, typer.Argument(help="JSONL manifest of {id, file, question, pages?, password?, "
+                                                 "answers?} rows; '-' reads it from stdin.")],
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Write the records here instead of stdout.")]
+    = None,
+    resume: Annotated[bool, typer.Option(help="Keep the finished records already in --output, redo the rest "
+                                              "(errors included).")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite a non-empty --output.")] = False,
+    gpus: Annotated[str | None, typer.Option(help="Run one replica per listed GPU (e.g. 0,1,2,3) through "
+                                                  "accelerate, merging into one ordered output.")] = None,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    revision: RevisionOpt = None,
+    zoom: ZoomOpt = "auto",
+    gate_threshold: GateOpt = None,
+    roi_threshold: RoiOpt = None,
+    roi_max_visual_tokens: RoiTokensOpt = None,
+    dpi: DpiOpt = 200,
+    min_visual_tokens: MinTokensOpt = None,
+    max_visual_tokens: MaxTokensOpt = None,
+    max_new_tokens: MaxNewOpt = 64,
+    batch_size: BatchOpt = 1,
+    instruction: InstructionOpt = None,
+    root: RootOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "auto",
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress",
+                                                  help="Progress bar on stderr [default: when it is a terminal].")]
+    = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Answer every row of MANIFEST: one qzoom.result/v1 line per row, in manifest order.
+
+    Rows about the same document share one rendering. Exit code 5 when any row failed (its
+    record says why); Ctrl-C leaves a valid file that --resume continues.
+    """
+    with _reporting_errors(verbose):
+        from pathlib import Path
+
+        from .batch import RunOptions, run_manifest
+        from .doctor import check_transformers
+        from .manifest import read_manifest
+
+        if gpus:
+            raise typer.Exit(_relaunch_on_gpus(gpus))
+        settings = _settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens)
+        rows = read_manifest(manifest, root)
+        check_transformers()
+        _configure_logging(verbose, quiet)
+        rank, world, state = _distributed(device)
+        if state is not None and device == "auto":
+            device = str(state.device)
+
+        def load():
+            qz = _load(model, adapter, revision, device, dtype, attn)
+            options.budget = qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=zoom)
+            return qz
+
+        options = RunOptions(zoom=settings, dpi=dpi, max_new_tokens=max_new_tokens, instruction=instruction,
+                             batch_size=batch_size, verbose=verbose)
+        show = (err_console.is_terminal if progress is None else progress) and not quiet
+        with _batch_progress(show, f"rank {rank}" if world > 1 else "rows") as (track, start):
+            summary = run_manifest(load, rows, options, output=Path(output) if output else None, stdout=sys.stdout,
+                                   resume=resume, force=force, rank=rank, world=world,
+                                   barrier=state.wait_for_everyone if state is not None else (lambda: None),
+                                   on_result=track, on_start=start)
+        if not quiet and rank == 0:
+            kept = f", {summary.kept} kept from before" if summary.kept else ""
+            print(f"qzoom: {summary.done} rows answered ({summary.zoomed} zoomed, {summary.failed} failed){kept}",
+                  file=sys.stderr)
+        if summary.failed:
+            raise typer.Exit(EXIT_PARTIAL)
+
+
+@contextmanager
+def _batch_progress(show: bool, label: str):
+    """(on_result, on_start) callbacks feeding a rich progress bar on stderr, or doing nothing."""
+    if not show:
+        yield (lambda result: None), (lambda total: None)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]} rows/s"), TimeRemainingColumn(),
+               TextColumn("zoom {task.fields[zoom]}"), TextColumn("[red]failed {task.fields[failed]}"))
+    counts = {"zoomed": 0, "failed": 0, "done": 0}
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        task = bar.add_task(label, total=None, rate="-", zoom="-", failed=0)
+
+        def start(total: int) -> None:
+            bar.update(task, total=total)
+
+        def track(result) -> None:
+            counts["done"] += 1
+            counts["zoomed"] += bool(result.zoom.zoomed)
+            counts["failed"] += result.status == "error"
+            elapsed = bar.tasks[task].elapsed or 0
+            bar.update(task, advance=1, failed=counts["failed"],
+                       rate=f"{counts['done'] / elapsed:.2f}" if elapsed else "-",
+                       zoom=f"{counts['zoomed'] / counts['done']:.0%}")
+
+        yield track, start
 
 
 @app.command()

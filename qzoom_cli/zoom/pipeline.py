@@ -65,12 +65,20 @@ class ZoomSettings:
     mode: str = "auto"
     gate_threshold: float | None = None
     roi_threshold: float | None = None
-    region_budget: VisualBudget | None = None
+    region_max_tokens: int | None = None
     explain: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise UsageError(f"unknown zoom mode {self.mode!r}: use {', '.join(MODES)}")
+        if self.region_max_tokens is not None and self.region_max_tokens < 1:
+            raise UsageError("--roi-max-visual-tokens must be positive")
+
+    def region_budget(self, page_budget: VisualBudget) -> VisualBudget:
+        """The page budget, with its maximum replaced by `region_max_tokens` when set."""
+        if self.region_max_tokens is None:
+            return page_budget
+        return VisualBudget(min(page_budget.min_tokens, self.region_max_tokens), self.region_max_tokens)
 
 
 @dataclass
@@ -252,7 +260,7 @@ class ZoomEngine:
             page, text = items[i]
             box = boxes[i]
             region_px = grid_box_to_pixels(box, page.grid, page.size)
-            budget = settings.region_budget or page.budget
+            budget = settings.region_budget(page.budget)
             with clock("region_encode_s", [i]):
                 rows, cols = token_grid(int(region_px.height), int(region_px.width), factor, budget)
                 features = bb.encode_image(page.crop(region_px, (cols * factor, rows * factor)))

@@ -1,0 +1,257 @@
+"""Running a manifest: grouped by document, ordered output, resumable, shardable.
+
+- Rows about the same document (file + password) are answered together: the document is
+  opened once and each page rendered and encoded once for all their questions, then closed,
+  so memory stays flat over any number of rows.
+- Records are written in manifest order as soon as every earlier row is done, one JSON line
+  each, flushed; an interrupted run leaves a valid JSONL file.
+- `--resume` keeps the records already `ok` (or `truncated`), drops error records and a torn
+  last line, and runs the rest; a completed run rewrites the file in manifest order.
+- Under several processes (accelerate) each takes whole documents round-robin, writes its
+  own shard file, and the main process merges them into one ordered file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from .api import QZoom
+from .budget import VisualBudget
+from .documents import open_document
+from .errors import QZoomError, UsageError
+from .manifest import ManifestRow, RowError
+from .results import ErrorInfo, Result
+from .zoom.pipeline import ZoomSettings
+
+DONE_STATUSES = ("ok", "truncated")
+
+
+@dataclass
+class RunOptions:
+    zoom: ZoomSettings
+    budget: VisualBudget | None = None
+    dpi: int = 200
+    max_new_tokens: int = 64
+    instruction: str | None = None
+    batch_size: int = 1
+    verbose: bool = False
+
+
+def error_result(row: ManifestRow | RowError, code: str, message: str) -> Result:
+    return Result(id=row.id, status="error", input=None, question=getattr(row, "question", ""),
+                  error=ErrorInfo(code=code, message=message))
+
+
+def document_groups(rows: Iterable[ManifestRow]) -> list[list[ManifestRow]]:
+    """Rows grouped by document, groups in order of first appearance, rows in manifest order."""
+    groups: dict[tuple, list[ManifestRow]] = {}
+    for row in rows:
+        groups.setdefault(row.document_key, []).append(row)
+    return list(groups.values())
+
+
+def shard(groups: list[list[ManifestRow]], rank: int, world: int) -> list[list[ManifestRow]]:
+    """This process's share: whole documents, dealt round-robin."""
+    return groups[rank::world]
+
+
+def answer_rows(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOptions,
+                emit: Callable[[int, Result], None]) -> None:
+    """Answer every row, calling `emit(row.index, result)` as each finishes (bad rows included)."""
+    for row in rows:
+        if isinstance(row, RowError):
+            emit(row.index, error_result(row, row.code, row.message))
+    for group in document_groups(r for r in rows if isinstance(r, ManifestRow)):
+        _answer_document(qz, group, options, emit)
+
+
+def _answer_document(qz: QZoom, group: list[ManifestRow], options: RunOptions,
+                     emit: Callable[[int, Result], None]) -> None:
+    first = group[0]
+    try:
+        doc = open_document(first.file, password=first.password, dpi=options.dpi)
+    except QZoomError as exc:
+        for row in group:
+            emit(row.index, error_result(row, exc.code, exc.message))
+        return
+    with doc:
+        by_pages: dict[str | None, list[ManifestRow]] = {}
+        for row in group:
+            by_pages.setdefault(row.pages, []).append(row)
+        for pages, rows in by_pages.items():
+            try:
+                results = qz.ask(doc, [r.question for r in rows], ids=[r.id for r in rows], pages=pages,
+                                 budget=options.budget, zoom=options.zoom, max_new_tokens=options.max_new_tokens,
+                                 batch_size=options.batch_size,
+                                 **({} if options.instruction is None else {"instruction": options.instruction}))
+            except QZoomError as exc:
+                results = [error_result(r, exc.code, exc.message) for r in rows]
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # a bug on one document must not lose the rest of the batch
+                if options.verbose:
+                    traceback.print_exc()
+                if isinstance(exc, torch.OutOfMemoryError):
+                    results = [error_result(r, "oom", "out of GPU memory") for r in rows]
+                else:
+                    results = [error_result(r, "internal", f"{type(exc).__name__}: {exc}") for r in rows]
+            for row, result in zip(rows, results, strict=True):
+                emit(row.index, result)
+
+
+class OrderedWriter:
+    """Writes records in the order of `indices`, each as soon as all earlier ones are written."""
+
+    def __init__(self, stream: TextIO, indices: list[int]):
+        self.stream = stream
+        self.order = sorted(indices)
+        self.pending: dict[int, str] = {}
+        self.next = 0
+
+    def add(self, index: int, line: str) -> None:
+        self.pending[index] = line
+        while self.next < len(self.order) and self.order[self.next] in self.pending:
+            self.stream.write(self.pending.pop(self.order[self.next]) + "\n")
+            self.stream.flush()
+            self.next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.next == len(self.order)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The parsable records of a JSONL result file; a torn last line (crash mid-write) is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "id" in record:
+            records.append(record)
+    return records
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    """Replace `path` with these records, atomically (a crash leaves the old file or the new one)."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as out:
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+
+
+def kept_for_resume(path: Path, ids: set[str]) -> dict[str, dict]:
+    """Finished records of this manifest found in `path`, by id (errors are retried)."""
+    kept = {}
+    for record in read_records(path):
+        if record.get("id") in ids and record.get("status") in DONE_STATUSES:
+            kept[record["id"]] = record
+    return kept
+
+
+def ordered(records: Iterable[dict], order: dict[str, int]) -> list[dict]:
+    """One record per manifest id (the last seen wins), in manifest order."""
+    latest = {r["id"]: r for r in records if r.get("id") in order}
+    return sorted(latest.values(), key=lambda r: order[r["id"]])
+
+
+@dataclass
+class RunSummary:
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    zoomed: int = 0
+    kept: int = 0
+
+
+def shard_path(output: Path, rank: int) -> Path:
+    return output.with_name(f"{output.name}.rank{rank}")
+
+
+def run_manifest(load: Callable[[], QZoom], rows: list[ManifestRow | RowError], options: RunOptions, *,
+                 output: Path | None, stdout: TextIO, resume: bool = False, force: bool = False,
+                 rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None,
+                 on_result: Callable[[Result], None] = lambda result: None,
+                 on_start: Callable[[int], None] = lambda total: None) -> RunSummary:
+    """Answer the rows not already finished, writing ordered records to `output` (or `stdout`).
+
+    `load` builds the model only if some row needs it. With `world` > 1 this is one of several
+    processes (`barrier` waits for all of them); rank 0 merges their shard files at the end.
+    """
+    order = {row.id: row.index for row in rows}
+    kept: dict[str, dict] = {}
+    if output is not None:
+        if output.exists() and output.stat().st_size > 0 and not (resume or force):
+            raise UsageError(f"{output} already has results: --resume to continue it or --force to overwrite it")
+        if rank == 0:  # fold an interrupted run's shards in (or start afresh), before anyone reads
+            stale = sorted(output.parent.glob(f"{output.name}.rank*"))
+            carried = {}
+            if resume:
+                for path in [output, *stale]:
+                    carried.update(kept_for_resume(path, set(order)))
+            write_records(output, ordered(carried.values(), order))
+            for path in stale:
+                path.unlink()
+        barrier()
+        if resume:
+            kept = kept_for_resume(output, set(order))
+    elif resume or world > 1:
+        raise UsageError("--resume and several processes need an output file (-o)")
+
+    todo = [row for row in rows if row.id not in kept]
+    if world > 1:
+        groups = document_groups(r for r in todo if isinstance(r, ManifestRow))
+        mine = [row for group in shard(groups, rank, world) for row in group]
+        todo = sorted(mine + ([r for r in todo if isinstance(r, RowError)] if rank == 0 else []),
+                      key=lambda r: r.index)
+    summary = RunSummary(total=len(todo), kept=len(kept))
+    on_start(summary.total)
+
+    if output is None:
+        stream = stdout
+    elif world > 1:
+        stream = open(shard_path(output, rank), "w", encoding="utf-8")
+    else:
+        stream = open(output, "a", encoding="utf-8")
+    writer = OrderedWriter(stream, [row.index for row in todo])
+
+    def emit(index: int, result: Result) -> None:
+        writer.add(index, result.to_json())
+        summary.done += 1
+        summary.failed += result.status == "error"
+        summary.zoomed += bool(result.zoom.zoomed)
+        on_result(result)
+
+    try:
+        if todo:
+            qz = load() if any(isinstance(r, ManifestRow) for r in todo) else None
+            answer_rows(qz, todo, options, emit)
+    finally:
+        if stream is not stdout:
+            stream.close()
+    if output is not None:
+        barrier()
+        if rank == 0:
+            shards = [shard_path(output, r) for r in range(world)] if world > 1 else []
+            records = ordered([*read_records(output), *(r for path in shards for r in read_records(path))], order)
+            write_records(output, records)
+            for path in shards:
+                path.unlink(missing_ok=True)
+            summary.failed = sum(r.get("status") == "error" for r in records)
+    return summary

@@ -1,0 +1,204 @@
+"""`qzoom run`: manifests, ordered resumable output, render-once grouping, sharding across processes."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from docmaker import make_image, make_pdf
+from qzoom_cli import cli
+from qzoom_cli.batch import OrderedWriter, document_groups, shard
+from qzoom_cli.errors import EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE, UsageError
+from qzoom_cli.manifest import ManifestRow, RowError, read_manifest
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "a.pdf").write_bytes(make_pdf(2))
+    (tmp_path / "b.png").write_bytes(make_image("PNG"))
+    (tmp_path / "c.pdf").write_bytes(make_pdf(1))
+    return tmp_path
+
+
+def write_manifest(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+ROWS = [
+    {"id": "a1", "file": "a.pdf", "question": "total?", "answers": ["$100.00"]},
+    {"question_id": "b1", "image": "b.png", "query": "what?"},
+    {"id": "a2", "path": "a.pdf", "question": "date?", "pages": "2"},
+    {"id": "c1", "images": ["c.pdf"], "question": "who?", "answer": "nobody"},
+    {"id": "a3", "file": "a.pdf", "question": "page?"},
+]
+
+
+def run(tmp, *args, **kwargs):
+    common = ["--model", str(kwargs.pop("tiny")), "--device", "cpu", "--max-new-tokens", "3",
+              "--max-visual-tokens", "48", "--min-visual-tokens", "16", "--dpi", "72"]
+    return runner.invoke(cli.app, ["run", *common, *args], **kwargs)
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_manifest_aliases_layouts_and_bad_rows(tmp_path):
+    m = write_manifest(tmp_path / "m.jsonl", [
+        *ROWS,
+        {"id": "x", "question": "no file"},
+        {"id": "y", "file": "a.pdf"},
+        {"id": "z", "images": ["a.pdf", "b.png"], "question": "two?"},
+        "not json at all",
+        [1, 2],
+        {"id": "a1", "file": "a.pdf", "question": "again"},
+    ])
+    rows = read_manifest(m)
+    good = [r for r in rows if isinstance(r, ManifestRow)]
+    assert [r.id for r in good] == ["a1", "b1", "a2", "c1", "a3"]
+    assert good[0].file == str(tmp_path / "a.pdf") and good[0].answers == ["$100.00"]
+    assert good[1].question == "what?" and good[2].pages == "2" and good[3].answers == ["nobody"]
+    bad = {r.id: r.code for r in rows if isinstance(r, RowError)}
+    assert bad == {"x": "bad_row", "y": "bad_row", "z": "bad_row", "row9": "bad_row", "row10": "bad_row",
+                   "a1@row11": "duplicate_id"}
+    assert [r.index for r in rows] == list(range(11))
+    rooted = read_manifest(m, root="/data")
+    assert rooted[0].file == "/data/a.pdf"
+
+
+def test_docvqa_and_lmms_eval_layouts(tmp_path):
+    docvqa = {"dataset_name": "docvqa", "data": [
+        {"questionId": 337, "question": "what is the date?", "image": "documents/x_1.png", "docId": 279,
+         "answers": ["1/8/93", "january 8, 1993"]}]}
+    (tmp_path / "val.json").write_text(json.dumps(docvqa))
+    [row] = read_manifest(tmp_path / "val.json")
+    assert (row.id, row.file, row.answers) == ("337", str(tmp_path / "documents/x_1.png"), ["1/8/93", "january 8, 1993"])
+    lmms = [{"doc_id": 0, "doc": {"question": "total?", "image_path": "p.png", "answers": ["5"]}, "target": "5",
+             "resps": [["5"]]},
+            {"doc_id": 1, "doc": {"question": "name?", "image": "q.png"}, "target": "Ann"}]
+    write_manifest(tmp_path / "samples.jsonl", lmms)
+    rows = read_manifest(tmp_path / "samples.jsonl")
+    assert [(r.id, r.answers) for r in rows] == [("0", ["5"]), ("1", ["Ann"])]
+    with pytest.raises(UsageError):
+        read_manifest(tmp_path / "missing.jsonl")
+
+
+def test_stdin_manifest(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(ROWS[0]) + "\n"))
+    [row] = read_manifest("-")
+    assert row.file == str(tmp_path / "a.pdf")
+
+
+def test_ordered_writer_waits_for_earlier_rows():
+    out = io.StringIO()
+    writer = OrderedWriter(out, [0, 2, 5])
+    writer.add(5, "five")
+    writer.add(2, "two")
+    assert out.getvalue() == ""
+    writer.add(0, "zero")
+    assert out.getvalue() == "zero\ntwo\nfive\n" and writer.complete
+
+
+def test_documents_are_grouped_and_sharded_whole(workdir):
+    rows = [r for r in read_manifest(write_manifest(workdir / "m.jsonl", ROWS)) if isinstance(r, ManifestRow)]
+    groups = document_groups(rows)
+    assert [[r.id for r in g] for g in groups] == [["a1", "a2", "a3"], ["b1"], ["c1"]]
+    assert [[r.id for g in shard(groups, rank, 2) for r in g] for rank in (0, 1)] == [["a1", "a2", "a3", "c1"], ["b1"]]
+
+
+def test_run_to_stdout_in_order_with_error_rows(workdir, tiny_dir):
+    m = write_manifest(workdir / "m.jsonl", [*ROWS, {"id": "gone", "file": "gone.pdf", "question": "q?"},
+                                             {"id": "p9", "file": "c.pdf", "question": "q?", "pages": "9"}, "{oops"])
+    result = run(workdir, str(m), tiny=tiny_dir)
+    assert result.exit_code == EXIT_PARTIAL, result.stderr
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["id"] for r in out] == ["a1", "b1", "a2", "c1", "a3", "gone", "p9", "row8"]
+    codes = {r["id"]: (r["error"] or {}).get("code") for r in out}
+    assert codes["gone"] == "file_not_found" and codes["p9"] == "page_out_of_range" and codes["row8"] == "bad_row"
+    assert all(r["status"] in ("ok", "truncated") for r in out[:5]) and out[2]["input"]["pages"] == [2]
+    assert "8 rows answered" in result.stderr and "3 failed" in result.stderr
+
+
+def test_each_document_is_rendered_once(workdir, tiny_dir, monkeypatch):
+    from qzoom_cli.documents import Document
+
+    calls = []
+    original = Document.render
+    monkeypatch.setattr(Document, "render", lambda self, n: calls.append((self.source, n)) or original(self, n))
+    m = write_manifest(workdir / "m.jsonl", [ROWS[0], ROWS[4], ROWS[1]])  # two rows about a.pdf, one image
+    result = run(workdir, str(m), "--zoom", "never", tiny=tiny_dir)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(calls) == sorted([(str(workdir / "a.pdf"), 1), (str(workdir / "a.pdf"), 2),
+                                    (str(workdir / "b.png"), 1)])
+
+
+def test_output_file_resume_after_crash_and_interrupt(workdir, tiny_dir, monkeypatch):
+    m = write_manifest(workdir / "m.jsonl", [*ROWS, {"id": "gone", "file": "gone.pdf", "question": "q?"}])
+    out = workdir / "out.jsonl"
+    fresh = run(workdir, str(m), "-o", str(out), tiny=tiny_dir)
+    assert fresh.exit_code == EXIT_PARTIAL and fresh.stdout == ""
+    reference = records(out)
+    assert [r["id"] for r in reference] == ["a1", "b1", "a2", "c1", "a3", "gone"]
+
+    again = run(workdir, str(m), "-o", str(out), tiny=tiny_dir)
+    assert again.exit_code == EXIT_USAGE and "--resume" in again.stderr
+
+    # a crash mid-write: three whole records, a torn fourth line
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
+    resumed = run(workdir, str(m), "-o", str(out), "--resume", tiny=tiny_dir)
+    assert resumed.exit_code == EXIT_PARTIAL and "3 kept from before" in resumed.stderr
+    assert [(r["id"], r["answer"]) for r in records(out)] == [(r["id"], r["answer"]) for r in reference]
+
+    # Ctrl-C while the second document is answered: a valid file, then --resume finishes it
+    from qzoom_cli import api
+
+    original, seen = api.QZoom.ask, []
+
+    def interrupted(self, document, questions, **kwargs):
+        seen.append(1)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return original(self, document, questions, **kwargs)
+
+    monkeypatch.setattr(api.QZoom, "ask", interrupted)
+    stopped = run(workdir, str(m), "-o", str(out), "--force", tiny=tiny_dir)
+    assert stopped.exit_code == EXIT_INTERRUPTED
+    partial = records(out)
+    assert 0 < len(partial) < len(reference) and len({r["id"] for r in partial}) == len(partial)
+    monkeypatch.setattr(api.QZoom, "ask", original)
+    finished = run(workdir, str(m), "-o", str(out), "--resume", tiny=tiny_dir)
+    assert finished.exit_code == EXIT_PARTIAL
+    assert [(r["id"], r["answer"]) for r in records(out)] == [(r["id"], r["answer"]) for r in reference]
+
+
+def test_resume_needs_an_output_file(workdir, tiny_dir):
+    m = write_manifest(workdir / "m.jsonl", ROWS[:1])
+    result = run(workdir, str(m), "--resume", tiny=tiny_dir)
+    assert result.exit_code == EXIT_USAGE and "-o" in result.stderr
+
+
+def test_two_processes_merge_into_one_ordered_file(workdir, tiny_dir):
+    """torchrun starts two processes (as `accelerate launch` does on GPUs); they split the documents
+    and the merged file equals a single-process run."""
+    m = write_manifest(workdir / "m.jsonl", [*ROWS, {"id": "gone", "file": "gone.pdf", "question": "q?"}])
+    single = run(workdir, str(m), "-o", str(workdir / "single.jsonl"), tiny=tiny_dir)
+    assert single.exit_code == EXIT_PARTIAL
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29651",
+               "-m", "qzoom_cli", "run", str(m), "-o", str(workdir / "multi.jsonl"), "--model", str(tiny_dir),
+               "--device", "cpu", "--max-new-tokens", "3", "--max-visual-tokens", "48", "--min-visual-tokens", "16",
+               "--dpi", "72", "-q"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=workdir)
+    merged = records(workdir / "multi.jsonl")
+    assert [(r["id"], r["answer"], r["status"]) for r in merged] == \
+        [(r["id"], r["answer"], r["status"]) for r in records(workdir / "single.jsonl")], done.stderr[-2000:]
+    assert not list(workdir.glob("multi.jsonl.rank*"))
