@@ -347,6 +347,172 @@ def _batch_progress(show: bool, label: str):
         yield track, start
 
 
+def _modes(text: str) -> list[str]:
+    from .errors import UsageError
+    from .zoom.pipeline import MODES
+
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if not modes or unknown:
+        raise UsageError(f"modes are a comma list of {', '.join(MODES)}; got {text!r}")
+    return modes
+
+
+MetricOpt = Annotated[str, typer.Option("--metric", help="auto (per row: its metric, its dataset, 10 references "
+                                                         "-> vqa, else anls), anls, relaxed, vqa or exact.")]
+
+
+@app.command("eval")
+def evaluate_command(
+    manifest: Annotated[str, typer.Argument(help="Manifest whose rows carry reference answers (qzoom JSONL, "
+                                                 "DocVQA JSON or lmms-eval samples).")],
+    compare: Annotated[str, typer.Option(help="Zoom modes to run on the same rows, e.g. never,auto,always.")]
+    = "auto",
+    metric: MetricOpt = "auto",
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Write per-row scores (JSONL) here.")]
+    = None,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    revision: RevisionOpt = None,
+    gate_threshold: GateOpt = None,
+    roi_threshold: RoiOpt = None,
+    roi_max_visual_tokens: RoiTokensOpt = None,
+    dpi: DpiOpt = 200,
+    min_visual_tokens: MinTokensOpt = None,
+    max_visual_tokens: MaxTokensOpt = None,
+    max_new_tokens: MaxNewOpt = 64,
+    batch_size: BatchOpt = 1,
+    instruction: InstructionOpt = None,
+    root: RootOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "auto",
+    as_json: JsonFlag = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Score answers against the manifest's references, for each zoom mode in --compare."""
+    with _reporting_errors(verbose):
+        import json
+        from dataclasses import asdict
+
+        from .batch import RunOptions
+        from .bench import run_scored, warm_up
+        from .doctor import check_transformers
+        from .evaluate import METRICS
+        from .manifest import read_manifest
+
+        modes = _modes(compare)
+        if metric != "auto" and metric not in METRICS:
+            from .errors import UsageError
+
+            raise UsageError(f"unknown metric {metric!r}: use auto, {', '.join(METRICS)}")
+        rows = read_manifest(manifest, root)
+        check_transformers()
+        _configure_logging(verbose, quiet)
+        qz = _load(model, adapter, revision, device, dtype, attn)
+        summaries, per_mode = [], {}
+        for mode in modes:
+            options = RunOptions(zoom=_settings(mode, gate_threshold, roi_threshold, roi_max_visual_tokens),
+                                 budget=qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=mode),
+                                 dpi=dpi, max_new_tokens=max_new_tokens, instruction=instruction,
+                                 batch_size=batch_size, verbose=verbose)
+            if not summaries:
+                warm_up(qz, rows, options)
+            if not quiet:
+                print(f"qzoom: evaluating {len(rows)} rows with --zoom {mode}", file=sys.stderr)
+            summary, scored = run_scored(qz, rows, options, metric)
+            summaries.append(summary)
+            per_mode[mode] = scored
+        if output:
+            with open(output, "w", encoding="utf-8") as out:
+                for mode, scored in per_mode.items():
+                    for row in scored:
+                        out.write(json.dumps({"mode": mode, **asdict(row)}, ensure_ascii=False) + "\n")
+        if as_json:
+            _print_json({"model": asdict(qz.model_info()), "modes": [asdict(s) for s in summaries]})
+        else:
+            from .render import eval_table
+
+            Console(width=None if sys.stdout.isatty() else 140).print(eval_table(summaries))
+
+
+@app.command()
+def bench(
+    manifest: Annotated[str, typer.Argument(help="Rows to time (and score, when they carry references).")],
+    out: Annotated[str, typer.Option("--out", help="Folder for bench.json and pareto.png.")] = "qzoom-bench",
+    budgets: Annotated[str, typer.Option(help="Maximum visual tokens to sweep.")] = "256,576,1024,2048,4096",
+    modes: Annotated[str, typer.Option(help="Zoom modes to sweep (never is the baseline).")] = "never,auto",
+    limit: Annotated[int | None, typer.Option(help="Use only the first N rows.")] = None,
+    metric: MetricOpt = "auto",
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    revision: RevisionOpt = None,
+    gate_threshold: GateOpt = None,
+    roi_threshold: RoiOpt = None,
+    dpi: DpiOpt = 200,
+    max_new_tokens: MaxNewOpt = 64,
+    batch_size: BatchOpt = 1,
+    instruction: InstructionOpt = None,
+    root: RootOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Sweep visual-token budgets for each zoom mode on the same rows: a JSON report and a Pareto plot."""
+    with _reporting_errors(verbose):
+        import json
+        from pathlib import Path
+
+        import torch
+        import transformers
+
+        from .batch import RunOptions
+        from .bench import pareto_png, sweep
+        from .doctor import check_transformers
+        from .errors import UsageError
+        from .manifest import read_manifest
+
+        chosen_modes = _modes(modes)
+        try:
+            maxima = [int(b) for b in budgets.split(",") if b.strip()]
+        except ValueError:
+            raise UsageError(f"--budgets takes whole numbers like 256,576,1024; got {budgets!r}") from None
+        if not maxima or min(maxima) < 1:
+            raise UsageError("--budgets needs positive numbers")
+        rows = read_manifest(manifest, root)[:limit]
+        check_transformers()
+        _configure_logging(verbose, quiet)
+        qz = _load(model, adapter, revision, device, dtype, attn)
+        options = RunOptions(zoom=_settings("auto", gate_threshold, roi_threshold, None), dpi=dpi,
+                             max_new_tokens=max_new_tokens, instruction=instruction, batch_size=batch_size,
+                             verbose=verbose)
+
+        def report(point):
+            if not quiet:
+                s = point.summary
+                accuracy = f"accuracy {s.accuracy:.3f}, " if s.accuracy is not None else ""
+                print(f"qzoom: zoom {point.mode:<6} max {point.max_tokens:>5} tokens: {accuracy}"
+                      f"{s.samples_per_s:.3f} samples/s, {s.mean_visual_tokens:.0f} visual tokens, "
+                      f"zoom rate {s.zoom_rate:.0%}", file=sys.stderr)
+
+        points = sweep(qz, rows, chosen_modes, maxima, options, metric, on_point=report)
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        info = qz.model_info()
+        meta = {"model": info.id, "device": info.device, "dtype": info.dtype, "attn": info.attn,
+                "device_name": torch.cuda.get_device_name(qz.runtime.device) if qz.runtime.device.type == "cuda"
+                else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+                "rows": len(rows), "manifest": str(manifest), "warmup_rows": 1}
+        (folder / "bench.json").write_text(json.dumps({"meta": meta, "points": [p.to_dict() for p in points]},
+                                                      indent=2))
+        pareto_png(points, folder / "pareto.png", f"{info.id} on {meta['device_name']} ({info.dtype}, {info.attn})")
+        print(folder / "bench.json")
+        print(folder / "pareto.png")
+
+
 @app.command()
 def doctor(as_json: JsonFlag = False, verbose: Verbose = False) -> None:
     """Report versions, devices, flash-attention and the Hugging Face cache (offline mode included)."""

@@ -1,0 +1,170 @@
+"""Timed, scored runs of manifest rows: `qzoom eval --compare` and the `qzoom bench` budget sweep.
+
+Each run answers the rows under one zoom mode and one visual-token budget, timed by the wall
+clock with the device synchronised (the model is loaded and warmed up first), and scores the
+answers against the rows' references. The sweep draws the speed/accuracy trade-off the way the
+Q-Zoom paper does: samples per second across, accuracy up, one line per mode, a point per budget.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .api import QZoom
+from .batch import RunOptions, answer_rows
+from .budget import VisualBudget
+from .evaluate import ModeSummary, choose_metric, score, summarize
+from .manifest import ManifestRow, RowError
+from .results import Result
+from .runtime import synchronize
+from .zoom.pipeline import ZoomSettings
+
+DEFAULT_BUDGETS = (256, 576, 1024, 2048, 4096)
+
+
+@dataclass
+class ScoredRow:
+    id: str
+    metric: str | None
+    references: list[str]
+    answer: str | None
+    score: float | None
+    zoomed: bool
+    visual_tokens: int | None
+
+
+def sweep_budget(max_tokens: int) -> VisualBudget:
+    """The paper's sweep: at least 256 tokens, 128 when the maximum is 256 or less."""
+    return VisualBudget(min(128 if max_tokens <= 256 else 256, max_tokens), max_tokens)
+
+
+def warm_up(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOptions) -> None:
+    """Answer the first answerable row once, untimed: kernels, allocator and caches get ready."""
+    first = next((r for r in rows if isinstance(r, ManifestRow)), None)
+    if first is not None:
+        answer_rows(qz, [first], options, lambda index, result: None)
+
+
+def run_scored(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOptions,
+               metric: str = "auto") -> tuple[ModeSummary, list[ScoredRow]]:
+    """Answer every row under `options`, timed, and score the rows that have references."""
+    results: dict[int, Result] = {}
+    start = time.perf_counter()
+    answer_rows(qz, rows, options, lambda index, result: results.__setitem__(index, result))
+    synchronize(qz.runtime.device)
+    wall = time.perf_counter() - start
+    scored = []
+    for row in rows:
+        result = results[row.index]
+        references = getattr(row, "answers", [])
+        chosen = choose_metric(metric, row.metric, row.dataset, references) if references else None
+        scored.append(ScoredRow(
+            id=row.id, metric=chosen, references=references, answer=result.answer,
+            score=score(chosen, result.answer, references) if chosen else None, zoomed=result.zoom.zoomed,
+            visual_tokens=result.stats.visual_tokens if result.stats else None))
+    ordered = [results[row.index] for row in rows]
+    return summarize(options.zoom.mode, ordered, [s.score for s in scored], wall), scored
+
+
+@dataclass
+class BenchPoint:
+    mode: str
+    min_tokens: int
+    max_tokens: int
+    summary: ModeSummary
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "min_tokens": self.min_tokens, "max_tokens": self.max_tokens,
+                **asdict(self.summary)}
+
+
+def sweep(qz: QZoom, rows: list[ManifestRow | RowError], modes: list[str], budgets: list[int],
+          options: RunOptions, metric: str = "auto", on_point=lambda point: None) -> list[BenchPoint]:
+    """Every (mode, budget) pair over the same rows, after one warm-up."""
+    warm_up(qz, rows, options)
+    points = []
+    for mode in modes:
+        for max_tokens in budgets:
+            budget = sweep_budget(max_tokens)
+            run = RunOptions(**{**vars(options), "zoom": ZoomSettings(**{**vars(options.zoom), "mode": mode}),
+                                "budget": budget})
+            summary, _ = run_scored(qz, rows, run, metric)
+            points.append(BenchPoint(mode, budget.min_tokens, budget.max_tokens, summary))
+            on_point(points[-1])
+    return points
+
+
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+
+
+def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    span = (high - low) or 1.0
+    raw = span / count
+    magnitude = 10 ** int(f"{raw:e}".split("e")[1])
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = (low // step) * step
+    ticks, value = [], first
+    while value <= high + step * 1e-9:
+        if value >= low - step * 1e-9:
+            ticks.append(round(value, 10))
+        value += step
+    return ticks
+
+
+def pareto_png(points: list[BenchPoint], path: Path, title: str) -> Path:
+    """Samples/s across; accuracy up (mean visual tokens when no row has references)."""
+    has_accuracy = any(p.summary.accuracy is not None for p in points)
+    y_name = "accuracy" if has_accuracy else "mean visual tokens"
+
+    def y_of(point: BenchPoint) -> float:
+        return (point.summary.accuracy or 0.0) * 100 if has_accuracy else point.summary.mean_visual_tokens
+
+    width, height, left, right, top, bottom = 960, 620, 90, 40, 60, 80
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font, small = ImageFont.load_default(size=16), ImageFont.load_default(size=12)
+    xs = [p.summary.samples_per_s for p in points]
+    ys = [y_of(p) for p in points]
+    pad_x, pad_y = (max(xs) - min(xs)) * 0.08 or 0.1, (max(ys) - min(ys)) * 0.1 or 1.0
+    x0, x1, y0, y1 = max(0.0, min(xs) - pad_x), max(xs) + pad_x, min(ys) - pad_y, max(ys) + pad_y
+    if has_accuracy:
+        y0, y1 = max(0.0, y0), min(100.0, y1)
+        y1 = max(y1, y0 + 1.0)
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (width - left - right),
+                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline=(80, 80, 80))
+    for tick in _nice_ticks(x0, x1):
+        px, _ = to_px(tick, y0)
+        draw.line([px, height - bottom, px, height - bottom + 5], fill=(80, 80, 80))
+        draw.line([px, top, px, height - bottom], fill=(235, 235, 235))
+        draw.text((px, height - bottom + 8), f"{tick:g}", fill="black", font=small, anchor="mt")
+    for tick in _nice_ticks(y0, y1):
+        _, py = to_px(x0, tick)
+        draw.line([left - 5, py, left, py], fill=(80, 80, 80))
+        draw.line([left, py, width - right, py], fill=(235, 235, 235))
+        draw.text((left - 8, py), f"{tick:g}", fill="black", font=small, anchor="rm")
+    draw.text((width / 2, height - 30), "samples / s", fill="black", font=font, anchor="mm")
+    draw.text((20, top - 30), y_name + (" (%)" if has_accuracy else ""), fill="black", font=font)
+    draw.text((width / 2, 22), title, fill="black", font=font, anchor="mm")
+    modes = list(dict.fromkeys(p.mode for p in points))
+    for index, mode in enumerate(modes):
+        color = PALETTE[index % len(PALETTE)]
+        series = sorted((p for p in points if p.mode == mode), key=lambda p: p.max_tokens)
+        pixels = [to_px(p.summary.samples_per_s, y_of(p)) for p in series]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=color, width=3)
+        for point, (px, py) in zip(series, pixels, strict=True):
+            draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=color)
+            draw.text((px + 7, py - 7), str(point.max_tokens), fill=color, font=small, anchor="ld")
+        legend_y = top + 12 + 22 * index
+        draw.line([width - right - 170, legend_y, width - right - 140, legend_y], fill=color, width=3)
+        draw.text((width - right - 132, legend_y), f"zoom {mode}", fill="black", font=small, anchor="lm")
+    image.save(path)
+    return path

@@ -1,0 +1,143 @@
+"""Metrics against hand-computed values; `qzoom eval` and `qzoom bench` end to end on the tiny model."""
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from docmaker import make_pdf
+from qzoom_cli import cli
+from qzoom_cli.errors import EXIT_USAGE
+from qzoom_cli.evaluate import (
+    anls,
+    choose_metric,
+    exact_match,
+    percentile,
+    relaxed_accuracy,
+    to_number,
+    vqa_accuracy,
+    vqa_normalize,
+)
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("prediction,references,expected", [
+    ("INV-2024-0815", ["INV-2024-0815"], 1.0),
+    ("  inv-2024-0815 ", ["INV-2024-0815"], 1.0),              # case and spacing ignored
+    ("Jan 8 1993", ["1/8/93", "january 8, 1993"], 1 - 5 / 15),  # closest reference counts
+    ("INV-2024-0816", ["INV-2024-0815"], 1 - 1 / 13),
+    ("abc", ["abcdef"], 0.0),                                    # distance 0.5: at tau, scores 0
+    ("abcd", ["abcdef"], 1 - 2 / 6),                             # distance 1/3 < tau
+    ("", ["x"], 0.0),
+    ("", [""], 1.0),
+])
+def test_anls(prediction, references, expected):
+    assert anls(prediction, references) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("prediction,reference,expected", [
+    ("4.9", "5", 1.0), ("5.25", "5", 1.0), ("5.26", "5", 0.0), ("5.3", "5", 0.0),
+    ("45%", "0.46", 1.0), ("45%", "45", 0.0),                  # percentages are fractions, as in ChartQA
+    ("$1,050", "1000", 1.0), ("1,060", "1000", 0.0), ("12 kg", "12.5", 1.0), ("12.5 million", "12", 1.0),
+    ("-3.1", "-3", 1.0), ("yes", "Yes", 1.0), ("no", "yes", 0.0), ("0", "0", 1.0), ("0.01", "0", 0.0),
+    ("2019", "2019.", 1.0),
+])
+def test_relaxed_accuracy(prediction, reference, expected):
+    assert relaxed_accuracy(prediction, [reference]) == expected
+
+
+def test_to_number():
+    assert [to_number(t) for t in ("$1,234.5", "45 %", ".5", "1/8/93", "abc", "12 kg")] == [1234.5, 0.45, 0.5,
+                                                                                            None, None, 12.0]
+
+
+def test_vqa_accuracy_and_normalization():
+    assert vqa_normalize("The  two dogs, 1,000.") == "2 dogs 1000"
+    assert vqa_normalize("Hello-world (yes)") == "hello world yes" and vqa_normalize("dont") == "don't"
+    assert vqa_accuracy("two", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)   # leave-one-out: (3*2/3 + 7*1)/10
+    assert vqa_accuracy("2", ["2"] * 2 + ["3"] * 8) == pytest.approx(0.6)     # (2*1/3 + 8*2/3)/10
+    assert vqa_accuracy("3", ["3"] * 10) == 1.0 and vqa_accuracy("4", ["3"] * 10) == 0.0
+    assert vqa_accuracy("A cat", ["cat"]) == 1.0
+
+
+def test_exact_match_and_metric_choice():
+    assert exact_match("Paris.", ["paris"]) == 1.0 and exact_match("Paris, France", ["paris"]) == 0.0
+    assert choose_metric("exact", "anls", "chartqa", ["1"]) == "exact"
+    assert choose_metric("auto", "relaxed", None, ["1"]) == "relaxed"
+    assert choose_metric("auto", None, "ChartQA-test", ["1"]) == "relaxed"
+    assert choose_metric("auto", None, "docvqa_val", ["1"]) == "anls"
+    assert choose_metric("auto", None, "textvqa", ["1"]) == "vqa"
+    assert choose_metric("auto", None, None, ["1"] * 10) == "vqa"
+    assert choose_metric("auto", None, None, ["1"]) == "anls"
+    assert percentile([4, 1, 3, 2], 0.5) == 2.5 and percentile([1, 2, 3, 4, 5], 0.95) == pytest.approx(4.8)
+
+
+@pytest.fixture
+def manifest(tmp_path, qz):
+    """Rows whose references are the tiny model's own answers (so accuracy is 1) plus wrong ones."""
+    (tmp_path / "a.pdf").write_bytes(make_pdf(2))
+    questions = ["total?", "date?", "number?"]
+    results = qz.ask(tmp_path / "a.pdf", questions, zoom="never", max_new_tokens=3, dpi=72,
+                     budget=qz.resolve_budget(16, 48, "never"))
+    rows = [{"id": f"r{i}", "file": "a.pdf", "question": q, "answers": [r.answer], "metric": "exact"}
+            for i, (q, r) in enumerate(zip(questions, results))]
+    rows.append({"id": "wrong", "file": "a.pdf", "question": "total?", "answers": ["certainly not this"]})
+    rows.append({"id": "noref", "file": "a.pdf", "question": "what?"})
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def common(tiny_dir):
+    return ["--model", str(tiny_dir), "--device", "cpu", "--max-new-tokens", "3", "--dpi", "72", "--max-visual-tokens",
+            "48", "--min-visual-tokens", "16"]
+
+
+def test_eval_compare_end_to_end(manifest, tiny_dir, tmp_path):
+    result = runner.invoke(cli.app, ["eval", str(manifest), *common(tiny_dir), "--compare", "never,always", "--json",
+                                     "-o", str(tmp_path / "scores.jsonl")])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    never, always = summary["modes"]
+    assert (never["mode"], always["mode"]) == ("never", "always")
+    assert never["rows"] == 5 and never["scored"] == 4 and never["accuracy"] == pytest.approx(0.75)
+    assert never["zoom_rate"] == 0 and always["zoom_rate"] == 1.0
+    assert always["mean_visual_tokens"] > never["mean_visual_tokens"]
+    assert never["samples_per_s"] > 0 and never["p95_latency_s"] >= never["p50_latency_s"] > 0
+    scores = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    for mode in ("never", "always"):
+        mine = [s for s in scores if s["mode"] == mode and s["score"] is not None]
+        expected = summary["modes"][0 if mode == "never" else 1]["accuracy"]
+        assert sum(s["score"] for s in mine) / len(mine) == pytest.approx(expected)
+    assert next(s for s in scores if s["id"] == "wrong")["metric"] == "anls"
+    table = runner.invoke(cli.app, ["eval", str(manifest), *common(tiny_dir), "--compare", "never"])
+    assert table.exit_code == 0 and "75.0% (4)" in table.stdout
+
+
+def test_bench_end_to_end(manifest, tiny_dir, tmp_path):
+    out = tmp_path / "bench"
+    result = runner.invoke(cli.app, ["bench", str(manifest), "--model", str(tiny_dir), "--device", "cpu",
+                                     "--max-new-tokens", "2", "--dpi", "72", "--budgets", "32,64", "--modes",
+                                     "never,always", "--out", str(out), "--limit", "3"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "bench.json").read_text())
+    points = report["points"]
+    assert [(p["mode"], p["max_tokens"]) for p in points] == [("never", 32), ("never", 64), ("always", 32),
+                                                              ("always", 64)]
+    assert all(p["rows"] == 3 and p["samples_per_s"] > 0 and p["accuracy"] is not None for p in points)
+    assert all(p["mean_visual_tokens"] <= p["max_tokens"] for p in points if p["mode"] == "never")
+    assert report["meta"]["device"] == "cpu" and report["meta"]["warmup_rows"] == 1
+    with Image.open(out / "pareto.png") as plot:
+        assert plot.size == (960, 620)
+
+
+@pytest.mark.parametrize("args", [["--compare", "never,sometimes"], ["--metric", "bleu"]])
+def test_eval_usage_errors(manifest, tiny_dir, args):
+    assert runner.invoke(cli.app, ["eval", str(manifest), *common(tiny_dir), *args]).exit_code == EXIT_USAGE
+
+
+def test_bench_bad_budgets(manifest, tiny_dir):
+    result = runner.invoke(cli.app, ["bench", str(manifest), "--model", str(tiny_dir), "--budgets", "a,b"])
+    assert result.exit_code == EXIT_USAGE
