@@ -202,3 +202,24 @@ def test_two_processes_merge_into_one_ordered_file(workdir, tiny_dir):
     assert [(r["id"], r["answer"], r["status"]) for r in merged] == \
         [(r["id"], r["answer"], r["status"]) for r in records(workdir / "single.jsonl")], done.stderr[-2000:]
     assert not list(workdir.glob("multi.jsonl.rank*"))
+
+
+def test_gpus_relaunches_under_accelerate(workdir, tiny_dir, monkeypatch):
+    launched = []
+    monkeypatch.setattr("subprocess.call", lambda command: launched.append(command) or 0)
+    monkeypatch.setattr(sys, "argv", ["qzoom", "run", "m.jsonl", "-o", "out.jsonl", "--gpus", "0,2", "--zoom", "never"])
+    result = runner.invoke(cli.app, sys.argv[1:])
+    assert result.exit_code == 0
+    [command] = launched
+    assert command[1:] == ["-m", "accelerate.commands.launch", "--num_processes", "2", "--gpu_ids", "0,2", "-m",
+                           "qzoom_cli", "run", "m.jsonl", "-o", "out.jsonl", "--zoom", "never"]
+    bad = runner.invoke(cli.app, ["run", "m.jsonl", "--gpus", "first"])
+    assert bad.exit_code == EXIT_USAGE
+
+
+def test_progress_on_stderr(workdir, tiny_dir):
+    m = write_manifest(workdir / "m.jsonl", [*ROWS[:2], {"id": "gone", "file": "gone.pdf", "question": "q?"}])
+    result = run(workdir, str(m), "--progress", tiny=tiny_dir)
+    assert result.exit_code == EXIT_PARTIAL
+    assert "3/3" in result.stderr and "rows/s" in result.stderr and "failed 1" in result.stderr
+    assert len(result.stdout.splitlines()) == 3  # progress never reaches stdout
