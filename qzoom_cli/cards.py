@@ -26,6 +26,7 @@ class ModelCard:
     default: bool = False
     processor: str | None = None
     zoom: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
 
@@ -38,7 +39,8 @@ def cards_dir() -> Path:
 def _parse(path: Path) -> ModelCard:
     data = tomllib.loads(path.read_text())
     budget = data.pop("budget", {})
-    known = {k: data.pop(k) for k in ("id", "family", "patch_factor", "description", "default", "processor", "zoom") if k in data}
+    known = {k: data.pop(k) for k in ("id", "family", "patch_factor", "description", "default", "processor", "zoom",
+                                                   "training") if k in data}
     return ModelCard(min_visual_tokens=budget.get("min_visual_tokens", GENERIC_BUDGET[0]),
                      max_visual_tokens=budget.get("max_visual_tokens", GENERIC_BUDGET[1]), extra=data, **known)
 

@@ -513,6 +513,241 @@ def bench(
         print(folder / "pareto.png")
 
 
+train_app = typer.Typer(help="Train the zoom adapter on your own documents, without labels.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the training samples.")]
+LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate (3% warm-up, cosine decay).")]
+TrainBatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per micro-batch (per process).")]
+GradAccumOpt = Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimiser step.")]
+MaxSamplesOpt = Annotated[int | None, typer.Option("--max-samples", help="Use at most this many samples.")]
+SaveEveryOpt = Annotated[int, typer.Option("--save-every", help="Write a checkpoint every N optimiser steps "
+                                                                "(0: only the final adapter); a rerun resumes from "
+                                                                "the newest.")]
+CheckpointingOpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute branch activations "
+                                                                               "in the backward pass.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Shuffling and sampling seed.")]
+FreeAnswersOpt = Annotated[bool, typer.Option("--free-answers", help="Ask for free-form answers instead of a "
+                                                                     "single word or phrase.")]
+
+
+def _train_options(epochs, lr, batch_size, grad_accum, max_samples, save_every, gradient_checkpointing, seed):
+    from .errors import UsageError
+    from .training.loop import TrainOptions
+
+    if min(epochs, batch_size, grad_accum) < 1 or lr <= 0:
+        raise UsageError("--epochs, --batch-size and --grad-accum must be at least 1 and --lr positive")
+    return TrainOptions(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_samples=max_samples,
+                        save_every=save_every, gradient_checkpointing=gradient_checkpointing, seed=seed)
+
+
+@contextmanager
+def _training_progress(show: bool, stage: str, total: int):
+    """(on_item, on_step) callbacks: rows prepared (teacher / ladder pass), then optimiser steps."""
+    if not show:
+        yield (lambda *args: None), (lambda report: None)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  TextColumn("{task.fields[info]}"), console=err_console) as bar:
+        prepare = bar.add_task(stage, total=total, info="")
+        steps = bar.add_task("training", total=None, info="", visible=False)
+
+        def on_item(*args) -> None:
+            bar.advance(prepare)
+
+        def on_step(report) -> None:
+            bar.update(steps, visible=True, total=report.total_steps, completed=report.step,
+                       info=f"loss {report.loss:.4f}  {report.samples_per_s:.1f} samples/s  lr {report.lr:.2e}")
+
+        yield on_item, on_step
+
+
+def _finish_training(adapter_dir, report: dict, quiet: bool) -> None:
+    _print_json({"adapter": str(adapter_dir), **report})
+    if not quiet:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in (report.get("skipped") or {}).items()) or "none"
+        print(f"qzoom: adapter written to {adapter_dir} (skipped samples: {skipped})", file=sys.stderr)
+
+
+@train_app.command("rpn")
+def train_rpn_command(
+    manifest: Annotated[str, typer.Argument(help="Rows of {file, question, pages?}; answers are not needed.")],
+    out: Annotated[str, typer.Option("--out", help="Adapter folder to write (labels are cached inside).")],
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    branch_layer: Annotated[int | None, typer.Option(help="K: the region head reads base layer K's input "
+                                                          "[default: model card].")] = None,
+    depth: Annotated[int | None, typer.Option(help="T: region-head layers [default: model card].")] = None,
+    view_tokens: Annotated[int, typer.Option(help="Visual tokens of the square teacher/student view (a square "
+                                                  "number).")] = 576,
+    free_answers: FreeAnswersOpt = False,
+    sink_threshold: Annotated[float, typer.Option(help="Sink-head attention marking a sink cell.")] = 1e-2,
+    fg_ratio: Annotated[float, typer.Option(help="Foreground: attention above this share of the peak.")] = 0.25,
+    bg_ratio: Annotated[float, typer.Option(help="Background: outside the box and below this share.")] = 0.05,
+    max_area: Annotated[float, typer.Option(help="Skip samples whose box covers this share of the view.")] = 0.5,
+    peak_floor: Annotated[float, typer.Option(help="Skip samples whose attention peak is below this.")] = 5e-3,
+    epochs: EpochsOpt = 1,
+    lr: LrOpt = 1e-4,
+    batch_size: TrainBatchOpt = 4,
+    grad_accum: GradAccumOpt = 1,
+    max_samples: MaxSamplesOpt = None,
+    save_every: SaveEveryOpt = 0,
+    gradient_checkpointing: CheckpointingOpt = False,
+    seed: SeedOpt = 0,
+    dpi: DpiOpt = 200,
+    root: RootOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Stage 1 (SD-RPN): distil where the model looks while answering into the region head."""
+    with _reporting_errors(verbose):
+        import math
+        from pathlib import Path
+
+        from .doctor import check_transformers
+        from .errors import UsageError
+        from .manifest import read_manifest
+        from .training.data import expand_samples
+        from .training.pseudo_labels import LabelSettings
+        from .training.rpn import RpnSettings, train_rpn
+        from .training.teacher import HeadTable, fallback_heads
+
+        side = math.isqrt(view_tokens)
+        if side * side != view_tokens or side < 2:
+            raise UsageError(f"--view-tokens must be a square number like 576 (24 x 24), got {view_tokens}")
+        options = _train_options(epochs, lr, batch_size, grad_accum, max_samples, save_every,
+                                 gradient_checkpointing, seed)
+        rows = read_manifest(manifest, root)
+        check_transformers()
+        _configure_logging(verbose, quiet)
+        qz = _load(model, None, revision, device, dtype, attn)
+        k = branch_layer or qz.engine.branch_layer
+        t = depth or qz.engine.depth
+        card_heads = (qz.card.training.get("heads") if qz.card else None) or None
+        heads = HeadTable.from_dict(card_heads) if card_heads else \
+            fallback_heads(k, qz.backbone.text_config.num_attention_heads)
+        samples = expand_samples(rows, max_samples, dpi)
+        settings = RpnSettings(branch_layer=k, depth=t, heads=heads, view_side=side, free_answers=free_answers,
+                               labels=LabelSettings(sink_threshold, fg_ratio, bg_ratio, max_area, peak_floor), dpi=dpi)
+        show = not quiet and err_console.is_terminal
+        with _training_progress(show, "teacher labels", len(samples.samples)) as (on_item, on_step):
+            _, report = train_rpn(qz.backbone, samples, settings, options, Path(out), on_item, on_step)
+        _finish_training(out, report, quiet)
+
+
+@train_app.command("gate")
+def train_gate_command(
+    manifest: Annotated[str, typer.Argument(help="Rows of {file, question, pages?, answers?}; reference answers "
+                                                 "are used when present.")],
+    adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter folder from `train rpn`; the gate is "
+                                                                  "added to it.")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Where to write the adapter [default: --adapter].")] = None,
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    ladder: Annotated[str, typer.Option(help="Visual-token budgets the model answers at, ascending.")]
+    = "64,144,256,400,576,768,1024",
+    gate_threshold: Annotated[float, typer.Option(help="Threshold stored in the adapter for `ask`.")] = 0.05,
+    free_answers: FreeAnswersOpt = False,
+    epochs: EpochsOpt = 1,
+    lr: LrOpt = 1e-4,
+    batch_size: TrainBatchOpt = 4,
+    grad_accum: GradAccumOpt = 1,
+    max_samples: MaxSamplesOpt = None,
+    save_every: SaveEveryOpt = 0,
+    gradient_checkpointing: CheckpointingOpt = False,
+    seed: SeedOpt = 42,
+    dpi: DpiOpt = 200,
+    root: RootOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Stage 3: teach the gate when the coarse view is not enough (answers at a ladder of resolutions)."""
+    with _reporting_errors(verbose):
+        from pathlib import Path
+
+        from .doctor import check_transformers
+        from .errors import UsageError
+        from .manifest import read_manifest
+        from .training.data import expand_samples
+        from .training.gate import GateSettings, train_gate
+
+        try:
+            rungs = tuple(int(x) for x in ladder.split(",") if x.strip())
+        except ValueError:
+            raise UsageError(f"--ladder takes whole numbers like 64,256,1024; got {ladder!r}") from None
+        if len(rungs) < 3 or list(rungs) != sorted(set(rungs)) or rungs[0] < 1:
+            raise UsageError("--ladder needs at least three increasing budgets")
+        if adapter is None and out is None:
+            raise UsageError("give --adapter (from `qzoom train rpn`) or --out for a gate-only adapter")
+        options = _train_options(epochs, lr, batch_size, grad_accum, max_samples, save_every,
+                                 gradient_checkpointing, seed)
+        rows = read_manifest(manifest, root)
+        check_transformers()
+        _configure_logging(verbose, quiet)
+        qz = _load(model, adapter, revision, device, dtype, attn)
+        samples = expand_samples(rows, max_samples, dpi)
+        settings = GateSettings(ladder=rungs, free_answers=free_answers, dpi=dpi, seed=seed,
+                                gate_threshold=gate_threshold)
+        target = Path(out or adapter)
+        show = not quiet and err_console.is_terminal
+        with _training_progress(show, "answer ladders", len(samples.samples)) as (on_item, on_step):
+            _, report = train_gate(qz.backbone, qz.adapter, samples, settings, options, target,
+                                   qz.engine.branch_layer, qz.engine.depth, on_item, on_step)
+        _finish_training(target, report, quiet)
+
+
+@train_app.command("questions")
+def train_questions_command(
+    folder: Annotated[str, typer.Argument(help="Folder of documents (searched recursively).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Manifest to write.")] = "questions.jsonl",
+    per_page: Annotated[int, typer.Option(help="Questions asked for per page.")] = 5,
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    dpi: DpiOpt = 200,
+    max_visual_tokens: MaxTokensOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Have the model write questions about details of every page, as a manifest for `train rpn`."""
+    with _reporting_errors(verbose):
+        from pathlib import Path
+
+        from .doctor import check_transformers
+        from .errors import UsageError
+        from .training.questions import documents, write_questions
+
+        if not Path(folder).is_dir():
+            raise UsageError(f"{folder} is not a folder")
+        if not any(True for _ in documents(Path(folder))):
+            raise UsageError(f"no PDF or image under {folder}")
+        check_transformers()
+        _configure_logging(verbose, quiet)
+        qz = _load(model, None, revision, device, dtype, attn)
+        budget = qz.resolve_budget(None, max_visual_tokens, zoom_mode="never")
+
+        def on_page(path, page, count):
+            if not quiet:
+                print(f"qzoom: {path} page {page}: {count} questions", file=sys.stderr)
+
+        rows, skipped = write_questions(qz, Path(folder), Path(output), per_page, dpi, budget, on_page=on_page)
+        for path, reason in skipped.items():
+            _warn(f"skipped {path}: {reason}", quiet)
+        print(output)
+        if not quiet:
+            print(f"qzoom: {rows} questions written", file=sys.stderr)
+
+
 @app.command()
 def doctor(as_json: JsonFlag = False, verbose: Verbose = False) -> None:
     """Report versions, devices, flash-attention and the Hugging Face cache (offline mode included)."""

@@ -14,8 +14,13 @@ from torch import nn
 from ..backbones import Backbone
 
 
-@torch.inference_mode()
+def gate_logits(backbone: Backbone, layers: Sequence[nn.Module], head: nn.Linear, hidden: torch.Tensor,
+                positions: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[batch] gate logits at each sample's last token."""
+    hidden = backbone.run_modules(layers, hidden, positions, attention_mask)
+    return head(hidden[:, -1]).float()[:, 0]
+
+
 def gate_probabilities(backbone: Backbone, layers: Sequence[nn.Module], head: nn.Linear, hidden: torch.Tensor,
                        positions: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[float]:
-    hidden = backbone.run_modules(layers, hidden, positions, attention_mask)
-    return torch.sigmoid(head(hidden[:, -1]).float())[:, 0].tolist()
+    return torch.sigmoid(gate_logits(backbone, layers, head, hidden, positions, attention_mask)).tolist()

@@ -142,6 +142,7 @@ class ZoomEngine:
     def answer(self, page: PageView, text: str, settings: ZoomSettings, max_new_tokens: int) -> PageAnswer:
         return self.answer_batch([(page, text)], settings, max_new_tokens)[0]
 
+    @torch.inference_mode()
     def answer_batch(self, items: list[tuple[PageView, str]], settings: ZoomSettings,
                      max_new_tokens: int) -> list[PageAnswer]:
         """Answer each (page, prompt text); equal to answering them one by one."""

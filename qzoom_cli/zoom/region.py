@@ -16,7 +16,6 @@ from torch import nn
 from ..backbones import Backbone, ImageBlock
 
 
-@torch.inference_mode()
 def region_logits(backbone: Backbone, layers: Sequence[nn.Module], hidden: torch.Tensor, positions: torch.Tensor,
                   blocks: list[ImageBlock], attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     """[rows, cols] logits of each sample's image block, queried by its last token."""

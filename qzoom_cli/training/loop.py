@@ -1,0 +1,165 @@
+"""What both trainers share: options, the optimiser and schedule, accumulation, checkpoints.
+
+Optimiser and schedule follow the reference scripts: AdamW (betas 0.9/0.999, eps 1e-8, no
+weight decay), peak learning rate with 3% linear warm-up then cosine decay to 0, gradients
+clipped at norm 1. Runs under `accelerate` so `accelerate launch` trains on several GPUs
+(data parallel: each process takes every world-size-th batch, gradients are averaged).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 1
+    lr: float = 1e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_samples: int | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int = 0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
+@dataclass
+class StepReport:
+    step: int
+    total_steps: int
+    loss: float
+    samples_per_s: float
+    lr: float
+
+
+def enable_gradient_checkpointing(layers: nn.ModuleList) -> None:
+    """Recompute each branch layer in the backward pass instead of keeping its activations."""
+    for layer in layers:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    warmup = max(1, math.ceil(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def batches(items: list, batch_size: int, epoch: int, seed: int) -> Iterator[list]:
+    order = list(range(len(items)))
+    random.Random(seed + epoch).shuffle(order)
+    for start in range(0, len(order), batch_size):
+        yield [items[i] for i in order[start:start + batch_size]]
+
+
+class Trainer:
+    """Optimises `module` with `loss_fn(batch) -> loss` over epochs of shuffled batches."""
+
+    def __init__(self, module: nn.Module, options: TrainOptions, out_dir: Path,
+                 save_adapter: Callable[[Path], None], base_dtype: torch.dtype = torch.float32):
+        """Trainable weights are kept in float32; with a bf16/fp16 base on a GPU the forward runs
+        under autocast in that precision."""
+        from accelerate import Accelerator
+
+        self.options = options
+        self.out_dir = out_dir
+        self.save_adapter = save_adapter
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(base_dtype, "no")
+        self.accelerator = Accelerator(gradient_accumulation_steps=options.grad_accum,
+                                       mixed_precision=precision if torch.cuda.is_available() else "no")
+        module.float()
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=options.lr, betas=(0.9, 0.999), eps=1e-8,
+                                           weight_decay=options.weight_decay)
+        self.module, self.optimizer = self.accelerator.prepare(module, self.optimizer)
+        self.step = 0
+        self.losses: list[float] = []
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def train(self, items: list, loss_fn: Callable[[nn.Module, list, int], torch.Tensor],
+              on_step: Callable[[StepReport], None] = lambda report: None) -> list[float]:
+        """`loss_fn(module, batch, epoch)`; returns the loss of every optimiser step (averaged over
+        its micro-batches)."""
+        options, accelerator = self.options, self.accelerator
+        world, rank = accelerator.num_processes, accelerator.process_index
+        per_epoch = math.ceil(len(items) / options.batch_size / world)
+        total = max(1, math.ceil(per_epoch * options.epochs / options.grad_accum))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(total, options.warmup_ratio))
+        start_step = self._resume(scheduler)
+        micro, window, seen, clock = 0, [], 0, time.perf_counter()
+        self.module.train()
+        for epoch in range(options.epochs):
+            for index, batch in enumerate(batches(items, options.batch_size, epoch, options.seed)):
+                if index % world != rank:
+                    continue
+                micro += 1
+                if micro <= start_step * options.grad_accum:
+                    continue  # already done before the checkpoint we resumed from
+                with accelerator.accumulate(self.module):
+                    loss = loss_fn(self.module, batch, epoch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(self.module.parameters(), options.max_grad_norm)
+                    self.optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    self.optimizer.zero_grad()
+                window.append(float(loss.detach()))
+                seen += len(batch)
+                if accelerator.sync_gradients:
+                    self.step += 1
+                    self.losses.append(sum(window) / len(window))
+                    window = []
+                    elapsed = time.perf_counter() - clock
+                    on_step(StepReport(self.step, total, self.losses[-1], seen * world / elapsed if elapsed else 0.0,
+                                       scheduler.get_last_lr()[0]))
+                    if options.save_every and self.step % options.save_every == 0:
+                        self._checkpoint(scheduler)
+        self.module.eval()
+        return self.losses
+
+    def _checkpoint(self, scheduler) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            folder = self.out_dir / f"checkpoint-{self.step}"
+            self.save_adapter(folder)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "step": self.step, "losses": self.losses}, folder / "trainer_state.pt")
+            (self.out_dir / "latest_checkpoint").write_text(folder.name)
+
+    def _resume(self, scheduler) -> int:
+        """Continue from the newest checkpoint in the output folder, if there is one."""
+        marker = self.out_dir / "latest_checkpoint"
+        if not marker.exists():
+            return 0
+        state = torch.load(self.out_dir / marker.read_text().strip() / "trainer_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        self.step, self.losses = state["step"], list(state["losses"])
+        return self.step
+
+
+def options_dict(options: TrainOptions) -> dict:
+    return json.loads(json.dumps(asdict(options)))

@@ -1,0 +1,65 @@
+"""Questions about a collection's details, written by the model itself, for users without any.
+
+Each page of each document under a folder is shown to the model with a request for short
+questions about specific details on it; the lines it writes become manifest rows
+`{id, file, pages, question}` (paths relative to the manifest), ready for `qzoom train rpn`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from ..api import QZoom
+from ..budget import VisualBudget
+from ..documents import open_document
+from ..errors import QZoomError
+
+DOCUMENT_SUFFIXES = {".pdf", ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+REQUEST = ("Write {count} different short questions that can each be answered from one specific detail on this "
+           "page (a number, a name, a date, a label). Write one question per line and nothing else.")
+_NUMBERING = re.compile(r"^\s*(?:[-*•]|\(?\d+[.)]|q\d+[.:)])\s*", re.IGNORECASE)
+
+
+def parse_questions(text: str, limit: int) -> list[str]:
+    """Question lines of the model's output: numbering and bullets removed, duplicates dropped."""
+    questions: list[str] = []
+    for line in text.splitlines():
+        question = _NUMBERING.sub("", line).strip().strip('"')
+        if len(question) >= 8 and any(c.isalpha() for c in question) and question not in questions:
+            questions.append(question)
+    return questions[:limit]
+
+
+def documents(folder: Path) -> Iterator[Path]:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix.lower() in DOCUMENT_SUFFIXES:
+            yield path
+
+
+def write_questions(qz: QZoom, folder: Path, manifest: Path, per_page: int = 5, dpi: int = 200,
+                    budget: VisualBudget | None = None, max_new_tokens: int = 160,
+                    on_page: Callable[[Path, int, int], None] = lambda path, page, count: None) -> tuple[int, dict]:
+    """Write the manifest; returns (rows written, {skipped document: reason})."""
+    rows, skipped = 0, {}
+    base = manifest.parent.resolve()
+    with open(manifest, "w", encoding="utf-8") as out:
+        for path in documents(folder):
+            try:
+                with open_document(path, dpi=dpi) as doc:
+                    for page in range(1, doc.page_count + 1):
+                        [result] = qz.ask(doc, REQUEST.format(count=per_page), pages=str(page), instruction="",
+                                          zoom="never", budget=budget, max_new_tokens=max_new_tokens)
+                        questions = parse_questions(result.answer or "", per_page)
+                        resolved = path.resolve()
+                        relative = resolved.relative_to(base) if resolved.is_relative_to(base) else resolved
+                        for i, question in enumerate(questions, start=1):
+                            out.write(json.dumps({"id": f"{path.stem}-p{page}-q{i}", "file": str(relative),
+                                                  "pages": str(page), "question": question}) + "\n")
+                            rows += 1
+                        on_page(path, page, len(questions))
+            except QZoomError as exc:
+                skipped[str(path)] = exc.message
+    return rows, skipped

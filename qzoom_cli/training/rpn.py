@@ -1,0 +1,236 @@
+"""Stage 1, SD-RPN self-distillation: teach the region head where the model looks when it answers.
+
+1. Teacher: for each (page, question), the frozen model answers on the square view and its
+   grounding/sink attention maps are turned into tri-state labels (`pseudo_labels.py`); maps,
+   labels and the reason a sample was skipped are cached on disk, one file per sample, so the
+   pass resumes where it stopped.
+2. Student: the twig layers start as copies of base layers K..K+T-1 and score every image cell
+   from the last prompt token (`zoom/region.py`); selective BCE on the valid cells, pooled over
+   the batch. Base layers 0..K-1 run without gradients, nothing above the branch runs at all.
+
+Reported quality: the ROC AUC of the student's cell scores at separating the teacher's
+foreground from background cells, on held-out samples, before and after training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..api import SHORT_ANSWER_INSTRUCTION
+from ..backbones import Backbone, ImageBlock
+from ..documents import Document, open_document
+from ..padding import Segment, pad_segments
+from ..zoom.adapter import AdapterConfig, ZoomAdapter
+from ..zoom.region import region_logits
+from .data import ArtefactStore, SampleSet, Shard, TrainSample
+from .loop import StepReport, Trainer, TrainOptions, enable_gradient_checkpointing, options_dict
+from .pseudo_labels import IGNORE, LabelSettings, padding_cells, pseudo_labels
+from .teacher import HeadTable, square_view, teacher_maps
+
+
+@dataclass
+class RpnSettings:
+    branch_layer: int
+    depth: int
+    heads: HeadTable
+    view_side: int = 24
+    free_answers: bool = False
+    teacher_max_new_tokens: int = 128
+    labels: LabelSettings = field(default_factory=LabelSettings)
+    held_out: float = 0.1
+    dpi: int = 200
+
+
+def prompt_text(question: str, free_answers: bool) -> str:
+    """Teacher and student read the question as inference will (short-answer instruction included)."""
+    return question if free_answers else f"{question}\n{SHORT_ANSWER_INSTRUCTION}"
+
+
+class _Pages:
+    """Renders pages of the most recently used document (samples come grouped by document)."""
+
+    def __init__(self, dpi: int):
+        self.dpi, self.doc, self.password = dpi, None, None
+
+    def render(self, sample: TrainSample):
+        if self.doc is None or (self.doc.source, self.password) != (sample.file, sample.password):
+            self.close()
+            self.doc: Document = open_document(sample.file, password=sample.password, dpi=self.dpi)
+            self.password = sample.password
+        return self.doc.render(sample.page)
+
+    def close(self) -> None:
+        if self.doc is not None:
+            self.doc.close()
+            self.doc = None
+
+
+def make_labels(backbone: Backbone, samples: SampleSet, settings: RpnSettings, store: ArtefactStore,
+                on_sample: Callable[[TrainSample, str | None], None] = lambda sample, skipped: None,
+                shard: Shard = Shard()) -> list[TrainSample]:
+    """Teacher maps and labels for every sample not yet in `store` (this process's share of them);
+    returns the usable samples."""
+    pages, usable = _Pages(settings.dpi), []
+    try:
+        for index, sample in enumerate(samples.samples):
+            if shard.owns(index) and sample.key not in store:
+                image = pages.render(sample)
+                view = square_view(image, backbone.patch_factor, settings.view_side)
+                maps = teacher_maps(backbone, view, prompt_text(sample.question, settings.free_answers),
+                                    settings.heads, settings.teacher_max_new_tokens)
+                meta = {"id": sample.id, "question": sample.question, "page": sample.page,
+                        "answer": backbone.decode_text(maps.answer_ids), "steps": maps.steps}
+                if maps.grounding is None:
+                    store.save(sample.key, {"none": torch.zeros(1)}, {**meta, "skipped": "answer too short for a map"})
+                else:
+                    padding = padding_cells(settings.view_side, *image.size)
+                    labels = pseudo_labels(maps.grounding, maps.sink, padding, settings.labels)
+                    store.save(sample.key, {"grounding": maps.grounding, "sink": maps.sink, "padding": padding,
+                                            "labels": labels.labels}, {**meta, "skipped": labels.skipped})
+        shard.barrier()
+        for sample in samples.samples:
+            _, meta = store.load(sample.key)
+            if meta["skipped"]:
+                samples.skip(meta["skipped"])
+            else:
+                usable.append(sample)
+            on_sample(sample, meta["skipped"])
+    finally:
+        pages.close()
+    return usable
+
+
+class RegionStudent(nn.Module):
+    """The twig layers as one trainable module (what data parallelism wraps); the frozen backbone
+    is held outside the module tree."""
+
+    def __init__(self, adapter: ZoomAdapter, backbone: Backbone):
+        super().__init__()
+        self.twig_layers = adapter.twig_layers
+        self.__dict__["backbone"] = backbone
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, mask, blocks: list[ImageBlock]):
+        return region_logits(self.backbone, list(self.twig_layers), hidden, positions, blocks, mask)
+
+
+@torch.no_grad()
+def branch_inputs(backbone: Backbone, views: list, texts: list[str], branch_layer: int):
+    """Layer-K hidden states of a padded batch of (square view, prompt text), and where the images are."""
+    segments, blocks = [], []
+    for view, text in zip(views, texts, strict=True):
+        side = view.width // backbone.patch_factor
+        prompt = backbone.build_prompt(text, [(side, side)])
+        embeds = backbone.embed_prompt(prompt, [backbone.encode_image(view)])
+        segments.append([Segment(embeds, backbone.position_ids(prompt))])
+        blocks.append(prompt.images[0])
+    batch = pad_segments(segments)
+    mask = batch.mask_or_none()
+    hidden = backbone.run_layers(batch.embeds, batch.positions, None, 0, branch_layer, mask)
+    shifted = [ImageBlock(batch.index(i, 0, b.start), b.rows, b.cols) for i, b in enumerate(blocks)]
+    return hidden, batch.positions, mask, shifted
+
+
+def selective_bce(logits: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+    """BCE with logits over the valid cells of all samples pooled; 0 (with a graph) if none is valid."""
+    flat_logits = torch.cat([l.flatten() for l in logits])
+    flat_labels = torch.cat([l.flatten() for l in labels]).to(flat_logits.device)
+    valid = flat_labels != IGNORE
+    if not bool(valid.any()):
+        return flat_logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(flat_logits[valid], flat_labels[valid].float())
+
+
+def label_auc(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Probability that a random foreground cell outscores a random background cell (ties count half)."""
+    scores, target = logits.flatten().float().cpu(), labels.flatten().cpu()
+    positive, negative = scores[target == 1], scores[target == 0]
+    if positive.numel() == 0 or negative.numel() == 0:
+        return None
+    wins = (positive[:, None] > negative[None, :]).float() + 0.5 * (positive[:, None] == negative[None, :]).float()
+    return float(wins.mean())
+
+
+class RpnData:
+    """Renders views and loads labels for batches of samples."""
+
+    def __init__(self, backbone: Backbone, store: ArtefactStore, settings: RpnSettings):
+        self.backbone, self.store, self.settings = backbone, store, settings
+        self.pages = _Pages(settings.dpi)
+
+    def batch(self, samples: list[TrainSample]):
+        views = [square_view(self.pages.render(s), self.backbone.patch_factor, self.settings.view_side)
+                 for s in samples]
+        texts = [prompt_text(s.question, self.settings.free_answers) for s in samples]
+        labels = [self.store.load(s.key)[0]["labels"] for s in samples]
+        return branch_inputs(self.backbone, views, texts, self.settings.branch_layer), labels
+
+
+def mean_auc(student: RegionStudent, data: RpnData, samples: list[TrainSample]) -> float | None:
+    scores = []
+    with torch.no_grad():
+        for sample in samples:
+            (hidden, positions, mask, blocks), [labels] = data.batch([sample])
+            [logits] = student(hidden, positions, mask, blocks)
+            auc = label_auc(logits, labels)
+            if auc is not None:
+                scores.append(auc)
+    return sum(scores) / len(scores) if scores else None
+
+
+def train_rpn(backbone: Backbone, samples: SampleSet, settings: RpnSettings, options: TrainOptions, out_dir: Path,
+              on_label: Callable = lambda sample, skipped: None,
+              on_step: Callable[[StepReport], None] = lambda report: None) -> tuple[ZoomAdapter, dict]:
+    """Labels (cached under out_dir/labels), then the student; writes the adapter to out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = ArtefactStore(out_dir / "labels")
+    usable = make_labels(backbone, samples, settings, store, on_label, Shard.current())
+    if not usable:
+        from ..errors import UsageError
+
+        raise UsageError(f"no usable training sample (skipped: {samples.skipped})")
+    held = usable[:max(1, int(len(usable) * settings.held_out))] if len(usable) > 1 else []
+    train = usable[len(held):] or usable
+    config = AdapterConfig(branch_layer=settings.branch_layer, depth=settings.depth, region_head=True, gate=False,
+                           family=backbone.family, hidden_size=backbone.hidden_size, base_model=backbone.model_id,
+                           base_revision=backbone.revision)
+    adapter = _start_adapter(config, backbone, out_dir)
+    for p in backbone.model.parameters():
+        p.requires_grad_(False)
+    if options.gradient_checkpointing:
+        enable_gradient_checkpointing(adapter.twig_layers)
+    student = RegionStudent(adapter, backbone)
+    data = RpnData(backbone, store, settings)
+    auc_before = mean_auc(student, data, held)
+
+    def loss_fn(module, batch, epoch):
+        (hidden, positions, mask, blocks), labels = data.batch(batch)
+        return selective_bce(module(hidden, positions, mask, blocks), labels)
+
+    trainer = Trainer(student, options, out_dir, adapter.save_pretrained, backbone.dtype)
+    losses = trainer.train(train, loss_fn, on_step)
+    auc_after = mean_auc(student, data, held)
+    data.pages.close()
+    report = {"stage": "rpn", "samples": len(samples.samples), "usable": len(usable), "trained_on": len(train),
+              "held_out": len(held), "skipped": samples.skipped, "steps": len(losses),
+              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+              "held_out_auc_before": auc_before, "held_out_auc_after": auc_after}
+    adapter.config.training = {"rpn": {**report, "data_fingerprint": samples.fingerprint(),
+                                       "heads": settings.heads.to_dict(), "view_tokens": settings.view_side ** 2,
+                                       "labels": vars(settings.labels), "options": options_dict(options)}}
+    if trainer.is_main:
+        adapter.save_pretrained(out_dir)
+    return adapter, report
+
+
+def _start_adapter(config: AdapterConfig, backbone: Backbone, out_dir: Path) -> ZoomAdapter:
+    """Fresh copies of base layers K..K+T-1, or the newest checkpoint's weights when resuming."""
+    marker = out_dir / "latest_checkpoint"
+    if marker.exists():
+        return ZoomAdapter.from_pretrained(out_dir / marker.read_text().strip(), backbone)
+    return ZoomAdapter.initialized_from_base(config, backbone)

@@ -1,0 +1,126 @@
+"""The teacher pass of SD-RPN self-distillation: where does the frozen model look while it answers?
+
+The base model answers the question on a fixed square view of the page (padded with grey to a
+square, then resized to side x side tokens: 24 x 24 = 576 by default). Its attention from each
+answer token fed back during decoding (the second to the last but one generated token; the
+prefill row is not used) to the image cells is averaged over those steps and over the chosen
+(layer, head) pairs: once for the grounding heads, once for the sink heads.
+
+Only the needed layers are looked at, and without switching the model to eager attention: after
+decoding, one forward pass over prompt + answer runs up to the deepest needed layer, and at each
+needed layer the queries and keys of the chosen heads give softmax(q.k / sqrt(d)) over the causal
+prefix, which is exactly the attention that layer computed while decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from ..backbones import Backbone
+from ..decode import greedy_decode, prefill
+
+SQUARE_FILL = (127, 127, 127)
+
+
+@dataclass
+class HeadTable:
+    """(layer -> heads) whose attention makes the grounding map and the sink map."""
+
+    grounding: dict[int, list[int]]
+    sink: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(set(self.grounding) | set(self.sink))
+
+    def to_dict(self) -> dict:
+        return {"grounding": {str(k): v for k, v in self.grounding.items()},
+                "sink": {str(k): v for k, v in self.sink.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HeadTable:
+        return cls({int(k): list(v) for k, v in data.get("grounding", {}).items()},
+                   {int(k): list(v) for k, v in data.get("sink", {}).items()})
+
+
+def fallback_heads(branch_layer: int, num_heads: int) -> HeadTable:
+    """For models without a published table: every head of the two layers just below the branch
+    point (where the region head will read), and no sink heads."""
+    layers = [max(0, branch_layer - 2), branch_layer - 1]
+    return HeadTable({layer: list(range(num_heads)) for layer in dict.fromkeys(layers)})
+
+
+def square_view(image: Image.Image, factor: int, side: int) -> Image.Image:
+    """The image centred on a grey square, resized to side x side tokens of `factor` pixels."""
+    width, height = image.size
+    square = max(width, height)
+    canvas = Image.new("RGB", (square, square), SQUARE_FILL)
+    canvas.paste(image.convert("RGB"), ((square - width) // 2, (square - height) // 2))
+    return canvas.resize((side * factor, side * factor), Image.Resampling.BICUBIC)
+
+
+@dataclass
+class TeacherMaps:
+    answer_ids: list[int]
+    grounding: torch.Tensor | None   # [side, side] float32, None when the answer was too short
+    sink: torch.Tensor | None
+    steps: int
+
+
+@torch.inference_mode()
+def attention_to_image(backbone: Backbone, embeds: torch.Tensor, positions: torch.Tensor, rows: range,
+                       image: slice, heads: dict[int, list[int]]) -> dict[tuple[int, int], torch.Tensor]:
+    """Softmax attention of the query positions `rows` to the `image` key positions, for each
+    (layer, head) asked for: {(layer, head): [len(rows), image tokens]} in float32."""
+    wanted: dict[tuple[int, int], torch.Tensor] = {}
+    if not heads:
+        return wanted
+    hidden = embeds
+    causal = torch.arange(embeds.shape[1], device=embeds.device)
+    for layer_index in range(max(heads) + 1):
+        if layer_index in heads:
+            queries, keys = backbone.query_key(backbone.decoder_layers[layer_index], hidden, positions)
+            q = queries[0, heads[layer_index]][:, rows.start:rows.stop].float()       # [h, r, d]
+            k = keys[0, heads[layer_index]].float()                                  # [h, s, d]
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            future = causal[None, :] > causal[rows.start:rows.stop, None]
+            probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+            for i, head in enumerate(heads[layer_index]):
+                wanted[(layer_index, head)] = probs[i, :, image]
+        hidden = backbone.run_layers(hidden, positions, None, layer_index, layer_index + 1)
+    return wanted
+
+
+@torch.inference_mode()
+def teacher_maps(backbone: Backbone, view: Image.Image, text: str, heads: HeadTable,
+                 max_new_tokens: int = 128) -> TeacherMaps:
+    """Answer `text` about the square `view` and average the chosen heads' attention to it."""
+    side = view.width // backbone.patch_factor
+    prompt = backbone.build_prompt(text, [(side, side)])
+    embeds = backbone.embed_prompt(prompt, [backbone.encode_image(view)])
+    positions = backbone.position_ids(prompt)
+    cache = backbone.new_cache()
+    generation = greedy_decode(backbone, prefill(backbone, embeds, positions, cache), cache, positions,
+                               max_new_tokens)
+    fed = generation.token_ids[:-1]  # tokens fed back while decoding; the last one never was
+    if not fed:
+        return TeacherMaps(generation.token_ids, None, None, 0)
+    fed_ids = torch.tensor([fed], device=embeds.device)
+    full = torch.cat([embeds, backbone.embed_tokens(fed_ids)], dim=1)
+    steps = torch.cat([backbone.next_position_ids(positions, step) for step in range(len(fed))], dim=2)
+    all_positions = torch.cat([positions, steps.to(positions.dtype)], dim=2)
+    block = prompt.images[0]
+    rows = range(prompt.length, prompt.length + len(fed))
+    layers = {layer: sorted(set(heads.grounding.get(layer, [])) | set(heads.sink.get(layer, [])))
+              for layer in heads.layers}
+    attention = attention_to_image(backbone, full, all_positions, rows, slice(block.start, block.stop), layers)
+
+    def average(table: dict[int, list[int]]) -> torch.Tensor | None:
+        maps = [attention[(layer, head)].mean(dim=0) for layer, hs in table.items() for head in hs]
+        return torch.stack(maps).mean(dim=0).view(side, side).cpu() if maps else torch.zeros(side, side)
+
+    return TeacherMaps(generation.token_ids, average(heads.grounding), average(heads.sink), len(fed))

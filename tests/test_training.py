@@ -1,0 +1,323 @@
+"""Training the zoom adapter: pseudo labels, teacher capture, the student, the gate, the commands."""
+
+import json
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qzoom_cli import QZoom, cli
+from qzoom_cli.errors import EXIT_USAGE
+from qzoom_cli.training.data import ArtefactStore, expand_samples
+from qzoom_cli.training.gate import GateSettings, build_pool, classify, draw_label, gate_bce, train_gate
+from qzoom_cli.training.loop import TrainOptions
+from qzoom_cli.training.pseudo_labels import IGNORE, LabelSettings, padding_cells, pseudo_labels
+from qzoom_cli.training.rpn import RpnSettings, label_auc, selective_bce, train_rpn
+from qzoom_cli.training.teacher import HeadTable, square_view, teacher_maps
+from qzoom_cli.manifest import read_manifest
+from trainkit import PIXELS, SIDE, red_square_pages, seed_teacher_labels
+
+runner = CliRunner()
+
+
+# --- pseudo labels: every branch of the tri-state algorithm -------------------------------------------
+
+def blob(rows=10, cols=10, cells=((4, 4), (4, 5), (5, 4), (5, 5)), value=0.2, floor=0.001):
+    grounding = torch.full((rows, cols), floor)
+    for r, c in cells:
+        grounding[r, c] = value
+    return grounding
+
+
+def test_foreground_ignore_ring_and_background():
+    out = pseudo_labels(blob(), torch.zeros(10, 10))
+    assert out.valid and (out.box.x0, out.box.y0, out.box.x1, out.box.y1) == (3, 3, 7, 7)  # blur grows by one
+    labels = out.labels
+    assert labels[4:6, 4:6].eq(1).all()
+    ring = labels[3:7, 3:7].clone()
+    ring[1:3, 1:3] = 7
+    assert ring[ring != 7].eq(IGNORE).all()
+    outside = torch.ones(10, 10, dtype=torch.bool)
+    outside[3:7, 3:7] = False
+    assert labels[outside].eq(0).all()
+
+
+def test_foreground_needs_a_quarter_of_the_peak():
+    grounding = blob()
+    grounding[5, 5] = 0.04   # below 0.25 * 0.2 = 0.05: inside the box, but not foreground
+    labels = pseudo_labels(grounding, torch.zeros(10, 10)).labels
+    assert labels[4, 4] == 1 and labels[5, 5] == IGNORE
+
+
+def test_bright_cells_outside_the_box_are_ignored_not_background():
+    grounding = blob()
+    grounding[0, 9] = 0.011  # >= 0.05 * 0.2 = 0.01 and < 0.25 * 0.2: neither foreground nor background
+    labels = pseudo_labels(grounding, torch.zeros(10, 10)).labels
+    assert labels[0, 9] == IGNORE and labels[0, 8] == 0
+
+
+def test_sinks_never_foreground_but_background_outside_the_box():
+    grounding = blob()
+    grounding[0, 0] = 0.9                     # brighter than anything, but a sink
+    sink = torch.zeros(10, 10)
+    sink[0, 0] = 0.02
+    out = pseudo_labels(grounding, sink)
+    assert out.valid and out.labels[0, 0] == 0 and out.labels[4:6, 4:6].eq(1).all()
+    assert (out.box.x0, out.box.y0) == (3, 3)  # the sink did not drag the box to the corner
+
+
+def test_padding_is_always_background():
+    padding = padding_cells(10, 100, 50)       # a wide image: top and bottom rows are padding
+    assert padding[:2].all() and padding[-2:].all() and not padding[3:7].any()
+    grounding = blob()
+    grounding[0, 4] = 0.5                      # attention on padding is discarded
+    out = pseudo_labels(grounding, torch.zeros(10, 10), padding)
+    assert out.labels[padding].eq(0).all() and out.labels[4:6, 4:6].eq(1).all()
+    assert padding_cells(4, 50, 100)[:, 0].all() and not padding_cells(4, 60, 60).any()
+
+
+def test_skips_large_regions_and_weak_peaks():
+    wide = blob(cells=[(r, c) for r in range(1, 9) for c in range(1, 6)])
+    out = pseudo_labels(wide, torch.zeros(10, 10))
+    assert out.skipped == "region covers too much of the page" and out.labels.eq(IGNORE).all()
+    weak = pseudo_labels(blob(value=0.004, floor=0.0001), torch.zeros(10, 10))
+    assert weak.skipped == "attention peak below the floor" and weak.labels.eq(IGNORE).all()
+    assert pseudo_labels(blob(value=0.004, floor=0.0001), torch.zeros(10, 10),
+                         settings=LabelSettings(peak_floor=1e-3)).valid
+
+
+# --- teacher capture --------------------------------------------------------------------------------
+
+def test_teacher_capture_equals_eager_attention(qz, tiny_dir, tmp_path):
+    from PIL import Image, ImageDraw
+
+    bb = qz.backbone
+    eager = QZoom.from_pretrained(str(tiny_dir), device="cpu", attn="eager").backbone
+    image = Image.new("RGB", (300, 200), "white")
+    ImageDraw.Draw(image).rectangle([40, 60, 140, 120], fill="blue")
+    view = square_view(image, 28, 6)
+    assert view.size == (168, 168) and view.getpixel((0, 0)) == (127, 127, 127)
+    heads = HeadTable({1: [0, 3], 2: [1]}, {0: [2]})
+    maps = teacher_maps(bb, view, "Where is the blue box?", heads, max_new_tokens=6)
+    assert maps.steps == len(maps.answer_ids) - 1 >= 1
+    prompt = bb.build_prompt("Where is the blue box?", [(6, 6)])
+    ids = torch.cat([prompt.input_ids, torch.tensor([maps.answer_ids[:-1]])], dim=1)
+    pixels = eager.image_processor(images=[view], do_resize=False, return_tensors="pt")
+    with torch.no_grad():
+        out = eager.model(input_ids=ids, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
+                          mm_token_type_ids=(ids == bb.config.image_token_id).int(), output_attentions=True)
+    block, rows = prompt.images[0], slice(prompt.length, ids.shape[1])
+
+    def reference(table):
+        maps_ = [out.attentions[layer][0, head, rows, block.start:block.stop].mean(0)
+                 for layer, hs in table.items() for head in hs]
+        return torch.stack(maps_).mean(0).view(6, 6)
+
+    assert torch.allclose(maps.grounding, reference(heads.grounding), atol=1e-5)
+    assert torch.allclose(maps.sink, reference(heads.sink), atol=1e-5)
+
+
+# --- the student --------------------------------------------------------------------------------------
+
+def test_selective_bce_and_auc():
+    logits = [torch.tensor([[2.0, -2.0], [0.0, 5.0]], requires_grad=True)]
+    labels = [torch.tensor([[1, 0], [IGNORE, 1]])]
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor([2.0, -2.0, 5.0]),
+                                                                    torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.isclose(selective_bce(logits, labels), expected)
+    none = selective_bce(logits, [torch.full((2, 2), IGNORE)])
+    assert none.item() == 0.0 and none.requires_grad
+    assert label_auc(torch.tensor([3.0, 1.0, 2.0]), torch.tensor([1, 0, 0])) == 1.0
+    assert label_auc(torch.tensor([1.0, 1.0]), torch.tensor([1, 0])) == 0.5
+
+
+def test_student_learns_the_teacher_labels(qz, tmp_path):
+    """Held-out metric: ROC AUC of the cell scores separating labelled foreground from background."""
+    manifest, cells = red_square_pages(tmp_path, 32)
+    samples = seed_teacher_labels(manifest, cells, tmp_path / "out" / "labels")
+    settings = RpnSettings(branch_layer=2, depth=2, heads=HeadTable({1: [0]}), view_side=SIDE, held_out=0.25)
+    adapter, report = train_rpn(qz.backbone, samples, settings, TrainOptions(epochs=6, lr=1e-3, batch_size=4),
+                                tmp_path / "out")
+    assert report["usable"] == 32 and report["held_out"] == 8 and report["steps"] == 36
+    assert report["last_loss"] < report["first_loss"] / 4
+    assert report["held_out_auc_after"] >= 0.9 and report["held_out_auc_after"] > report["held_out_auc_before"] + 0.3
+    saved = json.loads((tmp_path / "out" / "qzoom_config.json").read_text())
+    assert saved["region_head"] and not saved["gate"] and saved["branch_layer"] == 2
+    assert len(saved["training"]["rpn"]["data_fingerprint"]) == 64
+
+
+def test_trained_adapter_changes_the_region_ask_picks(qz, tiny_dir, tmp_path):
+    manifest, cells = red_square_pages(tmp_path, 32, seed=1)
+    samples = seed_teacher_labels(manifest, cells, tmp_path / "ad" / "labels")
+    train_rpn(qz.backbone, samples, RpnSettings(branch_layer=2, depth=2, heads=HeadTable({1: [0]}), view_side=SIDE),
+              TrainOptions(epochs=6, lr=1e-3, batch_size=4), tmp_path / "ad")
+    test_pages, test_cells = red_square_pages(tmp_path / "held", 1, seed=99) if (tmp_path / "held").mkdir() is None \
+        else (None, None)
+    [(x, y)] = test_cells
+    args = ["ask", str(tmp_path / "held" / "page0.png"), "Where is the red square?", "--model", str(tiny_dir),
+            "--device", "cpu", "--zoom", "always", "--json", "--max-new-tokens", "2", "--max-visual-tokens",
+            str(SIDE * SIDE), "--min-visual-tokens", str(SIDE * SIDE)]
+    trained = json.loads(runner.invoke(cli.app, [*args, "--adapter", str(tmp_path / "ad"), "--roi-threshold",
+                                                 "0.5"]).stdout)["zoom"]
+    free = json.loads(runner.invoke(cli.app, args).stdout)["zoom"]
+    assert trained["region_head"] == "trained" and free["region_head"] == "base_layers"
+    x0, y0, x1, y1 = trained["roi"]["grid_box"]
+    assert x0 <= x + 1 and x1 >= x + 1 and y0 <= y + 1 and y1 >= y + 1  # the box covers the square
+    assert (x1 - x0) * (y1 - y0) <= 16                                   # ... and not the whole page
+    assert trained["roi"]["grid_box"] != free["roi"]["grid_box"]
+
+
+# --- the gate -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("answers,references,kind", [
+    (["$42", "about 42", "42", "$42"], [], "easy"),                          # containment after normalising
+    (["42", "42", "42.00", "42"], [], "top two rungs disagree"),             # "4200" is not "42"
+    (["7", "9", "42", "$42"], [], "transition"),
+    (["7", "42", "9", "42", "42"], [], "not monotonic"),
+    (["?", "42", "42"], [], "transition"),                                   # an empty answer matches nothing
+    (["7", "42", "42", "43"], [], "top two rungs disagree"),
+    (["7", "9", "42", "42"], ["43"], "consensus contradicts the reference answer"),
+    (["7", "9", "42", "42"], ["Total 42"], "transition"),
+])
+def test_ladder_classification(answers, references, kind):
+    assert classify(answers, references) == kind
+
+
+def test_pool_is_balanced_between_transitions_and_easy():
+    ladders = {f"t{i}": (["a", "b", "c", "c"], []) for i in range(3)}
+    ladders.update({f"e{i}": (["c", "c", "c", "c"], []) for i in range(10)})
+    ladders["x"] = (["a", "c", "b", "c", "c"], [])
+    kept, dropped = build_pool(ladders, seed=1)
+    assert sum(k.startswith("t") for k in kept) == 3 and sum(k.startswith("e") for k in kept) == 3
+    assert dropped["not monotonic"] == 1 and dropped["easy beyond balance"] == 7
+    assert build_pool(ladders, seed=1)[0] == kept
+
+
+def test_label_draws():
+    rng = random.Random(0)
+    transition = (["a", "b", "c", "d", "d", "d"], [])          # wrong at rungs 0-2, right from 3
+    draws = [draw_label(*transition, rng) for _ in range(2000)]
+    ones = [rung for label, rung in draws if label == 1]
+    zeros = [rung for label, rung in draws if label == 0]
+    assert 0.85 < len(ones) / len(draws) < 0.95 and set(ones) == {1, 2}   # the two highest wrong rungs
+    assert set(zeros) == {3}                                              # a right rung below the top two
+    easy = [draw_label(["x"] * 5, [], rng) for _ in range(200)]
+    assert {label for label, _ in easy} == {0} and {rung for _, rung in easy} == {0, 1, 2}
+    assert draw_label(["a", "b", "c", "c"], ["zzz"], random.Random(3))[0] in (IGNORE, 0)
+    assert draw_label(["a", "b", "c", "d"], [], rng) == (IGNORE, 0)
+    assert draw_label(["x", "x"], [], rng) == (IGNORE, 0)                 # nothing below the top two
+
+
+def test_gate_bce_guards_all_ignored_batches():
+    logits = torch.tensor([0.3, -1.0], requires_grad=True)
+    assert gate_bce(logits, torch.tensor([IGNORE, IGNORE])).item() == 0.0
+    loss = gate_bce(logits, torch.tensor([1, IGNORE]))
+    assert torch.isclose(loss, torch.nn.functional.softplus(torch.tensor(-0.3)))
+    loss.backward()
+    assert logits.grad[1] == 0
+
+
+def seed_ladders(manifest, store_dir, ladder, questions_answers):
+    samples = expand_samples(read_manifest(manifest))
+    store = ArtefactStore(store_dir)
+    for sample in samples.samples:
+        store.save(sample.key, {"ladder": torch.tensor(ladder)}, {"answers": questions_answers[sample.question]})
+    return samples
+
+
+def test_gate_training_reduces_the_loss(qz, tmp_path):
+    """Questions about fine print change their answer with resolution (label 1 at low rungs), the
+    others never do (label 0): the gate learns to tell them apart."""
+    manifest, _ = red_square_pages(tmp_path, 24, seed=2)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["question"] = "What does the fine print say?" if i % 2 else "What colour is the square?"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ladder = (16, 36, 64, 100, 144)
+    answers = {"What does the fine print say?": ["?", "??", "net 30", "net 30", "net 30"],
+               "What colour is the square?": ["red"] * 5}
+    samples = seed_ladders(manifest, tmp_path / "gate" / "ladders", ladder, answers)
+    gated, report = train_gate(qz.backbone, None, samples, GateSettings(ladder=ladder), TrainOptions(
+        epochs=8, lr=1e-3, batch_size=4), tmp_path / "gate", branch_layer=2, depth=2)
+    assert report["transitions"] == 12 and report["easy"] == 12 and report["steps"] == 48
+    assert report["last_loss"] < report["first_loss"] / 2
+    config = json.loads((tmp_path / "gate" / "qzoom_config.json").read_text())
+    assert config["gate"] and not config["region_head"] and config["gate_threshold"] == 0.05
+    assert config["training"]["gate"]["ladder"] == list(ladder)
+
+
+# --- the commands ----------------------------------------------------------------------------------------
+
+def train_args(tiny_dir):
+    return ["--model", str(tiny_dir), "--device", "cpu", "--dpi", "72"]
+
+
+def test_train_rpn_command_resumes_from_its_caches(tiny_dir, tmp_path, monkeypatch):
+    manifest, cells = red_square_pages(tmp_path, 6, seed=3)
+    out = tmp_path / "adapter"
+    first = runner.invoke(cli.app, ["train", "rpn", str(manifest), "--out", str(out), "--view-tokens", "64",
+                                    "--batch-size", "2", "--save-every", "1", "--peak-floor", "0",
+                                    "--max-area", "1.01", *train_args(tiny_dir)])
+    assert first.exit_code == 0, first.stderr
+    report = json.loads(first.stdout)
+    assert report["samples"] == 6 and report["usable"] + sum(report["skipped"].values()) == 6
+    assert len(list((out / "labels").glob("*.safetensors"))) == 6
+    assert (out / "latest_checkpoint").exists() and (out / "qzoom_adapter.safetensors").exists()
+    config = json.loads((out / "qzoom_config.json").read_text())
+    assert config["base_model"] == str(tiny_dir) and config["training"]["rpn"]["view_tokens"] == 64
+
+    from qzoom_cli.training import rpn
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran again although its labels are cached")
+
+    monkeypatch.setattr(rpn, "teacher_maps", no_teacher)
+    again = runner.invoke(cli.app, ["train", "rpn", str(manifest), "--out", str(out), "--view-tokens", "64",
+                                    "--batch-size", "2", "--epochs", "2", "--peak-floor", "0", "--max-area", "1.01",
+                                    *train_args(tiny_dir)])
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout)["steps"] > report["steps"]  # continued from the checkpoint
+    ask = runner.invoke(cli.app, ["ask", str(tmp_path / "page0.png"), "where?", "--adapter", str(out), "--json",
+                                  "--zoom", "always", "--max-new-tokens", "1", *train_args(tiny_dir)])
+    assert ask.exit_code == 0 and json.loads(ask.stdout)["zoom"]["region_head"] == "trained"
+
+
+def test_train_gate_command_adds_a_gate_to_the_adapter(qz, tiny_dir, tmp_path):
+    manifest, cells = red_square_pages(tmp_path, 8, seed=4)
+    seed_teacher_labels(manifest, cells, tmp_path / "ad" / "labels")
+    train_rpn(qz.backbone, expand_samples(read_manifest(manifest)), RpnSettings(2, 2, HeadTable({1: [0]}),
+              view_side=SIDE), TrainOptions(epochs=1, batch_size=4), tmp_path / "ad")
+    ladder = (16, 36, 64, 100)
+    seed_ladders(manifest, tmp_path / "ad" / "ladders", ladder,
+                 {"Where is the red square?": ["?", "top", "top left", "top left"]})
+    result = runner.invoke(cli.app, ["train", "gate", str(manifest), "--adapter", str(tmp_path / "ad"), "--ladder",
+                                     ",".join(map(str, ladder)), "--batch-size", "4", *train_args(tiny_dir)])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["transitions"] == 8
+    config = json.loads((tmp_path / "ad" / "qzoom_config.json").read_text())
+    assert config["gate"] and config["region_head"] and set(config["training"]) == {"rpn", "gate"}
+    ask = runner.invoke(cli.app, ["ask", str(tmp_path / "page0.png"), "where?", "--adapter", str(tmp_path / "ad"),
+                                  "--json", "--max-new-tokens", "1", *train_args(tiny_dir)])
+    assert json.loads(ask.stdout)["zoom"]["gate"]["kind"] == "trained"
+    bad = runner.invoke(cli.app, ["train", "gate", str(manifest), "--ladder", "5,4,3", "--out", str(tmp_path / "x"),
+                                  *train_args(tiny_dir)])
+    assert bad.exit_code == EXIT_USAGE
+
+
+def test_train_questions_command(tiny_dir, tmp_path):
+    from docmaker import make_pdf
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.pdf").write_bytes(make_pdf(2))
+    red_square_pages(tmp_path / "docs", 1)
+    out = tmp_path / "q.jsonl"
+    result = runner.invoke(cli.app, ["train", "questions", str(tmp_path / "docs"), "-o", str(out), "--per-page", "3",
+                                     "--max-visual-tokens", "64", *train_args(tiny_dir)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.count("questions") >= 3  # a line per page: a.pdf 1, a.pdf 2, page0.png 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len({r["id"] for r in rows}) == len(rows)
+    for row in rows:
+        assert (out.parent / row["file"]).exists() and row["pages"] in ("1", "2") and row["question"]
+    assert runner.invoke(cli.app, ["train", "questions", str(tmp_path / "nope")]).exit_code == EXIT_USAGE

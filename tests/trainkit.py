@@ -1,0 +1,50 @@
+"""A synthetic collection for training tests: pages with a red square somewhere, and teacher maps
+that point at it (written into the label cache as a finished teacher pass would)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from qzoom_cli.manifest import read_manifest
+from qzoom_cli.training.data import ArtefactStore, expand_samples
+from qzoom_cli.training.pseudo_labels import padding_cells, pseudo_labels
+
+SIDE = 8          # 8 x 8 = 64-token square views keep the tests fast
+PIXELS = SIDE * 28
+
+
+def red_square_pages(folder: Path, count: int, seed: int = 0) -> tuple[Path, list[tuple[int, int]]]:
+    """`count` pages with a 2x2-cell red square at a random cell, and their manifest."""
+    rng = random.Random(seed)
+    rows, cells = [], []
+    for i in range(count):
+        x, y = rng.randrange(SIDE - 1), rng.randrange(SIDE - 1)
+        image = Image.new("RGB", (PIXELS, PIXELS), "white")
+        draw = ImageDraw.Draw(image)
+        draw.rectangle([x * 28, y * 28, x * 28 + 55, y * 28 + 55], fill=(220, 20, 20))
+        draw.point((PIXELS - 1 - i % PIXELS, PIXELS - 1), fill=(250, 250, 250))  # every page distinct
+        image.save(folder / f"page{i}.png")
+        rows.append({"id": f"s{i}", "file": f"page{i}.png", "question": "Where is the red square?"})
+        cells.append((x, y))
+    manifest = folder / "train.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest, cells
+
+
+def seed_teacher_labels(manifest: Path, cells: list[tuple[int, int]], store_dir: Path):
+    """Teacher maps pointing at each page's square, cached as the teacher pass would cache them."""
+    samples = expand_samples(read_manifest(manifest))
+    store = ArtefactStore(store_dir)
+    padding = padding_cells(SIDE, PIXELS, PIXELS)
+    for sample, (x, y) in zip(samples.samples, cells, strict=True):
+        grounding = torch.full((SIDE, SIDE), 0.001)
+        grounding[y:y + 2, x:x + 2] = 0.2
+        labels = pseudo_labels(grounding, torch.zeros(SIDE, SIDE), padding)
+        store.save(sample.key, {"grounding": grounding, "sink": torch.zeros(SIDE, SIDE), "padding": padding,
+                                "labels": labels.labels}, {"skipped": labels.skipped, "answer": "seeded"})
+    return samples
