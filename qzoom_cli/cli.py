@@ -565,6 +565,8 @@ def _training_progress(show: bool, stage: str, total: int):
 
 
 def _finish_training(adapter_dir, report: dict, quiet: bool) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # one report from a multi-process run
+        return
     _print_json({"adapter": str(adapter_dir), **report})
     if not quiet:
         skipped = ", ".join(f"{n} {reason}" for reason, n in (report.get("skipped") or {}).items()) or "none"

@@ -321,3 +321,23 @@ def test_train_questions_command(tiny_dir, tmp_path):
     for row in rows:
         assert (out.parent / row["file"]).exists() and row["pages"] in ("1", "2") and row["question"]
     assert runner.invoke(cli.app, ["train", "questions", str(tmp_path / "nope")]).exit_code == EXIT_USAGE
+
+
+def test_two_processes_train_data_parallel(tiny_dir, tmp_path):
+    """torchrun starts two processes (as `accelerate launch` does on GPUs): gradients are averaged
+    across them, the frozen parts stay out of the data-parallel wrapper, one adapter is written."""
+    import os
+    import subprocess
+    import sys
+
+    manifest, cells = red_square_pages(tmp_path, 12, seed=5)
+    seed_teacher_labels(manifest, cells, tmp_path / "ad" / "labels")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29657", "-m",
+               "qzoom_cli", "train", "rpn", str(manifest), "--out", str(tmp_path / "ad"), "--view-tokens", "64",
+               "--batch-size", "2", "--branch-layer", "2", "--depth", "2", "-q", *train_args(tiny_dir)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [report] = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert report["usable"] == 12 and report["steps"] == 3   # 11 training samples / 2 per batch / 2 processes
+    assert (tmp_path / "ad" / "qzoom_adapter.safetensors").exists()

@@ -132,6 +132,10 @@ class Backbone(ABC):
         """The attention queries and keys `layer` would compute on `hidden`: rotary applied, keys
         repeated to one per query head; both [batch, heads, seq, head_dim]."""
 
+    @abstractmethod
+    def query_key_modules(self, layer: nn.Module) -> list[nn.Module]:
+        """The parts of `layer` that `query_key` uses (the rest of a region head's last layer is dead)."""
+
     @property
     def spatial_position_rows(self) -> tuple[int, int] | None:
         """Rows of the position ids that carry an image token's (height, width), if the family's

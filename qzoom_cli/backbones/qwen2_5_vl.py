@@ -180,6 +180,9 @@ class Qwen2_5_VLBackbone(Backbone):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, repeat_kv(k, q.shape[1] // k.shape[1])
 
+    def query_key_modules(self, layer: nn.Module) -> list[nn.Module]:
+        return [layer.input_layernorm, layer.self_attn.q_proj, layer.self_attn.k_proj]
+
     @property
     def spatial_position_rows(self) -> tuple[int, int]:
         return 1, 2

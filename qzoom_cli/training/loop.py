@@ -84,8 +84,9 @@ class Trainer:
         self.out_dir = out_dir
         self.save_adapter = save_adapter
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(base_dtype, "no")
-        self.accelerator = Accelerator(gradient_accumulation_steps=options.grad_accum,
-                                       mixed_precision=precision if torch.cuda.is_available() else "no")
+        on_gpu = torch.cuda.is_available()
+        self.accelerator = Accelerator(gradient_accumulation_steps=options.grad_accum, cpu=not on_gpu,
+                                       mixed_precision=precision if on_gpu else "no")
         module.float()
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=options.lr, betas=(0.9, 0.999), eps=1e-8,

@@ -114,6 +114,10 @@ class RegionStudent(nn.Module):
         super().__init__()
         self.twig_layers = adapter.twig_layers
         self.__dict__["backbone"] = backbone
+        last = self.twig_layers[-1]  # only lends its queries and keys: the rest gets no gradient
+        last.requires_grad_(False)
+        for module in backbone.query_key_modules(last):
+            module.requires_grad_(True)
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, mask, blocks: list[ImageBlock]):
         return region_logits(self.backbone, list(self.twig_layers), hidden, positions, blocks, mask)
