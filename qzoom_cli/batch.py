@@ -23,7 +23,7 @@ from typing import TextIO
 
 import torch
 
-from .api import QZoom
+from .api import SHORT_ANSWER_INSTRUCTION, QZoom
 from .budget import VisualBudget
 from .documents import open_document
 from .errors import QZoomError, UsageError
@@ -40,7 +40,7 @@ class RunOptions:
     budget: VisualBudget | None = None
     dpi: int = 200
     max_new_tokens: int = 64
-    instruction: str | None = None
+    instruction: str = SHORT_ANSWER_INSTRUCTION
     batch_size: int = 1
     verbose: bool = False
 
@@ -90,8 +90,7 @@ def _answer_document(qz: QZoom, group: list[ManifestRow], options: RunOptions,
             try:
                 results = qz.ask(doc, [r.question for r in rows], ids=[r.id for r in rows], pages=pages,
                                  budget=options.budget, zoom=options.zoom, max_new_tokens=options.max_new_tokens,
-                                 batch_size=options.batch_size,
-                                 **({} if options.instruction is None else {"instruction": options.instruction}))
+                                 batch_size=options.batch_size, instruction=options.instruction)
             except QZoomError as exc:
                 results = [error_result(r, exc.code, exc.message) for r in rows]
             except (KeyboardInterrupt, SystemExit):

@@ -130,6 +130,13 @@ def _load(model, adapter, revision, device, dtype, attn):
     return QZoom.from_pretrained(model, adapter=adapter, revision=revision, device=device, dtype=dtype, attn=attn)
 
 
+def _instruction(value: str | None) -> str:
+    """--instruction: the short-answer instruction unless given ('' for none)."""
+    from .api import SHORT_ANSWER_INSTRUCTION
+
+    return SHORT_ANSWER_INSTRUCTION if value is None else value
+
+
 def _settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, explain=False):
     from .zoom.pipeline import ZoomSettings
 
@@ -174,7 +181,7 @@ def ask(
     read again at high resolution in the same pass (Q-Zoom).
     """
     with _reporting_errors(verbose):
-        from .api import SHORT_ANSWER_INSTRUCTION, check_questions
+        from .api import check_questions
         from .doctor import check_transformers
         from .documents import open_document, parse_page_spec
 
@@ -193,7 +200,7 @@ def ask(
             with err_console.status("Answering…") if show_panel else nullcontext():
                 results = qz.ask(doc, questions, pages=pages, budget=budget, zoom=settings,
                                  max_new_tokens=max_new_tokens, overlay_dir=overlay, batch_size=batch_size,
-                                 instruction=SHORT_ANSWER_INSTRUCTION if instruction is None else instruction)
+                                 instruction=_instruction(instruction))
             for result in results:
                 for warning in result.warnings:
                     _warn(f"{result.id}: {warning}", quiet)
@@ -301,7 +308,8 @@ def run(
             options.budget = qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=zoom)
             return qz
 
-        options = RunOptions(zoom=settings, dpi=dpi, max_new_tokens=max_new_tokens, instruction=instruction,
+        options = RunOptions(zoom=settings, dpi=dpi, max_new_tokens=max_new_tokens,
+                             instruction=_instruction(instruction),
                              batch_size=batch_size, verbose=verbose)
         show = (err_console.is_terminal if progress is None else progress) and not quiet
         with _batch_progress(show, f"rank {rank}" if world > 1 else "rows") as (track, start):
@@ -415,7 +423,7 @@ def evaluate_command(
         for mode in modes:
             options = RunOptions(zoom=_settings(mode, gate_threshold, roi_threshold, roi_max_visual_tokens),
                                  budget=qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=mode),
-                                 dpi=dpi, max_new_tokens=max_new_tokens, instruction=instruction,
+                                 dpi=dpi, max_new_tokens=max_new_tokens, instruction=_instruction(instruction),
                                  batch_size=batch_size, verbose=verbose)
             if not summaries:
                 warm_up(qz, rows, options)
@@ -487,7 +495,7 @@ def bench(
         _configure_logging(verbose, quiet)
         qz = _load(model, adapter, revision, device, dtype, attn)
         options = RunOptions(zoom=_settings("auto", gate_threshold, roi_threshold, None), dpi=dpi,
-                             max_new_tokens=max_new_tokens, instruction=instruction, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, instruction=_instruction(instruction), batch_size=batch_size,
                              verbose=verbose)
 
         def report(point):
