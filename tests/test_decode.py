@@ -111,3 +111,24 @@ def test_end_token_stops_decoding(qz, monkeypatch):
 def test_image_must_be_resized_first(qz):
     with pytest.raises(ValueError, match="multiple of 28"):
         qz.backbone.encode_image(Image.new("RGB", (100, 100)))
+
+
+def test_chat_template_fallbacks(qz, tiny_dir, tmp_path):
+    """Without a template in the tokenizer, the processor's legacy chat_template.json is used, and
+    without either the standard Qwen-VL format (which the tiny kit's template reproduces)."""
+    import json
+    import shutil
+
+    from qzoom_cli.backbones.qwen2_5_vl import QWEN_VL_CHAT_TEMPLATE, chat_template
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_dir, bare)
+    (bare / "chat_template.jinja").unlink()
+    tokenizer = type(qz.backbone.tokenizer).from_pretrained(bare)
+    tokenizer.chat_template = None
+    assert chat_template(tokenizer, str(bare), None) == QWEN_VL_CHAT_TEMPLATE
+    (bare / "chat_template.json").write_text(json.dumps({"chat_template": "{{ 'legacy' }}"}))
+    assert chat_template(tokenizer, str(bare), None) == "{{ 'legacy' }}"
+    from qzoom_cli import QZoom
+
+    assert QZoom.from_pretrained(str(bare), device="cpu").backbone.tokenizer.chat_template == "{{ 'legacy' }}"

@@ -29,6 +29,42 @@ from .base import Backbone, ImageBlock, Prompt
 
 IMAGE_PLACEHOLDER = "<|image_pad|>"
 
+# Same conversation format as the Qwen2.5-VL instruct checkpoints: a default system turn, images
+# as <|vision_start|><|image_pad|><|vision_end|>, and an assistant header as generation prompt.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def chat_template(tokenizer, ref: str, revision: str | None) -> str:
+    """The checkpoint's chat template: the tokenizer's, else the processor's file (older repos keep
+    it in chat_template.json), else the standard Qwen-VL conversation format."""
+    if tokenizer.chat_template:
+        return tokenizer.chat_template
+    import json
+
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(ref, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+        if path:
+            text = open(path, encoding="utf-8").read()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return QWEN_VL_CHAT_TEMPLATE
+
 
 def mrope_position_ids(length: int, images: list[ImageBlock]) -> torch.Tensor:
     """Qwen M-RoPE positions [3, 1, length] for text with still-image blocks.
@@ -81,6 +117,7 @@ class Qwen2_5_VLBackbone(Backbone):
         )
         source, source_revision = (processor, None) if processor else (ref, revision)
         tokenizer = AutoTokenizer.from_pretrained(source, revision=source_revision)
+        tokenizer.chat_template = chat_template(tokenizer, source, source_revision)
         image_processor = AutoImageProcessor.from_pretrained(source, revision=source_revision)
         return cls(model, tokenizer, image_processor, model_id=ref, revision=revision, attn=attn)
 
