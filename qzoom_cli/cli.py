@@ -120,6 +120,9 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Questions about one
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (or $QZOOM_DEVICE).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, bf16, fp16 or fp32.")]
 AttnOpt = Annotated[str, typer.Option("--attn", help="auto, sdpa, flash_attention_2 or eager.")]
+RoiNativeOpt = Annotated[bool, typer.Option("--roi-native", help="Never read a region at more tokens than it has "
+                                                               "at its source resolution (faster on small regions; "
+                                                               "the reference always uses the full budget).")]
 RootOpt = Annotated[str | None, typer.Option("--root", help="Folder that relative document paths in the manifest "
                                                            "start from [default: the manifest's folder].")]
 
@@ -137,11 +140,11 @@ def _instruction(value: str | None) -> str:
     return SHORT_ANSWER_INSTRUCTION if value is None else value
 
 
-def _settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, explain=False):
+def _settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, explain=False, roi_native=False):
     from .zoom.pipeline import ZoomSettings
 
     return ZoomSettings(mode=zoom, gate_threshold=gate_threshold, roi_threshold=roi_threshold,
-                        region_max_tokens=roi_max_visual_tokens, explain=explain)
+                        region_max_tokens=roi_max_visual_tokens, region_native=roi_native, explain=explain)
 
 
 @app.command()
@@ -155,6 +158,7 @@ def ask(
     gate_threshold: GateOpt = None,
     roi_threshold: RoiOpt = None,
     roi_max_visual_tokens: RoiTokensOpt = None,
+    roi_native: RoiNativeOpt = False,
     explain: Annotated[bool, typer.Option(help="When a region is read, also decode the answer without it "
                                                "(zoom.direct_answer vs zoom.zoom_answer).")] = False,
     overlay: Annotated[str | None, typer.Option(help="Write the answering page with the region map and box "
@@ -186,7 +190,7 @@ def ask(
         from .documents import open_document, parse_page_spec
 
         questions = check_questions(questions)
-        settings = _settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, explain)
+        settings = _settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, explain, roi_native)
         check_transformers()
         _configure_logging(verbose, quiet)
         with open_document(path, password=password, dpi=dpi) as doc:
@@ -265,6 +269,7 @@ def run(
     gate_threshold: GateOpt = None,
     roi_threshold: RoiOpt = None,
     roi_max_visual_tokens: RoiTokensOpt = None,
+    roi_native: RoiNativeOpt = False,
     dpi: DpiOpt = 200,
     min_visual_tokens: MinTokensOpt = None,
     max_visual_tokens: MaxTokensOpt = None,
@@ -295,7 +300,7 @@ def run(
 
         if gpus:
             raise typer.Exit(_relaunch_on_gpus(gpus))
-        settings = _settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens)
+        settings = _settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, roi_native=roi_native)
         rows = read_manifest(manifest, root)
         check_transformers()
         _configure_logging(verbose, quiet)

@@ -242,3 +242,19 @@ def test_card_can_take_the_processor_from_the_base_repo(qz, tiny_dir, tmp_path, 
     assert loaded.engine.gate_threshold == 0.5  # a trained gate takes the card's threshold
     [result] = loaded.ask(make_pdf(1), "total?", max_new_tokens=2, dpi=72)
     assert result.budget.max_tokens == 576 and result.zoom.gate["kind"] == "trained"
+
+
+def test_roi_native_never_upsamples_a_small_region(qz, page):
+    engine = ZoomEngine(qz.backbone, 2, 2)
+    small = Box(0, 0, 1, 1)  # one coarse cell: a few dozen page pixels a side
+    px = grid_box_to_pixels(small, page.grid, page.size)
+    native = round(px.area / 28 ** 2)
+    full = ZoomSettings("always", roi_threshold=0.0)
+    assert full.region_budget(page.budget, native) == page.budget
+    capped = ZoomSettings("always", region_native=True).region_budget(page.budget, native)
+    assert capped.max_tokens == max(1, min(page.budget.max_tokens, native)) < page.budget.max_tokens
+    answered = engine.answer(page, QUESTION, ZoomSettings("always", roi_threshold=0.0, region_native=True), 2)
+    roi = answered.zoom.roi
+    width = roi["bbox_xyxy"][2] - roi["bbox_xyxy"][0]
+    height = roi["bbox_xyxy"][3] - roi["bbox_xyxy"][1]
+    assert answered.region_tokens <= max(1, round(width * height / 28 ** 2))

@@ -66,6 +66,7 @@ class ZoomSettings:
     gate_threshold: float | None = None
     roi_threshold: float | None = None
     region_max_tokens: int | None = None
+    region_native: bool = False
     explain: bool = False
 
     def __post_init__(self):
@@ -74,11 +75,13 @@ class ZoomSettings:
         if self.region_max_tokens is not None and self.region_max_tokens < 1:
             raise UsageError("--roi-max-visual-tokens must be positive")
 
-    def region_budget(self, page_budget: VisualBudget) -> VisualBudget:
-        """The page budget, with its maximum replaced by `region_max_tokens` when set."""
-        if self.region_max_tokens is None:
-            return page_budget
-        return VisualBudget(min(page_budget.min_tokens, self.region_max_tokens), self.region_max_tokens)
+    def region_budget(self, page_budget: VisualBudget, native_tokens: int | None = None) -> VisualBudget:
+        """The page budget, with its maximum replaced by `region_max_tokens` when set; with
+        `region_native`, also capped at `native_tokens` (the crop at its source resolution)."""
+        high = page_budget.max_tokens if self.region_max_tokens is None else self.region_max_tokens
+        if self.region_native and native_tokens is not None:
+            high = max(1, min(high, native_tokens))
+        return VisualBudget(min(page_budget.min_tokens, high), high)
 
 
 @dataclass
@@ -261,7 +264,8 @@ class ZoomEngine:
             page, text = items[i]
             box = boxes[i]
             region_px = grid_box_to_pixels(box, page.grid, page.size)
-            budget = settings.region_budget(page.budget)
+            native = round(region_px.area / factor ** 2)
+            budget = settings.region_budget(page.budget, native)
             with clock("region_encode_s", [i]):
                 rows, cols = token_grid(int(region_px.height), int(region_px.width), factor, budget)
                 features = bb.encode_image(page.crop(region_px, (cols * factor, rows * factor)))
