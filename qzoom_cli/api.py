@@ -48,7 +48,6 @@ class _EncodedPage:
 class _Candidate:
     answer: PageAnswer
     text: str
-    time: Timings
 
 
 def check_questions(questions: str | list[str]) -> list[str]:
@@ -240,7 +239,7 @@ class QZoom:
         for answer in answers:
             answer.time.render_s += page.time.render_s / len(questions)
             answer.time.preprocess_s += page.time.preprocess_s / len(questions)
-            candidates.append(_Candidate(answer, self._text(answer.generation), answer.time))
+            candidates.append(_Candidate(answer, self._text(answer.generation)))
         return candidates
 
     def _text(self, generation) -> str:
@@ -255,7 +254,7 @@ class QZoom:
         answer = best.answer
         total = Timings()
         for candidate in per_page:
-            total.add(candidate.time)
+            total.add(candidate.answer.time)
         output_tokens = len(answer.generation.token_ids)
         truncated = not answer.generation.finished
         result_warnings = list(warnings)

@@ -27,7 +27,6 @@ class ModelCard:
     processor: str | None = None
     zoom: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
 
 
 def cards_dir() -> Path:
@@ -42,7 +41,7 @@ def _parse(path: Path) -> ModelCard:
     known = {k: data.pop(k) for k in ("id", "family", "patch_factor", "description", "default", "processor", "zoom",
                                                    "training") if k in data}
     return ModelCard(min_visual_tokens=budget.get("min_visual_tokens", GENERIC_BUDGET[0]),
-                     max_visual_tokens=budget.get("max_visual_tokens", GENERIC_BUDGET[1]), extra=data, **known)
+                     max_visual_tokens=budget.get("max_visual_tokens", GENERIC_BUDGET[1]), **known)
 
 
 def load_cards() -> list[ModelCard]:

@@ -406,7 +406,6 @@ def evaluate_command(
 ) -> None:
     """Score answers against the manifest's references, for each zoom mode in --compare."""
     with _reporting_errors(verbose):
-        import json
         from dataclasses import asdict
 
         from .batch import RunOptions
@@ -476,7 +475,6 @@ def bench(
 ) -> None:
     """Sweep visual-token budgets for each zoom mode on the same rows: a JSON report and a Pareto plot."""
     with _reporting_errors(verbose):
-        import json
         from pathlib import Path
 
         import torch

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from huggingface_hub import constants
 from transformers import AutoConfig
 
 from ..errors import ModelNotAvailable, UnsupportedModel
@@ -18,14 +18,10 @@ PLANNED_FAMILIES = ("qwen3_vl", "llava")
 __all__ = ["Backbone", "ImageBlock", "Prompt", "FAMILIES", "load_backbone", "detect_family"]
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _not_available(ref: str, revision: str | None, exc: Exception) -> ModelNotAvailable:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     at = f"@{revision}" if revision else ""
-    if _offline():
+    if constants.HF_HUB_OFFLINE:
         hint = (f"it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; download it first "
                 f"(`hf download {ref}`) or pass --model a local directory")
     else:

@@ -7,8 +7,11 @@ the video processor that would pull in torchvision.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from PIL import Image
+from torch import nn
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
@@ -17,13 +20,13 @@ from transformers import (
     GenerationConfig,
     Qwen2_5_VLForConditionalGeneration,
 )
-from torch import nn
 from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLDecoderLayer,
     apply_rotary_pos_emb,
     repeat_kv,
 )
+from transformers.utils import cached_file
 
 from .base import Backbone, ImageBlock, Prompt
 
@@ -54,10 +57,6 @@ def chat_template(tokenizer, ref: str, revision: str | None) -> str:
     it in chat_template.json), else the standard Qwen-VL conversation format."""
     if tokenizer.chat_template:
         return tokenizer.chat_template
-    import json
-
-    from transformers.utils import cached_file
-
     for name in ("chat_template.jinja", "chat_template.json"):
         path = cached_file(ref, name, revision=revision, _raise_exceptions_for_missing_entries=False)
         if path:

@@ -31,11 +31,12 @@ from torch import nn
 from ..backbones import Backbone
 from ..budget import VisualBudget, resize_to_budget
 from ..decode import greedy_decode, prefill
+from ..errors import UsageError
 from ..padding import Segment, pad_segments
 from ..zoom.adapter import AdapterConfig, ZoomAdapter
 from ..zoom.gate import gate_logits
 from .data import ArtefactStore, SampleSet, Shard, TrainSample
-from .loop import StepReport, Trainer, TrainOptions, enable_gradient_checkpointing, options_dict
+from .loop import StepReport, Trainer, TrainOptions, enable_gradient_checkpointing, latest_checkpoint, options_dict
 from .pseudo_labels import IGNORE
 from .rpn import _Pages, prompt_text
 
@@ -200,18 +201,14 @@ def train_gate(backbone: Backbone, adapter: ZoomAdapter | None, samples: SampleS
     ladders = make_ladders(backbone, samples, settings, store, on_ladder, Shard.current())
     kept, dropped = build_pool(ladders, settings.seed)
     if not kept:
-        from ..errors import UsageError
-
         raise UsageError(f"no ladder survived the consistency filter ({dict(dropped)}); add questions "
                          "whose answers change with resolution")
-    marker = out_dir / "latest_checkpoint"
-    gated = ZoomAdapter.from_pretrained(out_dir / marker.read_text().strip(), backbone) if marker.exists() \
+    checkpoint = latest_checkpoint(out_dir)
+    gated = ZoomAdapter.from_pretrained(checkpoint, backbone) if checkpoint is not None \
         else with_gate(adapter, backbone, branch_layer, depth)
-    for p in backbone.model.parameters():
-        p.requires_grad_(False)
+    backbone.model.requires_grad_(False)
     if gated.config.region_head:
-        for p in gated.twig_layers.parameters():
-            p.requires_grad_(False)
+        gated.twig_layers.requires_grad_(False)
     if options.gradient_checkpointing:
         enable_gradient_checkpointing(gated.high_res_layers)
     by_key = {s.key: s for s in samples.samples}

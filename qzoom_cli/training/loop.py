@@ -152,14 +152,20 @@ class Trainer:
 
     def _resume(self, scheduler) -> int:
         """Continue from the newest checkpoint in the output folder, if there is one."""
-        marker = self.out_dir / "latest_checkpoint"
-        if not marker.exists():
+        checkpoint = latest_checkpoint(self.out_dir)
+        if checkpoint is None:
             return 0
-        state = torch.load(self.out_dir / marker.read_text().strip() / "trainer_state.pt", weights_only=False)
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         self.step, self.losses = state["step"], list(state["losses"])
         return self.step
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest checkpoint folder a previous run of this output left, if any."""
+    marker = out_dir / "latest_checkpoint"
+    return out_dir / marker.read_text().strip() if marker.exists() else None
 
 
 def options_dict(options: TrainOptions) -> dict:

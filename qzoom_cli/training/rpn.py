@@ -25,11 +25,12 @@ from torch import nn
 from ..api import SHORT_ANSWER_INSTRUCTION
 from ..backbones import Backbone, ImageBlock
 from ..documents import Document, open_document
+from ..errors import UsageError
 from ..padding import Segment, pad_segments
 from ..zoom.adapter import AdapterConfig, ZoomAdapter
 from ..zoom.region import region_logits
 from .data import ArtefactStore, SampleSet, Shard, TrainSample
-from .loop import StepReport, Trainer, TrainOptions, enable_gradient_checkpointing, options_dict
+from .loop import StepReport, Trainer, TrainOptions, enable_gradient_checkpointing, latest_checkpoint, options_dict
 from .pseudo_labels import IGNORE, LabelSettings, padding_cells, pseudo_labels
 from .teacher import HeadTable, square_view, teacher_maps
 
@@ -195,8 +196,6 @@ def train_rpn(backbone: Backbone, samples: SampleSet, settings: RpnSettings, opt
     store = ArtefactStore(out_dir / "labels")
     usable = make_labels(backbone, samples, settings, store, on_label, Shard.current())
     if not usable:
-        from ..errors import UsageError
-
         raise UsageError(f"no usable training sample (skipped: {samples.skipped})")
     held = usable[:max(1, int(len(usable) * settings.held_out))] if len(usable) > 1 else []
     train = usable[len(held):] or usable
@@ -204,8 +203,7 @@ def train_rpn(backbone: Backbone, samples: SampleSet, settings: RpnSettings, opt
                            family=backbone.family, hidden_size=backbone.hidden_size, base_model=backbone.model_id,
                            base_revision=backbone.revision)
     adapter = _start_adapter(config, backbone, out_dir)
-    for p in backbone.model.parameters():
-        p.requires_grad_(False)
+    backbone.model.requires_grad_(False)
     if options.gradient_checkpointing:
         enable_gradient_checkpointing(adapter.twig_layers)
     student = RegionStudent(adapter, backbone)
@@ -234,7 +232,7 @@ def train_rpn(backbone: Backbone, samples: SampleSet, settings: RpnSettings, opt
 
 def _start_adapter(config: AdapterConfig, backbone: Backbone, out_dir: Path) -> ZoomAdapter:
     """Fresh copies of base layers K..K+T-1, or the newest checkpoint's weights when resuming."""
-    marker = out_dir / "latest_checkpoint"
-    if marker.exists():
-        return ZoomAdapter.from_pretrained(out_dir / marker.read_text().strip(), backbone)
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is not None:
+        return ZoomAdapter.from_pretrained(checkpoint, backbone)
     return ZoomAdapter.initialized_from_base(config, backbone)
