@@ -1,13 +1,19 @@
-"""Time the zoom engine against the plain baseline on one page, in one run, without downloads.
+"""Time the zoom engine against stock `generate()` on one page, in one run, without downloads.
 
 Builds a Qwen2.5-VL architecture with random weights (speed does not depend on weight values
 once the answer length is fixed, so every answer is forced to --new-tokens tokens) and a random
 zoom adapter with a gate, then times on the same page and question:
 
-    baseline       --zoom never at 256-4096 visual tokens (the published baseline's best budget)
-    coarse         --zoom never at the coarse budget (what the skip path must not exceed by much)
-    qzoom-skip     gate says no: coarse pass + the gate's T layers, then the rest of the model
-    qzoom-zoom     gate says yes: coarse pass to K + gate + region + crop/encode + fused prefill
+    stock@4096       transformers' generate() at 256-4096 visual tokens (the published baseline)
+    stock@576        generate() at the coarse budget
+    never@4096       qzoom --zoom never at 256-4096, eager decode loop and fast path
+    never@576        qzoom --zoom never at the coarse budget, eager and fast
+    skip             gate says no: coarse pass + the gate's T layers, then the rest; eager and fast
+    zoom             gate says yes: coarse pass to K + gate + region + crop/encode + fused prefill
+
+Per case: visual tokens, time to first token, per-token decode time, total, peak memory, and
+the ratio of the total to stock generate() at 4096. The decode floor (the language model's
+weight bytes over the measured copy bandwidth) is printed beside the per-token times.
 
     python benchmarks/bench_engine.py --arch 7b --device cuda      # real size, needs a GPU
     python benchmarks/bench_engine.py --arch small --device cpu    # a CPU-sized stand-in
@@ -18,6 +24,7 @@ Writes a JSON report (--out) and prints a markdown table for benchmarks/RESULTS.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -29,12 +36,14 @@ import transformers
 
 from qzoom_cli.api import QZoom
 from qzoom_cli.backbones.qwen2_5_vl import Qwen2_5_VLBackbone
-from qzoom_cli.budget import VisualBudget
+from qzoom_cli.budget import VisualBudget, resize_to_budget
 from qzoom_cli.documents import open_document
-from qzoom_cli.runtime import resolve_runtime
+from qzoom_cli.runtime import Runtime, reset_peak_memory, resolve_runtime, synchronize
 from qzoom_cli.testing import make_tokenizer, qwen2_5_vl_config
 from qzoom_cli.zoom.adapter import AdapterConfig, ZoomAdapter
 from qzoom_cli.zoom.pipeline import ZoomSettings
+
+QUESTION = "What is the total due?"
 
 # Public Qwen2.5-VL configs (text: hidden, MLP, heads, KV heads, head dim, M-RoPE sections).
 ARCHS = {
@@ -56,18 +65,18 @@ ARCHS = {
 }
 
 
-def build(arch: str, device: str, dtype: str, attn: str) -> QZoom:
+def build(arch: str, device: str, dtype: str, attn: str) -> tuple[Qwen2_5_VLBackbone, Runtime, ZoomAdapter]:
+    """The architecture with seeded random weights, answers that never end early, and a random adapter."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     spec = ARCHS[arch]
-    runtime = resolve_runtime(device, dtype, attn)
+    runtime = resolve_runtime(device, dtype, attn, compile="off")
     tokenizer = make_tokenizer()
     config = qwen2_5_vl_config(tokenizer, spec["layers"], spec["text"], spec["vision"], vocab_size=spec["vocab"],
                                init_std=0.02)
-    config._attn_implementation = runtime.attn
-    config.text_config._attn_implementation = runtime.attn
-    config.vision_config._attn_implementation = runtime.attn
+    for part in (config, config.text_config, config.vision_config):
+        part._attn_implementation = runtime.attn
     torch.manual_seed(0)
     with torch.device(runtime.device):
         model = Qwen2_5_VLForConditionalGeneration(config).to(runtime.dtype).eval()
@@ -77,23 +86,96 @@ def build(arch: str, device: str, dtype: str, attn: str) -> QZoom:
     adapter = ZoomAdapter.initialized_from_base(
         AdapterConfig(branch_layer=spec["branch"], depth=3, family=backbone.family, hidden_size=backbone.hidden_size),
         backbone)
-    return QZoom(backbone, runtime, None, adapter)
+    return backbone, runtime, adapter
 
 
-def measure(qz: QZoom, doc, page: str, budget: VisualBudget, settings: ZoomSettings, new_tokens: int,
-            repeats: int) -> dict:
-    runs = []
-    for _ in range(repeats + 1):  # the first run warms kernels and allocator up and is dropped
+def engines(backbone, runtime: Runtime, adapter, fuse: bool) -> dict[str, QZoom]:
+    """The same model and adapter behind each decoder: eager loop, and the fast path of this device."""
+    fast = "cuda_graphs" if runtime.device.type == "cuda" else "static_cache"
+    out = {"eager": QZoom(backbone, dataclasses.replace(runtime, decoder="eager"), None, adapter),
+           "fast": QZoom(backbone, dataclasses.replace(runtime, decoder=fast), None, adapter)}
+    if fuse:
+        from qzoom_cli.static_decode import StaticDecoder
+
+        fused = QZoom(backbone, dataclasses.replace(runtime, decoder=fast), None, adapter)
+        fused.engine.decode = StaticDecoder(backbone, capture=runtime.device.type == "cuda", fuse=True)
+        out["fast+inductor"] = fused
+    return out
+
+
+def weight_bytes(backbone) -> int:
+    """Bytes a decode step must read: every decoder layer, the final norm and the LM head."""
+    lm = backbone.language_model
+    modules = [lm.layers, lm.norm, backbone.model.lm_head]
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Device memory bandwidth in bytes/s from a large device-to-device copy (read + write)."""
+    if device.type != "cuda":
+        return None
+    src = torch.randn(2**28, device=device)  # 1 GiB of float32
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    return 2 * src.numel() * src.element_size() * 20 / (start.elapsed_time(end) / 1000)
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """Median wall time of `fn` over `repeats` runs after one warm-up run, and the last result."""
+    fn()
+    walls, result = [], None
+    for _ in range(repeats):
         start = time.perf_counter()
-        [result] = qz.ask(doc, "What is the total due?", pages=page, budget=budget, zoom=settings,
-                          max_new_tokens=new_tokens)
-        runs.append((time.perf_counter() - start, result))
-    walls = [wall for wall, _ in runs[1:]]
-    result = runs[-1][1]
-    return {"wall_s": statistics.median(walls), "wall_runs_s": walls, "zoomed": result.zoom.zoomed,
-            "visual_tokens": result.stats.visual_tokens, "prompt_tokens": result.stats.prompt_tokens,
-            "output_tokens": result.stats.output_tokens, "peak_mem_gib": result.stats.peak_mem_gib,
-            "time": vars(result.stats.time)}
+        result = fn()
+        walls.append(time.perf_counter() - start)
+    return statistics.median(walls), result
+
+
+def qzoom_case(qz: QZoom, doc, page: int, budget: VisualBudget, settings: ZoomSettings, new_tokens: int,
+               repeats: int) -> dict:
+    wall, [result] = timed(lambda: qz.ask(doc, QUESTION, pages=str(page), budget=budget, zoom=settings,
+                                          max_new_tokens=new_tokens), repeats)
+    t = result.stats.time
+    steps = max(1, result.stats.output_tokens - 1)
+    return {"wall_s": wall, "ttft_s": wall - t.decode_s, "decode_per_token_s": t.decode_s / steps,
+            "zoomed": result.zoom.zoomed, "visual_tokens": result.stats.visual_tokens,
+            "prompt_tokens": result.stats.prompt_tokens, "output_tokens": result.stats.output_tokens,
+            "peak_mem_gib": result.stats.peak_mem_gib, "time": vars(t)}
+
+
+def stock_case(backbone, doc, page: int, budget: VisualBudget, new_tokens: int, repeats: int) -> dict:
+    """Render, resize, the stock image processor and `generate()`: what a transformers user runs."""
+    device = backbone.device
+
+    def run(tokens: int):
+        image = resize_to_budget(doc.render(page), backbone.patch_factor, budget)
+        grid = (image.height // backbone.patch_factor, image.width // backbone.patch_factor)
+        prompt = backbone.build_prompt(QUESTION, [grid])
+        pixels = backbone.image_processor(images=[image], do_resize=False, return_tensors="pt")
+        ids = prompt.input_ids.to(device)
+        with torch.inference_mode():
+            out = backbone.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels["pixel_values"].to(device),
+                image_grid_thw=pixels["image_grid_thw"].to(device),
+                mm_token_type_ids=(ids == backbone.config.image_token_id).int(), max_new_tokens=tokens,
+                min_new_tokens=tokens, do_sample=False)
+        synchronize(device)
+        return grid[0] * grid[1], prompt.length, out.shape[1] - ids.shape[1]
+
+    first, _ = timed(lambda: run(1), repeats)
+    reset_peak_memory(device)
+    wall, (visual, prompt_tokens, produced) = timed(lambda: run(new_tokens), repeats)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"wall_s": wall, "ttft_s": first, "decode_per_token_s": (wall - first) / max(1, produced - 1),
+            "zoomed": False, "visual_tokens": visual, "prompt_tokens": prompt_tokens, "output_tokens": produced,
+            "peak_mem_gib": peak}
 
 
 def main() -> None:
@@ -103,49 +185,66 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--page", default=str(Path(__file__).parent.parent / "samples" / "invoice.pdf"))
-    parser.add_argument("--page-number", default="2", help="which page of --page (the totals page)")
+    parser.add_argument("--page-number", type=int, default=2, help="which page of --page (the totals page)")
     parser.add_argument("--dpi", type=int, default=200)
-    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fuse", action="store_true", help="also time the fast path with inductor-fused kernels")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     args = parser.parse_args()
     transformers.utils.logging.set_verbosity_error()
 
-    qz = build(args.arch, args.device, args.dtype, args.attn)
-    coarse = VisualBudget(256, 576)
-    cases = {
-        "baseline@4096": (VisualBudget(256, 4096), ZoomSettings("never")),
-        "coarse@576": (coarse, ZoomSettings("never")),
-        "qzoom-skip": (coarse, ZoomSettings("auto", gate_threshold=1.01)),
-        "qzoom-zoom": (coarse, ZoomSettings("auto", gate_threshold=0.0, roi_threshold=0.0)),
-    }
+    backbone, runtime, adapter = build(args.arch, args.device, args.dtype, args.attn)
+    qzooms = engines(backbone, runtime, adapter, args.fuse)
+    baseline, coarse = VisualBudget(256, 4096), VisualBudget(256, 576)
+    settings = {"never": ZoomSettings("never"), "skip": ZoomSettings("auto", gate_threshold=1.01),
+                "zoom": ZoomSettings("auto", gate_threshold=0.0, roi_threshold=0.0)}
+    report = {}
     with open_document(args.page, dpi=args.dpi) as doc:
         doc_pages = doc.page_count
-        report = {name: measure(qz, doc, args.page_number, budget, settings, args.new_tokens, args.repeats)
-                  for name, (budget, settings) in cases.items()}
-    device = qz.runtime.device
+        for label, budget in (("4096", baseline), ("576", coarse)):
+            report[f"stock@{label}"] = stock_case(backbone, doc, args.page_number, budget, args.new_tokens,
+                                                  args.repeats)
+            for name, qz in qzooms.items():
+                report[f"never@{label} {name}"] = qzoom_case(qz, doc, args.page_number, budget, settings["never"],
+                                                             args.new_tokens, args.repeats)
+        for path in ("skip", "zoom"):
+            for name, qz in qzooms.items():
+                report[f"{path} {name}"] = qzoom_case(qz, doc, args.page_number, coarse, settings[path],
+                                                      args.new_tokens, args.repeats)
+    device = runtime.device
+    bandwidth = copy_bandwidth(device)
+    weights = weight_bytes(backbone)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    meta = {"arch": args.arch, "device": str(device), "device_name": name, "dtype": qz.runtime.dtype_name,
-            "attn": qz.runtime.attn, "torch": torch.__version__, "transformers": transformers.__version__,
-            "page": f"{Path(args.page).name} page {args.page_number} of {doc_pages} at {args.dpi} dpi", "new_tokens": args.new_tokens,
-            "repeats": args.repeats}
-    base = report["baseline@4096"]["wall_s"]
+    meta = {"arch": args.arch, "device": str(device), "device_name": name, "dtype": runtime.dtype_name,
+            "attn": runtime.attn, "torch": torch.__version__, "transformers": transformers.__version__,
+            "page": f"{Path(args.page).name} page {args.page_number} of {doc_pages} at {args.dpi} dpi",
+            "new_tokens": args.new_tokens, "repeats": args.repeats, "lm_weight_bytes": weights,
+            "copy_bandwidth_bytes_per_s": bandwidth,
+            "decode_floor_s": weights / bandwidth if bandwidth else None}
+    base = report["stock@4096"]["wall_s"]
     for row in report.values():
-        row["speedup_vs_baseline"] = base / row["wall_s"]
+        row["vs_stock_4096"] = row["wall_s"] / base
     if args.out:
         Path(args.out).write_text(json.dumps({"meta": meta, "cases": report}, indent=2))
     print(f"{meta['arch']} on {meta['device_name']} ({meta['device']}, {meta['dtype']}, {meta['attn']}), "
           f"torch {meta['torch']}, transformers {meta['transformers']}; {meta['page']}, "
-          f"{args.new_tokens} new tokens, median of {args.repeats}\n")
-    print("| case | visual tokens | prompt tokens | wall s | vs baseline | render | encode | coarse prefill | gate | "
-          "region | crop+encode | fused prefill | decode |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"{args.new_tokens} new tokens, median of {args.repeats}")
+    if bandwidth:
+        print(f"decode floor: {weights / 1e9:.2f} GB of LM weights / {bandwidth / 1e12:.2f} TB/s copy bandwidth = "
+              f"{meta['decode_floor_s'] * 1e3:.2f} ms/token")
+    print("\n| case | visual tokens | prompt tokens | TTFT ms | decode ms/token | total ms | x stock@4096 | "
+          "peak GiB | encode | coarse | gate | region | crop+enc | fused | decode |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case, row in report.items():
-        t = row["time"]
-        print(f"| {case} | {row['visual_tokens']} | {row['prompt_tokens']} | {row['wall_s']:.3f} | "
-              f"{row['speedup_vs_baseline']:.2f}x | {t['render_s']:.3f} | {t['preprocess_s']:.3f} | "
-              f"{t['coarse_prefill_s']:.3f} | {t['gate_s']:.3f} | "
-              f"{t['region_s']:.3f} | {t['region_encode_s']:.3f} | {t['fused_prefill_s']:.3f} | {t['decode_s']:.3f} |")
+        t = row.get("time")
+        stages = " | ".join(f"{t[k] * 1e3:.1f}" for k in ("preprocess_s", "coarse_prefill_s", "gate_s", "region_s",
+                                                         "region_encode_s", "fused_prefill_s", "decode_s")) \
+            if t else " | ".join(["-"] * 7)
+        peak = f"{row['peak_mem_gib']:.2f}" if row["peak_mem_gib"] is not None else "-"
+        print(f"| {case} | {row['visual_tokens']} | {row['prompt_tokens']} | {row['ttft_s'] * 1e3:.1f} | "
+              f"{row['decode_per_token_s'] * 1e3:.2f} | {row['wall_s'] * 1e3:.1f} | {row['vs_stock_4096']:.3f} | "
+              f"{peak} | {stages} |")
 
 
 if __name__ == "__main__":

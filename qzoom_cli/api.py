@@ -13,6 +13,7 @@ so memory does not grow with document length.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,12 +28,15 @@ from .documents import DEFAULT_DPI, Document, open_document, parse_page_spec
 from .errors import OutOfMemory, UsageError
 from .results import BudgetInfo, Candidate, InputInfo, ModelInfo, Result, Stats, Timings
 from .runtime import Runtime, peak_memory, reset_peak_memory, resolve_runtime, synchronize
+from .static_decode import make_decoder
 from .zoom.adapter import ZoomAdapter, checkpoint_files, official_adapter_config
 from .zoom.pipeline import PageAnswer, PageView, ZoomEngine, ZoomSettings
 
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 DEFAULT_MAX_NEW_TOKENS = 64
 ZOOM_COARSE_BUDGET = (256, 576)
+
+log = logging.getLogger("qzoom")
 
 __all__ = ["QZoom", "ZoomSettings", "SHORT_ANSWER_INSTRUCTION", "DEFAULT_MAX_NEW_TOKENS"]
 
@@ -90,22 +94,26 @@ class QZoom:
             gate_threshold = gate_threshold if gate_threshold is not None else zoom_card.get("gate_threshold")
             roi_threshold = roi_threshold if roi_threshold is not None else zoom_card.get("roi_threshold")
         self.engine = ZoomEngine(backbone, k, t, adapter, reuse_src_pos=bool(adapter and adapter.config.reuse_src_pos),
-                                 gate_threshold=gate_threshold, roi_threshold=roi_threshold)
+                                 gate_threshold=gate_threshold, roi_threshold=roi_threshold,
+                                 decode=make_decoder(backbone, runtime.decoder))
 
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, *, adapter: str | Path | None = None,
                         revision: str | None = None, device: str | None = "auto", dtype: str | None = "auto",
-                        attn: str | None = "auto", branch_layer: int | None = None,
+                        attn: str | None = "auto", compile: str | None = "auto", branch_layer: int | None = None,
                         depth: int | None = None) -> QZoom:
         """Load a hub id or local checkpoint (default: the default card's model) with its zoom modules.
 
         Zoom modules come from `adapter` (a directory written by `ZoomAdapter.save_pretrained`),
         else from the checkpoint itself when it is a released Q-Zoom checkpoint; a stock
-        checkpoint zooms training-free with its own layers K..K+T-1 as region head.
+        checkpoint zooms training-free with its own layers K..K+T-1 as region head. `compile`
+        picks the decoder (`runtime.resolve_decoder`): auto captures it as a CUDA graph on CUDA.
         """
         card = default_card() if model is None else find_card(str(model))
         ref = card.id if model is None else str(model)
-        runtime = resolve_runtime(device, dtype, attn)
+        runtime = resolve_runtime(device, dtype, attn, compile)
+        for note in runtime.notes:
+            log.warning(note)
         backbone = load_backbone(ref, runtime, revision, processor=card.processor if card else None)
         if adapter is not None:
             zoom_modules = ZoomAdapter.from_pretrained(adapter, backbone)
@@ -141,7 +149,7 @@ class QZoom:
         bb = self.backbone
         return ModelInfo(id=bb.model_id if self.card is None else self.card.id, revision=bb.revision,
                          family=bb.family, device=str(self.runtime.device), dtype=self.runtime.dtype_name,
-                         attn=self.runtime.attn)
+                         attn=self.runtime.attn, decoder=self.engine.decode.name)
 
     def ask(self, document: str | Path | bytes | Document, questions: str | list[str], *,
             pages: str | None = None, dpi: int = DEFAULT_DPI, password: str | None = None,
@@ -171,7 +179,9 @@ class QZoom:
             reset_peak_memory(self.runtime.device)
             candidates: list[list[_Candidate]] = [[] for _ in questions]
             warnings: list[str] = []
-            for number in selected:
+            for index, number in enumerate(selected):
+                if index + 1 < len(selected):
+                    doc.render_ahead(selected[index + 1])
                 page = self._encode_page_with_retry(doc, number, budget)
                 warnings.extend(page.warnings)
                 for i, candidate in enumerate(self._answer_page(page, questions, instruction, settings,

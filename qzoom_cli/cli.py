@@ -57,6 +57,18 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     if quiet:
         disable_progress_bars()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
+    qzoom_log = logging.getLogger("qzoom")
+    qzoom_log.propagate = False
+    if not any(isinstance(h, _WarningLine) for h in qzoom_log.handlers):
+        qzoom_log.addHandler(_WarningLine())
+    qzoom_log.setLevel(logging.ERROR if quiet else logging.WARNING)
+
+
+class _WarningLine(logging.Handler):
+    """The library's warnings as `qzoom: warning: ...` lines on the stderr of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"qzoom: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
 
 
 def _warn(message: str, quiet: bool) -> None:
@@ -120,6 +132,9 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Questions about one
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (or $QZOOM_DEVICE).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, bf16, fp16 or fp32.")]
 AttnOpt = Annotated[str, typer.Option("--attn", help="auto, sdpa, flash_attention_2 or eager.")]
+CompileOpt = Annotated[str, typer.Option("--compile", help="Decode on a static cache captured as a CUDA graph: "
+                                                           "auto (on CUDA), on (also elsewhere, uncaptured) or "
+                                                           "off (the eager loop).")]
 RoiNativeOpt = Annotated[bool, typer.Option("--roi-native", help="Never read a region at more tokens than it has "
                                                                "at its source resolution (faster on small regions; "
                                                                "the reference always uses the full budget).")]
@@ -127,10 +142,12 @@ RootOpt = Annotated[str | None, typer.Option("--root", help="Folder that relativ
                                                            "start from [default: the manifest's folder].")]
 
 
-def _load(model, adapter, revision, device, dtype, attn):
+def _load(model, adapter, revision, device, dtype, attn, compile_mode="off"):
+    """The model for a command; training and question writing keep the eager decode loop (compile off)."""
     from .api import QZoom
 
-    return QZoom.from_pretrained(model, adapter=adapter, revision=revision, device=device, dtype=dtype, attn=attn)
+    return QZoom.from_pretrained(model, adapter=adapter, revision=revision, device=device, dtype=dtype, attn=attn,
+                                 compile=compile_mode)
 
 
 def _instruction(value: str | None) -> str:
@@ -175,6 +192,7 @@ def ask(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
+    compile_mode: CompileOpt = "auto",
     as_json: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -199,7 +217,7 @@ def ask(
                 _warn(warning, quiet)
             show_panel = not quiet and err_console.is_terminal
             with err_console.status("Loading model…") if show_panel else nullcontext():
-                qz = _load(model, adapter, revision, device, dtype, attn)
+                qz = _load(model, adapter, revision, device, dtype, attn, compile_mode)
             budget = qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=zoom)
             with err_console.status("Answering…") if show_panel else nullcontext():
                 results = qz.ask(doc, questions, pages=pages, budget=budget, zoom=settings,
@@ -280,6 +298,7 @@ def run(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
+    compile_mode: CompileOpt = "auto",
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress",
                                                   help="Progress bar on stderr [default: when it is a terminal].")]
     = None,
@@ -309,7 +328,7 @@ def run(
             device = str(state.device)
 
         def load():
-            qz = _load(model, adapter, revision, device, dtype, attn)
+            qz = _load(model, adapter, revision, device, dtype, attn, compile_mode)
             options.budget = qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=zoom)
             return qz
 
@@ -400,6 +419,7 @@ def evaluate_command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
+    compile_mode: CompileOpt = "auto",
     as_json: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -422,7 +442,7 @@ def evaluate_command(
         rows = read_manifest(manifest, root)
         check_transformers()
         _configure_logging(verbose, quiet)
-        qz = _load(model, adapter, revision, device, dtype, attn)
+        qz = _load(model, adapter, revision, device, dtype, attn, compile_mode)
         summaries, per_mode = [], {}
         for mode in modes:
             options = RunOptions(zoom=_settings(mode, gate_threshold, roi_threshold, roi_max_visual_tokens),
@@ -470,6 +490,7 @@ def bench(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
+    compile_mode: CompileOpt = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -496,7 +517,7 @@ def bench(
         rows = read_manifest(manifest, root)[:limit]
         check_transformers()
         _configure_logging(verbose, quiet)
-        qz = _load(model, adapter, revision, device, dtype, attn)
+        qz = _load(model, adapter, revision, device, dtype, attn, compile_mode)
         options = RunOptions(zoom=_settings("auto", gate_threshold, roi_threshold, None), dpi=dpi,
                              max_new_tokens=max_new_tokens, instruction=_instruction(instruction), batch_size=batch_size,
                              verbose=verbose)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import Cache
@@ -31,6 +32,13 @@ class Generation:
     def score(self) -> float:
         """Mean natural-log probability of the generated tokens, the end token included."""
         return sum(self.logprobs) / len(self.logprobs) if self.logprobs else float("-inf")
+
+
+def pick_tokens(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy token of each row of `logits` [batch, vocab] and its log-probability (in float32)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    tokens = logprobs.argmax(dim=-1)
+    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
 
 
 def truncate_cache(cache: Cache, length: int, layers: range) -> None:
@@ -75,10 +83,8 @@ def greedy_decode_batch(backbone: Backbone, first_logits: torch.Tensor, cache: C
     logits = first_logits
     start = time.perf_counter()
     for step in range(max_new_tokens):
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        tokens = logprobs.argmax(dim=-1)
-        picked = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
-        for out, token, logprob in zip(outs, tokens.tolist(), picked, strict=True):
+        tokens, picked = pick_tokens(logits)
+        for out, token, logprob in zip(outs, tokens.tolist(), picked.tolist(), strict=True):
             if not out.finished:
                 out.token_ids.append(token)
                 out.logprobs.append(logprob)
@@ -96,6 +102,27 @@ def greedy_decode_batch(backbone: Backbone, first_logits: torch.Tensor, cache: C
     for out in outs:
         out.decode_s = elapsed
     return outs
+
+
+class Decoder(Protocol):
+    """Greedy decoding after a prefill, one `Generation` per sample (see `greedy_decode_batch`)."""
+
+    name: str
+
+    def __call__(self, first_logits: torch.Tensor, cache: Cache, positions: torch.Tensor, max_new_tokens: int,
+                 attention_mask: torch.Tensor | None = None) -> list[Generation]: ...
+
+
+class EagerDecoder:
+    """The reference loop: every step launched from Python over the growing cache."""
+
+    name = "eager"
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+
+    def __call__(self, first_logits, cache, positions, max_new_tokens, attention_mask=None) -> list[Generation]:
+        return greedy_decode_batch(self.backbone, first_logits, cache, positions, max_new_tokens, attention_mask)
 
 
 def greedy_decode(backbone: Backbone, first_logits: torch.Tensor, cache: Cache, positions: torch.Tensor,

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import sys
+import threading
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +117,10 @@ class Document:
     warnings: list[str] = field(default_factory=list)
     _pdf: pymupdf.Document | None = field(default=None, repr=False)
     _image: Image.Image | None = field(default=None, repr=False)
+    # MuPDF and PIL objects are not thread-safe: every read of the source holds the lock
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _renderer: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _ahead: dict[int, Future] = field(default_factory=dict, repr=False)
 
     def _check(self, number: int) -> None:
         if not 1 <= number <= self.page_count:
@@ -123,23 +129,38 @@ class Document:
     def page_size(self, number: int) -> tuple[int, int]:
         """(width, height) in page pixels: the coordinate space every box qzoom reports lives in."""
         self._check(number)
-        if self._pdf is not None:
-            scale = self.dpi / 72
-            box = (self._pdf[number - 1].rect * pymupdf.Matrix(scale, scale)).irect
-            return box.width, box.height
-        self._image.seek(number - 1)
-        return ImageOps.exif_transpose(self._image).size
+        with self._lock:
+            if self._pdf is not None:
+                scale = self.dpi / 72
+                box = (self._pdf[number - 1].rect * pymupdf.Matrix(scale, scale)).irect
+                return box.width, box.height
+            self._image.seek(number - 1)
+            return ImageOps.exif_transpose(self._image).size
 
     def render(self, number: int) -> Image.Image:
-        """Page `number` as an RGB image; PDFs at the document's DPI (page rotation applied)."""
+        """Page `number` as an RGB image; PDFs at the document's DPI (page rotation applied).
+        A page asked for with `render_ahead` comes from that render (its errors raise here)."""
         self._check(number)
-        if self._pdf is not None:
-            return self._render_pdf_page(number)
-        try:
-            self._image.seek(number - 1)
-            return _to_rgb(ImageOps.exif_transpose(self._image))
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise ImageCorrupt(f"cannot decode page {number} of {self.source}: {exc}") from exc
+        ahead = self._ahead.pop(number, None)
+        return ahead.result() if ahead is not None else self._render(number)
+
+    def render_ahead(self, number: int) -> None:
+        """Start rendering page `number` in a worker thread, so it is ready when the model, which
+        mostly waits on the GPU meanwhile, is done with the current page; `render(number)` collects it."""
+        if 1 <= number <= self.page_count and number not in self._ahead:
+            if self._renderer is None:
+                self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qzoom-render")
+            self._ahead[number] = self._renderer.submit(self._render, number)
+
+    def _render(self, number: int) -> Image.Image:
+        with self._lock:
+            if self._pdf is not None:
+                return self._render_pdf_page(number)
+            try:
+                self._image.seek(number - 1)
+                return _to_rgb(ImageOps.exif_transpose(self._image))
+            except (OSError, ValueError, SyntaxError) as exc:
+                raise ImageCorrupt(f"cannot decode page {number} of {self.source}: {exc}") from exc
 
     def _render_pdf_page(self, number: int) -> Image.Image:
         width, height = self.page_size(number)
@@ -166,6 +187,15 @@ class Document:
         """
         self._check(number)
         x0, y0, x1, y1 = (float(v) for v in box.as_list())
+        with self._lock:
+            region = self._source_region(number, (x0, y0, x1, y1), size)
+        if region.size == size:
+            return region
+        return region.resize(size, Image.Resampling.BICUBIC)
+
+    def _source_region(self, number: int, box: tuple[float, float, float, float], size: tuple[int, int]
+                       ) -> Image.Image:
+        x0, y0, x1, y1 = box
         if self._pdf is not None:
             points = 72 / self.dpi
             clip = pymupdf.Rect(x0 * points, y0 * points, x1 * points, y1 * points)
@@ -175,26 +205,26 @@ class Document:
                 pixmap = self._pdf[number - 1].get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), clip=clip, alpha=False)
             except Exception as exc:  # MuPDF raises its own error types for damaged content streams
                 raise PdfCorrupt(f"cannot render page {number} of {self.source}: {exc}") from exc
-            region = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
-        else:
-            region = self.render(number).crop((int(x0), int(y0), int(x1), int(y1)))
-        if region.size == size:
-            return region
-        return region.resize(size, Image.Resampling.BICUBIC)
+            return Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+        return self._render(number).crop((int(x0), int(y0), int(x1), int(y1)))
 
     def thumbnail(self, number: int, max_side: int = 96) -> Image.Image:
         """A small RGB picture of a page, rendered directly at low resolution for PDFs."""
         if self._pdf is not None:
             width, height = self.page_size(number)
             dpi = max(1, int(self.dpi * max_side / max(width, height)))
-            pixmap = self._pdf[number - 1].get_pixmap(dpi=dpi, alpha=False)
+            with self._lock:
+                pixmap = self._pdf[number - 1].get_pixmap(dpi=dpi, alpha=False)
             image = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
         else:
-            image = self.render(number)
+            image = self._render(number)
         image.thumbnail((max_side, max_side))
         return image
 
     def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.shutdown(wait=True, cancel_futures=True)
+            self._ahead.clear()
         if self._pdf is not None:
             self._pdf.close()
         if self._image is not None:

@@ -69,6 +69,7 @@ class ModelInfo:
     device: str
     dtype: str
     attn: str
+    decoder: str = "eager"  # eager, static_cache or cuda_graphs (runtime.DECODERS)
 
 
 @dataclass

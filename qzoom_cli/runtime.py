@@ -15,6 +15,8 @@ from .errors import EnvironmentProblem, UsageError
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 ATTN_CHOICES = ("auto", "sdpa", "flash_attention_2", "eager")
+COMPILE_CHOICES = ("auto", "on", "off")
+DECODERS = ("eager", "static_cache", "cuda_graphs")
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,8 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype
     attn: str
+    decoder: str = "eager"
+    notes: tuple[str, ...] = ()  # why the decoder asked for could not be used
 
     @property
     def dtype_name(self) -> str:
@@ -71,21 +75,50 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_attn(name: str | None, device: torch.device) -> str:
-    """'auto': flash_attention_2 on CUDA when the package is importable, else sdpa."""
+def resolve_attn(name: str | None, device: torch.device, fast_decode: bool = False) -> str:
+    """'auto': sdpa when the fast decode path will run (its graphs need it; sdpa's own flash kernel
+    serves the prefill), else flash_attention_2 on CUDA when the package is importable, else sdpa."""
     name = (name or "auto").lower()
     if name not in ATTN_CHOICES:
         raise UsageError(f"unknown attention {name!r}: use {', '.join(ATTN_CHOICES)}")
     if name == "auto":
-        return "flash_attention_2" if device.type == "cuda" and flash_attention_available() else "sdpa"
+        usable = device.type == "cuda" and flash_attention_available() and not fast_decode
+        return "flash_attention_2" if usable else "sdpa"
     if name == "flash_attention_2" and not (device.type == "cuda" and flash_attention_available()):
         raise EnvironmentProblem("flash_attention_2 needs a CUDA device and the flash-attn package (see `qzoom doctor`)")
     return name
 
 
-def resolve_runtime(device: str | None = None, dtype: str | None = None, attn: str | None = None) -> Runtime:
+def wants_fast_decode(compile: str | None, device: torch.device) -> bool:
+    """Whether `--compile` asks for the static-cache decoder on this device."""
+    name = (compile or "auto").lower()
+    if name not in COMPILE_CHOICES:
+        raise UsageError(f"unknown --compile {name!r}: use {', '.join(COMPILE_CHOICES)}")
+    return name == "on" or (name == "auto" and device.type == "cuda")
+
+
+def resolve_decoder(compile: str | None, device: torch.device, attn: str) -> tuple[str, str | None]:
+    """The greedy decoder for `--compile` (one of DECODERS), and why it is not the one asked for.
+
+    'auto' captures the decode step as a CUDA graph on CUDA and keeps the eager loop elsewhere;
+    'on' insists (without CUDA the static cache runs uncaptured); 'off' is the eager loop. The
+    static cache hands attention a boolean slot mask, which only the sdpa path takes as it is.
+    """
+    if not wants_fast_decode(compile, device):
+        return "eager", None
+    if attn != "sdpa":
+        return "eager", f"the fast decode path needs --attn sdpa (not {attn}); decoding with the eager loop"
+    if device.type != "cuda":
+        return "static_cache", "CUDA graphs need a CUDA device; decoding on the static cache without capture"
+    return "cuda_graphs", None
+
+
+def resolve_runtime(device: str | None = None, dtype: str | None = None, attn: str | None = None,
+                    compile: str | None = None) -> Runtime:
     chosen = resolve_device(device)
-    return Runtime(chosen, resolve_dtype(dtype, chosen), resolve_attn(attn, chosen))
+    attn_name = resolve_attn(attn, chosen, fast_decode=wants_fast_decode(compile, chosen))
+    decoder, note = resolve_decoder(compile, chosen, attn_name)
+    return Runtime(chosen, resolve_dtype(dtype, chosen), attn_name, decoder, (note,) if note else ())
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -171,3 +171,15 @@ def test_thumbnail_is_small_and_keeps_aspect():
     with open_document(make_pdf(1)) as doc:
         thumb = doc.thumbnail(1, max_side=64)
         assert max(thumb.size) <= 64 and thumb.height > thumb.width
+
+
+def test_pages_rendered_ahead_are_the_same_pages(pdf_path):
+    with open_document(pdf_path, dpi=72) as doc:
+        expected = [doc.render(n).tobytes() for n in (1, 2, 3)]
+        for number in (3, 1, 99, 0):
+            doc.render_ahead(number)
+        assert sorted(doc._ahead) == [1, 3]
+        assert [doc.render(n).tobytes() for n in (1, 2, 3)] == expected
+        assert not doc._ahead
+        doc.render_ahead(2)
+    assert not doc._ahead  # closing drops what was never collected

@@ -97,12 +97,17 @@ class Backbone(ABC):
     def new_cache(self) -> Cache: ...
 
     @abstractmethod
+    def new_static_cache(self, max_length: int) -> Cache:
+        """A preallocated cache of `max_length` positions (fixed addresses, for CUDA graphs)."""
+
+    @abstractmethod
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, cache: Cache | None,
                    start: int, stop: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder layers [start, stop) on `hidden`, appending to `cache` when one is given.
 
         `attention_mask` [batch, cached + new] marks real tokens (1) and padding (0); None means
-        a single unpadded sequence."""
+        a single unpadded sequence; a 4-D mask [batch, 1, new, cache slots] (True: may attend) is
+        used as it is (the static-cache decoder builds its own)."""
 
     @abstractmethod
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

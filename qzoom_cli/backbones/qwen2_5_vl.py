@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -19,6 +20,7 @@ from transformers import (
     DynamicCache,
     GenerationConfig,
     Qwen2_5_VLForConditionalGeneration,
+    StaticCache,
 )
 from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
@@ -86,6 +88,25 @@ def mrope_position_ids(length: int, images: list[ImageBlock]) -> torch.Tensor:
         index = block.stop
     rows_out[:, index:] = torch.arange(position, position + length - index)
     return rows_out.unsqueeze(1)
+
+
+def pixel_patches(image: Image.Image, processor, device: torch.device) -> torch.Tensor:
+    """The Qwen-VL image processor's `pixel_values` for one image already at its size, computed as
+    tensors on `device` with the processor's own rounding: each byte rescaled in float64 and
+    stored as float32 (a 256-entry table), then (x - mean) / std in float32, then the patch layout
+    [merged rows, merged cols, merge, merge, channel, time, patch, patch] flattened per patch."""
+    patch, merge, frames = processor.patch_size, processor.merge_size, processor.temporal_patch_size
+    scale = processor.rescale_factor if processor.do_rescale else 1.0
+    table = torch.from_numpy((np.arange(256, dtype=np.float64) * scale).astype(np.float32)).to(device)
+    x = table[torch.from_numpy(np.array(image.convert("RGB"))).to(device).long()]  # [H, W, C]
+    if processor.do_normalize:
+        mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=device)
+        std = torch.tensor(processor.image_std, dtype=torch.float32, device=device)
+        x = (x - mean) / std
+    rows, cols = image.height // patch, image.width // patch
+    x = x.permute(2, 0, 1).reshape(3, rows // merge, merge, patch, cols // merge, merge, patch)
+    x = x.permute(1, 4, 2, 5, 0, 3, 6)[:, :, :, :, :, None].expand(-1, -1, -1, -1, -1, frames, -1, -1)
+    return x.reshape(rows * cols, 3 * frames * patch * patch)
 
 
 class Qwen2_5_VLBackbone(Backbone):
@@ -156,12 +177,15 @@ class Qwen2_5_VLBackbone(Backbone):
         factor = self.patch_factor
         if image.width % factor or image.height % factor:
             raise ValueError(f"image {image.size} is not a multiple of {factor} pixels; resize it to its budget first")
-        batch = self.image_processor(images=[image], do_resize=False, return_tensors="pt")
-        grid = batch["image_grid_thw"]
         expected = [1, image.height // factor * 2, image.width // factor * 2]
-        if grid[0].tolist() != expected:
-            raise RuntimeError(f"image processor produced grid {grid[0].tolist()}, expected {expected}")
-        pixels = batch["pixel_values"].to(self.device, self.model.model.visual.dtype)
+        if self.device.type == "cuda":  # a 4k-token page is ~19M floats: normalise and patchify where they are used
+            pixels, grid = pixel_patches(image, self.image_processor, self.device), torch.tensor([expected])
+        else:
+            batch = self.image_processor(images=[image], do_resize=False, return_tensors="pt")
+            pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
+            if grid[0].tolist() != expected:
+                raise RuntimeError(f"image processor produced grid {grid[0].tolist()}, expected {expected}")
+        pixels = pixels.to(self.device, self.model.model.visual.dtype)
         features = self.model.model.get_image_features(pixels, grid.to(self.device)).pooler_output
         return features[0]
 
@@ -177,6 +201,9 @@ class Qwen2_5_VLBackbone(Backbone):
 
     def new_cache(self) -> Cache:
         return DynamicCache(config=self.text_config)
+
+    def new_static_cache(self, max_length: int) -> Cache:
+        return StaticCache(config=self.text_config, max_cache_len=max_length)
 
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, cache: Cache | None,
                    start: int, stop: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

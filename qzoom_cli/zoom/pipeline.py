@@ -31,7 +31,7 @@ from PIL import Image
 
 from ..backbones import Backbone, ImageBlock
 from ..budget import VisualBudget, token_grid
-from ..decode import Generation, copy_cache, greedy_decode_batch, prefill, truncate_cache
+from ..decode import Decoder, EagerDecoder, Generation, copy_cache, prefill, truncate_cache
 from ..errors import UsageError
 from ..padding import PaddedBatch, Segment, pad_segments
 from ..results import Timings, ZoomInfo
@@ -126,8 +126,9 @@ class ZoomEngine:
 
     def __init__(self, backbone: Backbone, branch_layer: int, depth: int, adapter: ZoomAdapter | None = None,
                  reuse_src_pos: bool = False, gate_threshold: float | None = None,
-                 roi_threshold: float | None = None):
+                 roi_threshold: float | None = None, decode: Decoder | None = None):
         self.backbone = backbone
+        self.decode = decode or EagerDecoder(backbone)
         self.branch_layer = branch_layer
         self.depth = depth
         self.adapter = adapter
@@ -240,8 +241,7 @@ class ZoomEngine:
         return answers
 
     def _decode(self, answers, rows, logits, cache, positions, mask, max_new_tokens) -> None:
-        for i, generation in zip(rows, greedy_decode_batch(self.backbone, logits, cache, positions, max_new_tokens,
-                                                           mask), strict=True):
+        for i, generation in zip(rows, self.decode(logits, cache, positions, max_new_tokens, mask), strict=True):
             answers[i].generation = generation
             answers[i].time.decode_s += generation.decode_s
 
@@ -252,7 +252,7 @@ class ZoomEngine:
             hidden = bb.run_layers(group.hidden_k, group.positions, group.cache, self.branch_layer, bb.num_layers,
                                    group.mask)
             logits = bb.logits(hidden[:, -1:])[:, -1]
-        return greedy_decode_batch(bb, logits, group.cache, group.positions, max_new_tokens, group.mask)
+        return self.decode(logits, group.cache, group.positions, max_new_tokens, group.mask)
 
     def _zoom(self, group: _Group, batch: PaddedBatch, items, prompts, answers: list[PageAnswer],
               boxes: dict[int, Box], roi_threshold: float, settings: ZoomSettings, clock: _Clock,
