@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,7 @@ from .backbones import Backbone, load_backbone
 from .budget import VisualBudget, resize_to_budget
 from .cards import GENERIC_BUDGET, ModelCard, default_card, find_card
 from .documents import DEFAULT_DPI, Document, open_document, parse_page_spec
-from .errors import OutOfMemory, UsageError
+from .errors import OutOfMemory, QZoomError, UsageError
 from .results import BudgetInfo, Candidate, InputInfo, ModelInfo, Result, Stats, Timings
 from .runtime import Runtime, peak_memory, reset_peak_memory, resolve_runtime, synchronize
 from .static_decode import make_decoder
@@ -35,10 +36,11 @@ from .zoom.pipeline import PageAnswer, PageView, ZoomEngine, ZoomSettings
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 DEFAULT_MAX_NEW_TOKENS = 64
 ZOOM_COARSE_BUDGET = (256, 576)
+MAX_AUTO_BATCH = 64
 
 log = logging.getLogger("qzoom")
 
-__all__ = ["QZoom", "ZoomSettings", "SHORT_ANSWER_INSTRUCTION", "DEFAULT_MAX_NEW_TOKENS"]
+__all__ = ["QZoom", "AskRequest", "ZoomSettings", "SHORT_ANSWER_INSTRUCTION", "DEFAULT_MAX_NEW_TOKENS"]
 
 
 @dataclass
@@ -145,6 +147,20 @@ class QZoom:
             max_tokens = max(default.max_tokens, min_tokens)
         return VisualBudget(min_tokens, max_tokens)
 
+    def resolve_batch_size(self, batch_size: int | str, budget: VisualBudget, max_new_tokens: int,
+                           zoom_mode: str = "auto") -> int:
+        """`batch_size`, or for 'auto' the most (page, question) pairs (up to 64) whose prompts fit
+        in half the GPU memory free now; 1 off CUDA, where batching does not pay."""
+        if batch_size != "auto":
+            return batch_size
+        device = self.runtime.device
+        if device.type != "cuda":
+            return 1
+        read = budget.max_tokens * (1 if zoom_mode == "never" else 2)  # the page, and a region as large
+        pair = (read + 256 + max_new_tokens) * self.backbone.memory_per_token()
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(1, min(MAX_AUTO_BATCH, free // 2 // pair))
+
     def model_info(self) -> ModelInfo:
         bb = self.backbone
         return ModelInfo(id=bb.model_id if self.card is None else self.card.id, revision=bb.revision,
@@ -156,46 +172,51 @@ class QZoom:
             budget: VisualBudget | None = None, zoom: ZoomSettings | str = "auto",
             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, instruction: str = SHORT_ANSWER_INSTRUCTION,
             ids: list[str] | None = None, overlay_dir: str | Path | None = None,
-            batch_size: int = 1) -> list[Result]:
+            batch_size: int | str = 1) -> list[Result]:
         """Answer each question about the document; one `Result` per question, in order.
 
-        Questions about the same page are answered `batch_size` at a time (same answers as one
-        at a time, faster on a GPU)."""
+        (page, question) pairs are answered `batch_size` at a time (same answers as one at a
+        time, faster on a GPU; 'auto' sizes batches from free GPU memory)."""
         questions = check_questions(questions)
-        if batch_size < 1:
-            raise UsageError("--batch-size must be at least 1")
-        settings = ZoomSettings(mode=zoom) if isinstance(zoom, str) else zoom
-        if max_new_tokens < 1:
-            raise UsageError("--max-new-tokens must be at least 1")
-        ids = ids or [f"q{i}" for i in range(1, len(questions) + 1)]
-        if len(ids) != len(questions):
+        if ids is not None and len(ids) != len(questions):
             raise UsageError("one id per question is needed")
-        budget = budget or self.default_budget(settings.mode)
+        if batch_size != "auto" and batch_size < 1 or max_new_tokens < 1:
+            raise UsageError("--batch-size and --max-new-tokens must be at least 1")
         doc = document if isinstance(document, Document) else open_document(document, password=password, dpi=dpi)
         try:
-            selected = parse_page_spec(pages, doc.page_count)
-            input_info = InputInfo(file=doc.source, sha256=doc.sha256, kind=doc.kind, pages=selected,
-                                   dpi=doc.dpi, warnings=list(doc.warnings))
-            reset_peak_memory(self.runtime.device)
-            candidates: list[list[_Candidate]] = [[] for _ in questions]
-            warnings: list[str] = []
-            for index, number in enumerate(selected):
-                if index + 1 < len(selected):
-                    doc.render_ahead(selected[index + 1])
-                page = self._encode_page_with_retry(doc, number, budget)
-                warnings.extend(page.warnings)
-                for i, candidate in enumerate(self._answer_page(page, questions, instruction, settings,
-                                                                max_new_tokens, batch_size)):
-                    candidates[i].append(candidate)
-            memory = peak_memory(self.runtime.device)
-            results = [self._result(qid, q, input_info, budget, per_page, memory, warnings, settings)
-                       for qid, q, per_page in zip(ids, questions, candidates, strict=True)]
-            if overlay_dir is not None:
-                self._write_overlays(doc, results, candidates, Path(overlay_dir))
-            return results
+            request = AskRequest(doc, questions, ids, pages)
+            [(_, outcome)] = self.ask_many([request], budget=budget, zoom=zoom, max_new_tokens=max_new_tokens,
+                                           instruction=instruction, overlay_dir=overlay_dir, batch_size=batch_size)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
         finally:
             if doc is not document:
                 doc.close()
+
+    def ask_many(self, requests: Iterable[AskRequest], *, budget: VisualBudget | None = None,
+                 zoom: ZoomSettings | str = "auto", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 instruction: str = SHORT_ANSWER_INSTRUCTION, overlay_dir: str | Path | None = None,
+                 batch_size: int | str = 1) -> Iterator[tuple[AskRequest, list[Result] | Exception]]:
+        """Answer many requests (questions about pages of open documents), batching (page, question)
+        pairs across requests and documents, `batch_size` at a time.
+
+        Yields each request with its results, in order of completion (roughly the input order),
+        or with the error that stopped it: a bad page range, an unreadable page, running out of
+        memory in a batch it was part of. Other requests carry on. `requests` is consumed lazily,
+        so a caller can open each document only when its turn comes; a request's document must
+        stay open until the request is yielded.
+        """
+        settings = ZoomSettings(mode=zoom) if isinstance(zoom, str) else zoom
+        budget = budget or self.default_budget(settings.mode)
+        batch_size = self.resolve_batch_size(batch_size, budget, max_new_tokens, settings.mode)
+        if batch_size < 1 or max_new_tokens < 1:
+            raise UsageError("--batch-size and --max-new-tokens must be at least 1")
+        batcher = _Batcher(self, settings, budget, max_new_tokens, instruction, batch_size, overlay_dir)
+        reset_peak_memory(self.runtime.device)
+        for request in requests:
+            yield from batcher.add(request)
+        yield from batcher.flush()
 
     def _encode_page_with_retry(self, doc: Document, number: int, budget: VisualBudget) -> _EncodedPage:
         """Encode a page; on out-of-memory, retry once at half the visual-token budget."""
@@ -230,27 +251,6 @@ class QZoom:
         view = PageView(number=number, size=image.size, grid=grid, features=features, budget=budget,
                         crop=partial(doc.render_region, number), coord_space=doc.coord_space)
         return _EncodedPage(view, Timings(render_s=rendered - start, preprocess_s=time.perf_counter() - rendered))
-
-    def _answer_page(self, page: _EncodedPage, questions: list[str], instruction: str, settings: ZoomSettings,
-                     max_new_tokens: int, batch_size: int) -> list[_Candidate]:
-        """Every question on one encoded page, `batch_size` at a time; the page's rendering and
-        encoding are split between the questions."""
-        texts = [f"{q}\n{instruction}" if instruction else q for q in questions]
-        answers: list[PageAnswer] = []
-        for start in range(0, len(texts), batch_size):
-            chunk = [(page.view, text) for text in texts[start:start + batch_size]]
-            try:
-                answers.extend(self.engine.answer_batch(chunk, settings, max_new_tokens))
-            except torch.OutOfMemoryError:
-                self._release_memory()
-                raise OutOfMemory(f"out of memory answering on page {page.view.number}; lower --batch-size, "
-                                  "--max-visual-tokens or --roi-max-visual-tokens") from None
-        candidates = []
-        for answer in answers:
-            answer.time.render_s += page.time.render_s / len(questions)
-            answer.time.preprocess_s += page.time.preprocess_s / len(questions)
-            candidates.append(_Candidate(answer, self._text(answer.generation)))
-        return candidates
 
     def _text(self, generation) -> str:
         ids = generation.token_ids[:-1] if generation.finished else generation.token_ids
@@ -312,3 +312,137 @@ class QZoom:
             write_overlay(path, doc.render(result.page), chosen.region_map,
                           result.zoom.roi["bbox_xyxy"] if result.zoom.roi else None)
             result.zoom.overlay = str(path)
+
+
+@dataclass
+class AskRequest:
+    """Questions about some pages of an open document (`pages` as for `ask`); `handle` is the caller's."""
+
+    doc: Document
+    questions: list[str]
+    ids: list[str] | None = None
+    pages: str | None = None
+    handle: object = None
+
+
+@dataclass
+class _InFlight:
+    """A request being answered: its pages, the candidates found so far, the pairs still to go."""
+
+    request: AskRequest
+    input_info: InputInfo
+    ids: list[str]
+    questions: list[str]
+    texts: list[str]
+    candidates: list[dict[int, _Candidate]]
+    remaining: int
+    warnings: list[str] = field(default_factory=list)
+    failed: bool = False
+
+
+@dataclass
+class _Pair:
+    flight: _InFlight
+    page: _EncodedPage
+    question: int
+
+
+class _Batcher:
+    """Queues (page, question) pairs from requests as their pages are encoded and answers them
+    `batch_size` at a time; a request is finished when its last pair is answered."""
+
+    def __init__(self, qz: QZoom, settings: ZoomSettings, budget: VisualBudget, max_new_tokens: int,
+                 instruction: str, batch_size: int, overlay_dir: str | Path | None):
+        self.qz, self.settings, self.budget = qz, settings, budget
+        self.max_new_tokens, self.instruction, self.batch_size = max_new_tokens, instruction, batch_size
+        self.overlay_dir = Path(overlay_dir) if overlay_dir is not None else None
+        self.queue: list[_Pair] = []
+
+    def add(self, request: AskRequest) -> Iterator[tuple[AskRequest, list[Result] | Exception]]:
+        try:
+            flight = self._start(request)
+        except QZoomError as exc:
+            yield request, exc
+            return
+        selected = flight.input_info.pages
+        for index, number in enumerate(selected):
+            if index + 1 < len(selected):
+                request.doc.render_ahead(selected[index + 1])
+            try:
+                page = self.qz._encode_page_with_retry(request.doc, number, self.budget)
+            except Exception as exc:  # this request stops here; the others carry on
+                yield from self._fail([flight], exc)
+                return
+            flight.warnings.extend(page.warnings)
+            self.queue.extend(_Pair(flight, page, q) for q in range(len(flight.texts)))
+            while len(self.queue) >= self.batch_size:
+                yield from self._answer(self.batch_size)
+
+    def flush(self) -> Iterator[tuple[AskRequest, list[Result] | Exception]]:
+        while self.queue:
+            yield from self._answer(self.batch_size)
+
+    def _start(self, request: AskRequest) -> _InFlight:
+        questions = check_questions(request.questions)
+        ids = request.ids or [f"q{i}" for i in range(1, len(questions) + 1)]
+        if len(ids) != len(questions):
+            raise UsageError("one id per question is needed")
+        doc = request.doc
+        selected = parse_page_spec(request.pages, doc.page_count)
+        info = InputInfo(file=doc.source, sha256=doc.sha256, kind=doc.kind, pages=selected, dpi=doc.dpi,
+                         warnings=list(doc.warnings))
+        texts = [f"{q}\n{self.instruction}" if self.instruction else q for q in questions]
+        return _InFlight(request, info, ids, questions, texts, [{} for _ in questions],
+                         len(selected) * len(questions))
+
+    def _answer(self, count: int) -> Iterator[tuple[AskRequest, list[Result] | Exception]]:
+        pairs, self.queue = self.queue[:count], self.queue[count:]
+        items = [(pair.page.view, pair.flight.texts[pair.question]) for pair in pairs]
+        try:
+            answers = self.qz.engine.answer_batch(items, self.settings, self.max_new_tokens)
+        except torch.OutOfMemoryError:
+            self.qz._release_memory()
+            numbers = sorted({pair.page.view.number for pair in pairs})
+            error = OutOfMemory(f"out of memory answering page(s) {', '.join(map(str, numbers))}; lower "
+                                "--batch-size, --max-visual-tokens or --roi-max-visual-tokens")
+            yield from self._fail(_flights(pairs), error)
+            return
+        except Exception as exc:  # every request in this batch fails with it; the rest carry on
+            yield from self._fail(_flights(pairs), exc)
+            return
+        for pair, answer in zip(pairs, answers, strict=True):
+            flight, page = pair.flight, pair.page
+            share = len(flight.texts)  # the page's rendering and encoding are split between its questions
+            answer.time.render_s += page.time.render_s / share
+            answer.time.preprocess_s += page.time.preprocess_s / share
+            flight.candidates[pair.question][page.view.number] = _Candidate(answer, self.qz._text(answer.generation))
+            flight.remaining -= 1
+            if flight.remaining == 0:
+                yield flight.request, self._finish(flight)
+
+    def _finish(self, flight: _InFlight) -> list[Result] | Exception:
+        pages = flight.input_info.pages
+        memory = peak_memory(self.qz.runtime.device)
+        per_question = [[found[number] for number in pages] for found in flight.candidates]
+        results = [self.qz._result(qid, q, flight.input_info, self.budget, per_page, memory, flight.warnings,
+                                   self.settings)
+                   for qid, q, per_page in zip(flight.ids, flight.questions, per_question, strict=True)]
+        if self.overlay_dir is not None:
+            try:
+                self.qz._write_overlays(flight.request.doc, results, per_question, self.overlay_dir)
+            except Exception as exc:
+                return exc
+        return results
+
+    def _fail(self, flights: list[_InFlight], error: Exception
+              ) -> Iterator[tuple[AskRequest, list[Result] | Exception]]:
+        failing = [f for f in flights if not f.failed]
+        for flight in failing:
+            flight.failed = True
+        self.queue = [pair for pair in self.queue if not pair.flight.failed]
+        for flight in failing:
+            yield flight.request, error
+
+
+def _flights(pairs: list[_Pair]) -> list[_InFlight]:
+    return list({id(pair.flight): pair.flight for pair in pairs}.values())

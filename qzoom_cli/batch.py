@@ -2,7 +2,8 @@
 
 - Rows about the same document (file + password) are answered together: the document is
   opened once and each page rendered and encoded once for all their questions, then closed,
-  so memory stays flat over any number of rows.
+  so memory stays flat over any number of rows. (page, question) pairs are batched across
+  documents, `--batch-size` at a time.
 - Records are written in manifest order as soon as every earlier row is done, one JSON line
   each, flushed; an interrupted run leaves a valid JSONL file.
 - `--resume` keeps the records already `ok` (or `truncated`), drops error records and a torn
@@ -16,14 +17,14 @@ from __future__ import annotations
 import json
 import os
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import torch
 
-from .api import SHORT_ANSWER_INSTRUCTION, QZoom
+from .api import SHORT_ANSWER_INSTRUCTION, AskRequest, QZoom
 from .budget import VisualBudget
 from .documents import open_document
 from .errors import QZoomError, UsageError
@@ -41,7 +42,7 @@ class RunOptions:
     dpi: int = 200
     max_new_tokens: int = 64
     instruction: str = SHORT_ANSWER_INSTRUCTION
-    batch_size: int = 1
+    batch_size: int | str = 1
     verbose: bool = False
 
 
@@ -65,45 +66,55 @@ def shard(groups: list[list[ManifestRow]], rank: int, world: int) -> list[list[M
 
 def answer_rows(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOptions,
                 emit: Callable[[int, Result], None]) -> None:
-    """Answer every row, calling `emit(row.index, result)` as each finishes (bad rows included)."""
+    """Answer every row, calling `emit(row.index, result)` as each finishes (bad rows included).
+
+    Questions are batched across documents (`options.batch_size` (page, question) pairs at a
+    time); each document is opened when its first rows come up and closed once they are done.
+    """
     for row in rows:
         if isinstance(row, RowError):
             emit(row.index, error_result(row, row.code, row.message))
-    for group in document_groups(r for r in rows if isinstance(r, ManifestRow)):
-        _answer_document(qz, group, options, emit)
+    open_asks: dict[int, int] = {}  # id(document) -> its requests not yet answered
 
-
-def _answer_document(qz: QZoom, group: list[ManifestRow], options: RunOptions,
-                     emit: Callable[[int, Result], None]) -> None:
-    first = group[0]
-    try:
-        doc = open_document(first.file, password=first.password, dpi=options.dpi)
-    except QZoomError as exc:
-        for row in group:
-            emit(row.index, error_result(row, exc.code, exc.message))
-        return
-    with doc:
-        by_pages: dict[str | None, list[ManifestRow]] = {}
-        for row in group:
-            by_pages.setdefault(row.pages, []).append(row)
-        for pages, rows in by_pages.items():
+    def requests() -> Iterator[AskRequest]:
+        for group in document_groups(r for r in rows if isinstance(r, ManifestRow)):
+            first = group[0]
             try:
-                results = qz.ask(doc, [r.question for r in rows], ids=[r.id for r in rows], pages=pages,
-                                 budget=options.budget, zoom=options.zoom, max_new_tokens=options.max_new_tokens,
-                                 batch_size=options.batch_size, instruction=options.instruction)
+                doc = open_document(first.file, password=first.password, dpi=options.dpi)
             except QZoomError as exc:
-                results = [error_result(r, exc.code, exc.message) for r in rows]
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:  # a bug on one document must not lose the rest of the batch
-                if options.verbose:
-                    traceback.print_exc()
-                if isinstance(exc, torch.OutOfMemoryError):
-                    results = [error_result(r, "oom", "out of GPU memory") for r in rows]
-                else:
-                    results = [error_result(r, "internal", f"{type(exc).__name__}: {exc}") for r in rows]
-            for row, result in zip(rows, results, strict=True):
-                emit(row.index, result)
+                for row in group:
+                    emit(row.index, error_result(row, exc.code, exc.message))
+                continue
+            by_pages: dict[str | None, list[ManifestRow]] = {}
+            for row in group:
+                by_pages.setdefault(row.pages, []).append(row)
+            open_asks[id(doc)] = len(by_pages)
+            for pages, page_rows in by_pages.items():
+                yield AskRequest(doc, [r.question for r in page_rows], [r.id for r in page_rows], pages,
+                                 handle=page_rows)
+
+    answers = qz.ask_many(requests(), budget=options.budget, zoom=options.zoom, max_new_tokens=options.max_new_tokens,
+                          batch_size=options.batch_size, instruction=options.instruction)
+    for request, outcome in answers:
+        page_rows = request.handle
+        results = outcome if isinstance(outcome, list) else \
+            [error_result(r, *_error_fields(outcome, options.verbose)) for r in page_rows]
+        for row, result in zip(page_rows, results, strict=True):
+            emit(row.index, result)
+        open_asks[id(request.doc)] -= 1
+        if open_asks[id(request.doc)] == 0:
+            request.doc.close()
+
+
+def _error_fields(exc: BaseException, verbose: bool) -> tuple[str, str]:
+    """(code, message) of a request's failure; a bug on one document must not lose the rest of the batch."""
+    if isinstance(exc, QZoomError):
+        return exc.code, exc.message
+    if verbose:
+        traceback.print_exception(exc)
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "oom", "out of GPU memory"
+    return "internal", f"{type(exc).__name__}: {exc}"
 
 
 class OrderedWriter:

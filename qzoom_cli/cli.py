@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PARTIAL, QZoomError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PARTIAL, QZoomError, UsageError
 
 app = typer.Typer(
     name="qzoom",
@@ -128,7 +128,8 @@ DpiOpt = Annotated[int, typer.Option("--dpi", help="PDF render resolution; boxes
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")]
 InstructionOpt = Annotated[str | None, typer.Option(
     "--instruction", help="Text appended to each question [default: ask for a single word or phrase]; '' for none.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Questions about one page answered together.")]
+BatchOpt = Annotated[str, typer.Option("--batch-size", help="(page, question) pairs answered together, across "
+                                                             "documents; 'auto' sizes it from free GPU memory.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (or $QZOOM_DEVICE).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, bf16, fp16 or fp32.")]
 AttnOpt = Annotated[str, typer.Option("--attn", help="auto, sdpa, flash_attention_2 or eager.")]
@@ -148,6 +149,15 @@ def _load(model, adapter, revision, device, dtype, attn, compile_mode="off"):
 
     return QZoom.from_pretrained(model, adapter=adapter, revision=revision, device=device, dtype=dtype, attn=attn,
                                  compile=compile_mode)
+
+
+def _batch_size(value: str) -> int | str:
+    """--batch-size: a positive number or 'auto'."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    if not value.strip().isdigit() or int(value) < 1:
+        raise UsageError(f"--batch-size must be a positive number or 'auto', not {value!r}")
+    return int(value)
 
 
 def _instruction(value: str | None) -> str:
@@ -187,7 +197,7 @@ def ask(
     min_visual_tokens: MinTokensOpt = None,
     max_visual_tokens: MaxTokensOpt = None,
     max_new_tokens: MaxNewOpt = 64,
-    batch_size: BatchOpt = 1,
+    batch_size: BatchOpt = "1",
     instruction: InstructionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -221,7 +231,8 @@ def ask(
             budget = qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=zoom)
             with err_console.status("Answering…") if show_panel else nullcontext():
                 results = qz.ask(doc, questions, pages=pages, budget=budget, zoom=settings,
-                                 max_new_tokens=max_new_tokens, overlay_dir=overlay, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, overlay_dir=overlay,
+                                 batch_size=_batch_size(batch_size),
                                  instruction=_instruction(instruction))
             for result in results:
                 for warning in result.warnings:
@@ -242,7 +253,6 @@ def _relaunch_on_gpus(gpus: str) -> int:
 
     ids = [g.strip() for g in gpus.split(",") if g.strip()]
     if not ids or not all(g.isdigit() for g in ids):
-        from .errors import UsageError
 
         raise UsageError(f"--gpus takes GPU indices like 0,1,2, got {gpus!r}")
     argv, skip = [], False
@@ -292,7 +302,7 @@ def run(
     min_visual_tokens: MinTokensOpt = None,
     max_visual_tokens: MaxTokensOpt = None,
     max_new_tokens: MaxNewOpt = 64,
-    batch_size: BatchOpt = 1,
+    batch_size: BatchOpt = "1",
     instruction: InstructionOpt = None,
     root: RootOpt = None,
     device: DeviceOpt = "auto",
@@ -334,7 +344,7 @@ def run(
 
         options = RunOptions(zoom=settings, dpi=dpi, max_new_tokens=max_new_tokens,
                              instruction=_instruction(instruction),
-                             batch_size=batch_size, verbose=verbose)
+                             batch_size=_batch_size(batch_size), verbose=verbose)
         show = (err_console.is_terminal if progress is None else progress) and not quiet
         with _batch_progress(show, f"rank {rank}" if world > 1 else "rows") as (track, start):
             summary = run_manifest(load, rows, options, output=Path(output) if output else None, stdout=sys.stdout,
@@ -380,7 +390,6 @@ def _batch_progress(show: bool, label: str):
 
 
 def _modes(text: str) -> list[str]:
-    from .errors import UsageError
     from .zoom.pipeline import MODES
 
     modes = [m.strip() for m in text.split(",") if m.strip()]
@@ -413,7 +422,7 @@ def evaluate_command(
     min_visual_tokens: MinTokensOpt = None,
     max_visual_tokens: MaxTokensOpt = None,
     max_new_tokens: MaxNewOpt = 64,
-    batch_size: BatchOpt = 1,
+    batch_size: BatchOpt = "1",
     instruction: InstructionOpt = None,
     root: RootOpt = None,
     device: DeviceOpt = "auto",
@@ -436,7 +445,6 @@ def evaluate_command(
 
         modes = _modes(compare)
         if metric != "auto" and metric not in METRICS:
-            from .errors import UsageError
 
             raise UsageError(f"unknown metric {metric!r}: use auto, {', '.join(METRICS)}")
         rows = read_manifest(manifest, root)
@@ -448,7 +456,7 @@ def evaluate_command(
             options = RunOptions(zoom=_settings(mode, gate_threshold, roi_threshold, roi_max_visual_tokens),
                                  budget=qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=mode),
                                  dpi=dpi, max_new_tokens=max_new_tokens, instruction=_instruction(instruction),
-                                 batch_size=batch_size, verbose=verbose)
+                                 batch_size=_batch_size(batch_size), verbose=verbose)
             if not summaries:
                 warm_up(qz, rows, options)
             if not quiet:
@@ -484,7 +492,7 @@ def bench(
     roi_threshold: RoiOpt = None,
     dpi: DpiOpt = 200,
     max_new_tokens: MaxNewOpt = 64,
-    batch_size: BatchOpt = 1,
+    batch_size: BatchOpt = "1",
     instruction: InstructionOpt = None,
     root: RootOpt = None,
     device: DeviceOpt = "auto",
@@ -504,7 +512,6 @@ def bench(
         from .batch import RunOptions
         from .bench import pareto_png, sweep
         from .doctor import check_transformers
-        from .errors import UsageError
         from .manifest import read_manifest
 
         chosen_modes = _modes(modes)
@@ -519,7 +526,8 @@ def bench(
         _configure_logging(verbose, quiet)
         qz = _load(model, adapter, revision, device, dtype, attn, compile_mode)
         options = RunOptions(zoom=_settings("auto", gate_threshold, roi_threshold, None), dpi=dpi,
-                             max_new_tokens=max_new_tokens, instruction=_instruction(instruction), batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, instruction=_instruction(instruction),
+                             batch_size=_batch_size(batch_size),
                              verbose=verbose)
 
         def report(point):
@@ -564,7 +572,6 @@ FreeAnswersOpt = Annotated[bool, typer.Option("--free-answers", help="Ask for fr
 
 
 def _train_options(epochs, lr, batch_size, grad_accum, max_samples, save_every, gradient_checkpointing, seed):
-    from .errors import UsageError
     from .training.loop import TrainOptions
 
     if min(epochs, batch_size, grad_accum) < 1 or lr <= 0:
@@ -644,7 +651,6 @@ def train_rpn_command(
         from pathlib import Path
 
         from .doctor import check_transformers
-        from .errors import UsageError
         from .manifest import read_manifest
         from .training.data import expand_samples
         from .training.pseudo_labels import LabelSettings
@@ -708,7 +714,6 @@ def train_gate_command(
         from pathlib import Path
 
         from .doctor import check_transformers
-        from .errors import UsageError
         from .manifest import read_manifest
         from .training.data import expand_samples
         from .training.gate import GateSettings, train_gate
@@ -758,7 +763,6 @@ def train_questions_command(
         from pathlib import Path
 
         from .doctor import check_transformers
-        from .errors import UsageError
         from .training.questions import documents, write_questions
 
         if not Path(folder).is_dir():

@@ -161,20 +161,20 @@ def test_output_file_resume_after_crash_and_interrupt(workdir, tiny_dir, monkeyp
     # Ctrl-C while the second document is answered: a valid file, then --resume finishes it
     from qzoom_cli import api
 
-    original, seen = api.QZoom.ask, []
+    original, seen = api._Batcher._finish, []
 
-    def interrupted(self, document, questions, **kwargs):
+    def interrupted(self, flight):
         seen.append(1)
         if len(seen) == 2:
             raise KeyboardInterrupt
-        return original(self, document, questions, **kwargs)
+        return original(self, flight)
 
-    monkeypatch.setattr(api.QZoom, "ask", interrupted)
+    monkeypatch.setattr(api._Batcher, "_finish", interrupted)
     stopped = run(workdir, str(m), "-o", str(out), "--force", tiny=tiny_dir)
     assert stopped.exit_code == EXIT_INTERRUPTED
     partial = records(out)
     assert 0 < len(partial) < len(reference) and len({r["id"] for r in partial}) == len(partial)
-    monkeypatch.setattr(api.QZoom, "ask", original)
+    monkeypatch.setattr(api._Batcher, "_finish", original)
     finished = run(workdir, str(m), "-o", str(out), "--resume", tiny=tiny_dir)
     assert finished.exit_code == EXIT_PARTIAL
     assert [(r["id"], r["answer"]) for r in records(out)] == [(r["id"], r["answer"]) for r in reference]
@@ -223,3 +223,90 @@ def test_progress_on_stderr(workdir, tiny_dir):
     assert result.exit_code == EXIT_PARTIAL
     assert "3/3" in result.stderr and "rows/s" in result.stderr and "failed 1" in result.stderr
     assert len(result.stdout.splitlines()) == 3  # progress never reaches stdout
+
+
+def _rows(tmp):
+    manifest = write_manifest(tmp / "m.jsonl", ROWS + [{"id": "x1", "file": "missing.pdf", "question": "q?"},
+                                                       {"id": "c2", "file": "c.pdf", "question": "when?",
+                                                        "pages": "5"}])
+    return read_manifest(str(manifest), None)
+
+
+def _answer(qz, rows, batch_size, zoom="always"):
+    from qzoom_cli.batch import RunOptions, answer_rows
+    from qzoom_cli.budget import VisualBudget
+    from qzoom_cli.zoom.pipeline import ZoomSettings
+
+    options = RunOptions(zoom=ZoomSettings(zoom), budget=VisualBudget(16, 48), dpi=72, max_new_tokens=4,
+                         batch_size=batch_size)
+    out = {}
+    answer_rows(qz, rows, options, lambda index, result: out.__setitem__(index, result))
+    return [out[i] for i in sorted(out)]
+
+
+def test_questions_are_batched_across_documents(qz, workdir, monkeypatch):
+    """Pairs from different documents share a batch, answers equal one at a time, and a bad row
+    (missing file, page out of range) fails alone."""
+    rows = _rows(workdir)
+    single = _answer(qz, rows, 1)
+    sizes = []
+    original = qz.engine.answer_batch
+
+    def counting(items, *args):
+        sizes.append(len({id(page) for page, _ in items}))
+        return original(items, *args)
+
+    monkeypatch.setattr(qz.engine, "answer_batch", counting)
+    batched = _answer(qz, rows, 4)
+    assert max(sizes) > 1  # one batch held pages of several documents
+    assert [r.status for r in batched] == [r.status for r in single]
+    assert [r.error.code for r in batched if r.error] == ["file_not_found", "page_out_of_range"]
+    for a, b in zip(single, batched, strict=True):
+        assert (a.id, a.answer, a.page) == (b.id, b.answer, b.page)
+        if a.candidates:
+            assert [c.score for c in a.candidates] == pytest.approx([c.score for c in b.candidates], abs=1e-4)
+
+
+def test_out_of_memory_fails_only_the_requests_of_that_batch(qz, workdir, monkeypatch):
+    import torch
+
+    rows = _rows(workdir)[:4]  # a.pdf (3 questions), b.png, a.pdf page 2, c.pdf
+    original = qz.engine.answer_batch
+
+    def tight(items, *args):
+        if any(text.startswith("what?") for _, text in items):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return original(items, *args)
+
+    monkeypatch.setattr(qz.engine, "answer_batch", tight)
+    results = {r.id: r for r in _answer(qz, rows, 1)}
+    assert results["b1"].status == "error" and results["b1"].error.code == "oom"
+    assert all(results[i].status in ("ok", "truncated") for i in ("a1", "a2", "c1"))
+
+
+def test_automatic_batch_size_from_free_memory(qz, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    from qzoom_cli.budget import VisualBudget
+
+    budget = VisualBudget(256, 576)
+    assert qz.resolve_batch_size("auto", budget, 64) == 1  # off CUDA
+    assert qz.resolve_batch_size(3, budget, 64) == 3
+    gpu = type(qz)(qz.backbone, dataclasses.replace(qz.runtime, device=torch.device("cuda")))
+    pair = (2 * 576 + 256 + 64) * qz.backbone.memory_per_token()
+    for free, expected in ((2 * 5 * pair + 1, 5), (10**15, 64), (pair, 1)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 2 * free))
+        assert gpu.resolve_batch_size("auto", budget, 64) == expected
+    page_only = (576 + 256 + 64) * qz.backbone.memory_per_token()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * 10 * page_only, 0))
+    assert gpu.resolve_batch_size("auto", budget, 64, zoom_mode="never") == 10  # no region to make room for
+    assert gpu.resolve_batch_size("auto", budget, 64) == 10 * page_only // pair
+
+
+def test_batch_size_flag(workdir, tiny_dir):
+    m = write_manifest(workdir / "m.jsonl", ROWS[:2])
+    assert run(workdir, str(m), "--batch-size", "auto", tiny=tiny_dir).exit_code == 0
+    bad = run(workdir, str(m), "--batch-size", "lots", tiny=tiny_dir)
+    assert bad.exit_code == EXIT_USAGE and "--batch-size" in bad.stderr

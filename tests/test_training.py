@@ -16,7 +16,7 @@ from qzoom_cli.training.pseudo_labels import IGNORE, LabelSettings, padding_cell
 from qzoom_cli.training.rpn import RpnSettings, label_auc, selective_bce, train_rpn
 from qzoom_cli.training.teacher import HeadTable, square_view, teacher_maps
 from qzoom_cli.manifest import read_manifest
-from trainkit import PIXELS, SIDE, red_square_pages, seed_teacher_labels
+from trainkit import SIDE, red_square_pages, seed_teacher_labels
 
 runner = CliRunner()
 

@@ -117,6 +117,11 @@ class Backbone(ABC):
     @abstractmethod
     def hidden_size(self) -> int: ...
 
+    @abstractmethod
+    def memory_per_token(self) -> int:
+        """Device bytes one prompt token costs in a batch: its keys and values in every layer (twice:
+        the prefill's cache and the static decode copy) and one layer's prefill activations."""
+
     @property
     @abstractmethod
     def decoder_layers(self) -> nn.ModuleList:
