@@ -178,12 +178,18 @@ def stock_case(backbone, doc, page: int, budget: VisualBudget, new_tokens: int, 
             "peak_mem_gib": peak}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: which architecture, where and how it runs."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(ARCHS), default="7b")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--attn", default="sdpa")
+    return parser
+
+
+def main() -> None:
+    parser = model_parser(__doc__)
     parser.add_argument("--page", default=str(Path(__file__).parent.parent / "samples" / "invoice.pdf"))
     parser.add_argument("--page-number", type=int, default=2, help="which page of --page (the totals page)")
     parser.add_argument("--dpi", type=int, default=200)

@@ -15,7 +15,6 @@ sample receipt scan), --per-doc questions each, one page per row. Random real-si
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -25,7 +24,7 @@ import pymupdf
 import torch
 import transformers
 
-from bench_engine import ARCHS, build, engines
+from bench_engine import build, engines, model_parser
 from qzoom_cli.batch import RunOptions, answer_rows
 from qzoom_cli.budget import VisualBudget, resize_to_budget
 from qzoom_cli.documents import open_document
@@ -122,11 +121,7 @@ def run_stock(backbone, rows, budget: VisualBudget, batch_size: int, new_tokens:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=sorted(ARCHS), default="7b")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--attn", default="sdpa")
+    parser = model_parser(__doc__)
     parser.add_argument("--docs", type=int, default=8)
     parser.add_argument("--per-doc", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)

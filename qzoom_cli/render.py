@@ -113,11 +113,12 @@ def answer_panel(result: Result, thumbnail: Image.Image | None) -> Panel:
 def eval_table(summaries) -> Table:
     """`qzoom eval --compare`: one row per zoom mode."""
     table = Table(title="qzoom eval", title_justify="left")
-    for name in ("zoom", "accuracy", "zoom rate", "visual tokens", "samples/s", "p50 s", "p95 s", "peak GiB",
-                 "failed"):
+    for name in ("zoom", "accuracy", "zoom rate", "visual tokens", "samples/s", "p50 s", "p95 s", "TTFT s",
+                 "ms/token", "peak GiB", "failed"):
         table.add_column(name, justify="left" if name == "zoom" else "right")
     for s in summaries:
         accuracy = f"{s.accuracy * 100:.1f}% ({s.scored})" if s.accuracy is not None else "-"
         table.add_row(s.mode, accuracy, f"{s.zoom_rate:.0%}", f"{s.mean_visual_tokens:.0f}", f"{s.samples_per_s:.3f}",
-                      f"{s.p50_latency_s:.3f}", f"{s.p95_latency_s:.3f}", f"{s.peak_mem_gib:.2f}", str(s.failed))
+                      f"{s.p50_latency_s:.3f}", f"{s.p95_latency_s:.3f}", f"{s.mean_ttft_s:.3f}",
+                      f"{s.mean_decode_per_token_s * 1e3:.1f}", f"{s.peak_mem_gib:.2f}", str(s.failed))
     return table

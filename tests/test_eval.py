@@ -106,6 +106,7 @@ def test_eval_compare_end_to_end(manifest, tiny_dir, tmp_path):
     assert never["zoom_rate"] == 0 and always["zoom_rate"] == 1.0
     assert always["mean_visual_tokens"] > never["mean_visual_tokens"]
     assert never["samples_per_s"] > 0 and never["p95_latency_s"] >= never["p50_latency_s"] > 0
+    assert 0 < never["mean_ttft_s"] < never["p95_latency_s"] and never["mean_decode_per_token_s"] > 0
     scores = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     for mode in ("never", "always"):
         mine = [s for s in scores if s["mode"] == mode and s["score"] is not None]
