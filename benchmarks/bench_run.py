@@ -24,7 +24,7 @@ import pymupdf
 import torch
 import transformers
 
-from bench_engine import build, engines, model_parser
+from bench_engine import build, engines, model_parser, stock_vision
 from qzoom_cli.batch import RunOptions, answer_rows
 from qzoom_cli.budget import VisualBudget, resize_to_budget
 from qzoom_cli.documents import open_document
@@ -111,13 +111,14 @@ def run_stock(backbone, rows, budget: VisualBudget, batch_size: int, new_tokens:
                 mm_token_type_ids=(ids == backbone.config.image_token_id).int(), max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
 
-    batch(rows[:batch_size])  # warm-up
-    synchronize(device)
-    start = time.perf_counter()
-    for first in range(0, len(rows), batch_size):
-        batch(rows[first:first + batch_size])
-    synchronize(device)
-    return time.perf_counter() - start
+    with stock_vision(backbone):
+        batch(rows[:batch_size])  # warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        for first in range(0, len(rows), batch_size):
+            batch(rows[first:first + batch_size])
+        synchronize(device)
+        return time.perf_counter() - start
 
 
 def main() -> None:

@@ -134,8 +134,9 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, bf16, fp16 or fp32.")]
 AttnOpt = Annotated[str, typer.Option("--attn", help="auto, sdpa, flash_attention_2 or eager.")]
 CompileOpt = Annotated[str, typer.Option("--compile", help="Decode on a static cache captured as a CUDA graph: "
-                                                           "auto (on CUDA), on (also elsewhere, uncaptured) or "
-                                                           "off (the eager loop).")]
+                                                           "auto (on CUDA), on (also elsewhere, uncaptured), max "
+                                                           "(also fuse kernels with torch.compile: slow first "
+                                                           "answer) or off (the eager loop).")]
 RoiNativeOpt = Annotated[bool, typer.Option("--roi-native", help="Never read a region at more tokens than it has "
                                                                "at its source resolution (faster on small regions; "
                                                                "the reference always uses the full budget).")]

@@ -15,8 +15,8 @@ from .errors import EnvironmentProblem, UsageError
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 ATTN_CHOICES = ("auto", "sdpa", "flash_attention_2", "eager")
-COMPILE_CHOICES = ("auto", "on", "off")
-DECODERS = ("eager", "static_cache", "cuda_graphs")
+COMPILE_CHOICES = ("auto", "on", "max", "off")
+DECODERS = ("eager", "static_cache", "cuda_graphs", "static_cache+inductor", "cuda_graphs+inductor")
 
 
 @dataclass(frozen=True)
@@ -94,23 +94,26 @@ def wants_fast_decode(compile: str | None, device: torch.device) -> bool:
     name = (compile or "auto").lower()
     if name not in COMPILE_CHOICES:
         raise UsageError(f"unknown --compile {name!r}: use {', '.join(COMPILE_CHOICES)}")
-    return name == "on" or (name == "auto" and device.type == "cuda")
+    return name in ("on", "max") or (name == "auto" and device.type == "cuda")
 
 
 def resolve_decoder(compile: str | None, device: torch.device, attn: str) -> tuple[str, str | None]:
     """The greedy decoder for `--compile` (one of DECODERS), and why it is not the one asked for.
 
     'auto' captures the decode step as a CUDA graph on CUDA and keeps the eager loop elsewhere;
-    'on' insists (without CUDA the static cache runs uncaptured); 'off' is the eager loop. The
-    static cache hands attention a boolean slot mask, which only the sdpa path takes as it is.
+    'on' insists (without CUDA the static cache runs uncaptured); 'max' also fuses the step's
+    small kernels with torch.compile first (a slow first answer, faster decoding after); 'off'
+    is the eager loop. The static cache hands attention a boolean slot mask, which only the sdpa
+    path takes as it is.
     """
     if not wants_fast_decode(compile, device):
         return "eager", None
     if attn != "sdpa":
         return "eager", f"the fast decode path needs --attn sdpa (not {attn}); decoding with the eager loop"
+    fused = "+inductor" if compile.lower() == "max" else ""
     if device.type != "cuda":
-        return "static_cache", "CUDA graphs need a CUDA device; decoding on the static cache without capture"
-    return "cuda_graphs", None
+        return "static_cache" + fused, "CUDA graphs need a CUDA device; decoding on the static cache without capture"
+    return "cuda_graphs" + fused, None
 
 
 def resolve_runtime(device: str | None = None, dtype: str | None = None, attn: str | None = None,

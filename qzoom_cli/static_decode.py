@@ -67,8 +67,9 @@ class StaticDecoder:
         self.fuse = fuse
         self.sessions: OrderedDict[tuple, _Session] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        # inductor fuses the step's small element-wise kernels (norms, rotary, activations) before capture
-        self._run_step = torch.compile(self._step, dynamic=False) if fuse else self._step
+        # inductor fuses the step's small element-wise kernels (norms, rotary, activations) before
+        # capture; shapes turn dynamic at the second bucket, so later buckets do not recompile
+        self._run_step = torch.compile(self._step) if fuse else self._step
 
     @property
     def name(self) -> str:
@@ -235,4 +236,4 @@ def make_decoder(backbone: Backbone, kind: str) -> Decoder:
     """The greedy decoder of a resolved `Runtime.decoder` kind, bound to `backbone`."""
     if kind == "eager":
         return EagerDecoder(backbone)
-    return StaticDecoder(backbone, capture=kind == "cuda_graphs")
+    return StaticDecoder(backbone, capture=kind.startswith("cuda_graphs"), fuse=kind.endswith("+inductor"))

@@ -71,6 +71,17 @@ def test_static_decoder_equals_eager_with_mixed_gate_decisions(qz, pages):
         _same(want, got)
 
 
+def test_inductor_fused_step_equals_eager(qz, pages):
+    """`--compile max`: the same step compiled by torch.compile (inductor), still the eager tokens."""
+    bb = qz.backbone
+    eager = ZoomEngine(bb, 2, 2, decode=EagerDecoder(bb))
+    fused = ZoomEngine(bb, 2, 2, decode=StaticDecoder(bb, capture=False, fuse=True))
+    assert fused.decode.name == "static_cache+inductor"
+    items, settings = _items(pages)[:3], ZoomSettings("always")
+    for want, got in zip(eager.answer_batch(items, settings, 5), fused.answer_batch(items, settings, 5), strict=True):
+        _same(want, got)
+
+
 def test_samples_ending_at_different_steps(qz, pages, monkeypatch):
     """An end token that one sample produces early and another later (or never): each answer is cut
     at its own end, the rest keep decoding, and the loop stops once all have ended."""
@@ -130,6 +141,8 @@ def test_decoder_choice_and_fallback_notes():
     assert kind == "eager" and "needs --attn sdpa" in note
     runtime = resolve_runtime("cpu", compile="on")
     assert (runtime.decoder, runtime.attn) == ("static_cache", "sdpa") and runtime.notes
+    assert resolve_decoder("max", cuda, "sdpa") == ("cuda_graphs+inductor", None)
+    assert resolve_decoder("max", cpu, "sdpa")[0] == "static_cache+inductor"
 
 
 def test_cli_warns_when_the_fast_path_cannot_run(tiny_dir, tmp_path):
@@ -151,12 +164,34 @@ def test_cli_warns_when_the_fast_path_cannot_run(tiny_dir, tmp_path):
 def test_device_patches_equal_the_image_processor(qz, size):
     """The on-device normalise + patchify (used on CUDA) is the processor's output bit for bit."""
     from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from qzoom_cli.backbones.qwen2_5_vl import pixel_patches
 
     generator = torch.Generator().manual_seed(size[0])
     pixels = torch.randint(0, 256, (size[0], size[1], 3), generator=generator, dtype=torch.uint8)
     image = Image.fromarray(pixels.numpy())
-    processor = qz.backbone.image_processor
+    processor = Qwen2VLImageProcessorPil.from_dict(qz.backbone.image_processor.to_dict())
     expected = processor(images=[image], do_resize=False, return_tensors="pt")["pixel_values"]
     assert torch.equal(pixel_patches(image, processor, torch.device("cpu")), expected)
+
+
+def test_windowed_vision_attention_equals_one_call_per_window(qz):
+    """The GPU's one-call windowed attention gives the stock per-window sdpa loop's page features."""
+    from PIL import Image
+
+    from qzoom_cli.backbones.attention import WINDOWED_SDPA
+
+    bb = qz.backbone
+    generator = torch.Generator().manual_seed(1)
+    image = Image.fromarray(torch.randint(0, 256, (28 * 9, 28 * 13, 3), generator=generator,
+                                          dtype=torch.uint8).numpy())
+    vision = bb.config.vision_config
+    assert vision._attn_implementation == "sdpa"
+    expected = bb.encode_image(image)
+    try:
+        vision._attn_implementation = WINDOWED_SDPA
+        windowed = bb.encode_image(image)
+    finally:
+        vision._attn_implementation = "sdpa"
+    torch.testing.assert_close(windowed, expected, rtol=1e-5, atol=1e-5)

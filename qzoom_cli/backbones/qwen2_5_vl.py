@@ -22,6 +22,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     StaticCache,
 )
+from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLDecoderLayer,
@@ -30,6 +31,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 from transformers.utils import cached_file
 
+from .attention import WINDOWED_SDPA
 from .base import Backbone, ImageBlock, Prompt
 
 IMAGE_PLACEHOLDER = "<|image_pad|>"
@@ -91,8 +93,8 @@ def mrope_position_ids(length: int, images: list[ImageBlock]) -> torch.Tensor:
 
 
 def pixel_patches(image: Image.Image, processor, device: torch.device) -> torch.Tensor:
-    """The Qwen-VL image processor's `pixel_values` for one image already at its size, computed as
-    tensors on `device` with the processor's own rounding: each byte rescaled in float64 and
+    """The numpy (PIL backend) Qwen-VL image processor's `pixel_values` for one image already at
+    its size, computed as tensors on `device` with that processor's own rounding: each byte rescaled in float64 and
     stored as float32 (a 256-entry table), then (x - mean) / std in float32, then the patch layout
     [merged rows, merged cols, merge, merge, channel, time, patch, patch] flattened per patch."""
     patch, merge, frames = processor.patch_size, processor.merge_size, processor.temporal_patch_size
@@ -127,6 +129,8 @@ class Qwen2_5_VLBackbone(Backbone):
         self.dtype = model.dtype
         merge = self.config.vision_config.spatial_merge_size
         self._patch_factor = self.config.vision_config.patch_size * merge
+        if self.device.type == "cuda" and self.config.vision_config._attn_implementation == "sdpa":
+            self.config.vision_config._attn_implementation = WINDOWED_SDPA  # one call for all windows
         self._eos = _eos_token_ids(model, tokenizer)
 
     @classmethod
@@ -178,10 +182,12 @@ class Qwen2_5_VLBackbone(Backbone):
         if image.width % factor or image.height % factor:
             raise ValueError(f"image {image.size} is not a multiple of {factor} pixels; resize it to its budget first")
         expected = [1, image.height // factor * 2, image.width // factor * 2]
-        if self.device.type == "cuda":  # a 4k-token page is ~19M floats: normalise and patchify where they are used
+        # a 4k-token page is ~19M floats: on a GPU, normalise and patchify them where they are used
+        if self.device.type == "cuda" and isinstance(self.image_processor, PilBackend):
             pixels, grid = pixel_patches(image, self.image_processor, self.device), torch.tensor([expected])
         else:
-            batch = self.image_processor(images=[image], do_resize=False, return_tensors="pt")
+            on_device = {"device": self.device} if isinstance(self.image_processor, TorchvisionBackend) else {}
+            batch = self.image_processor(images=[image], do_resize=False, return_tensors="pt", **on_device)
             pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
             if grid[0].tolist() != expected:
                 raise RuntimeError(f"image processor produced grid {grid[0].tolist()}, expected {expected}")
