@@ -19,6 +19,7 @@ import os
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
@@ -29,6 +30,7 @@ from .budget import VisualBudget
 from .documents import open_document
 from .errors import QZoomError, UsageError
 from .manifest import ManifestRow, RowError
+from .outputs import sole_writer
 from .results import ErrorInfo, Result
 from .zoom.pipeline import ZoomSettings
 
@@ -202,8 +204,19 @@ def run_manifest(load: Callable[[], QZoom], rows: list[ManifestRow | RowError], 
     """Answer the rows not already finished, writing ordered records to `output` (or `stdout`).
 
     `load` builds the model only if some row needs it. With `world` > 1 this is one of several
-    processes (`barrier` waits for all of them); rank 0 merges their shard files at the end.
+    processes (`barrier` waits for all of them); rank 0 merges their shard files at the end and
+    holds the output's lock throughout, so a second run on the same file is refused.
     """
+    run = partial(_run_manifest, load, rows, options, output=output, stdout=stdout, resume=resume, force=force,
+                  rank=rank, world=world, barrier=barrier, on_result=on_result, on_start=on_start)
+    if output is None or rank != 0:
+        return run()
+    with sole_writer(output):
+        return run()
+
+
+def _run_manifest(load, rows, options, *, output, stdout, resume, force, rank, world, barrier, on_result,
+                  on_start) -> RunSummary:
     order = {row.id: row.index for row in rows}
     kept: dict[str, dict] = {}
     if output is not None:

@@ -11,6 +11,7 @@ import os
 import sys
 import traceback
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -18,6 +19,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PARTIAL, QZoomError, UsageError
+from .outputs import check_output_file, check_output_folder
 
 app = typer.Typer(
     name="qzoom",
@@ -220,6 +222,8 @@ def ask(
 
         questions = check_questions(questions)
         settings = _settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, explain, roi_native)
+        if overlay:
+            check_output_folder(Path(overlay))
         check_transformers()
         _configure_logging(verbose, quiet)
         with open_document(path, password=password, dpi=dpi) as doc:
@@ -322,8 +326,6 @@ def run(
     record says why); Ctrl-C leaves a valid file that --resume continues.
     """
     with _reporting_errors(verbose):
-        from pathlib import Path
-
         from .batch import RunOptions, run_manifest
         from .doctor import check_transformers
         from .manifest import read_manifest
@@ -331,6 +333,8 @@ def run(
         if gpus:
             raise typer.Exit(_relaunch_on_gpus(gpus))
         settings = _settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, roi_native=roi_native)
+        if output:
+            check_output_file(Path(output), inputs=(manifest,))
         rows = read_manifest(manifest, root)
         check_transformers()
         _configure_logging(verbose, quiet)
@@ -448,6 +452,8 @@ def evaluate_command(
         if metric != "auto" and metric not in METRICS:
 
             raise UsageError(f"unknown metric {metric!r}: use auto, {', '.join(METRICS)}")
+        if output:
+            check_output_file(Path(output), inputs=(manifest,))
         rows = read_manifest(manifest, root)
         check_transformers()
         _configure_logging(verbose, quiet)
@@ -505,8 +511,6 @@ def bench(
 ) -> None:
     """Sweep visual-token budgets for each zoom mode on the same rows: a JSON report and a Pareto plot."""
     with _reporting_errors(verbose):
-        from pathlib import Path
-
         import torch
         import transformers
 
@@ -522,6 +526,7 @@ def bench(
             raise UsageError(f"--budgets takes whole numbers like 256,576,1024; got {budgets!r}") from None
         if not maxima or min(maxima) < 1:
             raise UsageError("--budgets needs positive numbers")
+        check_output_folder(Path(out))
         rows = read_manifest(manifest, root)[:limit]
         check_transformers()
         _configure_logging(verbose, quiet)
@@ -649,8 +654,6 @@ def train_rpn_command(
     """Stage 1 (SD-RPN): distil where the model looks while answering into the region head."""
     with _reporting_errors(verbose):
         import math
-        from pathlib import Path
-
         from .doctor import check_transformers
         from .manifest import read_manifest
         from .training.data import expand_samples
@@ -712,8 +715,6 @@ def train_gate_command(
 ) -> None:
     """Stage 3: teach the gate when the coarse view is not enough (answers at a ladder of resolutions)."""
     with _reporting_errors(verbose):
-        from pathlib import Path
-
         from .doctor import check_transformers
         from .manifest import read_manifest
         from .training.data import expand_samples
@@ -761,8 +762,6 @@ def train_questions_command(
 ) -> None:
     """Have the model write questions about details of every page, as a manifest for `train rpn`."""
     with _reporting_errors(verbose):
-        from pathlib import Path
-
         from .doctor import check_transformers
         from .training.questions import documents, write_questions
 

@@ -98,10 +98,16 @@ def parse_row(index: int, row, root: Path) -> ManifestRow | RowError:
                        metric=row.get("metric"), dataset=row.get("dataset") or row.get("task"))
 
 
+def _undecodable(text: str) -> bool:
+    """Whether `text` (decoded with surrogateescape) held bytes that are not UTF-8."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
 def _objects(text: str, name: str) -> list:
-    """The manifest's objects: a JSON document (a list, DocVQA's {"data": [...]}) or JSONL lines."""
+    """The manifest's objects: a JSON document (a list, DocVQA's {"data": [...]}) or JSONL lines;
+    a line whose bytes are not UTF-8 becomes a bad row of its own."""
     try:
-        document = json.loads(text)
+        document = None if _undecodable(text) else json.loads(text)
     except json.JSONDecodeError:
         document = None
     if isinstance(document, list):
@@ -110,7 +116,9 @@ def _objects(text: str, name: str) -> list:
         return document["data"] if isinstance(document.get("data"), list) else [document]
     objects = []
     for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
+        if _undecodable(line):
+            objects.append(_BadLine(f"{name} line {number} is not UTF-8 text"))
+        elif line.strip():
             try:
                 objects.append(json.loads(line))
             except json.JSONDecodeError as exc:
@@ -127,12 +135,13 @@ def read_manifest(source: str | Path, root: str | Path | None = None) -> list[Ma
     """All rows of a manifest file ('-' for stdin), bad ones as RowError, in order; ids made unique."""
     name = str(source)
     if name == "-":
-        text, folder = sys.stdin.read(), Path.cwd()
+        data, folder = sys.stdin.buffer.read(), Path.cwd()
     else:
         path = Path(name)
         if not path.is_file():
             raise UsageError(f"no such manifest: {name}")
-        text, folder = path.read_text(encoding="utf-8"), path.parent
+        data, folder = path.read_bytes(), path.parent
+    text = data.decode("utf-8-sig", errors="surrogateescape")  # a byte-order mark is not part of row 1
     rows: list[ManifestRow | RowError] = []
     seen: set[str] = set()
     for index, obj in enumerate(_objects(text, name)):

@@ -92,9 +92,25 @@ def test_docvqa_and_lmms_eval_layouts(tmp_path):
 
 def test_stdin_manifest(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(ROWS[0]) + "\n"))
+    stdin = io.TextIOWrapper(io.BytesIO((json.dumps(ROWS[0]) + "\n").encode()))
+    monkeypatch.setattr(sys, "stdin", stdin)
     [row] = read_manifest("-")
     assert row.file == str(tmp_path / "a.pdf")
+
+
+def test_byte_order_mark_and_lines_that_are_not_utf8(tmp_path):
+    """A BOM is not part of the first row; a line of other bytes is a bad row and the rest go on."""
+    lines = [json.dumps(ROWS[0]).encode(), b'{"id": "latin", "file": "caf\xe9.pdf", "question": "q?"}',
+             json.dumps(ROWS[3]).encode()]
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    first, bad, last = read_manifest(path)
+    assert isinstance(first, ManifestRow) and first.id == "a1"
+    assert isinstance(bad, RowError) and bad.code == "bad_row" and "line 2 is not UTF-8" in bad.message
+    assert isinstance(last, ManifestRow) and last.id == "c1"
+    whole = tmp_path / "docvqa.json"
+    whole.write_bytes(b"\xef\xbb\xbf" + json.dumps({"data": [ROWS[0]]}).encode())
+    assert [r.id for r in read_manifest(whole)] == ["a1"]
 
 
 def test_ordered_writer_waits_for_earlier_rows():
@@ -310,3 +326,37 @@ def test_batch_size_flag(workdir, tiny_dir):
     assert run(workdir, str(m), "--batch-size", "auto", tiny=tiny_dir).exit_code == 0
     bad = run(workdir, str(m), "--batch-size", "lots", tiny=tiny_dir)
     assert bad.exit_code == EXIT_USAGE and "--batch-size" in bad.stderr
+
+
+def test_output_never_replaces_the_manifest(workdir, tiny_dir):
+    m = write_manifest(workdir / "m.jsonl", ROWS[:2])
+    before = m.read_bytes()
+    for extra in ([], ["--resume"], ["--force"]):
+        result = run(workdir, str(m), "-o", str(m), *extra, tiny=tiny_dir)
+        assert result.exit_code == EXIT_USAGE and "also an input" in result.stderr
+    assert m.read_bytes() == before
+
+
+def test_a_second_writer_of_one_output_is_refused(workdir, tiny_dir):
+    from qzoom_cli.outputs import sole_writer
+
+    m = write_manifest(workdir / "m.jsonl", ROWS[:2])
+    out = workdir / "out.jsonl"
+    with sole_writer(out):  # another run is writing it
+        result = run(workdir, str(m), "-o", str(out), tiny=tiny_dir)
+        assert result.exit_code == EXIT_USAGE and "being written by another qzoom run" in result.stderr
+        assert not out.exists()
+    assert run(workdir, str(m), "-o", str(out), tiny=tiny_dir).exit_code == 0
+    assert len(records(out)) == 2 and not (workdir / "out.jsonl.lock").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "bench", "ask"])
+def test_bad_output_locations_are_refused_before_any_work(workdir, tiny_dir, command):
+    m = write_manifest(workdir / "m.jsonl", ROWS[:1])
+    (workdir / "a-file").write_text("x")
+    target = {"run": ["-o", str(workdir / "missing" / "out.jsonl")], "eval": ["-o", str(workdir)],
+              "bench": ["--out", str(workdir / "a-file")], "ask": ["--overlay", str(workdir / "a-file")]}[command]
+    source = [str(workdir / "a.pdf"), "total?"] if command == "ask" else [str(m)]
+    result = runner.invoke(cli.app, [command, *source, *target, "--model", str(workdir / "no-model")])
+    assert result.exit_code == EXIT_USAGE, result.stderr  # the model folder is never reached
+    assert "output" in result.stderr
