@@ -750,6 +750,7 @@ def train_questions_command(
     folder: Annotated[str, typer.Argument(help="Folder of documents (searched recursively).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Manifest to write.")] = "questions.jsonl",
     per_page: Annotated[int, typer.Option(help="Questions asked for per page.")] = 5,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing --output.")] = False,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     dpi: DpiOpt = 200,
@@ -769,6 +770,9 @@ def train_questions_command(
             raise UsageError(f"{folder} is not a folder")
         if not any(True for _ in documents(Path(folder))):
             raise UsageError(f"no PDF or image under {folder}")
+        check_output_file(Path(output))
+        if Path(output).exists() and Path(output).stat().st_size > 0 and not force:
+            raise UsageError(f"{output} already exists: --force to overwrite it, or -o another file")
         check_transformers()
         _configure_logging(verbose, quiet)
         qz = _load(model, None, revision, device, dtype, attn)

@@ -321,6 +321,27 @@ def test_train_questions_command(tiny_dir, tmp_path):
     for row in rows:
         assert (out.parent / row["file"]).exists() and row["pages"] in ("1", "2") and row["question"]
     assert runner.invoke(cli.app, ["train", "questions", str(tmp_path / "nope")]).exit_code == EXIT_USAGE
+    again = runner.invoke(cli.app, ["train", "questions", str(tmp_path / "docs"), "-o", str(out),
+                                    *train_args(tiny_dir)])
+    assert again.exit_code == EXIT_USAGE and "--force" in again.stderr
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows  # kept as it was
+
+
+def test_written_questions_have_unique_ids_across_folders(tmp_path):
+    """Documents with one name in two folders: every row keeps an id of its own."""
+    from types import SimpleNamespace
+
+    from docmaker import make_pdf
+    from qzoom_cli.training.questions import write_questions
+
+    for folder in ("docs", "docs/2024"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / "invoice.pdf").write_bytes(make_pdf(1))
+    model = SimpleNamespace(ask=lambda *a, **k: [SimpleNamespace(answer="What is the total due?\nWho signed it?")])
+    written, skipped = write_questions(model, tmp_path / "docs", tmp_path / "q.jsonl", per_page=2, dpi=36)
+    rows = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    assert written == 4 and not skipped and len({r["id"] for r in rows}) == 4
+    assert {r["id"] for r in rows} >= {"invoice.pdf-p1-q1", "2024/invoice.pdf-p1-q1"}
 
 
 def test_two_processes_train_data_parallel(tiny_dir, tmp_path):

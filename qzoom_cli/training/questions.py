@@ -55,8 +55,9 @@ def write_questions(qz: QZoom, folder: Path, manifest: Path, per_page: int = 5, 
                         questions = parse_questions(result.answer or "", per_page)
                         resolved = path.resolve()
                         relative = resolved.relative_to(base) if resolved.is_relative_to(base) else resolved
+                        name = path.relative_to(folder).as_posix()  # unique, unlike the file's stem
                         for i, question in enumerate(questions, start=1):
-                            out.write(json.dumps({"id": f"{path.stem}-p{page}-q{i}", "file": str(relative),
+                            out.write(json.dumps({"id": f"{name}-p{page}-q{i}", "file": str(relative),
                                                   "pages": str(page), "question": question}) + "\n")
                             rows += 1
                         on_page(path, page, len(questions))
