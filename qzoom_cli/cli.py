@@ -256,10 +256,15 @@ def _relaunch_on_gpus(gpus: str) -> int:
     """`--gpus 0,1`: the same command under `accelerate launch`, one process per listed GPU."""
     import subprocess
 
+    import torch
+
     ids = [g.strip() for g in gpus.split(",") if g.strip()]
     if not ids or not all(g.isdigit() for g in ids):
-
         raise UsageError(f"--gpus takes GPU indices like 0,1,2, got {gpus!r}")
+    present = torch.cuda.device_count()
+    if max(int(g) for g in ids) >= present:
+        raise UsageError(f"--gpus {gpus}: this machine has {present} CUDA GPU(s)" +
+                         (f" (indices 0-{present - 1})" if present else ""))
     argv, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
@@ -450,7 +455,6 @@ def evaluate_command(
 
         modes = _modes(compare)
         if metric != "auto" and metric not in METRICS:
-
             raise UsageError(f"unknown metric {metric!r}: use auto, {', '.join(METRICS)}")
         if output:
             check_output_file(Path(output), inputs=(manifest,))
@@ -527,6 +531,8 @@ def bench(
         if not maxima or min(maxima) < 1:
             raise UsageError("--budgets needs positive numbers")
         check_output_folder(Path(out))
+        if limit is not None and limit < 1:
+            raise UsageError("--limit must be at least 1")
         rows = read_manifest(manifest, root)[:limit]
         check_transformers()
         _configure_logging(verbose, quiet)

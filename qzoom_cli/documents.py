@@ -45,8 +45,6 @@ def detect_kind(data: bytes) -> str:
     """'pdf' or one of IMAGE_KINDS, from the leading bytes; raises UnsupportedType otherwise."""
     if not data:
         raise UnsupportedType("the file is empty")
-    if b"%PDF-" in data[:1024]:
-        return "pdf"
     signatures = (
         (b"\x89PNG\r\n\x1a\n", "png"),
         (b"\xff\xd8\xff", "jpeg"),
@@ -62,6 +60,8 @@ def detect_kind(data: bytes) -> str:
             return kind
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
+    if b"%PDF-" in data[:1024]:  # after the image signatures: an image's text chunk may hold these bytes
+        return "pdf"
     raise UnsupportedType(
         f"not a PDF or a supported image (PNG, JPEG, WebP, BMP, GIF, TIFF); it starts with {data[:8]!r}"
     )

@@ -38,7 +38,9 @@ def flash_attention_available() -> bool:
 
 def resolve_device(name: str | None) -> torch.device:
     """'auto' (or $QZOOM_DEVICE) picks cuda, then mps, then cpu; explicit devices are checked."""
-    name = (name or os.environ.get("QZOOM_DEVICE") or "auto").strip().lower()
+    if name is None or name.strip().lower() == "auto":
+        name = os.environ.get("QZOOM_DEVICE") or "auto"
+    name = name.strip().lower()
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda:0")

@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from docmaker import make_encrypted_pdf, make_pdf
 from qzoom_cli import cli
-from qzoom_cli.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_USAGE
+from qzoom_cli.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_USAGE, UsageError
 
 runner = CliRunner()
 
@@ -246,3 +247,34 @@ def test_adapter_flag_and_zoom_errors(tiny_dir, pdf_path, tmp_path, qz):
     assert missing.exit_code == EXIT_MODEL and "not a qzoom adapter" in missing.stderr
     bad = ask(tiny_dir, str(pdf_path), "q?", "--zoom", "sometimes")
     assert bad.exit_code == EXIT_USAGE and "unknown zoom mode" in bad.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--gate-threshold", "nan"), ("--gate-threshold", "-1"),
+                                        ("--roi-threshold", "-1"), ("--roi-threshold", "2"),
+                                        ("--roi-threshold", "inf")])
+def test_meaningless_thresholds_are_usage_errors(pdf_path, tiny_dir, flag, value):
+    result = runner.invoke(cli.app, ["ask", str(pdf_path), "q?", "--model", str(tiny_dir), "--device", "cpu",
+                                     flag, value])
+    assert result.exit_code == EXIT_USAGE and flag in result.stderr
+
+
+def test_device_from_the_environment(monkeypatch):
+    from qzoom_cli.runtime import resolve_device
+
+    monkeypatch.setenv("QZOOM_DEVICE", "cpu")
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cpu")
+    monkeypatch.setenv("QZOOM_DEVICE", "tpu")
+    with pytest.raises(UsageError, match="tpu"):
+        resolve_device("auto")
+    assert resolve_device("cpu") == torch.device("cpu")  # an explicit --device wins
+
+
+def test_gpus_that_are_not_there_and_bench_limits(tmp_path, tiny_dir):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "file": "x.pdf", "question": "q?"}\n')
+    if torch.cuda.device_count() < 8:
+        gpus = runner.invoke(cli.app, ["run", str(manifest), "--gpus", "0,7"])
+        assert gpus.exit_code == EXIT_USAGE and "CUDA GPU" in gpus.stderr
+    for limit in ("0", "-1"):
+        bench = runner.invoke(cli.app, ["bench", str(manifest), "--limit", limit, "--out", str(tmp_path / "b")])
+        assert bench.exit_code == EXIT_USAGE and "--limit" in bench.stderr

@@ -183,3 +183,17 @@ def test_pages_rendered_ahead_are_the_same_pages(pdf_path):
         assert not doc._ahead
         doc.render_ahead(2)
     assert not doc._ahead  # closing drops what was never collected
+
+
+def test_an_image_holding_pdf_bytes_is_still_an_image(tmp_path):
+    """A PNG whose text chunk (in its first kilobyte) contains `%PDF-` opens as the image it is."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "scanned from %PDF-1.7 original")
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (250, 250, 250)).save(buffer, format="PNG", pnginfo=info)
+    data = buffer.getvalue()
+    assert b"%PDF-" in data[:1024] and detect_kind(data) == "png"
+    with open_document(data) as doc:
+        assert doc.kind == "png" and doc.render(1).size == (40, 30)

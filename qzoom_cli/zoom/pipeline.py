@@ -21,6 +21,7 @@ direct group and a zoom group, each continuing with its own rows of the cache.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -74,6 +75,11 @@ class ZoomSettings:
             raise UsageError(f"unknown zoom mode {self.mode!r}: use {', '.join(MODES)}")
         if self.region_max_tokens is not None and self.region_max_tokens < 1:
             raise UsageError("--roi-max-visual-tokens must be positive")
+        # scores are probabilities or attention lifts (>= 0); region maps are scaled to 0..1
+        if self.gate_threshold is not None and not 0 <= self.gate_threshold < math.inf:
+            raise UsageError(f"--gate-threshold must be a finite number >= 0, not {self.gate_threshold}")
+        if self.roi_threshold is not None and not 0 <= self.roi_threshold <= 1:
+            raise UsageError(f"--roi-threshold must be between 0 and 1, not {self.roi_threshold}")
 
     def region_budget(self, page_budget: VisualBudget, native_tokens: int | None = None) -> VisualBudget:
         """The page budget, with its maximum replaced by `region_max_tokens` when set; with
