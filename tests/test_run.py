@@ -223,6 +223,7 @@ def test_two_processes_merge_into_one_ordered_file(workdir, tiny_dir):
 def test_gpus_relaunches_under_accelerate(workdir, tiny_dir, monkeypatch):
     launched = []
     monkeypatch.setattr("subprocess.call", lambda command: launched.append(command) or 0)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)  # as on a machine with four GPUs
     monkeypatch.setattr(sys, "argv", ["qzoom", "run", "m.jsonl", "-o", "out.jsonl", "--gpus", "0,2", "--zoom", "never"])
     result = runner.invoke(cli.app, sys.argv[1:])
     assert result.exit_code == 0
