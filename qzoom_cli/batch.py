@@ -46,6 +46,7 @@ class RunOptions:
     instruction: str = SHORT_ANSWER_INSTRUCTION
     batch_size: int | str = 1
     verbose: bool = False
+    settings: dict | None = None  # what the answers depend on, written into each record as `run`
 
 
 def error_result(row: ManifestRow | RowError, code: str, message: str) -> Result:
@@ -177,6 +178,17 @@ def kept_for_resume(path: Path, ids: set[str]) -> dict[str, dict]:
     return kept
 
 
+def check_same_settings(records: Iterable[dict], settings: dict | None, output: Path) -> None:
+    """Refuse to resume records made with other settings: one file, one model and one set of options."""
+    for record in records:
+        before = record.get("run")
+        if before != settings:
+            changed = sorted(k for k in {*(before or {}), *(settings or {})}
+                             if (before or {}).get(k) != (settings or {}).get(k)) if before else ["(not recorded)"]
+            raise UsageError(f"{output} holds answers made with other settings ({', '.join(changed)}); resume with "
+                             "the same options, or --force to start afresh, or -o another file")
+
+
 def ordered(records: Iterable[dict], order: dict[str, int]) -> list[dict]:
     """One record per manifest id (the last seen wins), in manifest order."""
     latest = {r["id"]: r for r in records if r.get("id") in order}
@@ -228,6 +240,7 @@ def _run_manifest(load, rows, options, *, output, stdout, resume, force, rank, w
             if resume:
                 for path in [output, *stale]:
                     carried.update(kept_for_resume(path, set(order)))
+                check_same_settings(carried.values(), options.settings, output)
             write_records(output, ordered(carried.values(), order))
             for path in stale:
                 path.unlink()
@@ -255,6 +268,7 @@ def _run_manifest(load, rows, options, *, output, stdout, resume, force, rank, w
     writer = OrderedWriter(stream, [row.index for row in todo])
 
     def emit(index: int, result: Result) -> None:
+        result.run = options.settings
         writer.add(index, result.to_json())
         summary.done += 1
         summary.failed += result.status == "error"

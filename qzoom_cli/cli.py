@@ -352,9 +352,14 @@ def run(
             options.budget = qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=zoom)
             return qz
 
+        run_settings = {"model": model, "adapter": adapter, "revision": revision, "zoom": zoom,
+                        "gate_threshold": gate_threshold, "roi_threshold": roi_threshold,
+                        "roi_max_visual_tokens": roi_max_visual_tokens, "roi_native": roi_native, "dpi": dpi,
+                        "min_visual_tokens": min_visual_tokens, "max_visual_tokens": max_visual_tokens,
+                        "max_new_tokens": max_new_tokens, "instruction": _instruction(instruction), "dtype": dtype}
         options = RunOptions(zoom=settings, dpi=dpi, max_new_tokens=max_new_tokens,
                              instruction=_instruction(instruction),
-                             batch_size=_batch_size(batch_size), verbose=verbose)
+                             batch_size=_batch_size(batch_size), verbose=verbose, settings=run_settings)
         show = (err_console.is_terminal if progress is None else progress) and not quiet
         with _batch_progress(show, f"rank {rank}" if world > 1 else "rows") as (track, start):
             summary = run_manifest(load, rows, options, output=Path(output) if output else None, stdout=sys.stdout,

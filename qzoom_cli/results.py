@@ -152,6 +152,7 @@ class Result:
     stats: Stats | None = None
     error: ErrorInfo | None = None
     warnings: list[str] = field(default_factory=list)
+    run: dict | None = None  # `qzoom run`: the settings that produced it (a resume must match them)
     schema: str = SCHEMA
 
     @classmethod

@@ -16,7 +16,8 @@ from qzoom_cli.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_M
 runner = CliRunner()
 
 RESULT_SCHEMA = {
-    "schema": str, "id": str, "status": str, "question": str, "answer": str, "page": int, "error": type(None),
+    "schema": str, "run": (dict, type(None)), "id": str, "status": str, "question": str, "answer": str,
+    "page": int, "error": type(None),
     "warnings": [str],
     "input": {"file": str, "sha256": str, "kind": str, "pages": [int], "dpi": (int, type(None)), "warnings": [str]},
     "candidates": [{"page": int, "answer": str, "score": float, "output_tokens": int, "visual_tokens": int,

@@ -361,3 +361,17 @@ def test_bad_output_locations_are_refused_before_any_work(workdir, tiny_dir, com
     result = runner.invoke(cli.app, [command, *source, *target, "--model", str(workdir / "no-model")])
     assert result.exit_code == EXIT_USAGE, result.stderr  # the model folder is never reached
     assert "output" in result.stderr
+
+
+def test_resume_with_other_settings_is_refused(workdir, tiny_dir):
+    m = write_manifest(workdir / "m.jsonl", ROWS[:3])
+    out = workdir / "out.jsonl"
+    assert run(workdir, str(m), "-o", str(out), tiny=tiny_dir).exit_code == 0
+    first = out.read_bytes()
+    assert records(out)[0]["run"]["max_new_tokens"] == 3
+    other = run(workdir, str(m), "-o", str(out), "--resume", "--zoom", "never", tiny=tiny_dir)
+    assert other.exit_code == EXIT_USAGE and "other settings (zoom)" in other.stderr
+    assert out.read_bytes() == first
+    assert run(workdir, str(m), "-o", str(out), "--resume", tiny=tiny_dir).exit_code == 0
+    assert run(workdir, str(m), "-o", str(out), "--force", "--zoom", "never", tiny=tiny_dir).exit_code == 0
+    assert {r["run"]["zoom"] for r in records(out)} == {"never"}
