@@ -279,3 +279,15 @@ def test_gpus_that_are_not_there_and_bench_limits(tmp_path, tiny_dir):
     for limit in ("0", "-1"):
         bench = runner.invoke(cli.app, ["bench", str(manifest), "--limit", limit, "--out", str(tmp_path / "b")])
         assert bench.exit_code == EXIT_USAGE and "--limit" in bench.stderr
+
+
+@pytest.mark.parametrize("removed,named", [("tokenizer.json", "no tokenizer"),
+                                           ("preprocessor_config.json", "no image processor")])
+def test_a_model_folder_without_processor_files_is_a_model_error(pdf_path, tiny_dir, tmp_path, removed, named):
+    import shutil
+
+    folder = tmp_path / "partial"
+    shutil.copytree(tiny_dir, folder)
+    (folder / removed).unlink()
+    result = runner.invoke(cli.app, ["ask", str(pdf_path), "q?", "--model", str(folder), "--device", "cpu"])
+    assert result.exit_code == EXIT_MODEL and named in result.stderr and str(folder) in result.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 from huggingface_hub import constants
 from transformers import AutoConfig
 
-from ..errors import ModelNotAvailable, UnsupportedModel
+from ..errors import ModelError, ModelNotAvailable, UnsupportedModel
 from ..runtime import Runtime
 from .base import Backbone, ImageBlock, Prompt
 from .qwen2_5_vl import Qwen2_5_VLBackbone
@@ -48,6 +48,22 @@ def detect_family(ref: str, revision: str | None = None) -> str:
     return config.model_type
 
 
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+IMAGE_PROCESSOR_FILES = (("preprocessor_config.json",), ("processor_config.json",))
+
+
+def check_processor_files(folder: Path) -> None:
+    """A local folder the tokenizer and image processor load from must have their files: without
+    them transformers builds an empty tokenizer and the question never reaches the model."""
+    missing = []
+    for what, choices in (("tokenizer", TOKENIZER_FILES), ("image processor", IMAGE_PROCESSOR_FILES)):
+        if not any(all((folder / name).is_file() for name in choice) for choice in choices):
+            missing.append(f"{what} ({' or '.join(' + '.join(choice) for choice in choices)})")
+    if missing:
+        raise ModelError(f"model folder {folder} has no {' and no '.join(missing)}; copy them from the base "
+                         "model's repository")
+
+
 def load_backbone(ref: str, runtime: Runtime, revision: str | None = None, processor: str | None = None) -> Backbone:
     """Load a checkpoint (hub id or local directory) into the backbone of its family; the
     tokenizer and image processor come from `processor` when given (a base repo whose chat
@@ -58,6 +74,9 @@ def load_backbone(ref: str, runtime: Runtime, revision: str | None = None, proce
         raise UnsupportedModel(
             f"model family {family!r}{planned} is not supported; supported: {', '.join(sorted(FAMILIES))}"
         )
+    source = Path(resolve_model_ref(processor or ref))
+    if source.is_dir():
+        check_processor_files(source)
     try:
         return FAMILIES[family].from_pretrained(resolve_model_ref(ref), revision=revision, device=runtime.device,
                                                 dtype=runtime.dtype, attn=runtime.attn,
