@@ -245,7 +245,12 @@ def ask(
                 if as_json:
                     _print_json(result.to_dict())
                 else:
-                    print(" ".join((result.answer or "").split()), flush=True)
+                    answer = " ".join((result.answer or "").split())
+                    if sys.stdout.isatty():
+                        from .render import printable
+
+                        answer = printable(answer)
+                    print(answer, flush=True)
                 if show_panel:
                     from .render import answer_panel
 

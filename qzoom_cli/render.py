@@ -5,6 +5,7 @@ Everything here writes to a stderr console; stdout carries only results.
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -17,6 +18,13 @@ from rich.text import Text
 from .results import Result
 
 BOX_COLOR = (220, 30, 30)
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal: control characters (escape sequences, bells, C1 codes) shown as
+    `\\xNN` instead of acting on the terminal; whitespace folded to single spaces."""
+    folded = " ".join(text.split())
+    return "".join(f"\\x{ord(ch):02x}" if unicodedata.category(ch) == "Cc" else ch for ch in folded)
 
 
 def page_thumbnail_text(image: Image.Image, box_norm: list[float] | None = None, width: int = 28) -> Text:
@@ -105,7 +113,7 @@ def answer_panel(result: Result, thumbnail: Image.Image | None) -> Panel:
     cells = [page_thumbnail_text(thumbnail, roi.get("bbox_norm"))] if thumbnail is not None else []
     body.add_row(*cells, _stats_table(result))
     title = Text(result.question, style="bold cyan")
-    answer = Text(result.answer or "", style="bold")
+    answer = Text(printable(result.answer or ""), style="bold")
     subtitle = f"{result.id} · {result.status}"
     return Panel(Group(answer, Text(""), body), title=title, subtitle=subtitle, title_align="left")
 

@@ -291,3 +291,10 @@ def test_a_model_folder_without_processor_files_is_a_model_error(pdf_path, tiny_
     (folder / removed).unlink()
     result = runner.invoke(cli.app, ["ask", str(pdf_path), "q?", "--model", str(folder), "--device", "cpu"])
     assert result.exit_code == EXIT_MODEL and named in result.stderr and str(folder) in result.stderr
+
+
+def test_control_characters_never_reach_a_terminal_raw():
+    from qzoom_cli.render import printable
+
+    assert printable("total\x1b[2J $5\x07\n\tdue\x9b") == "total\\x1b[2J $5\\x07 due\\x9b"
+    assert printable("Zürich – 3 €") == "Zürich – 3 €"
