@@ -108,28 +108,28 @@ def _print_json(obj: dict) -> None:
 
 # Options shared by the commands that load a model and answer questions.
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Hub id or local checkpoint directory "
-                                                             "[default: the default model card].")]
+                                                             "\\[default: the default model card].")]
 AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Zoom adapter directory (qzoom_config.json + "
                                                                  "qzoom_adapter.safetensors) to attach.")]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) to pin.")]
 ZoomOpt = Annotated[str, typer.Option("--zoom", help="auto: zoom when the gate says so; always: read the region "
                                                      "whenever one is found; never: one pass at the page budget.")]
 GateOpt = Annotated[float | None, typer.Option(
-    "--gate-threshold", help="Zoom when the gate score reaches this [default: model card, adapter, or 0.05 for a "
+    "--gate-threshold", help="Zoom when the gate score reaches this \\[default: model card, adapter, or 0.05 for a "
                              "trained gate / 2.0 attention lift without one].")]
 RoiOpt = Annotated[float | None, typer.Option(
-    "--roi-threshold", help="Region map cut-off [default: model card, adapter, or 0.125 trained / 0.5 "
+    "--roi-threshold", help="Region map cut-off \\[default: model card, adapter, or 0.125 trained / 0.5 "
                             "training-free].")]
 RoiTokensOpt = Annotated[int | None, typer.Option("--roi-max-visual-tokens",
-                                                  help="Most visual tokens for the region [default: the page budget].")]
+                                                  help="Most visual tokens for the region \\[default: the page budget].")]
 MinTokensOpt = Annotated[int | None, typer.Option("--min-visual-tokens", help="Fewest visual tokens per page "
-                                                                            "[default: from the model card].")]
+                                                                            "\\[default: from the model card].")]
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-visual-tokens", help="Most visual tokens per page (the "
-                                                  "coarse pass when zooming) [default: from the model card].")]
+                                                  "coarse pass when zooming) \\[default: from the model card].")]
 DpiOpt = Annotated[int, typer.Option("--dpi", help="PDF render resolution; boxes are in pixels at this DPI.")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")]
 InstructionOpt = Annotated[str | None, typer.Option(
-    "--instruction", help="Text appended to each question [default: ask for a single word or phrase]; '' for none.")]
+    "--instruction", help="Text appended to each question \\[default: ask for a single word or phrase]; '' for none.")]
 BatchOpt = Annotated[str, typer.Option("--batch-size", help="(page, question) pairs answered together, across "
                                                              "documents; 'auto' sizes it from free GPU memory.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (or $QZOOM_DEVICE).")]
@@ -143,7 +143,7 @@ RoiNativeOpt = Annotated[bool, typer.Option("--roi-native", help="Never read a r
                                                                "at its source resolution (faster on small regions; "
                                                                "the reference always uses the full budget).")]
 RootOpt = Annotated[str | None, typer.Option("--root", help="Folder that relative document paths in the manifest "
-                                                           "start from [default: the manifest's folder].")]
+                                                           "start from \\[default: the manifest's folder].")]
 
 
 def _load(model, adapter, revision, device, dtype, attn, compile_mode="off"):
@@ -194,7 +194,7 @@ def ask(
     overlay: Annotated[str | None, typer.Option(help="Write the answering page with the region map and box "
                                                      "as PNG into this directory.")] = None,
     pages: Annotated[str | None, typer.Option("--pages", "--page-range",
-                                              help="1-based inclusive pages, e.g. '1-3,7' [default: all].")] = None,
+                                              help="1-based inclusive pages, e.g. '1-3,7' \\[default: all].")] = None,
     dpi: DpiOpt = 200,
     password: Annotated[str | None, typer.Option(help="Password of an encrypted PDF.")] = None,
     min_visual_tokens: MinTokensOpt = None,
@@ -325,7 +325,7 @@ def run(
     attn: AttnOpt = "auto",
     compile_mode: CompileOpt = "auto",
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress",
-                                                  help="Progress bar on stderr [default: when it is a terminal].")]
+                                                  help="Progress bar on stderr \\[default: when it is a terminal].")]
     = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -641,8 +641,8 @@ def train_rpn_command(
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     branch_layer: Annotated[int | None, typer.Option(help="K: the region head reads base layer K's input "
-                                                          "[default: model card].")] = None,
-    depth: Annotated[int | None, typer.Option(help="T: region-head layers [default: model card].")] = None,
+                                                          "\\[default: model card].")] = None,
+    depth: Annotated[int | None, typer.Option(help="T: region-head layers \\[default: model card].")] = None,
     view_tokens: Annotated[int, typer.Option(help="Visual tokens of the square teacher/student view (a square "
                                                   "number).")] = 576,
     free_answers: FreeAnswersOpt = False,
@@ -706,7 +706,7 @@ def train_gate_command(
                                                  "are used when present.")],
     adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter folder from `train rpn`; the gate is "
                                                                   "added to it.")] = None,
-    out: Annotated[str | None, typer.Option("--out", help="Where to write the adapter [default: --adapter].")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Where to write the adapter \\[default: --adapter].")] = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     ladder: Annotated[str, typer.Option(help="Visual-token budgets the model answers at, ascending.")]

@@ -298,3 +298,9 @@ def test_control_characters_never_reach_a_terminal_raw():
 
     assert printable("total\x1b[2J $5\x07\n\tdue\x9b") == "total\\x1b[2J $5\\x07 due\\x9b"
     assert printable("Zürich – 3 €") == "Zürich – 3 €"
+
+
+def test_help_shows_every_default():
+    result = runner.invoke(cli.app, ["ask", "--help"], env={"COLUMNS": "200"})
+    assert "[default: the default model card]" in result.stdout and "[default: all]" in result.stdout
+    assert "[default: 200]" in result.stdout  # typer's own defaults too
