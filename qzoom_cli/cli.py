@@ -501,7 +501,7 @@ def evaluate_command(
 @app.command()
 def bench(
     manifest: Annotated[str, typer.Argument(help="Rows to time (and score, when they carry references).")],
-    out: Annotated[str, typer.Option("--out", help="Folder for bench.json and pareto.png.")] = "qzoom-bench",
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for bench.json and pareto.png.")] = "qzoom-bench",
     budgets: Annotated[str, typer.Option(help="Maximum visual tokens to sweep.")] = "256,576,1024,2048,4096",
     modes: Annotated[str, typer.Option(help="Zoom modes to sweep (never is the baseline).")] = "never,auto",
     limit: Annotated[int | None, typer.Option(help="Use only the first N rows.")] = None,

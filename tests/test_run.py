@@ -356,7 +356,7 @@ def test_bad_output_locations_are_refused_before_any_work(workdir, tiny_dir, com
     m = write_manifest(workdir / "m.jsonl", ROWS[:1])
     (workdir / "a-file").write_text("x")
     target = {"run": ["-o", str(workdir / "missing" / "out.jsonl")], "eval": ["-o", str(workdir)],
-              "bench": ["--out", str(workdir / "a-file")], "ask": ["--overlay", str(workdir / "a-file")]}[command]
+              "bench": ["-o", str(workdir / "a-file")], "ask": ["--overlay", str(workdir / "a-file")]}[command]
     source = [str(workdir / "a.pdf"), "total?"] if command == "ask" else [str(m)]
     result = runner.invoke(cli.app, [command, *source, *target, "--model", str(workdir / "no-model")])
     assert result.exit_code == EXIT_USAGE, result.stderr  # the model folder is never reached
