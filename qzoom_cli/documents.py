@@ -12,7 +12,9 @@ import io
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from .errors import (
     PageOutOfRange,
     PdfCorrupt,
     PdfEncrypted,
+    QZoomError,
     UnsupportedType,
     UsageError,
 )
@@ -126,16 +129,36 @@ class Document:
         if not 1 <= number <= self.page_count:
             raise PageOutOfRange(f"page {number} is out of range: the document has {self.page_count} pages")
 
+    @contextmanager
+    def _reading(self, number: int) -> Iterator[None]:
+        """Hold the lock while reading the source, and name a damaged page as such: MuPDF raises
+        its own error types, PIL anything from OSError to TypeError on broken TIFF frames."""
+        with self._lock:
+            try:
+                yield
+            except QZoomError:
+                raise
+            except Exception as exc:
+                error = PdfCorrupt if self._pdf is not None else ImageCorrupt
+                raise error(f"cannot read page {number} of {self.source}: {exc}") from exc
+
     def page_size(self, number: int) -> tuple[int, int]:
         """(width, height) in page pixels: the coordinate space every box qzoom reports lives in."""
         self._check(number)
-        with self._lock:
+        with self._reading(number):
             if self._pdf is not None:
                 scale = self.dpi / 72
                 box = (self._pdf[number - 1].rect * pymupdf.Matrix(scale, scale)).irect
                 return box.width, box.height
-            self._image.seek(number - 1)
-            return ImageOps.exif_transpose(self._image).size
+            return self._frame(number).size
+
+    def _frame(self, number: int) -> Image.Image:
+        """Image frame `number`, upright; a later TIFF frame gets the same size guard as the first."""
+        self._image.seek(number - 1)
+        if self._image.width * self._image.height > MAX_RENDER_PIXELS:
+            raise ImageCorrupt(f"page {number} of {self.source} is {self._image.width}x{self._image.height} "
+                               "pixels, too large to decode safely")
+        return ImageOps.exif_transpose(self._image)
 
     def render(self, number: int) -> Image.Image:
         """Page `number` as an RGB image; PDFs at the document's DPI (page rotation applied).
@@ -153,26 +176,14 @@ class Document:
             self._ahead[number] = self._renderer.submit(self._render, number)
 
     def _render(self, number: int) -> Image.Image:
-        with self._lock:
-            if self._pdf is not None:
-                return self._render_pdf_page(number)
-            try:
-                self._image.seek(number - 1)
-                return _to_rgb(ImageOps.exif_transpose(self._image))
-            except (OSError, ValueError, SyntaxError) as exc:
-                raise ImageCorrupt(f"cannot decode page {number} of {self.source}: {exc}") from exc
-
-    def _render_pdf_page(self, number: int) -> Image.Image:
-        width, height = self.page_size(number)
-        if width * height > MAX_RENDER_PIXELS:
-            raise UsageError(
-                f"page {number} at {self.dpi} dpi would be {width}x{height} pixels; lower --dpi"
-            )
-        try:
+        with self._reading(number):
+            if self._pdf is None:
+                return _to_rgb(self._frame(number))
+            width, height = self.page_size(number)
+            if width * height > MAX_RENDER_PIXELS:
+                raise UsageError(f"page {number} at {self.dpi} dpi would be {width}x{height} pixels; lower --dpi")
             pixmap = self._pdf[number - 1].get_pixmap(dpi=self.dpi, alpha=False)
-        except Exception as exc:  # MuPDF raises its own error types for damaged content streams
-            raise PdfCorrupt(f"cannot render page {number} of {self.source}: {exc}") from exc
-        return Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+            return Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
 
     @property
     def coord_space(self) -> str:
@@ -187,33 +198,25 @@ class Document:
         """
         self._check(number)
         x0, y0, x1, y1 = (float(v) for v in box.as_list())
-        with self._lock:
-            region = self._source_region(number, (x0, y0, x1, y1), size)
+        if self._pdf is None:
+            region = self._render(number).crop((int(x0), int(y0), int(x1), int(y1)))
+        else:
+            points = 72 / self.dpi
+            clip = pymupdf.Rect(x0 * points, y0 * points, x1 * points, y1 * points)
+            zoom = min(max(size[0] / (x1 - x0), size[1] / (y1 - y0)) * self.dpi / 72, MAX_REGION_DPI / 72)
+            with self._reading(number):
+                pixmap = self._pdf[number - 1].get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), clip=clip, alpha=False)
+            region = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
         if region.size == size:
             return region
         return region.resize(size, Image.Resampling.BICUBIC)
-
-    def _source_region(self, number: int, box: tuple[float, float, float, float], size: tuple[int, int]
-                       ) -> Image.Image:
-        x0, y0, x1, y1 = box
-        if self._pdf is not None:
-            points = 72 / self.dpi
-            clip = pymupdf.Rect(x0 * points, y0 * points, x1 * points, y1 * points)
-            zoom = max(size[0] / (x1 - x0), size[1] / (y1 - y0)) * self.dpi / 72
-            zoom = min(zoom, MAX_REGION_DPI / 72)
-            try:
-                pixmap = self._pdf[number - 1].get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), clip=clip, alpha=False)
-            except Exception as exc:  # MuPDF raises its own error types for damaged content streams
-                raise PdfCorrupt(f"cannot render page {number} of {self.source}: {exc}") from exc
-            return Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
-        return self._render(number).crop((int(x0), int(y0), int(x1), int(y1)))
 
     def thumbnail(self, number: int, max_side: int = 96) -> Image.Image:
         """A small RGB picture of a page, rendered directly at low resolution for PDFs."""
         if self._pdf is not None:
             width, height = self.page_size(number)
             dpi = max(1, int(self.dpi * max_side / max(width, height)))
-            with self._lock:
+            with self._reading(number):
                 pixmap = self._pdf[number - 1].get_pixmap(dpi=dpi, alpha=False)
             image = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
         else:
@@ -267,7 +270,10 @@ def open_document(source: str | Path | bytes, *, password: str | None = None, dp
         notes = [f"{name} is damaged; MuPDF repaired it and some content may be missing"] if pdf.is_repaired else []
         return Document(name, kind, digest, pdf.page_count, dpi, notes, _pdf=pdf)
     image = _open_image(name, data)
-    frames = getattr(image, "n_frames", 1) if kind == "tiff" else 1
+    try:
+        frames = getattr(image, "n_frames", 1) if kind == "tiff" else 1
+    except Exception as exc:  # PIL walks every frame's header to count them
+        raise ImageCorrupt(f"cannot count the pages of {name}: {exc}") from exc
     return Document(name, kind, digest, frames, None, _image=image)
 
 
@@ -292,8 +298,8 @@ def _open_image(name: str, data: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, EOFError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageCorrupt(f"cannot decode image {name}: {exc}") from exc
     return image
 

@@ -197,3 +197,13 @@ def test_an_image_holding_pdf_bytes_is_still_an_image(tmp_path):
     assert b"%PDF-" in data[:1024] and detect_kind(data) == "png"
     with open_document(data) as doc:
         assert doc.kind == "png" and doc.render(1).size == (40, 30)
+
+
+def test_fuzzed_documents_fail_with_named_errors_only():
+    """Hundreds of byte-mutated PDFs and images per format (damaged TIFF frames, broken page
+    trees, truncations): each opens, or fails with an input error that says what is wrong."""
+    from fuzz_documents import fuzz
+
+    failures = fuzz(per_format=300)
+    assert not failures, "\n".join(f"{n} x {k[0]} {k[1]}: {k[2]}\n{k[3]}" for k, n in failures.most_common(3))
+
