@@ -36,6 +36,7 @@ from .errors import (
 STDIN = "-"
 DEFAULT_DPI = 200
 MAX_RENDER_PIXELS = 120_000_000
+MAX_INPUT_BYTES = 2**30
 MAX_REGION_DPI = 1200
 IMAGE_KINDS = ("png", "jpeg", "webp", "bmp", "gif", "tiff")
 
@@ -246,16 +247,25 @@ def read_source(source: str | Path | bytes) -> tuple[str, bytes]:
         return "<bytes>", source
     name = str(source)
     if name == STDIN:
-        return STDIN, sys.stdin.buffer.read()
+        return STDIN, _capped(sys.stdin.buffer, "standard input")
     path = Path(name)
     if not path.exists():
         raise FileNotFound(f"no such file: {name}")
     if path.is_dir():
         raise UnsupportedType(f"{name} is a directory, not a document")
     try:
-        return name, path.read_bytes()
+        with open(path, "rb") as stream:
+            return name, _capped(stream, name)
     except PermissionError:
         raise InputError(f"permission denied: {name}") from None
+
+
+def _capped(stream, name: str) -> bytes:
+    """At most MAX_INPUT_BYTES of `stream`: /dev/zero or an endless pipe must not fill the memory."""
+    data = stream.read(MAX_INPUT_BYTES + 1)
+    if len(data) > MAX_INPUT_BYTES:
+        raise InputError(f"{name} is larger than {MAX_INPUT_BYTES // 2**30} GiB, the most qzoom reads as one document")
+    return data
 
 
 def open_document(source: str | Path | bytes, *, password: str | None = None, dpi: int = DEFAULT_DPI) -> Document:

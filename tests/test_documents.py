@@ -207,3 +207,15 @@ def test_fuzzed_documents_fail_with_named_errors_only():
     failures = fuzz(per_format=300)
     assert not failures, "\n".join(f"{n} x {k[0]} {k[1]}: {k[2]}\n{k[3]}" for k, n in failures.most_common(3))
 
+
+
+def test_endless_input_is_capped(monkeypatch):
+    import qzoom_cli.documents as documents
+    from qzoom_cli.errors import InputError
+
+    monkeypatch.setattr(documents, "MAX_INPUT_BYTES", 2**20)
+    with pytest.raises(InputError, match="larger than"):
+        open_document("/dev/zero")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"%PDF-" + b"0" * 2**21)))
+    with pytest.raises(InputError, match="standard input is larger"):
+        open_document("-")
