@@ -256,3 +256,30 @@ def test_roi_native_never_upsamples_a_small_region(qz, page):
     width = roi["bbox_xyxy"][2] - roi["bbox_xyxy"][0]
     height = roi["bbox_xyxy"][3] - roi["bbox_xyxy"][1]
     assert answered.region_tokens <= max(1, round(width * height / 28 ** 2))
+
+
+def test_damaged_or_foreign_adapters_are_named(qz, tmp_path):
+    import logging
+
+    adapter = trained_adapter(qz.backbone)
+    adapter.save_pretrained(tmp_path / "a")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("qzoom").addHandler(handler)
+    try:
+        ZoomAdapter.from_pretrained(tmp_path / "a", qz.backbone)
+        assert not records
+        config = json.loads((tmp_path / "a" / "qzoom_config.json").read_text())
+        (tmp_path / "a" / "qzoom_config.json").write_text(json.dumps({**config, "base_model": "someone/other-vl"}))
+        ZoomAdapter.from_pretrained(tmp_path / "a", qz.backbone)
+        assert "trained on someone/other-vl" in records[0].getMessage()
+    finally:
+        logging.getLogger("qzoom").removeHandler(handler)
+    weights = tmp_path / "a" / ADAPTER_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelError, match="is damaged"):
+        ZoomAdapter.from_pretrained(tmp_path / "a", qz.backbone)
+    (tmp_path / "a" / "qzoom_config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        ZoomAdapter.from_pretrained(tmp_path / "a", qz.backbone)

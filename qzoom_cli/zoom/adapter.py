@@ -12,17 +12,20 @@ keys inside the base checkpoint, `model.` or `model.language_model.` prefixed, w
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ..backbones import Backbone
 from ..errors import ModelError, ModelNotAvailable
+
+log = logging.getLogger("qzoom")
 
 ADAPTER_WEIGHTS = "qzoom_adapter.safetensors"
 ADAPTER_CONFIG = "qzoom_config.json"
@@ -53,8 +56,11 @@ class AdapterConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> AdapterConfig:
-        data = json.loads(path.read_text())
-        if data.pop("format", None) != ADAPTER_FORMAT:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or data.pop("format", None) != ADAPTER_FORMAT:
             raise ModelError(f"{path} is not a qzoom adapter config ({ADAPTER_FORMAT})")
         try:
             return cls(**data)
@@ -100,8 +106,12 @@ class ZoomAdapter(nn.Module):
         if not (directory / ADAPTER_CONFIG).is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
             raise ModelNotAvailable(f"{directory} is not a qzoom adapter (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
         adapter = cls(AdapterConfig.from_file(directory / ADAPTER_CONFIG), backbone)
-        with safe_open(directory / ADAPTER_WEIGHTS, framework="pt") as weights:
-            adapter.load_strict({key: weights.get_tensor(key) for key in weights.keys()}, str(directory))
+        try:
+            with safe_open(directory / ADAPTER_WEIGHTS, framework="pt") as weights:
+                tensors = {key: weights.get_tensor(key) for key in weights.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"{directory / ADAPTER_WEIGHTS} is damaged: {exc}") from None
+        adapter.load_strict(tensors, str(directory))
         return adapter
 
     @classmethod
@@ -141,6 +151,7 @@ class ZoomAdapter(nn.Module):
 
 
 def check_attachment(config: AdapterConfig, backbone: Backbone) -> None:
+    """Refuse an adapter that cannot fit the model; warn when it was trained on another one."""
     if config.family is not None and config.family != backbone.family:
         raise ModelError(f"adapter is for {config.family} models, the base model is {backbone.family}")
     if config.hidden_size is not None and config.hidden_size != backbone.hidden_size:
@@ -149,6 +160,9 @@ def check_attachment(config: AdapterConfig, backbone: Backbone) -> None:
             or config.branch_layer + config.depth > backbone.num_layers:
         raise ModelError(f"branch after layer {config.branch_layer} with {config.depth} layers does not fit a "
                          f"{backbone.num_layers}-layer model")
+    if config.base_model and config.base_model != backbone.model_id:
+        log.warning("the adapter was trained on %s, not on %s: its regions and gate may not fit this model",
+                    config.base_model, backbone.model_id)
 
 
 def official_adapter_config(backbone: Backbone) -> AdapterConfig | None:
