@@ -92,14 +92,10 @@ def build(arch: str, device: str, dtype: str, attn: str) -> tuple[Qwen2_5_VLBack
 
 def engines(backbone, runtime: Runtime, adapter, fuse: bool) -> dict[str, QZoom]:
     """The same model and adapter behind each decoder: eager loop, and the fast path of this device."""
-    from qzoom_cli.static_decode import StaticDecoder
-
-    capture = runtime.device.type == "cuda"
-    out = {"eager": QZoom(backbone, dataclasses.replace(runtime, decoder="eager"), None, adapter)}
-    for name, fused in (("fast", False), ("fast+inductor", True))[:2 if fuse else 1]:
-        out[name] = QZoom(backbone, runtime, None, adapter)
-        out[name].engine.decode = StaticDecoder(backbone, capture, fused)
-    return out
+    fast = "cuda_graphs" if runtime.device.type == "cuda" else "static_cache"
+    kinds = {"eager": "eager", "fast": fast, **({"fast+inductor": fast + "+inductor"} if fuse else {})}
+    return {name: QZoom(backbone, dataclasses.replace(runtime, decoder=kind), None, adapter)
+            for name, kind in kinds.items()}
 
 
 def weight_bytes(backbone) -> int:

@@ -180,8 +180,7 @@ class QZoom:
         questions = check_questions(questions)
         if ids is not None and len(ids) != len(questions):
             raise UsageError("one id per question is needed")
-        if batch_size != "auto" and batch_size < 1 or max_new_tokens < 1:
-            raise UsageError("--batch-size and --max-new-tokens must be at least 1")
+        _check_counts(1 if batch_size == "auto" else batch_size, max_new_tokens)  # before the document is read
         doc = document if isinstance(document, Document) else open_document(document, password=password, dpi=dpi)
         try:
             request = AskRequest(doc, questions, ids, pages)
@@ -210,8 +209,7 @@ class QZoom:
         settings = ZoomSettings(mode=zoom) if isinstance(zoom, str) else zoom
         budget = budget or self.default_budget(settings.mode)
         batch_size = self.resolve_batch_size(batch_size, budget, max_new_tokens, settings.mode)
-        if batch_size < 1 or max_new_tokens < 1:
-            raise UsageError("--batch-size and --max-new-tokens must be at least 1")
+        _check_counts(batch_size, max_new_tokens)
         batcher = _Batcher(self, settings, budget, max_new_tokens, instruction, batch_size, overlay_dir)
         reset_peak_memory(self.runtime.device)
         for request in requests:
@@ -314,6 +312,11 @@ class QZoom:
             result.zoom.overlay = str(path)
 
 
+def _check_counts(batch_size: int, max_new_tokens: int) -> None:
+    if batch_size < 1 or max_new_tokens < 1:
+        raise UsageError("--batch-size and --max-new-tokens must be at least 1")
+
+
 @dataclass
 class AskRequest:
     """Questions about some pages of an open document (`pages` as for `ask`); `handle` is the caller's."""
@@ -376,11 +379,11 @@ class _Batcher:
             flight.warnings.extend(page.warnings)
             self.queue.extend(_Pair(flight, page, q) for q in range(len(flight.texts)))
             while len(self.queue) >= self.batch_size:
-                yield from self._answer(self.batch_size)
+                yield from self._answer()
 
     def flush(self) -> Iterator[tuple[AskRequest, list[Result] | Exception]]:
         while self.queue:
-            yield from self._answer(self.batch_size)
+            yield from self._answer()
 
     def _start(self, request: AskRequest) -> _InFlight:
         questions = check_questions(request.questions)
@@ -395,8 +398,9 @@ class _Batcher:
         return _InFlight(request, info, ids, questions, texts, [{} for _ in questions],
                          len(selected) * len(questions))
 
-    def _answer(self, count: int) -> Iterator[tuple[AskRequest, list[Result] | Exception]]:
-        pairs, self.queue = self.queue[:count], self.queue[count:]
+    def _answer(self) -> Iterator[tuple[AskRequest, list[Result] | Exception]]:
+        """The next `batch_size` queued pairs (or what is left) in one engine batch."""
+        pairs, self.queue = self.queue[:self.batch_size], self.queue[self.batch_size:]
         items = [(pair.page.view, pair.flight.texts[pair.question]) for pair in pairs]
         try:
             answers = self.qz.engine.answer_batch(items, self.settings, self.max_new_tokens)

@@ -18,8 +18,8 @@ import json
 import os
 import traceback
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TextIO
 
@@ -180,11 +180,12 @@ def kept_for_resume(path: Path, ids: set[str]) -> dict[str, dict]:
 
 def check_same_settings(records: Iterable[dict], settings: dict | None, output: Path) -> None:
     """Refuse to resume records made with other settings: one file, one model and one set of options."""
+    now = settings or {}
     for record in records:
         before = record.get("run")
         if before != settings:
-            changed = sorted(k for k in {*(before or {}), *(settings or {})}
-                             if (before or {}).get(k) != (settings or {}).get(k)) if before else ["(not recorded)"]
+            changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)) if before \
+                else ["(not recorded)"]
             raise UsageError(f"{output} holds answers made with other settings ({', '.join(changed)}); resume with "
                              "the same options, or --force to start afresh, or -o another file")
 
@@ -219,16 +220,15 @@ def run_manifest(load: Callable[[], QZoom], rows: list[ManifestRow | RowError], 
     processes (`barrier` waits for all of them); rank 0 merges their shard files at the end and
     holds the output's lock throughout, so a second run on the same file is refused.
     """
-    run = partial(_run_manifest, load, rows, options, output=output, stdout=stdout, resume=resume, force=force,
-                  rank=rank, world=world, barrier=barrier, on_result=on_result, on_start=on_start)
-    if output is None or rank != 0:
-        return run()
-    with sole_writer(output):
-        return run()
+    with sole_writer(output) if output is not None and rank == 0 else nullcontext():
+        return _run_manifest(load, rows, options, output, stdout, resume, force, rank, world, barrier, on_result,
+                             on_start)
 
 
-def _run_manifest(load, rows, options, *, output, stdout, resume, force, rank, world, barrier, on_result,
-                  on_start) -> RunSummary:
+def _run_manifest(load: Callable[[], QZoom], rows: list[ManifestRow | RowError], options: RunOptions,
+                  output: Path | None, stdout: TextIO, resume: bool, force: bool, rank: int, world: int,
+                  barrier: Callable[[], None], on_result: Callable[[Result], None],
+                  on_start: Callable[[int], None]) -> RunSummary:
     order = {row.id: row.index for row in rows}
     kept: dict[str, dict] = {}
     if output is not None:

@@ -120,8 +120,8 @@ GateOpt = Annotated[float | None, typer.Option(
 RoiOpt = Annotated[float | None, typer.Option(
     "--roi-threshold", help="Region map cut-off \\[default: model card, adapter, or 0.125 trained / 0.5 "
                             "training-free].")]
-RoiTokensOpt = Annotated[int | None, typer.Option("--roi-max-visual-tokens",
-                                                  help="Most visual tokens for the region \\[default: the page budget].")]
+RoiTokensOpt = Annotated[int | None, typer.Option(
+    "--roi-max-visual-tokens", help="Most visual tokens for the region \\[default: the page budget].")]
 MinTokensOpt = Annotated[int | None, typer.Option("--min-visual-tokens", help="Fewest visual tokens per page "
                                                                             "\\[default: from the model card].")]
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-visual-tokens", help="Most visual tokens per page (the "
@@ -245,12 +245,10 @@ def ask(
                 if as_json:
                     _print_json(result.to_dict())
                 else:
-                    answer = " ".join((result.answer or "").split())
-                    if sys.stdout.isatty():
-                        from .render import printable
+                    from .render import printable
 
-                        answer = printable(answer)
-                    print(answer, flush=True)
+                    answer = result.answer or ""
+                    print(printable(answer) if sys.stdout.isatty() else " ".join(answer.split()), flush=True)
                 if show_panel:
                     from .render import answer_panel
 

@@ -25,7 +25,7 @@ def check_output_file(path: Path, *, inputs: tuple[str | Path, ...] = ()) -> Non
     for source in inputs:
         if str(source) != "-" and Path(source).exists() and Path(source).resolve() == path.resolve():
             raise UsageError(f"output {path} is also an input of this command; write the results elsewhere")
-    check_output_folder(path.parent if str(path.parent) else Path("."), create=False)
+    check_output_folder(path.parent, create=False)
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"output {path} is read-only")
 

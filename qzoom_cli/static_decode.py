@@ -41,7 +41,6 @@ class _Session:
     tokens: torch.Tensor      # [batch] the token fed to the next step
     positions: torch.Tensor   # [rows, batch, 1] its position ids
     visible: torch.Tensor     # [batch, capacity] which cache slots attention may read
-    cursor: torch.Tensor      # [] the cache slot the next step writes
     step: torch.Tensor        # [] the output column the next step writes
     out_tokens: torch.Tensor  # [batch, capacity]
     out_logprobs: torch.Tensor
@@ -52,6 +51,11 @@ class _Session:
     @property
     def batch(self) -> int:
         return self.tokens.shape[0]
+
+    @property
+    def cursor(self) -> torch.Tensor:
+        """[] the cache slot the next step writes: the static cache's own length counter."""
+        return self.cache.layers[0].cumulative_length
 
 
 def bucket(length: int) -> int:
@@ -82,6 +86,8 @@ class StaticDecoder:
         start = time.perf_counter()
         session = self._session(cache, positions, max_new_tokens)
         self._load(session, cache, positions, attention_mask)
+        if self.capture and session.graph is None:
+            self._capture_or_fall_back(session)
         token, logprob = pick_tokens(first_logits)
         self._record(session, token, logprob)
         produced = 1
@@ -102,7 +108,7 @@ class StaticDecoder:
         synchronize(first_logits.device)
         elapsed = (time.perf_counter() - start) / session.batch
         eos = set(self.backbone.eos_token_ids)
-        return [_generation(row, row_logprobs, eos, max_new_tokens, elapsed)
+        return [_generation(row, row_logprobs, eos, elapsed)
                 for row, row_logprobs in zip(tokens, logprobs, strict=True)]
 
     def _session(self, cache: Cache, positions: torch.Tensor, max_new_tokens: int) -> _Session:
@@ -114,17 +120,16 @@ class StaticDecoder:
             return self.sessions[key]
         while len(self.sessions) >= MAX_SESSIONS:
             self.sessions.popitem(last=False)
-        session = self._new_session(cache, positions, key[1])
-        if self.capture:
-            self._load(session, cache, positions, None)
-            try:
-                session.graph = self._capture(session)
-            except RuntimeError as exc:
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                log.warning("CUDA graph capture failed (%s); decoding on the static cache without capture", reason)
-                self.capture = False
-        self.sessions[key] = session
-        return session
+        self.sessions[key] = self._new_session(cache, positions, key[1])
+        return self.sessions[key]
+
+    def _capture_or_fall_back(self, session: _Session) -> None:
+        try:
+            session.graph = self._capture(session)
+        except RuntimeError as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            log.warning("CUDA graph capture failed (%s); decoding on the static cache without capture", reason)
+            self.capture = False
 
     def _new_session(self, cache: Cache, positions: torch.Tensor, capacity: int) -> _Session:
         bb = self.backbone
@@ -137,7 +142,6 @@ class StaticDecoder:
             tokens=torch.zeros(batch, dtype=torch.long, device=device),
             positions=torch.zeros(positions.shape[0], batch, 1, dtype=positions.dtype, device=device),
             visible=torch.zeros(batch, capacity, dtype=torch.bool, device=device),
-            cursor=torch.zeros((), dtype=torch.long, device=device),
             step=torch.zeros((), dtype=torch.long, device=device),
             out_tokens=torch.zeros(batch, capacity, dtype=torch.long, device=device),
             out_logprobs=torch.zeros(batch, capacity, dtype=torch.float32, device=device),
@@ -159,7 +163,6 @@ class StaticDecoder:
         else:
             session.visible[:, :prompt].copy_(attention_mask.bool())
         session.positions.copy_(self.backbone.next_position_ids(positions, 0))
-        session.cursor.fill_(prompt)
         session.step.zero_()
         session.done.zero_()
 
@@ -172,7 +175,8 @@ class StaticDecoder:
         session.step.add_(1)
 
     def _step(self, session: _Session) -> None:
-        """One decode step, reading and writing only the session's tensors (so it can be captured)."""
+        """One decode step, reading and writing only the session's tensors (so it can be captured);
+        the cache advances its own cursor as the layers write into it."""
         bb = self.backbone
         session.visible.index_fill_(1, session.cursor.view(1), True)
         hidden = bb.run_layers(bb.embed_tokens(session.tokens[:, None]), session.positions, session.cache, 0,
@@ -180,7 +184,6 @@ class StaticDecoder:
         token, logprob = pick_tokens(bb.logits(hidden)[:, -1])
         self._record(session, token, logprob)
         session.positions.add_(1)
-        session.cursor.add_(1)
 
     def _capture(self, session: _Session) -> torch.cuda.CUDAGraph:
         """Warm the step up on a side stream (allocator, kernels), undo its effects, then capture it."""
@@ -201,7 +204,7 @@ class StaticDecoder:
 
 def _state(session: _Session) -> list[torch.Tensor]:
     """The tensors a step advances (the cache contents past the cursor are overwritten before use)."""
-    return [session.tokens, session.positions, session.visible, session.cursor, session.step, session.done,
+    return [session.tokens, session.positions, session.visible, session.step, session.done,
             *(layer.cumulative_length for layer in session.cache.layers)]
 
 
@@ -224,11 +227,10 @@ class _AllDone:
         return bool(self.host)
 
 
-def _generation(tokens: list[int], logprobs: list[float], eos: set[int], max_new_tokens: int,
-                decode_s: float) -> Generation:
-    """A sample's tokens up to and including its first end token (at most `max_new_tokens`)."""
+def _generation(tokens: list[int], logprobs: list[float], eos: set[int], decode_s: float) -> Generation:
+    """A sample's tokens up to and including its first end token."""
     end = next((i + 1 for i, token in enumerate(tokens) if token in eos), None)
-    stop = min(end or len(tokens), max_new_tokens)
+    stop = end or len(tokens)
     return Generation(token_ids=tokens[:stop], logprobs=logprobs[:stop], finished=end is not None, decode_s=decode_s)
 
 
