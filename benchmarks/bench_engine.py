@@ -37,7 +37,7 @@ import transformers
 
 from qzoom_cli.api import QZoom
 from qzoom_cli.backbones.qwen2_5_vl import Qwen2_5_VLBackbone
-from qzoom_cli.budget import VisualBudget, resize_to_budget
+from qzoom_cli.budget import VisualBudget
 from qzoom_cli.documents import open_document
 from qzoom_cli.runtime import Runtime, reset_peak_memory, resolve_runtime, synchronize
 from qzoom_cli.testing import make_tokenizer, qwen2_5_vl_config
@@ -164,8 +164,8 @@ def stock_case(backbone, doc, page: int, budget: VisualBudget, new_tokens: int, 
     device = backbone.device
 
     def run(tokens: int):
-        image = resize_to_budget(doc.render(page), backbone.patch_factor, budget)
-        grid = (image.height // backbone.patch_factor, image.width // backbone.patch_factor)
+        image = backbone.fit_image(doc.render(page), budget)
+        grid = backbone.image_grid(image.size, budget)
         prompt = backbone.build_prompt(QUESTION, [grid])
         pixels = backbone.image_processor(images=[image], do_resize=False, return_tensors="pt")
         ids = prompt.input_ids.to(device)

@@ -26,7 +26,7 @@ import transformers
 
 from bench_engine import build, engines, model_parser, stock_vision
 from qzoom_cli.batch import RunOptions, answer_rows
-from qzoom_cli.budget import VisualBudget, resize_to_budget
+from qzoom_cli.budget import VisualBudget
 from qzoom_cli.documents import open_document
 from qzoom_cli.manifest import ManifestRow
 from qzoom_cli.runtime import synchronize
@@ -92,8 +92,8 @@ def run_stock(backbone, rows, budget: VisualBudget, batch_size: int, new_tokens:
         images, prompts = [], []
         for row in chunk:
             with open_document(row.file) as doc:
-                image = resize_to_budget(doc.render(1), backbone.patch_factor, budget)
-            grid = (image.height // backbone.patch_factor, image.width // backbone.patch_factor)
+                image = backbone.fit_image(doc.render(1), budget)
+            grid = backbone.image_grid(image.size, budget)
             images.append(image)
             prompts.append(backbone.build_prompt(row.question, [grid]).input_ids[0])
         width = max(len(p) for p in prompts)

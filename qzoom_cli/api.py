@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .backbones import Backbone, load_backbone
-from .budget import VisualBudget, resize_to_budget
+from .budget import VisualBudget
 from .cards import GENERIC_BUDGET, ModelCard, default_card, find_card
 from .documents import DEFAULT_DPI, Document, open_document, parse_page_spec
 from .errors import OutOfMemory, QZoomError, UsageError
@@ -242,11 +242,9 @@ class QZoom:
         start = time.perf_counter()
         image = doc.render(number)
         rendered = time.perf_counter()
-        resized = resize_to_budget(image, bb.patch_factor, budget)
-        features = bb.encode_image(resized)
+        encoding = bb.encode_image(bb.fit_image(image, budget))
         synchronize(self.runtime.device)
-        grid = (resized.height // bb.patch_factor, resized.width // bb.patch_factor)
-        view = PageView(number=number, size=image.size, grid=grid, features=features, budget=budget,
+        view = PageView(number=number, size=image.size, encoding=encoding, budget=budget,
                         crop=partial(doc.render_region, number), coord_space=doc.coord_space)
         return _EncodedPage(view, Timings(render_s=rendered - start, preprocess_s=time.perf_counter() - rendered))
 

@@ -688,7 +688,7 @@ def train_rpn_command(
         t = depth or qz.engine.depth
         card_heads = (qz.card.training.get("heads") if qz.card else None) or None
         heads = HeadTable.from_dict(card_heads) if card_heads else \
-            fallback_heads(k, qz.backbone.text_config.num_attention_heads)
+            fallback_heads(k, qz.backbone.num_attention_heads)
         samples = expand_samples(rows, max_samples, dpi)
         settings = RpnSettings(branch_layer=k, depth=t, heads=heads, view_side=side, free_answers=free_answers,
                                labels=LabelSettings(sink_threshold, fg_ratio, bg_ratio, max_area, peak_floor), dpi=dpi)

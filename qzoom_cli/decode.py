@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from transformers import Cache
 
-from .backbones import Backbone
+from .backbones import Backbone, ModelInputs, VisualAdditions
 from .runtime import synchronize
 
 
@@ -64,9 +64,9 @@ def copy_cache(cache: Cache, empty: Cache, layers: range, rows: list[int] | None
 
 @torch.inference_mode()
 def prefill(backbone: Backbone, embeds: torch.Tensor, positions: torch.Tensor, cache: Cache,
-            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+            attention_mask: torch.Tensor | None = None, additions: VisualAdditions | None = None) -> torch.Tensor:
     """Run the whole prompt through every layer, filling `cache`; returns next-token logits [batch, vocab]."""
-    hidden = backbone.run_layers(embeds, positions, cache, 0, backbone.num_layers, attention_mask)
+    hidden = backbone.run_layers(embeds, positions, cache, 0, backbone.num_layers, attention_mask, additions)
     return backbone.logits(hidden[:, -1:])[:, -1]
 
 
@@ -129,3 +129,10 @@ def greedy_decode(backbone: Backbone, first_logits: torch.Tensor, cache: Cache, 
                   max_new_tokens: int) -> Generation:
     """`greedy_decode_batch` for one unpadded sequence."""
     return greedy_decode_batch(backbone, first_logits, cache, positions, max_new_tokens)[0]
+
+
+def answer_plainly(backbone: Backbone, inputs: ModelInputs, max_new_tokens: int) -> Generation:
+    """Prefill one unpadded sequence and decode it greedily (no zoom)."""
+    cache = backbone.new_cache()
+    logits = prefill(backbone, inputs.embeds, inputs.positions, cache, None, inputs.additions)
+    return greedy_decode(backbone, logits, cache, inputs.positions, max_new_tokens)

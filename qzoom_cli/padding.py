@@ -1,9 +1,10 @@
 """Batches of unequal sequences: segment-wise left padding with an attention mask.
 
-Each sample is a list of segments (embeddings + positions); segment j of every sample is
+Each sample is a list of segments (`ModelInputs` of one sequence); segment j of every sample is
 left-padded to the longest segment j, so segment boundaries line up across the batch. With two
 segments split after each page's last image token, every sample's reusable prefix ends at the
-same index, and all last tokens sit at index -1, ready for batched decoding.
+same index, and all last tokens sit at index -1, ready for batched decoding. Padding tokens have
+zero embeddings, position 0 and no per-layer additions.
 """
 
 from __future__ import annotations
@@ -12,15 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class Segment:
-    embeds: torch.Tensor     # [1, length, hidden]
-    positions: torch.Tensor  # [rows, 1, length]
-
-    @property
-    def length(self) -> int:
-        return self.embeds.shape[1]
+from .backbones import ModelInputs, VisualAdditions
 
 
 @dataclass
@@ -30,6 +23,7 @@ class PaddedBatch:
     attention_mask: torch.Tensor     # [batch, length], 1 on real tokens
     boundaries: list[int]            # start index of each segment column, then the total length
     lengths: list[list[int]]         # [sample][segment] real lengths
+    additions: VisualAdditions | None = None
 
     @property
     def padded(self) -> bool:
@@ -45,7 +39,7 @@ class PaddedBatch:
         return end - self.lengths[sample][segment] + offset
 
 
-def pad_segments(samples: list[list[Segment]]) -> PaddedBatch:
+def pad_segments(samples: list[list[ModelInputs]]) -> PaddedBatch:
     count = len(samples[0])
     widths = [max(sample[j].length for sample in samples) for j in range(count)]
     boundaries = [0]
@@ -57,6 +51,8 @@ def pad_segments(samples: list[list[Segment]]) -> PaddedBatch:
     dtype = torch.float32 if any(seg.positions.is_floating_point() for s in samples for seg in s) else torch.long
     positions = torch.zeros(first.positions.shape[0], len(samples), total, dtype=dtype, device=first.positions.device)
     mask = torch.zeros(len(samples), total, dtype=torch.long, device=first.embeds.device)
+    visual = torch.zeros(len(samples), total, dtype=torch.bool, device=first.embeds.device)
+    values = []  # batch-major, as VisualAdditions wants them
     for b, sample in enumerate(samples):
         for j, segment in enumerate(sample):
             end = boundaries[j + 1]
@@ -64,4 +60,8 @@ def pad_segments(samples: list[list[Segment]]) -> PaddedBatch:
             embeds[b, start:end] = segment.embeds[0]
             positions[:, b, start:end] = segment.positions[:, 0].to(dtype)
             mask[b, start:end] = 1
-    return PaddedBatch(embeds, positions, mask, boundaries, [[seg.length for seg in s] for s in samples])
+            if segment.additions is not None:
+                visual[b, start:end] = segment.additions.mask[0]
+                values.append(segment.additions.values)
+    additions = VisualAdditions(visual, torch.cat(values, dim=1)) if values else None
+    return PaddedBatch(embeds, positions, mask, boundaries, [[seg.length for seg in s] for s in samples], additions)

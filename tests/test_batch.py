@@ -8,7 +8,8 @@ import torch
 from docmaker import make_pdf, make_tiff
 from qzoom_cli.budget import VisualBudget
 from qzoom_cli.documents import open_document
-from qzoom_cli.padding import Segment, pad_segments
+from qzoom_cli.backbones import ModelInputs
+from qzoom_cli.padding import pad_segments
 from qzoom_cli.zoom.pipeline import ZoomEngine, ZoomSettings
 from zoomkit import trained_adapter
 
@@ -81,7 +82,7 @@ def test_ask_with_batch_size_equals_one_at_a_time(qz):
 
 def test_segments_line_up():
     def seg(n, start):
-        return Segment(torch.full((1, n, 2), float(start)), torch.arange(start, start + n).view(1, 1, n).expand(3, 1, n))
+        return ModelInputs(torch.full((1, n, 2), float(start)), torch.arange(start, start + n).view(1, 1, n).expand(3, 1, n))
 
     batch = pad_segments([[seg(3, 0), seg(2, 3)], [seg(5, 0), seg(1, 5)]])
     assert batch.boundaries == [0, 5, 7]

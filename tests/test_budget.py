@@ -76,4 +76,4 @@ def test_resolve_budget_fills_missing_bound(qz):
     assert qz.resolve_budget(max_tokens=64) == VisualBudget(min(default.min_tokens, 64), 64)
     assert qz.resolve_budget(min_tokens=5000) == VisualBudget(5000, 5000)
     assert qz.resolve_budget(100, 200) == VisualBudget(100, 200)
-    assert math.isclose(qz.backbone.patch_factor, 28)
+    assert qz.backbone.layout.patch_factor == 28

@@ -6,8 +6,8 @@ from PIL import Image, ImageDraw
 
 from qzoom_cli.backbones import ImageBlock
 from qzoom_cli.backbones.qwen2_5_vl import mrope_position_ids
-from qzoom_cli.budget import VisualBudget, resize_to_budget
-from qzoom_cli.decode import greedy_decode, prefill
+from qzoom_cli.budget import VisualBudget
+from qzoom_cli.decode import answer_plainly
 
 
 def _page(seed: int) -> Image.Image:
@@ -19,17 +19,13 @@ def _page(seed: int) -> Image.Image:
 
 
 def _inputs(bb, image, question):
-    resized = resize_to_budget(image, bb.patch_factor, VisualBudget(16, 96))
-    grid = (resized.height // bb.patch_factor, resized.width // bb.patch_factor)
-    prompt = bb.build_prompt(question, [grid])
+    resized = bb.fit_image(image, VisualBudget(16, 96))
+    prompt = bb.build_prompt(question, [bb.image_grid(resized.size, VisualBudget(16, 96))])
     return resized, prompt
 
 
 def _ours(bb, resized, prompt, max_new_tokens):
-    embeds = bb.embed_prompt(prompt, [bb.encode_image(resized)])
-    positions = bb.position_ids(prompt)
-    cache = bb.new_cache()
-    return greedy_decode(bb, prefill(bb, embeds, positions, cache), cache, positions, max_new_tokens)
+    return answer_plainly(bb, bb.prepare_inputs(prompt, [bb.encode_image(resized)]), max_new_tokens)
 
 
 def _stock(bb, resized, prompt, max_new_tokens, **kwargs):

@@ -68,10 +68,12 @@ def test_region_maps():
     logits = torch.full((20, 20), -4.0)
     logits[0, 0] = 50.0  # an attention sink: ignored
     logits[10:12, 5:8] = 3.0
-    for prob in (sigmoid_region_map(logits), relative_region_map(logits)):
+    keep = sink_mask(20, 20)
+    for prob in (sigmoid_region_map(logits, keep), relative_region_map(logits, keep)):
         box = foreground_box(prob, 0.3 * float(prob.max()))
         assert box is not None and box.x0 >= 4 and box.y0 >= 9 and box.x1 <= 9 and box.y1 <= 13
-    rel = relative_region_map(logits)
+    rel = relative_region_map(logits, keep)
+    assert not relative_region_map(logits, torch.zeros(20, 20, dtype=torch.bool)).any()  # all sinks: no region
     assert float(rel.max()) == pytest.approx(1.0)
     assert attention_lift(torch.ones(8, 8), Box(0, 0, 4, 4)) == pytest.approx(1.0)
     peaked = torch.zeros(8, 8)
@@ -91,7 +93,7 @@ def _random_cases(count=400, seed=0):
 
 def test_grid_box_to_pixels_properties():
     for box, grid, (width, height) in _random_cases():
-        px = grid_box_to_pixels(box, grid, (width, height))
+        px = grid_box_to_pixels(box, grid, (width, height), 28)
         rows, cols = grid
         assert all(isinstance(v, int) for v in px.as_list())
         assert 0 <= px.x0 < px.x1 <= width and 0 <= px.y0 < px.y1 <= height
@@ -112,11 +114,13 @@ def test_grid_box_to_pixels_properties():
     (Box(4, 2, 6, 3), (10, 10), Box(400, 200, 600, 300)),            # plain scaling
 ])
 def test_grid_box_to_pixels_edges(box, grid, expected):
-    assert grid_box_to_pixels(box, grid, (1000, 1000)) == expected
+    assert grid_box_to_pixels(box, grid, (1000, 1000), 28) == expected
+    grown = grid_box_to_pixels(box, grid, (1000, 1000), 40)
+    assert grown.width >= 40 and grown.height >= 40
 
 
 def test_tiny_page_gets_whole_sides():
-    assert grid_box_to_pixels(Box(0, 0, 1, 1), (2, 2), (20, 10)) == Box(0, 0, 20, 10)
+    assert grid_box_to_pixels(Box(0, 0, 1, 1), (2, 2), (20, 10), 28) == Box(0, 0, 20, 10)
 
 
 def test_normalized_and_equivalent_tokens():
@@ -189,8 +193,8 @@ def test_chain_from_heatmap_to_crop_on_odd_sizes():
         logits = torch.full((rows, cols), -6.0)
         r, c = rows // 2, cols // 3
         logits[r, c] = 6.0
-        box = foreground_box(sigmoid_region_map(logits), 0.2)
+        box = foreground_box(sigmoid_region_map(logits, sink_mask(rows, cols)), 0.2)
         assert box is not None and box.x0 <= c < box.x1 and box.y0 <= r < box.y1
-        px = grid_box_to_pixels(box, (rows, cols), (width, height))
+        px = grid_box_to_pixels(box, (rows, cols), (width, height), 28)
         centre = ((c + 0.5) * width / cols, (r + 0.5) * height / rows)
         assert px.x0 <= centre[0] <= px.x1 and px.y0 <= centre[1] <= px.y1

@@ -96,7 +96,7 @@ def test_teacher_capture_equals_eager_attention(qz, tiny_dir, tmp_path):
     eager = QZoom.from_pretrained(str(tiny_dir), device="cpu", attn="eager").backbone
     image = Image.new("RGB", (300, 200), "white")
     ImageDraw.Draw(image).rectangle([40, 60, 140, 120], fill="blue")
-    view = square_view(image, 28, 6)
+    view = square_view(image, bb.grid_pixels((6, 6)))
     assert view.size == (168, 168) and view.getpixel((0, 0)) == (127, 127, 127)
     heads = HeadTable({1: [0, 3], 2: [1]}, {0: [2]})
     maps = teacher_maps(bb, view, "Where is the blue box?", heads, max_new_tokens=6)

@@ -33,7 +33,8 @@ def page(qz):
 
 def _coarse(bb, page, text=QUESTION):
     prompt = bb.build_prompt(text, [page.grid])
-    return prompt, bb.embed_prompt(prompt, [page.features]), bb.position_ids(prompt)
+    inputs = bb.prepare_inputs(prompt, [page.encoding])
+    return prompt, inputs.embeds, inputs.positions
 
 
 def _hand_region_logits(bb, layer, hidden, positions, block):
@@ -68,11 +69,12 @@ def test_base_layer_region_head_scores_the_base_attention_logits(qz, page, depth
     with torch.no_grad():
         hidden_k = bb.run_layers(embeds, positions, None, 0, k)
         layers = list(bb.decoder_layers[k:k + depth])
-        [got] = region_logits(bb, layers, hidden_k, positions, [prompt.images[0]])
+        [got] = [m.logits for m in region_logits(bb, layers, hidden_k, positions, [prompt.images[0]])]
         hidden = bb.run_layers(hidden_k, positions, None, k, k + depth - 1)
         expected = _hand_region_logits(bb, layers[-1], hidden, positions, prompt.images[0])
         copied = ZoomAdapter.initialized_from_base(AdapterConfig(k, depth, gate=False), bb)
-        [from_copy] = region_logits(bb, list(copied.twig_layers), hidden_k, positions, [prompt.images[0]])
+        [from_copy] = [m.logits for m in region_logits(bb, list(copied.twig_layers), hidden_k, positions,
+                                                       [prompt.images[0]])]
     assert got.shape == (page.grid[0], page.grid[1])
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
     assert torch.equal(got, from_copy)  # shared base layers and copies score alike
@@ -89,18 +91,18 @@ def test_fused_prefill_with_cache_reuse_equals_prefill_from_scratch(qz, page, al
     with torch.no_grad():
         hidden_k = bb.run_layers(embeds, positions, cache, 0, 2)
     box = Box(1, 2, 4, 5)
-    px = grid_box_to_pixels(box, page.grid, page.size)
+    px = grid_box_to_pixels(box, page.grid, page.size, 28)
     region = bb.encode_image(page.crop(px, (3 * 28, 2 * 28)))
-    fused = fuse_region(bb, QUESTION, prompt, page.features, region, (2, 3), box, aligned=aligned)
+    fused = fuse_region(bb, QUESTION, prompt, page.encoding, region, box, aligned=aligned)
     reused, fused_positions, mask = engine.fused_prefill([fused], hidden_k, positions,
                                                          torch.ones(1, fused.reused, dtype=torch.long), cache)
-    assert mask is None and torch.equal(fused_positions, fused.positions)
+    assert mask is None and torch.equal(fused_positions, fused.inputs.positions)
     fresh = bb.new_cache()
-    scratch = prefill(bb, fused.embeds, fused.positions, fresh)
+    scratch = prefill(bb, fused.inputs.embeds, fused.inputs.positions, fresh)
     assert torch.allclose(reused, scratch, atol=1e-4)
     assert all(cache.layers[i].get_seq_length() == fused.prompt.length for i in range(bb.num_layers))
-    ours = greedy_decode(bb, reused, cache, fused.positions, 6).token_ids
-    assert ours == greedy_decode(bb, scratch, fresh, fused.positions, 6).token_ids
+    ours = greedy_decode(bb, reused, cache, fused.inputs.positions, 6).token_ids
+    assert ours == greedy_decode(bb, scratch, fresh, fused.inputs.positions, 6).token_ids
 
 
 def test_never_mode_equals_stock_generate(qz, page):
@@ -245,7 +247,7 @@ def test_card_can_take_the_processor_from_the_base_repo(qz, tiny_dir, tmp_path, 
 def test_roi_native_never_upsamples_a_small_region(qz, page):
     engine = ZoomEngine(qz.backbone, 2, 2)
     small = Box(0, 0, 1, 1)  # one coarse cell: a few dozen page pixels a side
-    px = grid_box_to_pixels(small, page.grid, page.size)
+    px = grid_box_to_pixels(small, page.grid, page.size, 28)
     native = round(px.area / 28 ** 2)
     full = ZoomSettings("always", roi_threshold=0.0)
     assert full.region_budget(page.budget, native) == page.budget

@@ -9,13 +9,22 @@ from transformers import AutoConfig
 
 from ..errors import ModelError, ModelNotAvailable, UnsupportedModel
 from ..runtime import Runtime
-from .base import Backbone, ImageBlock, Prompt
+from .base import (
+    Backbone,
+    FamilyLayout,
+    ImageBlock,
+    ImageEncoding,
+    ModelInputs,
+    Prompt,
+    VisualAdditions,
+)
 from .qwen2_5_vl import Qwen2_5_VLBackbone
 
 FAMILIES: dict[str, type[Backbone]] = {cls.family: cls for cls in (Qwen2_5_VLBackbone,)}
 PLANNED_FAMILIES = ("qwen3_vl", "llava")
 
-__all__ = ["Backbone", "ImageBlock", "Prompt", "FAMILIES", "load_backbone", "detect_family"]
+__all__ = ["Backbone", "FamilyLayout", "ImageBlock", "ImageEncoding", "ModelInputs", "Prompt", "VisualAdditions",
+           "FAMILIES", "load_backbone", "detect_family"]
 
 
 def _not_available(ref: str, revision: str | None, exc: Exception) -> ModelNotAvailable:

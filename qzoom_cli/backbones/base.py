@@ -1,9 +1,10 @@
 """The one interface the answering and zoom code talk to, whatever the model family.
 
-A backbone exposes the model as a pipeline of small steps (prompt -> vision features ->
-embeddings -> positions -> decoder layers i..j with a cache -> logits) so qzoom can run its own
-prefill and decode, stop after a chosen layer, and later splice in a region block, without
-forking any transformers model file.
+A backbone exposes the model as a pipeline of small steps (prompt -> image encodings -> model
+inputs -> decoder layers i..j with a cache -> logits) so qzoom can run its own prefill and
+decode, stop after a chosen layer, and later splice in a region block, without forking any
+transformers model file. What the engine must know about a family is declared as data
+(`FamilyLayout`), never inferred from its class.
 """
 
 from __future__ import annotations
@@ -17,10 +18,40 @@ from PIL import Image
 from torch import nn
 from transformers import Cache
 
+from ..budget import VisualBudget, resize_to_budget, token_grid
+
+SINK_RULES = ("corner", "first_token")
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """Facts about a model family that the zoom pipeline relies on.
+
+    patch_factor: side in pixels of the square that becomes one LLM token (28 Qwen2.5-VL, 32 Qwen3-VL).
+    position_rows: rows of a position tensor [rows, batch, seq]; spatial_rows: which of them carry an
+        image token's (height, width) (None for 1-D positions).
+    min_region_side: the smallest side, in page pixels, of a region read at high resolution.
+    addition_layers: image tokens get per-layer additions after decoder layers 0..n-1 (deepstack; 0: none).
+    attention_sink: how region maps lose their attention-sink cells: "corner" (the top-left rule of
+        large grids) or "first_token" (cells the first prompt token attends to strongly).
+    """
+
+    patch_factor: int
+    position_rows: int
+    spatial_rows: tuple[int, int] | None
+    min_region_side: int
+    addition_layers: int
+    attention_sink: str
+
+    def __post_init__(self):
+        if self.attention_sink not in SINK_RULES:
+            raise ValueError(f"attention_sink must be one of {SINK_RULES}")
+
 
 @dataclass(frozen=True)
 class ImageBlock:
-    """A run of `rows * cols` image tokens starting at sequence index `start`."""
+    """The `rows * cols` tokens of one image in a sequence: cell (r, c) of its grid is the token at
+    `start + r * cols + c` (row-major, consecutive)."""
 
     start: int
     rows: int
@@ -47,6 +78,95 @@ class Prompt:
         return int(self.input_ids.shape[-1])
 
 
+@dataclass
+class ImageEncoding:
+    """An image as the language model takes it: one feature row per grid cell (row-major) and, for
+    families that have them, per-layer additions for the same tokens ([levels, tokens, hidden])."""
+
+    features: torch.Tensor
+    grid: tuple[int, int]
+    additions: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass
+class VisualAdditions:
+    """Per-layer additions to image tokens' hidden states (Qwen3-VL's deepstack): after decoder layer
+    i < levels, `hidden[mask] += values[i]`. `values` rows follow the mask's True entries in
+    batch-major order, the order `hidden[mask]` reads them."""
+
+    mask: torch.Tensor    # [batch, seq] bool
+    values: torch.Tensor  # [levels, mask.sum(), hidden]
+
+    @property
+    def levels(self) -> int:
+        return self.values.shape[0]
+
+    def _keep(self, where: torch.Tensor) -> torch.Tensor:
+        return where[self.mask]
+
+    def tokens(self, start: int, stop: int | None = None) -> VisualAdditions:
+        """The additions of sequence positions [start, stop)."""
+        span = torch.zeros_like(self.mask)
+        span[:, start:stop] = True
+        return VisualAdditions(self.mask[:, start:stop], self.values[:, self._keep(span)])
+
+    def rows(self, rows: list[int]) -> VisualAdditions:
+        """The additions of batch rows `rows` (ascending)."""
+        if rows != sorted(rows):
+            raise ValueError("rows must be ascending")
+        picked = torch.zeros_like(self.mask)
+        picked[rows] = True
+        return VisualAdditions(self.mask[rows], self.values[:, self._keep(picked)])
+
+    def apply(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
+        """`hidden` with level `level` added at the image tokens (a new tensor, as the stock model does)."""
+        mask = self.mask.to(hidden.device)
+        hidden = hidden.clone()
+        hidden[mask] = hidden[mask] + self.values[level].to(hidden.device, hidden.dtype)
+        return hidden
+
+    @staticmethod
+    def concat(parts: list[tuple[VisualAdditions | None, int]]) -> VisualAdditions | None:
+        """Sequences side by side (same batch): `parts` are (additions or None, sequence length)."""
+        present = [part for part, _ in parts if part is not None]
+        if not present:
+            return None
+        reference = present[0]
+        batch = reference.mask.shape[0]
+        masks = [part.mask if part is not None else reference.mask.new_zeros(batch, length) for part, length in parts]
+        owner = torch.cat([torch.full_like(mask, i, dtype=torch.long) for i, mask in enumerate(masks)], dim=1)
+        mask = torch.cat(masks, dim=1)
+        order = owner[mask]
+        values = reference.values.new_zeros(reference.levels, int(mask.sum()), reference.values.shape[-1])
+        for i, (part, _) in enumerate(parts):
+            if part is not None:
+                values[:, order == i] = part.values
+        return VisualAdditions(mask, values)
+
+
+@dataclass
+class ModelInputs:
+    """What the decoder layers take for some tokens: embeddings [batch, seq, hidden], positions in
+    the family's layout [position_rows, batch, seq], and the image tokens' per-layer additions."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    additions: VisualAdditions | None = None
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[1]
+
+    def tokens(self, start: int, stop: int | None = None) -> ModelInputs:
+        """The inputs of sequence positions [start, stop)."""
+        additions = self.additions.tokens(start, stop) if self.additions is not None else None
+        return ModelInputs(self.embeds[:, start:stop], self.positions[..., start:stop], additions)
+
+
 class Backbone(ABC):
     """A loaded vision-language model seen as steps; see module docstring."""
 
@@ -55,14 +175,15 @@ class Backbone(ABC):
     model_id: str
     revision: str | None
     tokenizer: object
+    model: nn.Module          # the stock transformers model, whole (training freezes it)
     device: torch.device
     dtype: torch.dtype
     attn: str
+    system_prompt: str | None  # an explicit system turn for every prompt; None: the chat template's default
 
     @property
     @abstractmethod
-    def patch_factor(self) -> int:
-        """Side in pixels of the square that becomes one LLM token."""
+    def layout(self) -> FamilyLayout: ...
 
     @property
     @abstractmethod
@@ -70,15 +191,27 @@ class Backbone(ABC):
 
     @property
     @abstractmethod
+    def hidden_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def num_attention_heads(self) -> int: ...
+
+    @property
+    @abstractmethod
     def eos_token_ids(self) -> list[int]: ...
+
+    @abstractmethod
+    def checkpoint_setting(self, name: str, default=None):
+        """A free key of the checkpoint's config.json (where Q-Zoom keeps `twig_K` and friends)."""
 
     @abstractmethod
     def build_prompt(self, question: str, image_grids: list[tuple[int, int]]) -> Prompt:
         """Chat prompt with one image per grid (rows, cols) followed by the question."""
 
     @abstractmethod
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """LLM-ready features [rows * cols, hidden] of an image already resized to the token grid."""
+    def encode_image(self, image: Image.Image) -> ImageEncoding:
+        """An image already sized to a token grid (`fit_image`) as LLM-ready features."""
 
     @abstractmethod
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -86,7 +219,7 @@ class Backbone(ABC):
 
     @abstractmethod
     def position_ids(self, prompt: Prompt) -> torch.Tensor:
-        """Position ids of the prompt in the family's layout (e.g. 3 x 1 x S for M-RoPE)."""
+        """Position ids of the prompt in the family's layout [position_rows, 1, seq]."""
 
     @abstractmethod
     def next_position_ids(self, positions: torch.Tensor, step: int) -> torch.Tensor:
@@ -102,20 +235,18 @@ class Backbone(ABC):
 
     @abstractmethod
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, cache: Cache | None,
-                   start: int, stop: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   start: int, stop: int, attention_mask: torch.Tensor | None = None,
+                   additions: VisualAdditions | None = None) -> torch.Tensor:
         """Decoder layers [start, stop) on `hidden`, appending to `cache` when one is given.
 
         `attention_mask` [batch, cached + new] marks real tokens (1) and padding (0); None means
         a single unpadded sequence; a 4-D mask [batch, 1, new, cache slots] (True: may attend) is
-        used as it is (the static-cache decoder builds its own)."""
+        used as it is (the static-cache decoder builds its own). `additions` (for the same tokens
+        as `hidden`) are added after the layers below `layout.addition_layers`."""
 
     @abstractmethod
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head."""
-
-    @property
-    @abstractmethod
-    def hidden_size(self) -> int: ...
 
     @abstractmethod
     def memory_per_token(self) -> int:
@@ -146,20 +277,38 @@ class Backbone(ABC):
     def query_key_modules(self, layer: nn.Module) -> list[nn.Module]:
         """The parts of `layer` that `query_key` uses (the rest of a region head's last layer is dead)."""
 
-    @property
-    def spatial_position_rows(self) -> tuple[int, int] | None:
-        """Rows of the position ids that carry an image token's (height, width), if the family's
-        positions are spatial (M-RoPE); None for 1-D positions."""
-        return None
+    def freeze(self) -> None:
+        """No gradient for any base weight (training only learns attached modules)."""
+        self.model.requires_grad_(False)
 
-    def embed_prompt(self, prompt: Prompt, image_features: list[torch.Tensor]) -> torch.Tensor:
-        """Prompt embeddings with each image block replaced by its vision features."""
+    def image_grid(self, size: tuple[int, int], budget: VisualBudget) -> tuple[int, int]:
+        """(rows, cols) of tokens an image of `size` (w, h) gets under `budget`."""
+        return token_grid(size[1], size[0], self.layout.patch_factor, budget)
+
+    def grid_pixels(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """(w, h) in pixels of an image encoded as `grid` (rows, cols)."""
+        return grid[1] * self.layout.patch_factor, grid[0] * self.layout.patch_factor
+
+    def fit_image(self, image: Image.Image, budget: VisualBudget) -> Image.Image:
+        """`image` resized to the exact token grid `budget` allows."""
+        return resize_to_budget(image, self.layout.patch_factor, budget)
+
+    def prepare_inputs(self, prompt: Prompt, encodings: list[ImageEncoding]) -> ModelInputs:
+        """The prompt's embeddings (image blocks replaced by their features), positions and additions."""
         embeds = self.embed_tokens(prompt.input_ids.to(self.device)).clone()
-        for block, features in zip(prompt.images, image_features, strict=True):
-            if features.shape[0] != block.length:
-                raise ValueError(f"image block of {block.length} tokens got {features.shape[0]} features")
-            embeds[0, block.start:block.stop] = features.to(embeds.dtype)
-        return embeds
+        for block, encoding in zip(prompt.images, encodings, strict=True):
+            if encoding.tokens != block.length:
+                raise ValueError(f"image block of {block.length} tokens got {encoding.tokens} features")
+            embeds[0, block.start:block.stop] = encoding.features.to(embeds.dtype)
+        additions = None
+        if any(encoding.additions is not None for encoding in encodings):
+            mask = torch.zeros(1, prompt.length, dtype=torch.bool, device=self.device)
+            ordered = sorted(zip(prompt.images, encodings, strict=True), key=lambda pair: pair[0].start)
+            for block, _ in ordered:
+                mask[0, block.start:block.stop] = True
+            values = torch.cat([encoding.additions for _, encoding in ordered], dim=1).to(self.device)
+            additions = VisualAdditions(mask, values)
+        return ModelInputs(embeds, self.position_ids(prompt), additions)
 
     def decode_text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

@@ -32,7 +32,14 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from transformers.utils import cached_file
 
 from .attention import WINDOWED_SDPA
-from .base import Backbone, ImageBlock, Prompt
+from .base import (
+    Backbone,
+    FamilyLayout,
+    ImageBlock,
+    ImageEncoding,
+    Prompt,
+    VisualAdditions,
+)
 
 IMAGE_PLACEHOLDER = "<|image_pad|>"
 
@@ -114,6 +121,10 @@ def pixel_patches(image: Image.Image, processor, device: torch.device) -> torch.
 class Qwen2_5_VLBackbone(Backbone):
     family = "qwen2_5_vl"
     model_class = Qwen2_5_VLForConditionalGeneration
+    decoder_layer_class = Qwen2_5_VLDecoderLayer
+    default_system_prompt: str | None = None  # the chat template adds "You are a helpful assistant."
+    min_region_side = 28
+    attention_sink = "corner"
 
     def __init__(self, model, tokenizer, image_processor, *, model_id: str, revision: str | None, attn: str):
         self.model = model.eval()
@@ -127,8 +138,12 @@ class Qwen2_5_VLBackbone(Backbone):
         self.language_model = model.model.language_model
         self.device = model.device
         self.dtype = model.dtype
-        merge = self.config.vision_config.spatial_merge_size
-        self._patch_factor = self.config.vision_config.patch_size * merge
+        self.system_prompt = self.default_system_prompt
+        vision = self.config.vision_config
+        self._layout = FamilyLayout(
+            patch_factor=vision.patch_size * vision.spatial_merge_size, position_rows=3, spatial_rows=(1, 2),
+            min_region_side=self.min_region_side, addition_layers=self._addition_layers(),
+            attention_sink=self.attention_sink)
         if self.device.type == "cuda" and self.config.vision_config._attn_implementation == "sdpa":
             self.config.vision_config._attn_implementation = WINDOWED_SDPA  # one call for all windows
         self._eos = _eos_token_ids(model, tokenizer)
@@ -145,9 +160,12 @@ class Qwen2_5_VLBackbone(Backbone):
         image_processor = AutoImageProcessor.from_pretrained(source, revision=source_revision)
         return cls(model, tokenizer, image_processor, model_id=ref, revision=revision, attn=attn)
 
+    def _addition_layers(self) -> int:
+        return 0
+
     @property
-    def patch_factor(self) -> int:
-        return self._patch_factor
+    def layout(self) -> FamilyLayout:
+        return self._layout
 
     @property
     def num_layers(self) -> int:
@@ -157,11 +175,19 @@ class Qwen2_5_VLBackbone(Backbone):
     def eos_token_ids(self) -> list[int]:
         return self._eos
 
+    @property
+    def num_attention_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    def checkpoint_setting(self, name: str, default=None):
+        return getattr(self.config, name, default)
+
     def build_prompt(self, question: str, image_grids: list[tuple[int, int]]) -> Prompt:
         content = [{"type": "image"} for _ in image_grids] + [{"type": "text", "text": question}]
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
+        messages = [{"role": "user", "content": content}]
+        if self.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         pieces = text.split(IMAGE_PLACEHOLDER)
         if len(pieces) != len(image_grids) + 1:
             raise ValueError(f"chat template of {self.model_id} did not place {len(image_grids)} image(s)")
@@ -177,11 +203,12 @@ class Qwen2_5_VLBackbone(Backbone):
         return Prompt(torch.tensor([ids], dtype=torch.long), images)
 
     @torch.inference_mode()
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
-        factor = self.patch_factor
+    def encode_image(self, image: Image.Image) -> ImageEncoding:
+        factor, merge = self.layout.patch_factor, self.config.vision_config.spatial_merge_size
         if image.width % factor or image.height % factor:
             raise ValueError(f"image {image.size} is not a multiple of {factor} pixels; resize it to its budget first")
-        expected = [1, image.height // factor * 2, image.width // factor * 2]
+        cells = (image.height // factor, image.width // factor)
+        expected = [1, cells[0] * merge, cells[1] * merge]
         # a 4k-token page is ~19M floats: on a GPU, normalise and patchify them where they are used
         if self.device.type == "cuda" and isinstance(self.image_processor, PilBackend):
             pixels, grid = pixel_patches(image, self.image_processor, self.device), torch.tensor([expected])
@@ -192,8 +219,11 @@ class Qwen2_5_VLBackbone(Backbone):
             if grid[0].tolist() != expected:
                 raise RuntimeError(f"image processor produced grid {grid[0].tolist()}, expected {expected}")
         pixels = pixels.to(self.device, self.model.model.visual.dtype)
-        features = self.model.model.get_image_features(pixels, grid.to(self.device)).pooler_output
-        return features[0]
+        return self._encoding(self.model.model.get_image_features(pixels, grid.to(self.device), return_dict=True),
+                              cells)
+
+    def _encoding(self, output, grid: tuple[int, int]) -> ImageEncoding:
+        return ImageEncoding(output.pooler_output[0], grid)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.embed_tokens(input_ids)
@@ -212,20 +242,24 @@ class Qwen2_5_VLBackbone(Backbone):
         return StaticCache(config=self.text_config, max_cache_len=max_length)
 
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, cache: Cache | None,
-                   start: int, stop: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self._forward(self.language_model.layers[start:stop], hidden, positions, cache, start, attention_mask)
+                   start: int, stop: int, attention_mask: torch.Tensor | None = None,
+                   additions: VisualAdditions | None = None) -> torch.Tensor:
+        return self._forward(self.language_model.layers[start:stop], hidden, positions, cache, start, attention_mask,
+                             additions)
 
     def run_modules(self, modules, hidden: torch.Tensor, positions: torch.Tensor,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self._forward(modules, hidden, positions, None, 0, attention_mask)
+        return self._forward(modules, hidden, positions, None, 0, attention_mask, None)
 
-    def _forward(self, layers, hidden, positions, cache, first_layer, attention_mask):
+    def _forward(self, layers, hidden, positions, cache, first_layer, attention_mask, additions):
         mask = create_causal_mask(config=self.text_config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   past_key_values=cache, layer_idx=first_layer)
         rotary = self.language_model.rotary_emb(hidden, positions)
-        for layer in layers:
+        for index, layer in enumerate(layers, start=first_layer):
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary,
                            past_key_values=cache, use_cache=cache is not None)
+            if additions is not None and index < additions.levels:
+                hidden = additions.apply(hidden, index)
         return hidden
 
     @property
@@ -243,24 +277,23 @@ class Qwen2_5_VLBackbone(Backbone):
         return self.language_model.layers
 
     def new_decoder_layer(self, layer_idx: int) -> nn.Module:
-        return Qwen2_5_VLDecoderLayer(self.text_config, layer_idx).to(self.device, self.dtype)
+        return self.decoder_layer_class(self.text_config, layer_idx).to(self.device, self.dtype)
 
     def query_key(self, layer, hidden, positions):
         attn = layer.self_attn
         batch, length, _ = hidden.shape
         x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        q, k = self._project_query_key(attn, x, (batch, length, -1, attn.head_dim))
         cos, sin = self.language_model.rotary_emb(hidden, positions)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q, repeat_kv(k, q.shape[1] // k.shape[1])
+
+    def _project_query_key(self, attn, x, shape) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head queries and keys [batch, seq, heads, head_dim] before the rotary embedding."""
+        return attn.q_proj(x).view(shape), attn.k_proj(x).view(shape)
 
     def query_key_modules(self, layer: nn.Module) -> list[nn.Module]:
         return [layer.input_layernorm, layer.self_attn.q_proj, layer.self_attn.k_proj]
-
-    @property
-    def spatial_position_rows(self) -> tuple[int, int]:
-        return 1, 2
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.language_model.norm(hidden))

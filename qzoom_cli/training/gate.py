@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import Backbone
-from ..budget import VisualBudget, resize_to_budget
-from ..decode import greedy_decode, prefill
+from ..budget import VisualBudget
+from ..decode import answer_plainly
 from ..errors import UsageError
-from ..padding import Segment, pad_segments
+from ..padding import pad_segments
 from ..zoom.adapter import AdapterConfig, ZoomAdapter
 from ..zoom.gate import gate_logits
 from .data import ArtefactStore, SampleSet, Shard
@@ -121,14 +121,9 @@ class GateSettings:
 def answer_ladder(backbone: Backbone, image, text: str, ladder: tuple[int, ...], max_new_tokens: int) -> list[str]:
     answers = []
     for tokens in ladder:
-        resized = resize_to_budget(image, backbone.patch_factor, VisualBudget(tokens, tokens))
-        grid = (resized.height // backbone.patch_factor, resized.width // backbone.patch_factor)
-        prompt = backbone.build_prompt(text, [grid])
-        embeds = backbone.embed_prompt(prompt, [backbone.encode_image(resized)])
-        positions = backbone.position_ids(prompt)
-        cache = backbone.new_cache()
-        generation = greedy_decode(backbone, prefill(backbone, embeds, positions, cache), cache, positions,
-                                   max_new_tokens)
+        encoding = backbone.encode_image(backbone.fit_image(image, VisualBudget(tokens, tokens)))
+        prompt = backbone.build_prompt(text, [encoding.grid])
+        generation = answer_plainly(backbone, backbone.prepare_inputs(prompt, [encoding]), max_new_tokens)
         ids = generation.token_ids[:-1] if generation.finished else generation.token_ids
         answers.append(backbone.decode_text(ids))
     return answers
@@ -206,7 +201,7 @@ def train_gate(backbone: Backbone, adapter: ZoomAdapter | None, samples: SampleS
     checkpoint = latest_checkpoint(out_dir)
     gated = ZoomAdapter.from_pretrained(checkpoint, backbone) if checkpoint is not None \
         else with_gate(adapter, backbone, branch_layer, depth)
-    backbone.model.requires_grad_(False)
+    backbone.freeze()
     if gated.config.region_head:
         gated.twig_layers.requires_grad_(False)
     if options.gradient_checkpointing:
@@ -219,19 +214,17 @@ def train_gate(backbone: Backbone, adapter: ZoomAdapter | None, samples: SampleS
         for key in batch:
             sample = by_key[key]
             label, rung = draw_label(*ladders[key], random.Random(f"{settings.seed}|{key}|{epoch}"))
-            image = resize_to_budget(pages.render(sample), backbone.patch_factor,
-                                     VisualBudget(settings.ladder[rung], settings.ladder[rung]))
-            grid = (image.height // backbone.patch_factor, image.width // backbone.patch_factor)
-            prompt = backbone.build_prompt(prompt_text(sample.question, settings.free_answers), [grid])
+            image = backbone.fit_image(pages.render(sample), VisualBudget(settings.ladder[rung], settings.ladder[rung]))
             with torch.no_grad():
-                embeds = backbone.embed_prompt(prompt, [backbone.encode_image(image)])
-            segments.append([Segment(embeds, backbone.position_ids(prompt))])
+                encoding = backbone.encode_image(image)
+                prompt = backbone.build_prompt(prompt_text(sample.question, settings.free_answers), [encoding.grid])
+                segments.append([backbone.prepare_inputs(prompt, [encoding])])
             labels.append(label)
         batch_inputs = pad_segments(segments)
         mask = batch_inputs.mask_or_none()
         with torch.no_grad():
             hidden = backbone.run_layers(batch_inputs.embeds, batch_inputs.positions, None, 0,
-                                         gated.config.branch_layer, mask)
+                                         gated.config.branch_layer, mask, batch_inputs.additions)
         return gate_bce(module(hidden, batch_inputs.positions, mask), torch.tensor(labels))
 
     student = GateStudent(gated, backbone)

@@ -26,7 +26,7 @@ from ..api import SHORT_ANSWER_INSTRUCTION
 from ..backbones import Backbone, ImageBlock
 from ..documents import Document, open_document
 from ..errors import UsageError
-from ..padding import Segment, pad_segments
+from ..padding import pad_segments
 from ..zoom.adapter import AdapterConfig, ZoomAdapter
 from ..zoom.region import region_logits
 from .data import ArtefactStore, SampleSet, Shard, TrainSample
@@ -82,7 +82,7 @@ def make_labels(backbone: Backbone, samples: SampleSet, settings: RpnSettings, s
         for index, sample in enumerate(samples.samples):
             if shard.owns(index) and sample.key not in store:
                 image = pages.render(sample)
-                view = square_view(image, backbone.patch_factor, settings.view_side)
+                view = square_view(image, backbone.grid_pixels((settings.view_side, settings.view_side)))
                 maps = teacher_maps(backbone, view, prompt_text(sample.question, settings.free_answers),
                                     settings.heads, settings.teacher_max_new_tokens)
                 meta = {"id": sample.id, "question": sample.question, "page": sample.page,
@@ -121,7 +121,8 @@ class RegionStudent(nn.Module):
             module.requires_grad_(True)
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, mask, blocks: list[ImageBlock]):
-        return region_logits(self.backbone, list(self.twig_layers), hidden, positions, blocks, mask)
+        return [scores.logits for scores in region_logits(self.backbone, list(self.twig_layers), hidden, positions,
+                                                          blocks, mask)]
 
 
 @torch.no_grad()
@@ -129,14 +130,13 @@ def branch_inputs(backbone: Backbone, views: list, texts: list[str], branch_laye
     """Layer-K hidden states of a padded batch of (square view, prompt text), and where the images are."""
     segments, blocks = [], []
     for view, text in zip(views, texts, strict=True):
-        side = view.width // backbone.patch_factor
-        prompt = backbone.build_prompt(text, [(side, side)])
-        embeds = backbone.embed_prompt(prompt, [backbone.encode_image(view)])
-        segments.append([Segment(embeds, backbone.position_ids(prompt))])
+        encoding = backbone.encode_image(view)
+        prompt = backbone.build_prompt(text, [encoding.grid])
+        segments.append([backbone.prepare_inputs(prompt, [encoding])])
         blocks.append(prompt.images[0])
     batch = pad_segments(segments)
     mask = batch.mask_or_none()
-    hidden = backbone.run_layers(batch.embeds, batch.positions, None, 0, branch_layer, mask)
+    hidden = backbone.run_layers(batch.embeds, batch.positions, None, 0, branch_layer, mask, batch.additions)
     shifted = [ImageBlock(batch.index(i, 0, b.start), b.rows, b.cols) for i, b in enumerate(blocks)]
     return hidden, batch.positions, mask, shifted
 
@@ -169,8 +169,8 @@ class RpnData:
         self.pages = _Pages(settings.dpi)
 
     def batch(self, samples: list[TrainSample]):
-        views = [square_view(self.pages.render(s), self.backbone.patch_factor, self.settings.view_side)
-                 for s in samples]
+        side = self.backbone.grid_pixels((self.settings.view_side, self.settings.view_side))
+        views = [square_view(self.pages.render(s), side) for s in samples]
         texts = [prompt_text(s.question, self.settings.free_answers) for s in samples]
         labels = [self.store.load(s.key)[0]["labels"] for s in samples]
         return branch_inputs(self.backbone, views, texts, self.settings.branch_layer), labels
@@ -203,7 +203,7 @@ def train_rpn(backbone: Backbone, samples: SampleSet, settings: RpnSettings, opt
                            family=backbone.family, hidden_size=backbone.hidden_size, base_model=backbone.model_id,
                            base_revision=backbone.revision)
     adapter = _start_adapter(config, backbone, out_dir)
-    backbone.model.requires_grad_(False)
+    backbone.freeze()
     if options.gradient_checkpointing:
         enable_gradient_checkpointing(adapter.twig_layers)
     student = RegionStudent(adapter, backbone)

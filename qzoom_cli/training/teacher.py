@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from ..backbones import Backbone
+from ..backbones import Backbone, VisualAdditions
 from ..decode import greedy_decode, prefill
 
 SQUARE_FILL = (127, 127, 127)
@@ -54,13 +54,13 @@ def fallback_heads(branch_layer: int, num_heads: int) -> HeadTable:
     return HeadTable({layer: list(range(num_heads)) for layer in dict.fromkeys(layers)})
 
 
-def square_view(image: Image.Image, factor: int, side: int) -> Image.Image:
-    """The image centred on a grey square, resized to side x side tokens of `factor` pixels."""
+def square_view(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The image centred on a grey square, resized to `size` (a square token grid's pixels)."""
     width, height = image.size
     square = max(width, height)
     canvas = Image.new("RGB", (square, square), SQUARE_FILL)
     canvas.paste(image.convert("RGB"), ((square - width) // 2, (square - height) // 2))
-    return canvas.resize((side * factor, side * factor), Image.Resampling.BICUBIC)
+    return canvas.resize(size, Image.Resampling.BICUBIC)
 
 
 @dataclass
@@ -73,7 +73,8 @@ class TeacherMaps:
 
 @torch.inference_mode()
 def attention_to_image(backbone: Backbone, embeds: torch.Tensor, positions: torch.Tensor, rows: range,
-                       image: slice, heads: dict[int, list[int]]) -> dict[tuple[int, int], torch.Tensor]:
+                       image: slice, heads: dict[int, list[int]], additions: VisualAdditions | None = None
+                       ) -> dict[tuple[int, int], torch.Tensor]:
     """Softmax attention of the query positions `rows` to the `image` key positions, for each
     (layer, head) asked for: {(layer, head): [len(rows), image tokens]} in float32."""
     wanted: dict[tuple[int, int], torch.Tensor] = {}
@@ -91,7 +92,7 @@ def attention_to_image(backbone: Backbone, embeds: torch.Tensor, positions: torc
             probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
             for i, head in enumerate(heads[layer_index]):
                 wanted[(layer_index, head)] = probs[i, :, image]
-        hidden = backbone.run_layers(hidden, positions, None, layer_index, layer_index + 1)
+        hidden = backbone.run_layers(hidden, positions, None, layer_index, layer_index + 1, None, additions)
     return wanted
 
 
@@ -99,13 +100,14 @@ def attention_to_image(backbone: Backbone, embeds: torch.Tensor, positions: torc
 def teacher_maps(backbone: Backbone, view: Image.Image, text: str, heads: HeadTable,
                  max_new_tokens: int = 128) -> TeacherMaps:
     """Answer `text` about the square `view` and average the chosen heads' attention to it."""
-    side = view.width // backbone.patch_factor
-    prompt = backbone.build_prompt(text, [(side, side)])
-    embeds = backbone.embed_prompt(prompt, [backbone.encode_image(view)])
-    positions = backbone.position_ids(prompt)
+    encoding = backbone.encode_image(view)
+    rows, cols = encoding.grid
+    prompt = backbone.build_prompt(text, [encoding.grid])
+    inputs = backbone.prepare_inputs(prompt, [encoding])
+    embeds, positions = inputs.embeds, inputs.positions
     cache = backbone.new_cache()
-    generation = greedy_decode(backbone, prefill(backbone, embeds, positions, cache), cache, positions,
-                               max_new_tokens)
+    generation = greedy_decode(backbone, prefill(backbone, embeds, positions, cache, None, inputs.additions), cache,
+                               positions, max_new_tokens)
     fed = generation.token_ids[:-1]  # tokens fed back while decoding; the last one never was
     if not fed:
         return TeacherMaps(generation.token_ids, None, None, 0)
@@ -114,13 +116,14 @@ def teacher_maps(backbone: Backbone, view: Image.Image, text: str, heads: HeadTa
     steps = torch.cat([backbone.next_position_ids(positions, step) for step in range(len(fed))], dim=2)
     all_positions = torch.cat([positions, steps.to(positions.dtype)], dim=2)
     block = prompt.images[0]
-    rows = range(prompt.length, prompt.length + len(fed))
     layers = {layer: sorted(set(heads.grounding.get(layer, [])) | set(heads.sink.get(layer, [])))
               for layer in heads.layers}
-    attention = attention_to_image(backbone, full, all_positions, rows, slice(block.start, block.stop), layers)
+    additions = VisualAdditions.concat([(inputs.additions, prompt.length), (None, len(fed))])
+    attention = attention_to_image(backbone, full, all_positions, range(prompt.length, prompt.length + len(fed)),
+                                   slice(block.start, block.stop), layers, additions)
 
     def average(table: dict[int, list[int]]) -> torch.Tensor | None:
         maps = [attention[(layer, head)].mean(dim=0) for layer, hs in table.items() for head in hs]
-        return torch.stack(maps).mean(dim=0).view(side, side).cpu() if maps else torch.zeros(side, side)
+        return torch.stack(maps).mean(dim=0).view(rows, cols).cpu() if maps else torch.zeros(rows, cols)
 
     return TeacherMaps(generation.token_ids, average(heads.grounding), average(heads.sink), len(fed))

@@ -167,18 +167,18 @@ def check_attachment(config: AdapterConfig, backbone: Backbone) -> None:
 
 def official_adapter_config(backbone: Backbone) -> AdapterConfig | None:
     """AdapterConfig from the Q-Zoom keys of a checkpoint's config.json (None if it has none)."""
-    config = backbone.config
-    if not getattr(config, "enable_twig", False):
+    setting = backbone.checkpoint_setting
+    if not setting("enable_twig", False):
         return None
-    k, t = getattr(config, "twig_K", None), getattr(config, "twig_T", None)
+    k, t = setting("twig_K"), setting("twig_T")
     if not isinstance(k, int) or not isinstance(t, int):
         raise ModelError(f"{backbone.model_id} sets enable_twig but not integer twig_K/twig_T")
-    gate = bool(getattr(config, "enable_high_res", False))
-    if gate and (getattr(config, "high_res_K", k), getattr(config, "high_res_T", t)) != (k, t):
+    gate = bool(setting("enable_high_res", False))
+    if gate and (setting("high_res_K", k), setting("high_res_T", t)) != (k, t):
         raise ModelError(f"{backbone.model_id}: a gate branching apart from the region head is not supported")
     return AdapterConfig(branch_layer=k, depth=t, region_head=True, gate=gate,
-                         reuse_src_pos=bool(getattr(config, "reuse_src_pos", False)),
-                         gate_threshold=getattr(config, "high_res_thresh", None), family=backbone.family,
+                         reuse_src_pos=bool(setting("reuse_src_pos", False)),
+                         gate_threshold=setting("high_res_thresh"), family=backbone.family,
                          hidden_size=backbone.hidden_size, base_model=backbone.model_id)
 
 

@@ -4,7 +4,8 @@
 
 Everything before the page's last image token is unchanged (so its KV cache is reused), text
 after the region moves on by the region's extent. Region positions follow either the ordinary
-second-image rule or, for checkpoints trained with it, are aligned inside the page's grid.
+second-image rule or, for checkpoints trained with it, are aligned inside the page's grid. The
+region's per-layer additions (deepstack) ride along at the region's tokens only.
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbones import Backbone, ImageBlock, Prompt
+from ..backbones import Backbone, ImageBlock, ImageEncoding, ModelInputs, Prompt
 from .geometry import Box, aligned_region_positions
 
 
 @dataclass
 class FusedInputs:
     prompt: Prompt
-    embeds: torch.Tensor
-    positions: torch.Tensor
+    inputs: ModelInputs
     reused: int  # tokens [0, reused) are identical to the coarse prompt's and keep their cache
 
     @property
@@ -31,6 +31,11 @@ class FusedInputs:
     @property
     def region(self) -> ImageBlock:
         return self.prompt.images[1]
+
+    @property
+    def suffix(self) -> ModelInputs:
+        """The tokens that are new in the fused sequence."""
+        return self.inputs.tokens(self.reused)
 
 
 def align_positions(positions: torch.Tensor, spatial_rows: tuple[int, int], source: ImageBlock,
@@ -47,18 +52,17 @@ def align_positions(positions: torch.Tensor, spatial_rows: tuple[int, int], sour
     return aligned
 
 
-def fuse_region(backbone: Backbone, text: str, coarse: Prompt, coarse_features: torch.Tensor,
-                region_features: torch.Tensor, region_grid: tuple[int, int], box: Box,
-                aligned: bool) -> FusedInputs:
+def fuse_region(backbone: Backbone, text: str, coarse: Prompt, page: ImageEncoding, region: ImageEncoding,
+                box: Box, aligned: bool) -> FusedInputs:
     source = coarse.images[0]
-    prompt = backbone.build_prompt(text, [(source.rows, source.cols), region_grid])
+    prompt = backbone.build_prompt(text, [page.grid, region.grid])
     reused = source.stop
     if not torch.equal(prompt.input_ids[0, :reused], coarse.input_ids[0, :reused]) or prompt.images[0] != source:
         raise RuntimeError("the fused prompt does not extend the coarse prompt; the chat template moved the image")
-    embeds = backbone.embed_prompt(prompt, [coarse_features, region_features])
-    positions = backbone.position_ids(prompt)
+    inputs = backbone.prepare_inputs(prompt, [page, region])
     if aligned:
-        if backbone.spatial_position_rows is None:
+        spatial = backbone.layout.spatial_rows
+        if spatial is None:
             raise ValueError(f"{backbone.family} has no spatial positions to align a region with")
-        positions = align_positions(positions, backbone.spatial_position_rows, source, prompt.images[1], box)
-    return FusedInputs(prompt, embeds, positions, reused)
+        inputs.positions = align_positions(inputs.positions, spatial, source, prompt.images[1], box)
+    return FusedInputs(prompt, inputs, reused)

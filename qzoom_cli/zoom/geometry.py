@@ -1,6 +1,6 @@
 """Pure functions from a region score map to page pixels and back to position ids.
 
-    logits [rows, cols] -> probabilities (sink cells off, 3x3 blur) -> one grid box
+    logits [rows, cols] + kept cells -> probabilities (sink cells off, 3x3 blur) -> one grid box
     -> page-pixel box (min side, kept inside the page) -> region token grid
     -> fractional M-RoPE rows/cols of the region tokens inside the source grid
 
@@ -19,7 +19,6 @@ import torch.nn.functional as F
 # Separable 3-tap Gaussian with sigma 1 (torchvision's kernel for kernel_size=3, sigma=1.0).
 _GAUSS_3 = (0.27406862, 0.45186276, 0.27406862)
 SINK_MIN_TOKENS = 256
-MIN_REGION_SIDE_PX = 28
 
 
 @dataclass(frozen=True)
@@ -72,20 +71,21 @@ def gaussian_blur3(grid: torch.Tensor) -> torch.Tensor:
     return out[0, 0]
 
 
-def sigmoid_region_map(logits: torch.Tensor) -> torch.Tensor:
-    """Trained region heads: per-cell probability, sink cells zeroed, then blurred."""
-    keep = sink_mask(*logits.shape).to(logits.device)
-    return gaussian_blur3(torch.sigmoid(logits) * keep)
+def sigmoid_region_map(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Trained region heads: per-cell probability, cells not kept (sinks) zeroed, then blurred."""
+    return gaussian_blur3(torch.sigmoid(logits) * keep.to(logits.device))
 
 
-def relative_region_map(logits: torch.Tensor) -> torch.Tensor:
+def relative_region_map(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Training-free heads (raw attention logits): attention share per cell relative to the peak.
 
-    Softmax over the image cells (sink cells excluded) turns logits into where the query looks;
+    Softmax over the kept image cells (sinks excluded) turns logits into where the query looks;
     after the blur, dividing by the maximum puts the peak at 1 so one threshold (a fraction of
     the peak) fits every page size.
     """
-    keep = sink_mask(*logits.shape).to(logits.device)
+    keep = keep.to(logits.device)
+    if not bool(keep.any()):
+        return torch.zeros_like(logits, dtype=torch.float32)
     share = torch.softmax(logits.float().masked_fill(~keep, float("-inf")).flatten(), dim=0).view_as(logits)
     blurred = gaussian_blur3(share)
     return blurred / blurred.max()
@@ -110,8 +110,7 @@ def attention_lift(prob: torch.Tensor, box: Box) -> float:
     return (inside / total) / (box.area / (rows * cols))
 
 
-def grid_box_to_pixels(box: Box, grid: tuple[int, int], size: tuple[int, int],
-                       min_side: int = MIN_REGION_SIDE_PX) -> Box:
+def grid_box_to_pixels(box: Box, grid: tuple[int, int], size: tuple[int, int], min_side: int) -> Box:
     """A grid box on a (rows, cols) token grid as integer pixels of an image of `size` (w, h).
 
     Each side is grown symmetrically to at least `min_side` pixels (or the whole image side if

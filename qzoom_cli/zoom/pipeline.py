@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ..backbones import Backbone, ImageBlock
-from ..budget import VisualBudget, token_grid
+from ..backbones import Backbone, ImageBlock, ImageEncoding, VisualAdditions
+from ..budget import VisualBudget
 from ..decode import Decoder, EagerDecoder, Generation, copy_cache, prefill, truncate_cache
 from ..errors import UsageError
-from ..padding import PaddedBatch, Segment, pad_segments
+from ..padding import PaddedBatch, pad_segments
 from ..results import Timings, ZoomInfo
 from ..runtime import synchronize
 from .adapter import ZoomAdapter
@@ -96,11 +96,14 @@ class PageView:
 
     number: int
     size: tuple[int, int]
-    grid: tuple[int, int]
-    features: torch.Tensor
+    encoding: ImageEncoding
     budget: VisualBudget
     crop: Callable[[Box, tuple[int, int]], Image.Image]
     coord_space: str
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.encoding.grid
 
 
 @dataclass
@@ -125,6 +128,7 @@ class _Group:
     positions: torch.Tensor
     mask: torch.Tensor | None
     cache: object
+    additions: VisualAdditions | None
 
 
 class ZoomEngine:
@@ -160,10 +164,8 @@ class ZoomEngine:
         prompts = [bb.build_prompt(text, [page.grid]) for page, text in items]
         segments = []
         for (page, _), prompt in zip(items, prompts, strict=True):
-            embeds, positions = bb.embed_prompt(prompt, [page.features]), bb.position_ids(prompt)
-            split = prompt.images[0].stop
-            segments.append([Segment(embeds[:, :split], positions[..., :split]),
-                             Segment(embeds[:, split:], positions[..., split:])])
+            inputs, split = bb.prepare_inputs(prompt, [page.encoding]), prompt.images[0].stop
+            segments.append([inputs.tokens(0, split), inputs.tokens(split)])
         batch = pad_segments(segments)
         answers = [PageAnswer(Generation(), prompt.length, page.grid[0] * page.grid[1], 0,
                               page.grid[0] * page.grid[1], ZoomInfo(mode=settings.mode), Timings())
@@ -175,7 +177,7 @@ class ZoomEngine:
 
         if settings.mode == "never":
             with clock("coarse_prefill_s", everyone):
-                logits = prefill(bb, batch.embeds, batch.positions, cache, mask)
+                logits = prefill(bb, batch.embeds, batch.positions, cache, mask, batch.additions)
             self._decode(answers, everyone, logits, cache, batch.positions, mask, max_new_tokens)
             return answers
 
@@ -184,7 +186,8 @@ class ZoomEngine:
         gate_threshold = _pick(settings.gate_threshold, self.gate_threshold)
         roi_threshold = _pick(settings.roi_threshold, self.roi_threshold)
         with clock("coarse_prefill_s", everyone):
-            hidden_k = bb.run_layers(batch.embeds, batch.positions, cache, 0, self.branch_layer, mask)
+            hidden_k = bb.run_layers(batch.embeds, batch.positions, cache, 0, self.branch_layer, mask,
+                                     batch.additions)
 
         candidates = everyone
         if settings.mode == "auto" and self.has_gate:
@@ -204,8 +207,9 @@ class ZoomEngine:
                           for i in candidates]
                 maps = region_logits(bb, self.region_layers, hidden_k[candidates], batch.positions[:, candidates],
                                      blocks, _rows(mask, candidates))
-            for i, logits in zip(candidates, maps, strict=True):
-                prob = sigmoid_region_map(logits) if self.region_head == "trained" else relative_region_map(logits)
+            for i, scores in zip(candidates, maps, strict=True):
+                prob = sigmoid_region_map(scores.logits, scores.keep) if self.region_head == "trained" \
+                    else relative_region_map(scores.logits, scores.keep)
                 answers[i].region_map = prob.cpu()
                 box = foreground_box(prob, roi_threshold)
                 if box is None:
@@ -227,13 +231,16 @@ class ZoomEngine:
             if rows:
                 own = cache if len(rows) == len(everyone) else \
                     copy_cache(cache, bb.new_cache(), range(self.branch_layer), rows)
-                groups[name] = _Group(rows, hidden_k[rows], batch.positions[:, rows], _rows(mask, rows), own)
+                additions = batch.additions.rows(rows) if batch.additions is not None else None
+                groups[name] = _Group(rows, hidden_k[rows], batch.positions[:, rows], _rows(mask, rows), own,
+                                      additions)
         if settings.explain and "zoom" in groups:  # the zoom group's answers without the region (untimed)
             group = groups["zoom"]
             spare = copy_cache(group.cache, bb.new_cache(), range(self.branch_layer))
             silent = _Clock([Timings() for _ in everyone], bb.device)
             for i, generation in zip(group.rows, self._finish_direct(
-                    _Group(group.rows, group.hidden_k, group.positions, group.mask, spare), silent, max_new_tokens),
+                    _Group(group.rows, group.hidden_k, group.positions, group.mask, spare, group.additions), silent,
+                    max_new_tokens),
                     strict=True):
                 answers[i].direct = generation
         if "direct" in groups:
@@ -256,7 +263,7 @@ class ZoomEngine:
         bb = self.backbone
         with clock("coarse_prefill_s", group.rows):
             hidden = bb.run_layers(group.hidden_k, group.positions, group.cache, self.branch_layer, bb.num_layers,
-                                   group.mask)
+                                   group.mask, group.additions)
             logits = bb.logits(hidden[:, -1:])[:, -1]
         return self.decode(logits, group.cache, group.positions, max_new_tokens, group.mask)
 
@@ -264,19 +271,19 @@ class ZoomEngine:
               boxes: dict[int, Box], roi_threshold: float, settings: ZoomSettings, clock: _Clock,
               max_new_tokens: int) -> None:
         bb = self.backbone
-        factor = bb.patch_factor
         fused_inputs = []
         for i in group.rows:
             page, text = items[i]
             box = boxes[i]
-            region_px = grid_box_to_pixels(box, page.grid, page.size)
-            native = round(region_px.area / factor ** 2)
+            region_px = grid_box_to_pixels(box, page.grid, page.size, bb.layout.min_region_side)
+            native = round(region_px.area / bb.layout.patch_factor ** 2)
             budget = settings.region_budget(page.budget, native)
             with clock("region_encode_s", [i]):
-                rows, cols = token_grid(int(region_px.height), int(region_px.width), factor, budget)
-                features = bb.encode_image(page.crop(region_px, (cols * factor, rows * factor)))
+                grid = bb.image_grid((int(region_px.width), int(region_px.height)), budget)
+                region = bb.encode_image(page.crop(region_px, bb.grid_pixels(grid)))
+            rows, cols = region.grid
             with clock("fused_prefill_s", [i]):
-                fused_inputs.append(fuse_region(bb, text, prompts[i], page.features, features, (rows, cols), box,
+                fused_inputs.append(fuse_region(bb, text, prompts[i], page.encoding, region, box,
                                                 aligned=self.reuse_src_pos))
             answer = answers[i]
             answer.prompt_tokens = fused_inputs[-1].prompt.length
@@ -298,29 +305,36 @@ class ZoomEngine:
         prefix_mask = batch.attention_mask[group.rows, :batch.boundaries[1]]
         with clock("fused_prefill_s", group.rows):
             logits, positions, mask = self.fused_prefill(fused_inputs, group.hidden_k, group.positions, prefix_mask,
-                                                         group.cache)
+                                                         group.cache, group.additions)
         self._decode(answers, group.rows, logits, group.cache, positions, mask, max_new_tokens)
 
     def fused_prefill(self, fused: list[FusedInputs], hidden_k: torch.Tensor, coarse_positions: torch.Tensor,
-                      prefix_mask: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                      prefix_mask: torch.Tensor, cache, coarse_additions: VisualAdditions | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Prefill fused sequences reusing the coarse pass.
 
         Every sample's unchanged prefix ends at the same index E (the padded coarse layout puts
         it there) and keeps its cache and layer-K states; only the new suffixes (left-padded)
-        run through layers 0..K-1, then layers K..L-1 run over prefix + suffix. Returns the
-        next-token logits and the positions and mask to decode with; `cache` ends up holding it all.
+        run through layers 0..K-1, with the region's per-layer additions, then layers K..L-1
+        run over prefix + suffix (with the additions of both, should any layer >= K take them).
+        Returns the next-token logits and the positions and mask to decode with; `cache` ends
+        up holding it all.
         """
         bb = self.backbone
         prefix_end = prefix_mask.shape[1]
-        suffix = pad_segments([[Segment(f.embeds[:, f.reused:], f.positions[..., f.reused:])] for f in fused])
+        suffix = pad_segments([[f.suffix] for f in fused])
         mask = torch.cat([prefix_mask, suffix.attention_mask], dim=1)
         mask = None if bool(mask.all()) else mask
         dtype = torch.float32 if suffix.positions.is_floating_point() else coarse_positions.dtype
         positions = torch.cat([coarse_positions[..., :prefix_end].to(dtype), suffix.positions.to(dtype)], dim=2)
         truncate_cache(cache, prefix_end, range(self.branch_layer))
-        replay = bb.run_layers(suffix.embeds, suffix.positions, cache, 0, self.branch_layer, mask)
+        replay = bb.run_layers(suffix.embeds, suffix.positions, cache, 0, self.branch_layer, mask, suffix.additions)
         hidden = torch.cat([hidden_k[:, :prefix_end], replay], dim=1)
-        hidden = bb.run_layers(hidden, positions, cache, self.branch_layer, bb.num_layers, mask)
+        upper = None
+        if self.branch_layer < bb.layout.addition_layers:
+            prefix = coarse_additions.tokens(0, prefix_end) if coarse_additions is not None else None
+            upper = VisualAdditions.concat([(prefix, prefix_end), (suffix.additions, suffix.embeds.shape[1])])
+        hidden = bb.run_layers(hidden, positions, cache, self.branch_layer, bb.num_layers, mask, upper)
         return bb.logits(hidden[:, -1:])[:, -1], positions, mask
 
 
