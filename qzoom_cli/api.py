@@ -35,6 +35,7 @@ from .zoom.pipeline import PageAnswer, PageView, ZoomEngine, ZoomSettings
 
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 DEFAULT_MAX_NEW_TOKENS = 64
+THINKING_MAX_NEW_TOKENS = 1024  # thinking checkpoints reason for hundreds of tokens before answering
 ZOOM_COARSE_BUDGET = (256, 576)
 MAX_AUTO_BATCH = 64
 
@@ -54,6 +55,7 @@ class _EncodedPage:
 class _Candidate:
     answer: PageAnswer
     text: str
+    reasoning: str | None
 
 
 def check_questions(questions: str | list[str]) -> list[str]:
@@ -117,6 +119,8 @@ class QZoom:
         for note in runtime.notes:
             log.warning(note)
         backbone = load_backbone(ref, runtime, revision, processor=card.processor if card else None)
+        if card is not None and card.system_prompt is not None:
+            backbone.system_prompt = card.system_prompt
         if adapter is not None:
             zoom_modules = ZoomAdapter.from_pretrained(adapter, backbone)
         elif official_adapter_config(backbone) is not None:
@@ -147,6 +151,12 @@ class QZoom:
             max_tokens = max(default.max_tokens, min_tokens)
         return VisualBudget(min_tokens, max_tokens)
 
+    def default_max_new_tokens(self) -> int:
+        """The longest answer when none is asked for: the card's, else 64 (1024 for thinking models)."""
+        if self.card is not None and self.card.max_new_tokens is not None:
+            return self.card.max_new_tokens
+        return DEFAULT_MAX_NEW_TOKENS if self.backbone.reasoning_end_id is None else THINKING_MAX_NEW_TOKENS
+
     def resolve_batch_size(self, batch_size: int | str, budget: VisualBudget, max_new_tokens: int,
                            zoom_mode: str = "auto") -> int:
         """`batch_size`, or for 'auto' the most (page, question) pairs (up to 64) whose prompts fit
@@ -170,14 +180,16 @@ class QZoom:
     def ask(self, document: str | Path | bytes | Document, questions: str | list[str], *,
             pages: str | None = None, dpi: int = DEFAULT_DPI, password: str | None = None,
             budget: VisualBudget | None = None, zoom: ZoomSettings | str = "auto",
-            max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, instruction: str = SHORT_ANSWER_INSTRUCTION,
+            max_new_tokens: int | None = None, instruction: str = SHORT_ANSWER_INSTRUCTION,
             ids: list[str] | None = None, overlay_dir: str | Path | None = None,
             batch_size: int | str = 1) -> list[Result]:
         """Answer each question about the document; one `Result` per question, in order.
 
         (page, question) pairs are answered `batch_size` at a time (same answers as one at a
-        time, faster on a GPU; 'auto' sizes batches from free GPU memory)."""
+        time, faster on a GPU; 'auto' sizes batches from free GPU memory). `max_new_tokens`
+        None is the model's default (`default_max_new_tokens`)."""
         questions = check_questions(questions)
+        max_new_tokens = self.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
         if ids is not None and len(ids) != len(questions):
             raise UsageError("one id per question is needed")
         _check_counts(1 if batch_size == "auto" else batch_size, max_new_tokens)  # before the document is read
@@ -194,7 +206,7 @@ class QZoom:
                 doc.close()
 
     def ask_many(self, requests: Iterable[AskRequest], *, budget: VisualBudget | None = None,
-                 zoom: ZoomSettings | str = "auto", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 zoom: ZoomSettings | str = "auto", max_new_tokens: int | None = None,
                  instruction: str = SHORT_ANSWER_INSTRUCTION, overlay_dir: str | Path | None = None,
                  batch_size: int | str = 1) -> Iterator[tuple[AskRequest, list[Result] | Exception]]:
         """Answer many requests (questions about pages of open documents), batching (page, question)
@@ -208,6 +220,7 @@ class QZoom:
         """
         settings = ZoomSettings(mode=zoom) if isinstance(zoom, str) else zoom
         budget = budget or self.default_budget(settings.mode)
+        max_new_tokens = self.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
         batch_size = self.resolve_batch_size(batch_size, budget, max_new_tokens, settings.mode)
         _check_counts(batch_size, max_new_tokens)
         batcher = _Batcher(self, settings, budget, max_new_tokens, instruction, batch_size, overlay_dir)
@@ -248,9 +261,11 @@ class QZoom:
                         crop=partial(doc.render_region, number), coord_space=doc.coord_space)
         return _EncodedPage(view, Timings(render_s=rendered - start, preprocess_s=time.perf_counter() - rendered))
 
-    def _text(self, generation) -> str:
+    def _text(self, generation) -> tuple[str, str | None]:
+        """The answer's text and, for thinking checkpoints, its reasoning's."""
         ids = generation.token_ids[:-1] if generation.finished else generation.token_ids
-        return self.backbone.decode_text(ids)
+        reasoning, answer = self.backbone.split_reasoning(ids, generation.finished)
+        return self.backbone.decode_text(answer), None if reasoning is None else self.backbone.decode_text(reasoning)
 
     def _result(self, qid: str, question: str, input_info: InputInfo, budget: VisualBudget,
                 per_page: list[_Candidate], memory: tuple[float, str], warnings: list[str],
@@ -265,16 +280,17 @@ class QZoom:
         truncated = not answer.generation.finished
         result_warnings = list(warnings)
         if truncated:
-            result_warnings.append(f"answer stopped at the --max-new-tokens limit ({output_tokens} tokens)")
+            result_warnings.append(f"answer stopped at the --max-new-tokens limit ({output_tokens} tokens)"
+                                   + (", still reasoning" if best.reasoning is not None and not best.text else ""))
         zoom = answer.zoom
         if settings.explain and zoom.zoomed:
             zoom.zoom_answer = best.text
-            zoom.direct_answer = self._text(answer.direct) if answer.direct is not None else None
+            zoom.direct_answer = self._text(answer.direct)[0] if answer.direct is not None else None
         region_budget = settings.region_budget(budget)
         decode_s = answer.time.decode_s
         return Result(
             id=qid, status="truncated" if truncated else "ok", input=input_info, question=question,
-            answer=best.text, page=input_info.pages[best_index],
+            answer=best.text, reasoning=best.reasoning, page=input_info.pages[best_index],
             candidates=[Candidate(page=page, answer=c.text, score=round(c.answer.generation.score, 6),
                                   output_tokens=len(c.answer.generation.token_ids),
                                   visual_tokens=c.answer.coarse_tokens + c.answer.region_tokens,
@@ -417,7 +433,7 @@ class _Batcher:
             share = len(flight.texts)  # the page's rendering and encoding are split between its questions
             answer.time.render_s += page.time.render_s / share
             answer.time.preprocess_s += page.time.preprocess_s / share
-            flight.candidates[pair.question][page.view.number] = _Candidate(answer, self.qz._text(answer.generation))
+            flight.candidates[pair.question][page.view.number] = _Candidate(answer, *self.qz._text(answer.generation))
             flight.remaining -= 1
             if flight.remaining == 0:
                 yield flight.request, self._finish(flight)

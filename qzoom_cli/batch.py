@@ -42,7 +42,7 @@ class RunOptions:
     zoom: ZoomSettings
     budget: VisualBudget | None = None
     dpi: int = 200
-    max_new_tokens: int = 64
+    max_new_tokens: int | None = None  # None: the model's default
     instruction: str = SHORT_ANSWER_INSTRUCTION
     batch_size: int | str = 1
     verbose: bool = False

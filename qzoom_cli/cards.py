@@ -25,6 +25,8 @@ class ModelCard:
     description: str = ""
     default: bool = False
     processor: str | None = None
+    system_prompt: str | None = None
+    max_new_tokens: int | None = None
     zoom: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
 
@@ -38,8 +40,8 @@ def cards_dir() -> Path:
 def _parse(path: Path) -> ModelCard:
     data = tomllib.loads(path.read_text())
     budget = data.pop("budget", {})
-    known = {k: data.pop(k) for k in ("id", "family", "patch_factor", "description", "default", "processor", "zoom",
-                                                   "training") if k in data}
+    known = {k: data.pop(k) for k in ("id", "family", "patch_factor", "description", "default", "processor",
+                                      "system_prompt", "max_new_tokens", "zoom", "training") if k in data}
     return ModelCard(min_visual_tokens=budget.get("min_visual_tokens", GENERIC_BUDGET[0]),
                      max_visual_tokens=budget.get("max_visual_tokens", GENERIC_BUDGET[1]), **known)
 

@@ -127,7 +127,8 @@ MinTokensOpt = Annotated[int | None, typer.Option("--min-visual-tokens", help="F
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-visual-tokens", help="Most visual tokens per page (the "
                                                   "coarse pass when zooming) \\[default: from the model card].")]
 DpiOpt = Annotated[int, typer.Option("--dpi", help="PDF render resolution; boxes are in pixels at this DPI.")]
-MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")]
+MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Longest answer, in tokens "
+                                                "\\[default: 64; 1024 for thinking models].")]
 InstructionOpt = Annotated[str | None, typer.Option(
     "--instruction", help="Text appended to each question \\[default: ask for a single word or phrase]; '' for none.")]
 BatchOpt = Annotated[str, typer.Option("--batch-size", help="(page, question) pairs answered together, across "
@@ -199,7 +200,7 @@ def ask(
     password: Annotated[str | None, typer.Option(help="Password of an encrypted PDF.")] = None,
     min_visual_tokens: MinTokensOpt = None,
     max_visual_tokens: MaxTokensOpt = None,
-    max_new_tokens: MaxNewOpt = 64,
+    max_new_tokens: MaxNewOpt = None,
     batch_size: BatchOpt = "1",
     instruction: InstructionOpt = None,
     device: DeviceOpt = "auto",
@@ -314,7 +315,7 @@ def run(
     dpi: DpiOpt = 200,
     min_visual_tokens: MinTokensOpt = None,
     max_visual_tokens: MaxTokensOpt = None,
-    max_new_tokens: MaxNewOpt = 64,
+    max_new_tokens: MaxNewOpt = None,
     batch_size: BatchOpt = "1",
     instruction: InstructionOpt = None,
     root: RootOpt = None,
@@ -439,7 +440,7 @@ def evaluate_command(
     dpi: DpiOpt = 200,
     min_visual_tokens: MinTokensOpt = None,
     max_visual_tokens: MaxTokensOpt = None,
-    max_new_tokens: MaxNewOpt = 64,
+    max_new_tokens: MaxNewOpt = None,
     batch_size: BatchOpt = "1",
     instruction: InstructionOpt = None,
     root: RootOpt = None,
@@ -510,7 +511,7 @@ def bench(
     gate_threshold: GateOpt = None,
     roi_threshold: RoiOpt = None,
     dpi: DpiOpt = 200,
-    max_new_tokens: MaxNewOpt = 64,
+    max_new_tokens: MaxNewOpt = None,
     batch_size: BatchOpt = "1",
     instruction: InstructionOpt = None,
     root: RootOpt = None,

@@ -144,6 +144,7 @@ class Result:
     input: InputInfo | None
     question: str
     answer: str | None = None
+    reasoning: str | None = None  # thinking checkpoints: the reasoning before the answer, kept apart
     page: int | None = None
     candidates: list[Candidate] = field(default_factory=list)
     zoom: ZoomInfo = field(default_factory=ZoomInfo)

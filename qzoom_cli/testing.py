@@ -1,9 +1,10 @@
 """Tiny checkpoints built offline: a complete model directory that loads exactly like a real one.
 
 Random seeded weights, a few small layers, a byte-level BPE tokenizer trained on a few lines of
-text that carries the family's real special tokens and chat template, and the real image
-processor config (14 px patches, 2x2 merge), so every code path of qzoom runs on CPU in seconds.
-Its answers are meaningless; its shapes, tokens and control flow are the real ones.
+text that carries the family's real special tokens and chat template, and the family's real
+image processor config (Qwen2.5-VL: 14 px patches; Qwen3-VL: 16 px patches and deepstack; both
+merged 2x2), so every code path of qzoom runs on CPU in seconds. Its answers are meaningless;
+its shapes, tokens and control flow are the real ones.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2Tokenizer
+from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLMoeConfig
 
 from .backbones.qwen2_5_vl import QWEN_VL_CHAT_TEMPLATE
+from .backbones.qwen3_vl import QWEN3_VL_CHAT_TEMPLATE
 from .errors import UsageError
 
 QWEN_SPECIAL_TOKENS = [
@@ -32,13 +34,18 @@ TRAINING_TEXT = [
     "You are a helpful assistant. system user assistant",
 ]
 
-FAMILIES = ("qwen2_5_vl",)
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+THINK_TOKENS = ["<think>", "</think>"]  # Qwen3 vocabularies carry them as ordinary added tokens
+# Qwen3-VL Thinking checkpoints open the answer with a reasoning block.
+QWEN3_VL_THINKING_TEMPLATE = QWEN3_VL_CHAT_TEMPLATE.replace("'<|im_start|>assistant\\n'",
+                                                            "'<|im_start|>assistant\\n<think>\\n'")
 # Wider than the usual 0.02 so a random model's greedy answer depends on the page and question.
 INIT_STD = 0.2
 
 
-def make_tokenizer(vocab_size: int = 400) -> Qwen2Tokenizer:
-    """A byte-level BPE tokenizer with Qwen's special tokens and chat template."""
+def make_tokenizer(vocab_size: int = 400, template: str = QWEN_VL_CHAT_TEMPLATE,
+                   extra_tokens: tuple[str, ...] = ()) -> Qwen2Tokenizer:
+    """A byte-level BPE tokenizer with Qwen's special tokens, `extra_tokens` and chat `template`."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
@@ -49,7 +56,8 @@ def make_tokenizer(vocab_size: int = 400) -> Qwen2Tokenizer:
     tokenizer = Qwen2Tokenizer(vocab=spec["vocab"], merges=merges, eos_token="<|im_end|>",
                                pad_token="<|endoftext|>", unk_token=None)
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
-    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+    tokenizer.add_tokens(list(extra_tokens))
+    tokenizer.chat_template = template
     return tokenizer
 
 
@@ -89,25 +97,78 @@ def qwen2_5_vl_config(tokenizer: Qwen2Tokenizer, num_layers: int, text: dict = T
     )
 
 
-def make_tiny(directory: str | Path, family: str = "qwen2_5_vl", seed: int = 0, num_layers: int = 4) -> Path:
-    """Write a tiny random checkpoint of `family` to `directory` and return its path."""
+TINY_QWEN3_VISION = {"depth": 3, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                     "num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1, 2]}
+TINY_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
+            "mlp_only_layers": []}
+
+
+def qwen3_vl_config(tokenizer: Qwen2Tokenizer, num_layers: int, moe: bool = False, text: dict = TINY_TEXT,
+                    vision: dict = TINY_QWEN3_VISION, vocab_size: int | None = None,
+                    init_std: float = INIT_STD) -> Qwen3VLConfig | Qwen3VLMoeConfig:
+    """A Qwen3-VL config (MoE with `moe`) of any size whose special-token ids are `tokenizer`'s.
+
+    `text` as for `qwen2_5_vl_config`; `vision` sets depth, hidden_size, intermediate_size,
+    num_heads, num_position_embeddings and deepstack_visual_indexes. Patches (16 px, 2x2 merge),
+    interleaved M-RoPE and tied embeddings are the real ones.
+    """
+    ids = dict(zip(QWEN_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(QWEN_SPECIAL_TOKENS), strict=True))
+    special = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+               "pad_token_id": ids["<|endoftext|>"]}
+    text = dict(text)
+    section = text.pop("mrope_section")
+    text_config = {
+        **text, "vocab_size": vocab_size or len(tokenizer), "num_hidden_layers": num_layers,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": section,
+                            "mrope_interleaved": True},
+        "max_position_embeddings": 128000, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+        "initializer_range": init_std, **(TINY_MOE if moe else {}), **special,
+    }
+    vision_config = {
+        **vision, "out_hidden_size": text["hidden_size"], "patch_size": 16, "spatial_merge_size": 2,
+        "temporal_patch_size": 2, "in_channels": 3, "initializer_range": init_std,
+    }
+    config_class = Qwen3VLMoeConfig if moe else Qwen3VLConfig
+    return config_class(
+        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True, initializer_range=init_std,
+    )
+
+
+def make_tiny(directory: str | Path, family: str = "qwen2_5_vl", seed: int = 0, num_layers: int = 4,
+              thinking: bool = False) -> Path:
+    """Write a tiny random checkpoint of `family` to `directory` and return its path; `thinking`
+    gives a Qwen3-VL one the chat template of the Thinking checkpoints."""
     if family not in FAMILIES:
         raise UsageError(f"no tiny model for family {family!r}; available: {', '.join(FAMILIES)}")
     if num_layers < 1:
         raise UsageError("a tiny model needs at least one layer")
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    if thinking and family == "qwen2_5_vl":
+        raise UsageError("thinking checkpoints are Qwen3-VL ones: use --family qwen3_vl")
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .backbones import FAMILIES as BACKBONES
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer()
-    config = qwen2_5_vl_config(tokenizer, num_layers)
+    if family == "qwen2_5_vl":
+        tokenizer = make_tokenizer()
+        config = qwen2_5_vl_config(tokenizer, num_layers)
+        processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                             min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)
+    else:
+        template = QWEN3_VL_THINKING_TEMPLATE if thinking else QWEN3_VL_CHAT_TEMPLATE
+        tokenizer = make_tokenizer(template=template, extra_tokens=tuple(THINK_TOKENS))
+        config = qwen3_vl_config(tokenizer, num_layers, moe=family == "qwen3_vl_moe")
+        processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                             image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                             min_pixels=4 * 32 * 32, max_pixels=16384 * 32 * 32)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = BACKBONES[family].model_class(config).eval()
     im_end, eot = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     model.generation_config = GenerationConfig(eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
-                             min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28).save_pretrained(directory)
+    processor.save_pretrained(directory)
     return directory

@@ -17,7 +17,7 @@ runner = CliRunner()
 
 RESULT_SCHEMA = {
     "schema": str, "run": (dict, type(None)), "id": str, "status": str, "question": str, "answer": str,
-    "page": int, "error": type(None),
+    "reasoning": type(None), "page": int, "error": type(None),
     "warnings": [str],
     "input": {"file": str, "sha256": str, "kind": str, "pages": [int], "dpi": (int, type(None)), "warnings": [str]},
     "candidates": [{"page": int, "answer": str, "score": float, "output_tokens": int, "visual_tokens": int,

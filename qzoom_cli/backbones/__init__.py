@@ -19,9 +19,11 @@ from .base import (
     VisualAdditions,
 )
 from .qwen2_5_vl import Qwen2_5_VLBackbone
+from .qwen3_vl import Qwen3VLBackbone, Qwen3VLMoeBackbone
 
-FAMILIES: dict[str, type[Backbone]] = {cls.family: cls for cls in (Qwen2_5_VLBackbone,)}
-PLANNED_FAMILIES = ("qwen3_vl", "llava")
+FAMILIES: dict[str, type[Backbone]] = {cls.family: cls for cls in (Qwen2_5_VLBackbone, Qwen3VLBackbone,
+                                                                    Qwen3VLMoeBackbone)}
+PLANNED_FAMILIES = ("llava",)
 
 __all__ = ["Backbone", "FamilyLayout", "ImageBlock", "ImageEncoding", "ModelInputs", "Prompt", "VisualAdditions",
            "FAMILIES", "load_backbone", "detect_family"]

@@ -180,6 +180,7 @@ class Backbone(ABC):
     dtype: torch.dtype
     attn: str
     system_prompt: str | None  # an explicit system turn for every prompt; None: the chat template's default
+    reasoning_end_id: int | None  # thinking checkpoints: the token that closes the reasoning; else None
 
     @property
     @abstractmethod
@@ -312,3 +313,15 @@ class Backbone(ABC):
 
     def decode_text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+    def split_reasoning(self, token_ids: list[int], finished: bool) -> tuple[list[int] | None, list[int]]:
+        """(reasoning, answer) token ids. A thinking checkpoint's reasoning ends at its closing token;
+        cut off before it, everything so far is reasoning and there is no answer yet (an answer that
+        ended without reasoning is all answer). Other checkpoints: (None, all)."""
+        end = self.reasoning_end_id
+        if end is None:
+            return None, token_ids
+        if end in token_ids:
+            cut = token_ids.index(end)
+            return token_ids[:cut], token_ids[cut + 1:]
+        return (None, token_ids) if finished else (token_ids, [])

@@ -63,9 +63,9 @@ QWEN_VL_CHAT_TEMPLATE = (
 )
 
 
-def chat_template(tokenizer, ref: str, revision: str | None) -> str:
+def chat_template(tokenizer, ref: str, revision: str | None, fallback: str = QWEN_VL_CHAT_TEMPLATE) -> str:
     """The checkpoint's chat template: the tokenizer's, else the processor's file (older repos keep
-    it in chat_template.json), else the standard Qwen-VL conversation format."""
+    it in chat_template.json), else the family's standard conversation format."""
     if tokenizer.chat_template:
         return tokenizer.chat_template
     for name in ("chat_template.jinja", "chat_template.json"):
@@ -73,7 +73,7 @@ def chat_template(tokenizer, ref: str, revision: str | None) -> str:
         if path:
             text = open(path, encoding="utf-8").read()
             return json.loads(text)["chat_template"] if name.endswith(".json") else text
-    return QWEN_VL_CHAT_TEMPLATE
+    return fallback
 
 
 def mrope_position_ids(length: int, images: list[ImageBlock]) -> torch.Tensor:
@@ -123,6 +123,8 @@ class Qwen2_5_VLBackbone(Backbone):
     model_class = Qwen2_5_VLForConditionalGeneration
     decoder_layer_class = Qwen2_5_VLDecoderLayer
     default_system_prompt: str | None = None  # the chat template adds "You are a helpful assistant."
+    fallback_chat_template = QWEN_VL_CHAT_TEMPLATE
+    windowed_vision = True  # vision attention in windows: on CUDA, one sdpa call for all of them
     min_region_side = 28
     attention_sink = "corner"
 
@@ -144,9 +146,10 @@ class Qwen2_5_VLBackbone(Backbone):
             patch_factor=vision.patch_size * vision.spatial_merge_size, position_rows=3, spatial_rows=(1, 2),
             min_region_side=self.min_region_side, addition_layers=self._addition_layers(),
             attention_sink=self.attention_sink)
-        if self.device.type == "cuda" and self.config.vision_config._attn_implementation == "sdpa":
+        if self.windowed_vision and self.device.type == "cuda" and self.config.vision_config._attn_implementation == "sdpa":
             self.config.vision_config._attn_implementation = WINDOWED_SDPA  # one call for all windows
         self._eos = _eos_token_ids(model, tokenizer)
+        self.reasoning_end_id = _reasoning_end_id(tokenizer)
 
     @classmethod
     def from_pretrained(cls, ref: str, *, revision: str | None, device: torch.device, dtype: torch.dtype,
@@ -156,7 +159,7 @@ class Qwen2_5_VLBackbone(Backbone):
         )
         source, source_revision = (processor, None) if processor else (ref, revision)
         tokenizer = AutoTokenizer.from_pretrained(source, revision=source_revision)
-        tokenizer.chat_template = chat_template(tokenizer, source, source_revision)
+        tokenizer.chat_template = chat_template(tokenizer, source, source_revision, cls.fallback_chat_template)
         image_processor = AutoImageProcessor.from_pretrained(source, revision=source_revision)
         return cls(model, tokenizer, image_processor, model_id=ref, revision=revision, attn=attn)
 
@@ -297,6 +300,17 @@ class Qwen2_5_VLBackbone(Backbone):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.language_model.norm(hidden))
+
+
+def _reasoning_end_id(tokenizer) -> int | None:
+    """`</think>`'s id when the chat template opens the answer with a reasoning block (Thinking
+    checkpoints), else None."""
+    header = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    if "<think>" not in header.rsplit("<|im_start|>", 1)[-1]:
+        return None
+    end = tokenizer.convert_tokens_to_ids("</think>")
+    return end if isinstance(end, int) and end != tokenizer.unk_token_id else None
 
 
 def _eos_token_ids(model, tokenizer) -> list[int]:
