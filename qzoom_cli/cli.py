@@ -852,17 +852,23 @@ def models_list(as_json: JsonFlag = False, verbose: Verbose = False) -> None:
 @models_app.command("make-tiny")
 def models_make_tiny(
     directory: Annotated[str, typer.Argument(help="Where to write the checkpoint.")],
-    family: Annotated[str, typer.Option(help="Model family.")] = "qwen2_5_vl",
+    family: Annotated[str, typer.Option(help="Model family: qwen2_5_vl, qwen3_vl.")] = "qwen2_5_vl",
+    moe: Annotated[bool, typer.Option(help="Qwen3-VL with mixture-of-experts layers (qwen3_vl_moe).")] = False,
+    thinking: Annotated[bool, typer.Option(help="Qwen3-VL with a Thinking checkpoint's chat template.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     layers: Annotated[int, typer.Option(help="Decoder layers.")] = 4,
     verbose: Verbose = False,
 ) -> None:
     """Write a tiny random checkpoint (offline) that loads like a real one: for tests and CI."""
     with _reporting_errors(verbose):
+        from .errors import UsageError
         from .testing import make_tiny
 
         _configure_logging(verbose, quiet=True)
-        print(make_tiny(directory, family=family, seed=seed, num_layers=layers))
+        if moe and family != "qwen3_vl":
+            raise UsageError("--moe is for --family qwen3_vl")
+        print(make_tiny(directory, family="qwen3_vl_moe" if moe else family, seed=seed, num_layers=layers,
+                        thinking=thinking))
 
 
 def main() -> None:

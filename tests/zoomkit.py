@@ -26,20 +26,28 @@ def trained_adapter(backbone, branch_layer=2, depth=2, gate=True, reuse_src_pos=
 
 
 def write_official_checkpoint(base_dir: Path, adapter: ZoomAdapter, out_dir: Path, shards: int = 2) -> Path:
-    """The base checkpoint re-keyed as transformers 4.51 wrote Qwen2.5-VL (`model.*`, `visual.*`),
-    with the adapter's tensors under `model.twig_layers.*`, `model.high_res_layers.*`,
-    `model.high_res_head.*`, sharded with an index, and Q-Zoom's keys in config.json."""
+    """The base checkpoint as the released Q-Zoom checkpoints store it, sharded with an index.
+
+    Qwen2.5-VL as transformers 4.51 wrote it (`model.*`, `visual.*`, zoom tensors under
+    `model.twig_layers.*` ...), Q-Zoom's keys at the top of config.json; Qwen3-VL in the native
+    layout (zoom tensors under `model.language_model.`), the keys at the top and copied into
+    `text_config`, and the tied `lm_head.weight` saved as an equal copy, as its merge script does."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in base_dir.iterdir():
         if path.suffix != ".safetensors":
             shutil.copy(path, out_dir / path.name)
+    qwen3 = adapter.config.family.startswith("qwen3")
     tensors = {}
     with safe_open(base_dir / "model.safetensors", framework="pt") as weights:
         for key in weights.keys():
-            new = key.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
+            new = key if qwen3 else key.replace("model.language_model.", "model.", 1).replace("model.visual.",
+                                                                                              "visual.", 1)
             tensors[new] = weights.get_tensor(key)
+    if qwen3:
+        tensors["lm_head.weight"] = tensors["model.language_model.embed_tokens.weight"].clone()
+    prefix = "model.language_model." if qwen3 else "model."
     for key, tensor in adapter.state_dict().items():
-        tensors[f"model.{key}"] = tensor.detach().clone()
+        tensors[prefix + key] = tensor.detach().clone()
     names = sorted(tensors)
     weight_map = {}
     for index in range(shards):
@@ -50,8 +58,11 @@ def write_official_checkpoint(base_dir: Path, adapter: ZoomAdapter, out_dir: Pat
     (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = json.loads((out_dir / "config.json").read_text())
     cfg = adapter.config
-    config.update({"enable_twig": True, "twig_K": cfg.branch_layer, "twig_T": cfg.depth, "roi_source": "qk",
-                   "roi_loss": "bce", "roi_multi_head": True, "enable_high_res": cfg.gate,
-                   "reuse_src_pos": cfg.reuse_src_pos, "min_pixels": 451584, "max_pixels": 451584})
+    keys = {"enable_twig": True, "twig_K": cfg.branch_layer, "twig_T": cfg.depth, "roi_source": "qk",
+            "roi_loss": "bce", "roi_multi_head": True, "enable_high_res": cfg.gate,
+            "reuse_src_pos": cfg.reuse_src_pos, "min_pixels": 451584, "max_pixels": 451584}
+    config.update(keys)
+    if qwen3:
+        config["text_config"].update(keys)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
