@@ -845,7 +845,7 @@ def models_list(as_json: JsonFlag = False, verbose: Verbose = False) -> None:
             return
         for card in cards:
             mark = "*" if card.default else " "
-            print(f"{mark} {card.id:<34} {card.family:<11} patch {card.patch_factor}  "
+            print(f"{mark} {card.id:<34} {card.family:<12} patch {card.patch_factor}  "
                   f"tokens {card.min_visual_tokens}-{card.max_visual_tokens}  {card.description}")
 
 
