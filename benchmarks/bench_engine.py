@@ -1,6 +1,6 @@
 """Time the zoom engine against stock `generate()` on one page, in one run, without downloads.
 
-Builds a Qwen2.5-VL architecture with random weights (speed does not depend on weight values
+Builds a Qwen2.5-VL or Qwen3-VL architecture with random weights (speed does not depend on weight values
 once the answer length is fixed, so every answer is forced to --new-tokens tokens) and a random
 zoom adapter with a gate, then times on the same page and question:
 
@@ -16,7 +16,8 @@ the ratio of the total to stock generate() at 4096. The decode floor (the langua
 weight bytes over the measured copy bandwidth) is printed beside the per-token times.
 
     python benchmarks/bench_engine.py --arch 7b --device cuda      # real size, needs a GPU
-    python benchmarks/bench_engine.py --arch small --device cpu    # a CPU-sized stand-in
+    python benchmarks/bench_engine.py --arch qwen3vl-4b --device cuda
+    python benchmarks/bench_engine.py --arch small --device cpu    # a CPU-sized stand-in (qwen3vl-small too)
 
 Writes a JSON report (--out) and prints a markdown table for benchmarks/RESULTS.md.
 """
@@ -36,17 +37,17 @@ import torch
 import transformers
 
 from qzoom_cli.api import QZoom
-from qzoom_cli.backbones.qwen2_5_vl import Qwen2_5_VLBackbone
+from qzoom_cli.backbones import FAMILIES, Backbone
 from qzoom_cli.budget import VisualBudget
 from qzoom_cli.documents import open_document
 from qzoom_cli.runtime import Runtime, reset_peak_memory, resolve_runtime, synchronize
-from qzoom_cli.testing import make_tokenizer, qwen2_5_vl_config
+from qzoom_cli.testing import make_tokenizer, qwen2_5_vl_config, qwen3_vl_config
 from qzoom_cli.zoom.adapter import AdapterConfig, ZoomAdapter
 from qzoom_cli.zoom.pipeline import ZoomSettings
 
 QUESTION = "What is the total due?"
 
-# Public Qwen2.5-VL configs (text: hidden, MLP, heads, KV heads, head dim, M-RoPE sections).
+# Public Qwen2.5-VL and Qwen3-VL configs (text: hidden, MLP, heads, KV heads, head dim, M-RoPE sections).
 ARCHS = {
     "7b": dict(layers=28, branch=18, vocab=152064,
                text={"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
@@ -63,26 +64,48 @@ ARCHS = {
                         "num_key_value_heads": 2, "head_dim": 64, "mrope_section": [8, 12, 12]},
                   vision={"depth": 4, "hidden_size": 256, "intermediate_size": 768, "num_heads": 4,
                           "fullatt_block_indexes": [1, 3]}),
+    "qwen3vl-4b": dict(family="qwen3_vl", layers=36, branch=24, vocab=151936,
+                       text={"hidden_size": 2560, "intermediate_size": 9728, "num_attention_heads": 32,
+                             "num_key_value_heads": 8, "head_dim": 128, "mrope_section": [24, 20, 20]},
+                       vision={"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16,
+                               "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17]}),
+    "qwen3vl-8b": dict(family="qwen3_vl", layers=36, branch=24, vocab=151936,
+                       text={"hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32,
+                             "num_key_value_heads": 8, "head_dim": 128, "mrope_section": [24, 20, 20]},
+                       vision={"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+                               "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24]}),
+    "qwen3vl-small": dict(family="qwen3_vl", layers=12, branch=8, vocab=32000,
+                          text={"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8,
+                                "num_key_value_heads": 2, "head_dim": 64, "mrope_section": [12, 10, 10]},
+                          vision={"depth": 4, "hidden_size": 256, "intermediate_size": 768, "num_heads": 4,
+                                  "num_position_embeddings": 2304, "deepstack_visual_indexes": [0, 1, 2]}),
 }
 
 
-def build(arch: str, device: str, dtype: str, attn: str) -> tuple[Qwen2_5_VLBackbone, Runtime, ZoomAdapter]:
+def build(arch: str, device: str, dtype: str, attn: str) -> tuple[Backbone, Runtime, ZoomAdapter]:
     """The architecture with seeded random weights, answers that never end early, and a random adapter."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     spec = ARCHS[arch]
+    family = spec.get("family", "qwen2_5_vl")
     runtime = resolve_runtime(device, dtype, attn, compile="off")
     tokenizer = make_tokenizer()
-    config = qwen2_5_vl_config(tokenizer, spec["layers"], spec["text"], spec["vision"], vocab_size=spec["vocab"],
-                               init_std=0.02)
+    if family == "qwen3_vl":
+        config = qwen3_vl_config(tokenizer, spec["layers"], text=spec["text"], vision=spec["vision"],
+                                 vocab_size=spec["vocab"], init_std=0.02)
+        processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    else:
+        config = qwen2_5_vl_config(tokenizer, spec["layers"], spec["text"], spec["vision"],
+                                   vocab_size=spec["vocab"], init_std=0.02)
+        processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2)
     for part in (config, config.text_config, config.vision_config):
         part._attn_implementation = runtime.attn
+    backbone_class = FAMILIES[family]
     torch.manual_seed(0)
     with torch.device(runtime.device):
-        model = Qwen2_5_VLForConditionalGeneration(config).to(runtime.dtype).eval()
-    backbone = Qwen2_5_VLBackbone(model, tokenizer, Qwen2VLImageProcessorPil(patch_size=14, merge_size=2),
-                                  model_id=f"random-qwen2.5-vl-{arch}", revision=None, attn=runtime.attn)
+        model = backbone_class.model_class(config).to(runtime.dtype).eval()
+    backbone = backbone_class(model, tokenizer, processor, model_id=f"random-{family}-{arch}", revision=None,
+                              attn=runtime.attn)
     backbone._eos = [-1]  # never stop early: every answer has exactly --new-tokens tokens
     adapter = ZoomAdapter.initialized_from_base(
         AdapterConfig(branch_layer=spec["branch"], depth=3, family=backbone.family, hidden_size=backbone.hidden_size),

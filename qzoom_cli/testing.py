@@ -75,26 +75,31 @@ def qwen2_5_vl_config(tokenizer: Qwen2Tokenizer, num_layers: int, text: dict = T
     head_dim and mrope_section; `vision` sets depth, hidden_size, intermediate_size, num_heads
     and fullatt_block_indexes. Patches (14 px, 2x2 merge, 112 px windows) are the real ones.
     """
-    ids = dict(zip(QWEN_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(QWEN_SPECIAL_TOKENS), strict=True))
-    special = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-               "pad_token_id": ids["<|endoftext|>"]}
-    text = dict(text)
-    section = text.pop("mrope_section")
-    text_config = {
-        **text, "vocab_size": vocab_size or len(tokenizer), "num_hidden_layers": num_layers,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": section},
-        "max_position_embeddings": 128000, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-        "initializer_range": init_std, **special,
-    }
+    tokens, text_config = _text_config(tokenizer, num_layers, text, vocab_size, init_std, {"rope_theta": 1_000_000.0})
     vision_config = {
         **vision, "out_hidden_size": text["hidden_size"], "patch_size": 14, "spatial_merge_size": 2,
         "temporal_patch_size": 2, "window_size": 112, "in_channels": 3, "initializer_range": init_std,
     }
-    return Qwen2_5_VLConfig(
-        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True, initializer_range=init_std, **special,
-    )
+    return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, tie_word_embeddings=True,
+                            initializer_range=init_std, **tokens)
+
+
+def _text_config(tokenizer: Qwen2Tokenizer, num_layers: int, text: dict, vocab_size: int | None, init_std: float,
+                 rope: dict) -> tuple[dict, dict]:
+    """The token ids a Qwen-VL config names at its top, and its text config (tied embeddings, M-RoPE)."""
+    ids = dict(zip(QWEN_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(QWEN_SPECIAL_TOKENS), strict=True))
+    special = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+               "pad_token_id": ids["<|endoftext|>"]}
+    text = dict(text)
+    rope = {"rope_type": "default", "mrope_section": text.pop("mrope_section"), **rope}
+    text_config = {
+        **text, "vocab_size": vocab_size or len(tokenizer), "num_hidden_layers": num_layers, "rope_parameters": rope,
+        "max_position_embeddings": 128000, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+        "initializer_range": init_std, **special,
+    }
+    tokens = {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+              "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"], **special}
+    return tokens, text_config
 
 
 TINY_QWEN3_VISION = {"depth": 3, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
@@ -112,28 +117,16 @@ def qwen3_vl_config(tokenizer: Qwen2Tokenizer, num_layers: int, moe: bool = Fals
     num_heads, num_position_embeddings and deepstack_visual_indexes. Patches (16 px, 2x2 merge),
     interleaved M-RoPE and tied embeddings are the real ones.
     """
-    ids = dict(zip(QWEN_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(QWEN_SPECIAL_TOKENS), strict=True))
-    special = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-               "pad_token_id": ids["<|endoftext|>"]}
-    text = dict(text)
-    section = text.pop("mrope_section")
-    text_config = {
-        **text, "vocab_size": vocab_size or len(tokenizer), "num_hidden_layers": num_layers,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": section,
-                            "mrope_interleaved": True},
-        "max_position_embeddings": 128000, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-        "initializer_range": init_std, **(TINY_MOE if moe else {}), **special,
-    }
+    tokens, text_config = _text_config(tokenizer, num_layers, text, vocab_size, init_std,
+                                       {"rope_theta": 5_000_000.0, "mrope_interleaved": True})
+    text_config.update(TINY_MOE if moe else {})
     vision_config = {
         **vision, "out_hidden_size": text["hidden_size"], "patch_size": 16, "spatial_merge_size": 2,
         "temporal_patch_size": 2, "in_channels": 3, "initializer_range": init_std,
     }
     config_class = Qwen3VLMoeConfig if moe else Qwen3VLConfig
-    return config_class(
-        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True, initializer_range=init_std,
-    )
+    return config_class(text_config=text_config, vision_config=vision_config, tie_word_embeddings=True,
+                        initializer_range=init_std, **tokens)
 
 
 def make_tiny(directory: str | Path, family: str = "qwen2_5_vl", seed: int = 0, num_layers: int = 4,

@@ -304,3 +304,18 @@ def test_train_run_eval_bench_commands(qwen3_dir, tmp_path):
     bench = runner.invoke(cli.app, ["bench", str(manifest), *model, "--max-new-tokens", "2", "--budgets", "16,24",
                                     "--modes", "never", "--out", str(tmp_path / "bench"), "--limit", "2"])
     assert bench.exit_code == 0, bench.stderr
+
+
+@pytest.mark.parametrize("mode", ["never", "always"])
+def test_static_decoder_equals_eager(qz3, page, mode):
+    from qzoom_cli.decode import EagerDecoder
+    from qzoom_cli.static_decode import StaticDecoder
+
+    bb = qz3.backbone
+    eager = ZoomEngine(bb, 2, 2, decode=EagerDecoder(bb))
+    fast = ZoomEngine(bb, 2, 2, decode=StaticDecoder(bb, capture=False))
+    items = [(page, "Total?"), (page, "Which company issued this invoice, and to whom is it addressed?")]
+    settings = ZoomSettings(mode, roi_threshold=0.3)
+    for want, got in zip(eager.answer_batch(items, settings, 6), fast.answer_batch(items, settings, 6), strict=True):
+        assert got.generation.token_ids == want.generation.token_ids and got.zoom.roi == want.zoom.roi
+        assert got.generation.logprobs == pytest.approx(want.generation.logprobs, abs=1e-4)

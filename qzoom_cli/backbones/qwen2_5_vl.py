@@ -189,7 +189,7 @@ class Qwen2_5_VLBackbone(Backbone):
         content = [{"type": "image"} for _ in image_grids] + [{"type": "text", "text": question}]
         messages = [{"role": "user", "content": content}]
         if self.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         pieces = text.split(IMAGE_PLACEHOLDER)
         if len(pieces) != len(image_grids) + 1:
