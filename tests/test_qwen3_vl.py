@@ -243,11 +243,13 @@ def test_thinking_checkpoint_keeps_the_reasoning_apart(tmp_path):
     assert stock.backbone.reasoning_end_id is None and stock.default_max_new_tokens() == 64
 
 
-def test_text_config_as_a_plain_dict_loads_like_the_base_family(tmp_path, page_image):
-    """ZwZ-style config.json: text fields at the top level too and `text_config` a bare dict
-    (no model_type); the checkpoint loads into the same family and answers the same."""
-    base = make_tiny(tmp_path / "base", family="qwen3_vl")
-    zwz = make_tiny(tmp_path / "zwz", family="qwen3_vl")
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_text_config_as_a_plain_dict_loads_like_the_base_family(tmp_path, family):
+    """ZwZ-style config.json (ZwZ-7B is Qwen2.5-VL, ZwZ-4B/8B Qwen3-VL): text fields at the top
+    level too and `text_config` a bare dict (no model_type); it loads into the same family and
+    answers the same."""
+    base = make_tiny(tmp_path / "base", family=family)
+    zwz = make_tiny(tmp_path / "zwz", family=family)
     config = json.loads((zwz / "config.json").read_text())
     text = {k: v for k, v in config["text_config"].items() if k not in ("model_type", "architectures")}
     config.update({k: v for k, v in text.items() if k not in config})
@@ -257,7 +259,7 @@ def test_text_config_as_a_plain_dict_loads_like_the_base_family(tmp_path, page_i
     [a] = QZoom.from_pretrained(str(base), device="cpu").ask(make_pdf(1), "total?", **ask)
     loaded = QZoom.from_pretrained(str(zwz), device="cpu")
     [b] = loaded.ask(make_pdf(1), "total?", **ask)
-    assert loaded.backbone.family == "qwen3_vl"
+    assert loaded.backbone.family == family
     assert (a.answer, a.zoom.roi, a.stats.prompt_tokens) == (b.answer, b.zoom.roi, b.stats.prompt_tokens)
 
 

@@ -272,7 +272,7 @@ class Qwen2_5_VLBackbone(Backbone):
     def memory_per_token(self) -> int:
         c = self.text_config
         cache = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
-        activations = 4 * c.hidden_size + 3 * c.intermediate_size
+        activations = (4 + self.layout.addition_layers) * c.hidden_size + 3 * c.intermediate_size
         return (2 * cache + activations) * (torch.finfo(self.dtype).bits // 8)
 
     @property
