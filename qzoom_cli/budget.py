@@ -3,7 +3,9 @@
 A vision-language model turns every `factor x factor` pixel cell into one LLM token (28 for
 Qwen2.5-VL: 14 px patches merged 2x2; 32 for Qwen3-VL). Processors are known to ignore a
 requested `max_pixels`, so qzoom resizes pages itself to a size whose token count is exact and
-hands the processor an image it has no reason to touch.
+hands the processor an image it has no reason to touch. Images thinner than the models' 200:1
+limit (a receipt roll, one line of text) are padded with white at the right or bottom into the
+limit: the content keeps its top-left origin, so page coordinates stay what they were.
 """
 
 from __future__ import annotations
@@ -66,8 +68,19 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def aspect_canvas(width: int, height: int) -> tuple[int, int]:
+    """(w, h) of the canvas an image is read on: itself, or for one beyond the aspect-ratio limit
+    the smallest canvas within it that holds the image at its top-left corner."""
+    if width > height * MAX_ASPECT_RATIO:
+        return width, math.ceil(width / MAX_ASPECT_RATIO)
+    if height > width * MAX_ASPECT_RATIO:
+        return math.ceil(height / MAX_ASPECT_RATIO), height
+    return width, height
+
+
 def token_grid(height: int, width: int, factor: int, budget: VisualBudget) -> tuple[int, int]:
-    """(rows, cols) of LLM tokens an image of this size gets under `budget`."""
+    """(rows, cols) of LLM tokens an image of this size (on its `aspect_canvas`) gets under `budget`."""
+    width, height = aspect_canvas(width, height)
     h, w = smart_resize(height, width, factor, *budget.pixel_bounds(factor))
     return h // factor, w // factor
 
@@ -77,11 +90,28 @@ def visual_tokens(height: int, width: int, factor: int, budget: VisualBudget) ->
     return rows * cols
 
 
-def resize_to_budget(image: Image.Image, factor: int, budget: VisualBudget) -> Image.Image:
-    """The image resized (bicubic) to the exact size its budget allows; RGB."""
-    rows, cols = token_grid(image.height, image.width, factor, budget)
-    size = (cols * factor, rows * factor)
+def content_size(size: tuple[int, int], out: tuple[int, int]) -> tuple[int, int]:
+    """(w, h) an image of `size` takes inside `out` pixels when its `aspect_canvas` is scaled to `out`."""
+    canvas = aspect_canvas(*size)
+    return (max(1, round(size[0] * out[0] / canvas[0])), max(1, round(size[1] * out[1] / canvas[1])))
+
+
+def pad_into(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`image` at the top-left of a white RGB canvas of `size` (itself when it has that size)."""
     image = image.convert("RGB")
     if image.size == size:
         return image
-    return image.resize(size, Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    canvas.paste(image, (0, 0))
+    return canvas
+
+
+def resize_to_budget(image: Image.Image, factor: int, budget: VisualBudget) -> Image.Image:
+    """The image resized (bicubic) to the exact size its budget allows, on its aspect canvas; RGB."""
+    rows, cols = token_grid(image.height, image.width, factor, budget)
+    size = (cols * factor, rows * factor)
+    content = content_size(image.size, size)
+    image = image.convert("RGB")
+    if image.size != content:
+        image = image.resize(content, Image.Resampling.BICUBIC)
+    return pad_into(image, size)

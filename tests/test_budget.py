@@ -4,8 +4,18 @@ import math
 import pytest
 from PIL import Image
 
-from qzoom_cli.budget import VisualBudget, resize_to_budget, smart_resize, token_grid, visual_tokens
+from qzoom_cli.budget import (
+    MAX_ASPECT_RATIO,
+    VisualBudget,
+    aspect_canvas,
+    content_size,
+    resize_to_budget,
+    smart_resize,
+    token_grid,
+    visual_tokens,
+)
 from qzoom_cli.errors import UsageError
+from qzoom_cli.zoom.pipeline import ZoomSettings
 
 # performance.md: an A4 page at several DPIs under several budgets (Qwen2.5-VL, factor 28).
 A4_TABLE = {
@@ -47,6 +57,39 @@ def test_smart_resize_properties(factor, budget):
 def test_extreme_aspect_ratio_rejected():
     with pytest.raises(ValueError, match="aspect ratio"):
         smart_resize(10, 3000, 28, 4 * 784, 576 * 784)
+
+
+@pytest.mark.parametrize("size", [(6000, 20), (15, 4000), (201, 1), (200, 1)])
+def test_thin_images_are_padded_into_the_aspect_limit(size):
+    """Beyond 200:1 the image is read on a white canvas within the limit, content at the top left."""
+    budget = VisualBudget(16, 256)
+    image = Image.new("RGB", size, (200, 10, 10))
+    canvas = aspect_canvas(*size)
+    assert max(canvas) / min(canvas) <= MAX_ASPECT_RATIO and canvas[0] >= size[0] and canvas[1] >= size[1]
+    assert (canvas == size) == (max(size) / min(size) <= MAX_ASPECT_RATIO)
+    rows, cols = token_grid(size[1], size[0], 28, budget)
+    resized = resize_to_budget(image, 28, budget)
+    assert resized.size == (cols * 28, rows * 28) and rows * cols <= 256
+    assert resized.getpixel((0, 0)) == (200, 10, 10)
+    inside = content_size(size, resized.size)
+    if canvas != size:
+        far = (resized.width - 1, resized.height - 1)
+        assert resized.getpixel(far) == (255, 255, 255)
+        assert inside[0] < resized.width or inside[1] < resized.height
+
+
+@pytest.mark.parametrize("size", [(7000, 24), (24, 7000)])
+def test_a_thin_page_is_answered_with_its_region_on_the_page(qz, tmp_path, size):
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).text((5, 5), "TOTAL 42.00", fill="black")
+    image.save(tmp_path / "strip.png")
+    [result] = qz.ask(tmp_path / "strip.png", "total?", zoom=ZoomSettings("always", roi_threshold=0.0),
+                      max_new_tokens=2, budget=VisualBudget(16, 64))
+    assert result.status in ("ok", "truncated") and result.zoom.zoomed
+    x0, y0, x1, y1 = result.zoom.roi["bbox_xyxy"]
+    assert 0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1]
 
 
 @pytest.mark.parametrize("size", [(1654, 2338), (333, 100), (28, 28), (5000, 400)])

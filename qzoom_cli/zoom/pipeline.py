@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from ..backbones import Backbone, ImageBlock, ImageEncoding, VisualAdditions
-from ..budget import VisualBudget
+from ..budget import VisualBudget, aspect_canvas, content_size, pad_into
 from ..decode import Decoder, EagerDecoder, Generation, copy_cache, prefill, truncate_cache
 from ..errors import UsageError
 from ..padding import PaddedBatch, pad_segments
@@ -222,6 +222,9 @@ class ZoomEngine:
                     if lift < gate_threshold:
                         answers[i].zoom.skipped_reason = "attention too spread out for a region to help"
                         continue
+                if self._region_pixels(items[i][0], box) is None:
+                    answers[i].zoom.skipped_reason = "the region lies in the padding of a very thin page"
+                    continue
                 boxes[i] = box
 
         zoom_rows = sorted(boxes)
@@ -275,12 +278,13 @@ class ZoomEngine:
         for i in group.rows:
             page, text = items[i]
             box = boxes[i]
-            region_px = grid_box_to_pixels(box, page.grid, page.size, bb.layout.min_region_side)
+            region_px = self._region_pixels(page, box)
             native = round(region_px.area / bb.layout.patch_factor ** 2)
             budget = settings.region_budget(page.budget, native)
             with clock("region_encode_s", [i]):
-                grid = bb.image_grid((int(region_px.width), int(region_px.height)), budget)
-                region = bb.encode_image(page.crop(region_px, bb.grid_pixels(grid)))
+                size = (int(region_px.width), int(region_px.height))
+                pixels = bb.grid_pixels(bb.image_grid(size, budget))
+                region = bb.encode_image(pad_into(page.crop(region_px, content_size(size, pixels)), pixels))
             rows, cols = region.grid
             with clock("fused_prefill_s", [i]):
                 fused_inputs.append(fuse_region(bb, text, prompts[i], page.encoding, region, box,
@@ -307,6 +311,13 @@ class ZoomEngine:
             logits, positions, mask = self.fused_prefill(fused_inputs, group.hidden_k, group.positions, prefix_mask,
                                                          group.cache, group.additions)
         self._decode(answers, group.rows, logits, group.cache, positions, mask, max_new_tokens)
+
+    def _region_pixels(self, page: PageView, box: Box) -> Box | None:
+        """The grid box in page pixels (on the page's aspect canvas, then cut to the page itself);
+        None when nothing of it is on the page."""
+        canvas = grid_box_to_pixels(box, page.grid, aspect_canvas(*page.size), self.backbone.layout.min_region_side)
+        inside = Box(canvas.x0, canvas.y0, min(canvas.x1, page.size[0]), min(canvas.y1, page.size[1]))
+        return inside if inside.width > 0 and inside.height > 0 else None
 
     def fused_prefill(self, fused: list[FusedInputs], hidden_k: torch.Tensor, coarse_positions: torch.Tensor,
                       prefix_mask: torch.Tensor, cache, coarse_additions: VisualAdditions | None = None
