@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "QZoom": "api",
-    "ZoomSettings": "zoom.pipeline",
+    "ZoomSettings": "options",
     "ZoomAdapter": "zoom.adapter",
     "Result": "results",
     "VisualBudget": "budget",

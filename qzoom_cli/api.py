@@ -27,13 +27,24 @@ from .budget import VisualBudget
 from .cards import GENERIC_BUDGET, ModelCard, default_card, find_card
 from .documents import DEFAULT_DPI, Document, open_document, parse_page_spec
 from .errors import OutOfMemory, QZoomError, UsageError
+from .options import (
+    SHORT_ANSWER_INSTRUCTION,
+    ZoomSettings,
+    check_counts,
+    check_questions,
+)
 from .results import BudgetInfo, Candidate, InputInfo, ModelInfo, Result, Stats, Timings
-from .runtime import Runtime, peak_memory, reset_peak_memory, resolve_runtime, synchronize
+from .runtime import (
+    Runtime,
+    peak_memory,
+    reset_peak_memory,
+    resolve_runtime,
+    synchronize,
+)
 from .static_decode import make_decoder
 from .zoom.adapter import ZoomAdapter, checkpoint_files, official_adapter_config
-from .zoom.pipeline import PageAnswer, PageView, ZoomEngine, ZoomSettings
+from .zoom.pipeline import PageAnswer, PageView, ZoomEngine
 
-SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 DEFAULT_MAX_NEW_TOKENS = 64
 THINKING_MAX_NEW_TOKENS = 1024  # thinking checkpoints reason for hundreds of tokens before answering
 ZOOM_COARSE_BUDGET = (256, 576)
@@ -56,16 +67,6 @@ class _Candidate:
     answer: PageAnswer
     text: str
     reasoning: str | None
-
-
-def check_questions(questions: str | list[str]) -> list[str]:
-    questions = [questions] if isinstance(questions, str) else list(questions)
-    if not questions:
-        raise UsageError("no question given")
-    for question in questions:
-        if not question or not question.strip():
-            raise UsageError("empty question: ask something about the document")
-    return [q.strip() for q in questions]
 
 
 def default_branch(num_layers: int) -> tuple[int, int]:
@@ -192,7 +193,7 @@ class QZoom:
         max_new_tokens = self.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
         if ids is not None and len(ids) != len(questions):
             raise UsageError("one id per question is needed")
-        _check_counts(1 if batch_size == "auto" else batch_size, max_new_tokens)  # before the document is read
+        check_counts(batch_size, max_new_tokens)  # before the document is read
         doc = document if isinstance(document, Document) else open_document(document, password=password, dpi=dpi)
         try:
             request = AskRequest(doc, questions, ids, pages)
@@ -222,7 +223,7 @@ class QZoom:
         budget = budget or self.default_budget(settings.mode)
         max_new_tokens = self.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
         batch_size = self.resolve_batch_size(batch_size, budget, max_new_tokens, settings.mode)
-        _check_counts(batch_size, max_new_tokens)
+        check_counts(batch_size, max_new_tokens)
         batcher = _Batcher(self, settings, budget, max_new_tokens, instruction, batch_size, overlay_dir)
         reset_peak_memory(self.runtime.device)
         for request in requests:
@@ -324,11 +325,6 @@ class QZoom:
             write_overlay(path, doc.render(result.page), chosen.region_map,
                           result.zoom.roi["bbox_xyxy"] if result.zoom.roi else None)
             result.zoom.overlay = str(path)
-
-
-def _check_counts(batch_size: int, max_new_tokens: int) -> None:
-    if batch_size < 1 or max_new_tokens < 1:
-        raise UsageError("--batch-size and --max-new-tokens must be at least 1")
 
 
 @dataclass

@@ -25,14 +25,14 @@ from typing import TextIO
 
 import torch
 
-from .api import SHORT_ANSWER_INSTRUCTION, AskRequest, QZoom
+from .api import AskRequest, QZoom
 from .budget import VisualBudget
 from .documents import open_document
 from .errors import QZoomError, UsageError
 from .manifest import ManifestRow, RowError
+from .options import SHORT_ANSWER_INSTRUCTION, ZoomSettings
 from .outputs import sole_writer
 from .results import ErrorInfo, Result
-from .zoom.pipeline import ZoomSettings
 
 DONE_STATUSES = ("ok", "truncated")
 

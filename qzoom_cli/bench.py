@@ -19,9 +19,9 @@ from .batch import RunOptions, answer_rows
 from .budget import VisualBudget
 from .evaluate import ModeSummary, choose_metric, score, summarize
 from .manifest import ManifestRow, RowError
+from .options import ZoomSettings
 from .results import Result
 from .runtime import synchronize
-from .zoom.pipeline import ZoomSettings
 
 DEFAULT_BUDGETS = (256, 576, 1024, 2048, 4096)
 

@@ -18,7 +18,13 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PARTIAL, QZoomError, UsageError
+from .errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_PARTIAL,
+    QZoomError,
+    UsageError,
+)
 from .outputs import check_output_file, check_output_folder
 
 app = typer.Typer(
@@ -164,15 +170,27 @@ def _batch_size(value: str) -> int | str:
     return int(value)
 
 
+def _check_request(batch_size: str, max_new_tokens: int | None, min_tokens: int | None = None,
+                   max_tokens: int | None = None) -> int | str:
+    """The usage checks that need no ML library, done first so a bad flag is reported at once;
+    returns the parsed --batch-size."""
+    from .options import check_counts, check_token_bounds
+
+    batch = _batch_size(batch_size)
+    check_counts(batch, max_new_tokens)
+    check_token_bounds(min_tokens, max_tokens)
+    return batch
+
+
 def _instruction(value: str | None) -> str:
     """--instruction: the short-answer instruction unless given ('' for none)."""
-    from .api import SHORT_ANSWER_INSTRUCTION
+    from .options import SHORT_ANSWER_INSTRUCTION
 
     return SHORT_ANSWER_INSTRUCTION if value is None else value
 
 
 def _settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, explain=False, roi_native=False):
-    from .zoom.pipeline import ZoomSettings
+    from .options import ZoomSettings
 
     return ZoomSettings(mode=zoom, gate_threshold=gate_threshold, roi_threshold=roi_threshold,
                         region_max_tokens=roi_max_visual_tokens, region_native=roi_native, explain=explain)
@@ -217,18 +235,19 @@ def ask(
     read again at high resolution in the same pass (Q-Zoom).
     """
     with _reporting_errors(verbose):
-        from .api import check_questions
         from .doctor import check_transformers
         from .documents import open_document, parse_page_spec
+        from .options import check_questions
 
         questions = check_questions(questions)
         settings = _settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, explain, roi_native)
+        batch = _check_request(batch_size, max_new_tokens, min_visual_tokens, max_visual_tokens)
         if overlay:
             check_output_folder(Path(overlay))
         check_transformers()
-        _configure_logging(verbose, quiet)
         with open_document(path, password=password, dpi=dpi) as doc:
             parse_page_spec(pages, doc.page_count)
+            _configure_logging(verbose, quiet)
             for warning in doc.warnings:
                 _warn(warning, quiet)
             show_panel = not quiet and err_console.is_terminal
@@ -237,8 +256,7 @@ def ask(
             budget = qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=zoom)
             with err_console.status("Answering…") if show_panel else nullcontext():
                 results = qz.ask(doc, questions, pages=pages, budget=budget, zoom=settings,
-                                 max_new_tokens=max_new_tokens, overlay_dir=overlay,
-                                 batch_size=_batch_size(batch_size),
+                                 max_new_tokens=max_new_tokens, overlay_dir=overlay, batch_size=batch,
                                  instruction=_instruction(instruction))
             for result in results:
                 for warning in result.warnings:
@@ -335,17 +353,19 @@ def run(
     record says why); Ctrl-C leaves a valid file that --resume continues.
     """
     with _reporting_errors(verbose):
-        from .batch import RunOptions, run_manifest
         from .doctor import check_transformers
         from .manifest import read_manifest
 
         if gpus:
             raise typer.Exit(_relaunch_on_gpus(gpus))
         settings = _settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, roi_native=roi_native)
+        batch = _check_request(batch_size, max_new_tokens, min_visual_tokens, max_visual_tokens)
         if output:
             check_output_file(Path(output), inputs=(manifest,))
         rows = read_manifest(manifest, root)
         check_transformers()
+        from .batch import RunOptions, run_manifest
+
         _configure_logging(verbose, quiet)
         rank, world, state = _distributed(device)
         if state is not None and device == "auto":
@@ -363,7 +383,7 @@ def run(
                         "max_new_tokens": max_new_tokens, "instruction": _instruction(instruction), "dtype": dtype}
         options = RunOptions(zoom=settings, dpi=dpi, max_new_tokens=max_new_tokens,
                              instruction=_instruction(instruction),
-                             batch_size=_batch_size(batch_size), verbose=verbose, settings=run_settings)
+                             batch_size=batch, verbose=verbose, settings=run_settings)
         show = (err_console.is_terminal if progress is None else progress) and not quiet
         with _batch_progress(show, f"rank {rank}" if world > 1 else "rows") as (track, start):
             summary = run_manifest(load, rows, options, output=Path(output) if output else None, stdout=sys.stdout,
@@ -384,7 +404,13 @@ def _batch_progress(show: bool, label: str):
     if not show:
         yield (lambda result: None), (lambda total: None)
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} rows/s"), TimeRemainingColumn(),
@@ -409,7 +435,7 @@ def _batch_progress(show: bool, label: str):
 
 
 def _modes(text: str) -> list[str]:
-    from .zoom.pipeline import MODES
+    from .options import MODES
 
     modes = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
@@ -456,8 +482,6 @@ def evaluate_command(
     with _reporting_errors(verbose):
         from dataclasses import asdict
 
-        from .batch import RunOptions
-        from .bench import run_scored, warm_up
         from .doctor import check_transformers
         from .evaluate import METRICS
         from .manifest import read_manifest
@@ -465,10 +489,16 @@ def evaluate_command(
         modes = _modes(compare)
         if metric != "auto" and metric not in METRICS:
             raise UsageError(f"unknown metric {metric!r}: use auto, {', '.join(METRICS)}")
+        for mode in modes:
+            _settings(mode, gate_threshold, roi_threshold, roi_max_visual_tokens)
+        batch = _check_request(batch_size, max_new_tokens, min_visual_tokens, max_visual_tokens)
         if output:
             check_output_file(Path(output), inputs=(manifest,))
         rows = read_manifest(manifest, root)
         check_transformers()
+        from .batch import RunOptions
+        from .bench import run_scored, warm_up
+
         _configure_logging(verbose, quiet)
         qz = _load(model, adapter, revision, device, dtype, attn, compile_mode)
         summaries, per_mode = [], {}
@@ -476,7 +506,7 @@ def evaluate_command(
             options = RunOptions(zoom=_settings(mode, gate_threshold, roi_threshold, roi_max_visual_tokens),
                                  budget=qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=mode),
                                  dpi=dpi, max_new_tokens=max_new_tokens, instruction=_instruction(instruction),
-                                 batch_size=_batch_size(batch_size), verbose=verbose)
+                                 batch_size=batch, verbose=verbose)
             if not summaries:
                 warm_up(qz, rows, options)
             if not quiet:
@@ -524,15 +554,12 @@ def bench(
 ) -> None:
     """Sweep visual-token budgets for each zoom mode on the same rows: a JSON report and a Pareto plot."""
     with _reporting_errors(verbose):
-        import torch
-        import transformers
-
-        from .batch import RunOptions
-        from .bench import pareto_png, sweep
         from .doctor import check_transformers
         from .manifest import read_manifest
 
         chosen_modes = _modes(modes)
+        settings = _settings("auto", gate_threshold, roi_threshold, None)
+        batch = _check_request(batch_size, max_new_tokens)
         try:
             maxima = [int(b) for b in budgets.split(",") if b.strip()]
         except ValueError:
@@ -544,12 +571,16 @@ def bench(
             raise UsageError("--limit must be at least 1")
         rows = read_manifest(manifest, root)[:limit]
         check_transformers()
+        import torch
+        import transformers
+
+        from .batch import RunOptions
+        from .bench import pareto_png, sweep
+
         _configure_logging(verbose, quiet)
         qz = _load(model, adapter, revision, device, dtype, attn, compile_mode)
-        options = RunOptions(zoom=_settings("auto", gate_threshold, roi_threshold, None), dpi=dpi,
-                             max_new_tokens=max_new_tokens, instruction=_instruction(instruction),
-                             batch_size=_batch_size(batch_size),
-                             verbose=verbose)
+        options = RunOptions(zoom=settings, dpi=dpi, max_new_tokens=max_new_tokens,
+                             instruction=_instruction(instruction), batch_size=batch, verbose=verbose)
 
         def report(point):
             if not quiet:
@@ -607,7 +638,13 @@ def _training_progress(show: bool, stage: str, total: int):
     if not show:
         yield (lambda *args: None), (lambda report: None)
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   TextColumn("{task.fields[info]}"), console=err_console) as bar:
@@ -669,6 +706,7 @@ def train_rpn_command(
     """Stage 1 (SD-RPN): distil where the model looks while answering into the region head."""
     with _reporting_errors(verbose):
         import math
+
         from .doctor import check_transformers
         from .manifest import read_manifest
         from .training.data import expand_samples

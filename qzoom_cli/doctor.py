@@ -10,7 +10,6 @@ import sys
 from packaging.specifiers import SpecifierSet
 
 from .errors import EnvironmentProblem
-from .runtime import flash_attention_available
 
 # The transformers releases qzoom is tested against: it drives model internals whose
 # signatures moved between 5.x minor releases.
@@ -64,10 +63,16 @@ def collect_report() -> dict:
         "transformers_ok": transformers_version is not None and transformers_version in SUPPORTED_TRANSFORMERS,
         "cuda": {"available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda},
         "devices": devices,
-        "flash_attention": flash_attention_available(),
+        "flash_attention": _flash_attention_available(),
         "hub": {"cache": str(constants.HF_HUB_CACHE),
                 "offline": bool(constants.HF_HUB_OFFLINE),
                 "endpoint": constants.ENDPOINT,
                 "token_set": bool(os.environ.get("HF_TOKEN"))},
         "qzoom_device_env": os.environ.get("QZOOM_DEVICE"),
     }
+
+
+def _flash_attention_available() -> bool:
+    from .runtime import flash_attention_available  # imports torch: only for the report
+
+    return flash_attention_available()

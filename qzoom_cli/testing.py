@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLMoeConfig
+from transformers import (
+    GenerationConfig,
+    Qwen2_5_VLConfig,
+    Qwen2Tokenizer,
+    Qwen3VLConfig,
+    Qwen3VLMoeConfig,
+)
 
 from .backbones.qwen2_5_vl import QWEN_VL_CHAT_TEMPLATE
 from .backbones.qwen3_vl import QWEN3_VL_CHAT_TEMPLATE
@@ -139,7 +145,9 @@ def make_tiny(directory: str | Path, family: str = "qwen2_5_vl", seed: int = 0, 
         raise UsageError("a tiny model needs at least one layer")
     if thinking and family == "qwen2_5_vl":
         raise UsageError("thinking checkpoints are Qwen3-VL ones: use --family qwen3_vl")
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     from .backbones import FAMILIES as BACKBONES
 

@@ -306,3 +306,32 @@ def test_help_shows_every_default():
     result = runner.invoke(cli.app, ["ask", "--help"], env={"COLUMNS": "200"})
     assert "[default: the default model card]" in result.stdout and "[default: all]" in result.stdout
     assert "[default: 200]" in result.stdout  # typer's own defaults too
+
+
+@pytest.mark.parametrize("args", [
+    ["ask", "{pdf}", "q", "--dpi", "0"],
+    ["ask", "{pdf}", "q", "--pages", "3-1"],
+    ["ask", "{pdf}", "q", "--min-visual-tokens", "900", "--max-visual-tokens", "100"],
+    ["ask", "{pdf}", "q", "--max-visual-tokens", "0"],
+    ["ask", "{pdf}", "q", "--max-new-tokens", "0"],
+    ["ask", "{pdf}", "q", "--gate-threshold", "nan"],
+    ["run", "{manifest}", "--batch-size", "0"],
+    ["run", "{manifest}", "--min-visual-tokens", "-4"],
+    ["eval", "{manifest}", "--compare", "never,sometimes"],
+    ["eval", "{manifest}", "--max-new-tokens", "0"],
+    ["bench", "{manifest}", "--budgets", "0"],
+    ["bench", "{manifest}", "--batch-size", "x"],
+])
+def test_usage_errors_come_before_the_ml_libraries(args, tmp_path, pdf_path):
+    """A bad flag is answered at once (exit 2) without importing torch or transformers."""
+    import subprocess
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"file": str(pdf_path), "question": "q"}) + "\n")
+    argv = [a.format(pdf=pdf_path, manifest=manifest) for a in args] + ["--model", "/nowhere"]
+    script = ("import sys\nfrom qzoom_cli.cli import main\nsys.argv = ['qzoom', *sys.argv[1:]]\n"
+              "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+              "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == [str(EXIT_USAGE), "False", "False"], done.stderr
+    assert done.stderr.startswith("qzoom: error:")

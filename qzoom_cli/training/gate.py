@@ -36,7 +36,14 @@ from ..padding import pad_segments
 from ..zoom.adapter import AdapterConfig, ZoomAdapter
 from ..zoom.gate import gate_logits
 from .data import ArtefactStore, SampleSet, Shard
-from .loop import StepReport, Trainer, TrainOptions, enable_gradient_checkpointing, latest_checkpoint, options_dict
+from .loop import (
+    StepReport,
+    Trainer,
+    TrainOptions,
+    enable_gradient_checkpointing,
+    latest_checkpoint,
+    options_dict,
+)
 from .pseudo_labels import IGNORE
 from .rpn import _Pages, prompt_text
 

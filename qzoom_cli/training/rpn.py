@@ -22,15 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import SHORT_ANSWER_INSTRUCTION
 from ..backbones import Backbone, ImageBlock
 from ..documents import Document, open_document
 from ..errors import UsageError
+from ..options import SHORT_ANSWER_INSTRUCTION
 from ..padding import pad_segments
 from ..zoom.adapter import AdapterConfig, ZoomAdapter
 from ..zoom.region import region_logits
 from .data import ArtefactStore, SampleSet, Shard, TrainSample
-from .loop import StepReport, Trainer, TrainOptions, enable_gradient_checkpointing, latest_checkpoint, options_dict
+from .loop import (
+    StepReport,
+    Trainer,
+    TrainOptions,
+    enable_gradient_checkpointing,
+    latest_checkpoint,
+    options_dict,
+)
 from .pseudo_labels import IGNORE, LabelSettings, padding_cells, pseudo_labels
 from .teacher import HeadTable, square_view, teacher_maps
 

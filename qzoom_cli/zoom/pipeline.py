@@ -21,7 +21,6 @@ direct group and a zoom group, each continuing with its own rows of the cache.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -32,8 +31,15 @@ from PIL import Image
 
 from ..backbones import Backbone, ImageBlock, ImageEncoding, VisualAdditions
 from ..budget import VisualBudget, aspect_canvas, content_size, pad_into
-from ..decode import Decoder, EagerDecoder, Generation, copy_cache, prefill, truncate_cache
-from ..errors import UsageError
+from ..decode import (
+    Decoder,
+    EagerDecoder,
+    Generation,
+    copy_cache,
+    prefill,
+    truncate_cache,
+)
+from ..options import ZoomSettings
 from ..padding import PaddedBatch, pad_segments
 from ..results import Timings, ZoomInfo
 from ..runtime import synchronize
@@ -52,42 +58,10 @@ from .geometry import (
 )
 from .region import region_logits
 
-MODES = ("auto", "always", "never")
 TRAINED_GATE_THRESHOLD = 0.05
 TRAINED_ROI_THRESHOLD = 0.125
 LIFT_THRESHOLD = 2.0
 RELATIVE_ROI_THRESHOLD = 0.5
-
-
-@dataclass
-class ZoomSettings:
-    """Per-call zoom options; None thresholds mean the engine's defaults."""
-
-    mode: str = "auto"
-    gate_threshold: float | None = None
-    roi_threshold: float | None = None
-    region_max_tokens: int | None = None
-    region_native: bool = False
-    explain: bool = False
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise UsageError(f"unknown zoom mode {self.mode!r}: use {', '.join(MODES)}")
-        if self.region_max_tokens is not None and self.region_max_tokens < 1:
-            raise UsageError("--roi-max-visual-tokens must be positive")
-        # scores are probabilities or attention lifts (>= 0); region maps are scaled to 0..1
-        if self.gate_threshold is not None and not 0 <= self.gate_threshold < math.inf:
-            raise UsageError(f"--gate-threshold must be a finite number >= 0, not {self.gate_threshold}")
-        if self.roi_threshold is not None and not 0 <= self.roi_threshold <= 1:
-            raise UsageError(f"--roi-threshold must be between 0 and 1, not {self.roi_threshold}")
-
-    def region_budget(self, page_budget: VisualBudget, native_tokens: int | None = None) -> VisualBudget:
-        """The page budget, with its maximum replaced by `region_max_tokens` when set; with
-        `region_native`, also capped at `native_tokens` (the crop at its source resolution)."""
-        high = page_budget.max_tokens if self.region_max_tokens is None else self.region_max_tokens
-        if self.region_native and native_tokens is not None:
-            high = max(1, min(high, native_tokens))
-        return VisualBudget(min(page_budget.min_tokens, high), high)
 
 
 @dataclass

@@ -1,0 +1,69 @@
+"""What a user asks for, checked without loading any ML library, so usage errors come at once:
+questions, counts, visual-token bounds, zoom options, and the default answer instruction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .budget import VisualBudget
+from .errors import UsageError
+
+SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
+MODES = ("auto", "always", "never")
+
+
+def check_questions(questions: str | list[str]) -> list[str]:
+    questions = [questions] if isinstance(questions, str) else list(questions)
+    if not questions:
+        raise UsageError("no question given")
+    for question in questions:
+        if not question or not question.strip():
+            raise UsageError("empty question: ask something about the document")
+    return [q.strip() for q in questions]
+
+
+def check_counts(batch_size: int | str, max_new_tokens: int | None) -> None:
+    """A batch size ('auto' or >= 1) and an answer length (None: the model's default, or >= 1)."""
+    if (batch_size != "auto" and batch_size < 1) or (max_new_tokens is not None and max_new_tokens < 1):
+        raise UsageError("--batch-size and --max-new-tokens must be at least 1")
+
+
+def check_token_bounds(min_tokens: int | None, max_tokens: int | None) -> None:
+    """--min/--max-visual-tokens as given (either may be left to the model's default)."""
+    for name, value in (("--min-visual-tokens", min_tokens), ("--max-visual-tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise UsageError(f"{name} must be positive")
+    if min_tokens is not None and max_tokens is not None:
+        VisualBudget(min_tokens, max_tokens)
+
+
+@dataclass
+class ZoomSettings:
+    """Per-call zoom options; None thresholds mean the engine's defaults."""
+
+    mode: str = "auto"
+    gate_threshold: float | None = None
+    roi_threshold: float | None = None
+    region_max_tokens: int | None = None
+    region_native: bool = False
+    explain: bool = False
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise UsageError(f"unknown zoom mode {self.mode!r}: use {', '.join(MODES)}")
+        if self.region_max_tokens is not None and self.region_max_tokens < 1:
+            raise UsageError("--roi-max-visual-tokens must be positive")
+        # scores are probabilities or attention lifts (>= 0); region maps are scaled to 0..1
+        if self.gate_threshold is not None and not 0 <= self.gate_threshold < math.inf:
+            raise UsageError(f"--gate-threshold must be a finite number >= 0, not {self.gate_threshold}")
+        if self.roi_threshold is not None and not 0 <= self.roi_threshold <= 1:
+            raise UsageError(f"--roi-threshold must be between 0 and 1, not {self.roi_threshold}")
+
+    def region_budget(self, page_budget: VisualBudget, native_tokens: int | None = None) -> VisualBudget:
+        """The page budget, with its maximum replaced by `region_max_tokens` when set; with
+        `region_native`, also capped at `native_tokens` (the crop at its source resolution)."""
+        high = page_budget.max_tokens if self.region_max_tokens is None else self.region_max_tokens
+        if self.region_native and native_tokens is not None:
+            high = max(1, min(high, native_tokens))
+        return VisualBudget(min(page_budget.min_tokens, high), high)
