@@ -59,9 +59,12 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version_c
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     import transformers
     from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import logging as hub_logging
 
     transformers.utils.logging.set_verbosity_info() if verbose else transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # the hub logs every retry of an unreachable host; the error that follows says it in one line
+    hub_logging.set_verbosity_info() if verbose else hub_logging.set_verbosity_error()
     if quiet:
         disable_progress_bars()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)

@@ -124,12 +124,31 @@ def test_error_exit_codes(tiny_dir, tmp_path, args, code, message):
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-def test_model_not_available_offline(pdf_path):
+def test_model_not_available_offline(pdf_path, tmp_path):
     result = runner.invoke(cli.app, ["ask", str(pdf_path), "q?", "--model", "nobody/no-such-model", "--device", "cpu"])
     assert result.exit_code == EXIT_MODEL
-    assert "HF_HUB_OFFLINE=1" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    for fix in ("HF_HUB_OFFLINE=1", "hf download nobody/no-such-model", "--model", "qzoom models make-tiny"):
+        assert fix in result.stderr
     result = runner.invoke(cli.app, ["ask", str(pdf_path), "q?", "--model", "./no/such/dir", "--device", "cpu"])
     assert result.exit_code == EXIT_MODEL and "does not exist" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(cli.app, ["ask", str(pdf_path), "q?", "--model", str(tmp_path / "empty"), "--device", "cpu"])
+    assert result.exit_code == EXIT_MODEL and "is not a loadable checkpoint" in result.stderr
+    assert "hf download" not in result.stderr  # a local folder is not the hub's business
+
+
+def test_hub_failures_name_their_fix(monkeypatch):
+    from huggingface_hub import constants
+
+    from qzoom_cli.backbones import _not_available
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    unreachable = OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    message = _not_available("Qwen/Qwen3-VL-4B-Instruct", None, unreachable).message
+    assert message.startswith("cannot reach the Hugging Face hub") and "hf download Qwen/Qwen3-VL-4B-Instruct" in message
+    refused = _not_available("nobody/x", "v2", OSError("nobody/x is not a valid model identifier")).message
+    assert "nobody/x@v2" in refused and "hf auth login" in refused and "not a valid model identifier" in refused
 
 
 def test_unsupported_family_is_a_model_error(tmp_path, pdf_path):
@@ -335,3 +354,24 @@ def test_usage_errors_come_before_the_ml_libraries(args, tmp_path, pdf_path):
     done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == [str(EXIT_USAGE), "False", "False"], done.stderr
     assert done.stderr.startswith("qzoom: error:")
+
+
+def test_an_unreachable_hub_means_the_cache_at_once(monkeypatch):
+    """No resolvable hub host: this process goes offline (a cached model loads without retries),
+    and a model that is not cached is reported as the hub being out of reach."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from qzoom_cli import backbones
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(backbones, "_went_offline", False)
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror("Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(backbones.ModelNotAvailable, match="cannot reach the Hugging Face hub"):
+        backbones.detect_family("nobody/not-cached")
+    assert constants.HF_HUB_OFFLINE

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from huggingface_hub import constants
 from transformers import AutoConfig
@@ -29,15 +32,54 @@ __all__ = ["Backbone", "FamilyLayout", "ImageBlock", "ImageEncoding", "ModelInpu
            "FAMILIES", "load_backbone", "detect_family"]
 
 
+TRIAL = "to try qzoom without a download: `qzoom models make-tiny DIR` and --model DIR"
+log = logging.getLogger("qzoom")
+_went_offline = False  # set when qzoom, not the user, switched the hub off
+
+
+def use_cache_when_hub_unreachable() -> None:
+    """Without a resolvable hub host, go offline for this process: a cached model then loads at
+    once instead of after half a minute of retries, and a missing one fails with one line."""
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except OSError:
+        log.info("the Hugging Face hub cannot be reached: using the local cache only")
+        constants.HF_HUB_OFFLINE = True
+        global _went_offline
+        _went_offline = True
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether loading failed for want of the hub (no network, or offline and not cached)."""
+    while exc is not None:
+        name = type(exc).__name__
+        if "Connect" in name or "Timeout" in name or name == "LocalEntryNotFoundError" or \
+                "couldn't connect" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _not_available(ref: str, revision: str | None, exc: Exception) -> ModelNotAvailable:
+    """One line that says what failed and what fixes it: a local folder that is not a checkpoint,
+    a hub model that is not cached offline, a hub that cannot be reached, or an id the hub refuses."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     at = f"@{revision}" if revision else ""
-    if constants.HF_HUB_OFFLINE:
-        hint = (f"it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; download it first "
-                f"(`hf download {ref}`) or pass --model a local directory")
-    else:
-        hint = "check the id or path, your network, and access rights"
-    return ModelNotAvailable(f"cannot load model {ref}{at}: {hint} ({reason})")
+    if Path(ref).is_dir():
+        return ModelNotAvailable(f"model folder {ref} is not a loadable checkpoint (a config.json and the weights "
+                                 f"are needed): {reason}")
+    if constants.HF_HUB_OFFLINE and not _went_offline:
+        return ModelNotAvailable(f"{ref}{at} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1: download it "
+                                 f"where there is network (`hf download {ref}`), or pass --model a local folder; "
+                                 f"{TRIAL}")
+    if _went_offline or _unreachable(exc):
+        return ModelNotAvailable(f"cannot reach the Hugging Face hub for {ref}{at}: download it where there is "
+                                 f"network (`hf download {ref}`) and pass --model the folder, or set HF_HUB_OFFLINE=1 "
+                                 f"if it is cached; {TRIAL}")
+    return ModelNotAvailable(f"cannot load model {ref}{at}: check the id and revision, and your access to it "
+                             f"(`hf auth login` for gated models) ({reason})")
 
 
 def resolve_model_ref(ref: str) -> str:
@@ -52,8 +94,11 @@ def resolve_model_ref(ref: str) -> str:
 
 def detect_family(ref: str, revision: str | None = None) -> str:
     """The checkpoint's `model_type`, loading only its config."""
+    source = resolve_model_ref(ref)
+    if not Path(source).is_dir():
+        use_cache_when_hub_unreachable()
     try:
-        config = AutoConfig.from_pretrained(resolve_model_ref(ref), revision=revision)
+        config = AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as exc:
         raise _not_available(ref, revision, exc) from exc
     return config.model_type
