@@ -444,6 +444,10 @@ class _Batcher:
         if self.overlay_dir is not None:
             try:
                 self.qz._write_overlays(flight.request.doc, results, per_question, self.overlay_dir)
+            except OSError as exc:  # the answers stand; the record and the exit code say what is missing
+                for result in results:
+                    if result.zoom.overlay is None:
+                        result.warnings.append(f"overlay not written into {self.overlay_dir}: {exc.strerror or exc}")
             except Exception as exc:
                 return exc
         return results

@@ -28,7 +28,7 @@ import torch
 from .api import AskRequest, QZoom
 from .budget import VisualBudget
 from .documents import open_document
-from .errors import QZoomError, UsageError
+from .errors import OutputError, QZoomError, UsageError
 from .manifest import ManifestRow, RowError
 from .options import SHORT_ANSWER_INSTRUCTION, ZoomSettings
 from .outputs import sole_writer
@@ -121,10 +121,14 @@ def _error_fields(exc: BaseException, verbose: bool) -> tuple[str, str]:
 
 
 class OrderedWriter:
-    """Writes records in the order of `indices`, each as soon as all earlier ones are written."""
+    """Writes records in the order of `indices`, each as soon as all earlier ones are written.
+    When the stream fails (disk full, a vanished folder), the rest go to `fallback` instead and
+    `write_error` says why: nothing answered is lost."""
 
-    def __init__(self, stream: TextIO, indices: list[int]):
+    def __init__(self, stream: TextIO, indices: list[int], fallback: TextIO | None = None):
         self.stream = stream
+        self.fallback = fallback
+        self.write_error: OSError | None = None
         self.order = sorted(indices)
         self.pending: dict[int, str] = {}
         self.next = 0
@@ -132,9 +136,19 @@ class OrderedWriter:
     def add(self, index: int, line: str) -> None:
         self.pending[index] = line
         while self.next < len(self.order) and self.order[self.next] in self.pending:
-            self.stream.write(self.pending.pop(self.order[self.next]) + "\n")
-            self.stream.flush()
+            self._write(self.pending.pop(self.order[self.next]) + "\n")
             self.next += 1
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except OSError as exc:
+            if self.fallback is None or self.stream is self.fallback:
+                raise
+            self.write_error, self.stream = exc, self.fallback
+            self.stream.write(text)
+            self.stream.flush()
 
     @property
     def complete(self) -> bool:
@@ -265,7 +279,7 @@ def _run_manifest(load: Callable[[], QZoom], rows: list[ManifestRow | RowError],
         stream = open(shard_path(output, rank), "w", encoding="utf-8")
     else:
         stream = open(output, "a", encoding="utf-8")
-    writer = OrderedWriter(stream, [row.index for row in todo])
+    writer = OrderedWriter(stream, [row.index for row in todo], fallback=stdout)
 
     def emit(index: int, result: Result) -> None:
         result.run = options.settings
@@ -281,7 +295,13 @@ def _run_manifest(load: Callable[[], QZoom], rows: list[ManifestRow | RowError],
             answer_rows(qz, todo, options, emit)
     finally:
         if stream is not stdout:
-            stream.close()
+            try:
+                stream.close()
+            except OSError as exc:  # the last buffered records: they are on the stream's disk or lost to it
+                writer.write_error = writer.write_error or exc
+    if writer.write_error is not None:
+        raise OutputError(f"could not write {output} ({writer.write_error.strerror or writer.write_error}); the "
+                          "records from there on went to stdout; --resume redoes the ones missing from the file")
     if output is not None:
         barrier()
         if rank == 0:

@@ -22,6 +22,7 @@ from .errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_PARTIAL,
+    OutputError,
     QZoomError,
     UsageError,
 )
@@ -109,6 +110,16 @@ def _reporting_errors(verbose: bool):
         print(f"qzoom: internal error: {type(exc).__name__}: {first_line} (rerun with -v for details)",
               file=sys.stderr)
         raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _write_or_print(path: Path, text: str, what: str) -> None:
+    """Write `text` to `path`; if that fails after all the work, print it to stdout and say so (exit 6)."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+        raise OutputError(f"could not write {path} ({exc.strerror or exc}); {what} went to stdout instead") from None
 
 
 def _print_json(obj: dict) -> None:
@@ -275,6 +286,8 @@ def ask(
                     from .render import answer_panel
 
                     err_console.print(answer_panel(result, doc.thumbnail(result.page)))
+            if overlay and any(result.zoom.overlay is None for result in results):
+                raise OutputError(f"could not write the overlays into {overlay}; the answers are complete")
 
 
 def _relaunch_on_gpus(gpus: str) -> int:
@@ -517,17 +530,16 @@ def evaluate_command(
             summary, scored = run_scored(qz, rows, options, metric)
             summaries.append(summary)
             per_mode[mode] = scored
-        if output:
-            with open(output, "w", encoding="utf-8") as out:
-                for mode, scored in per_mode.items():
-                    for row in scored:
-                        out.write(json.dumps({"mode": mode, **asdict(row)}, ensure_ascii=False) + "\n")
         if as_json:
             _print_json({"model": asdict(qz.model_info()), "modes": [asdict(s) for s in summaries]})
         else:
             from .render import eval_table
 
             Console(width=None if sys.stdout.isatty() else 140).print(eval_table(summaries))
+        if output:
+            lines = [json.dumps({"mode": mode, **asdict(row)}, ensure_ascii=False) + "\n"
+                     for mode, scored in per_mode.items() for row in scored]
+            _write_or_print(Path(output), "".join(lines), "the per-row scores")
 
 
 @app.command()
@@ -595,15 +607,18 @@ def bench(
 
         points = sweep(qz, rows, chosen_modes, maxima, options, metric, on_point=report)
         folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
         info = qz.model_info()
         meta = {"model": info.id, "device": info.device, "dtype": info.dtype, "attn": info.attn,
                 "device_name": torch.cuda.get_device_name(qz.runtime.device) if qz.runtime.device.type == "cuda"
                 else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
                 "rows": len(rows), "manifest": str(manifest), "warmup_rows": 1}
-        (folder / "bench.json").write_text(json.dumps({"meta": meta, "points": [p.to_dict() for p in points]},
-                                                      indent=2))
-        pareto_png(points, folder / "pareto.png", f"{info.id} on {meta['device_name']} ({info.dtype}, {info.attn})")
+        report_text = json.dumps({"meta": meta, "points": [p.to_dict() for p in points]}, indent=2)
+        _write_or_print(folder / "bench.json", report_text, "the report")
+        try:
+            pareto_png(points, folder / "pareto.png", f"{info.id} on {meta['device_name']} ({info.dtype}, {info.attn})")
+        except OSError as exc:
+            raise OutputError(f"could not write {folder / 'pareto.png'} ({exc.strerror or exc}); "
+                              f"{folder / 'bench.json'} has the numbers") from None
         print(folder / "bench.json")
         print(folder / "pareto.png")
 

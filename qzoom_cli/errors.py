@@ -1,7 +1,8 @@
 """User-facing failures, each carrying the exit code and the result-record error code it maps to.
 
 Exit codes (documented in the README): 0 ok, 1 internal error, 2 usage error, 3 input error,
-4 model or environment error, 5 batch finished with failed rows, 130 interrupted.
+4 model or environment error, 5 batch finished with failed rows, 6 results computed but an output
+could not be written (they went to stdout), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ EXIT_USAGE = 2
 EXIT_INPUT = 3
 EXIT_MODEL = 4
 EXIT_PARTIAL = 5
+EXIT_OUTPUT = 6
 EXIT_INTERRUPTED = 130
 
 
@@ -79,3 +81,10 @@ class EnvironmentProblem(ModelError):
 
 class OutOfMemory(ModelError):
     code = "oom"
+
+
+class OutputError(QZoomError):
+    """The work is done but a result file could not be written; the results went to stdout instead."""
+
+    code = "output_error"
+    exit_code = EXIT_OUTPUT

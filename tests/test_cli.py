@@ -375,3 +375,21 @@ def test_an_unreachable_hub_means_the_cache_at_once(monkeypatch):
     with pytest.raises(backbones.ModelNotAvailable, match="cannot reach the Hugging Face hub"):
         backbones.detect_family("nobody/not-cached")
     assert constants.HF_HUB_OFFLINE
+
+
+def test_overlays_that_cannot_be_written_keep_the_answers(tiny_dir, pdf_path, tmp_path, monkeypatch):
+    import errno
+
+    from qzoom_cli import render
+    from qzoom_cli.errors import EXIT_OUTPUT
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(render, "write_overlay", full)
+    result = ask(tiny_dir, str(pdf_path), "total?", "--pages", "1", "--overlay", str(tmp_path / "ov"), "--json")
+    assert result.exit_code == EXIT_OUTPUT
+    record = json.loads(result.stdout)
+    assert record["status"] in ("ok", "truncated") and record["zoom"]["overlay"] is None
+    assert any("overlay not written" in w for w in record["warnings"])
+    assert "could not write the overlays" in result.stderr

@@ -142,3 +142,42 @@ def test_eval_usage_errors(manifest, tiny_dir, args):
 def test_bench_bad_budgets(manifest, tiny_dir):
     result = runner.invoke(cli.app, ["bench", str(manifest), "--model", str(tiny_dir), "--budgets", "a,b"])
     assert result.exit_code == EXIT_USAGE
+
+
+def _failing_write(monkeypatch, name):
+    """Writing a file called `name` fails as a full disk would, once the work is done."""
+    import errno
+    from pathlib import Path
+
+    original = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.name == name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def test_eval_scores_that_cannot_be_written_go_to_stdout(manifest, tiny_dir, tmp_path, monkeypatch):
+    from qzoom_cli.errors import EXIT_OUTPUT
+
+    _failing_write(monkeypatch, "scores.jsonl")
+    result = runner.invoke(cli.app, ["eval", str(manifest), *common(tiny_dir), "--compare", "never", "--json",
+                                     "-o", str(tmp_path / "scores.jsonl")])
+    assert result.exit_code == EXIT_OUTPUT
+    lines = result.stdout.strip().splitlines()
+    assert json.loads(lines[0])["modes"][0]["rows"] == 5
+    assert [json.loads(line)["mode"] for line in lines[1:]] == ["never"] * 5
+    assert "No space left on device" in result.stderr and "went to stdout" in result.stderr
+
+
+def test_bench_report_that_cannot_be_written_goes_to_stdout(manifest, tiny_dir, tmp_path, monkeypatch):
+    from qzoom_cli.errors import EXIT_OUTPUT
+
+    _failing_write(monkeypatch, "bench.json")
+    result = runner.invoke(cli.app, ["bench", str(manifest), "--model", str(tiny_dir), "--device", "cpu",
+                                     "--max-new-tokens", "2", "--dpi", "72", "--budgets", "32", "--modes", "never",
+                                     "--out", str(tmp_path / "bench"), "--limit", "2"])
+    assert result.exit_code == EXIT_OUTPUT
+    assert json.loads(result.stdout)["points"][0]["rows"] == 2

@@ -375,3 +375,22 @@ def test_resume_with_other_settings_is_refused(workdir, tiny_dir):
     assert run(workdir, str(m), "-o", str(out), "--resume", tiny=tiny_dir).exit_code == 0
     assert run(workdir, str(m), "-o", str(out), "--force", "--zoom", "never", tiny=tiny_dir).exit_code == 0
     assert {r["run"]["zoom"] for r in records(out)} == {"never"}
+
+
+def test_ordered_writer_falls_back_when_its_file_fails():
+    """A full disk mid-run: the record that failed and every later one go to the fallback stream."""
+    import errno
+    import io
+
+    class FullAfterOne(io.StringIO):
+        def write(self, text):
+            if self.getvalue():
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(text)
+
+    file, fallback = FullAfterOne(), io.StringIO()
+    writer = OrderedWriter(file, [0, 1, 2], fallback=fallback)
+    for index in (2, 0, 1):
+        writer.add(index, f"r{index}")
+    assert file.getvalue() == "r0\n" and fallback.getvalue() == "r1\nr2\n"
+    assert writer.write_error.errno == errno.ENOSPC
