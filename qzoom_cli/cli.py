@@ -40,9 +40,15 @@ app.add_typer(models_app, name="models")
 
 err_console = Console(stderr=True)
 
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs and tracebacks.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on stderr except errors.")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+def _flag(*names: str, **kwargs):
+    """A true/false option: no type column in --help, and its default spelled out."""
+    single = bool(names) and "/" not in names[0] and "callback" not in kwargs
+    return typer.Option(*names, metavar="", **({"show_default": "off"} if single else {}), **kwargs)
+
+
+Verbose = Annotated[bool, _flag("--verbose", "-v", help="Show library logs and tracebacks.")]
+Quiet = Annotated[bool, _flag("--quiet", "-q", help="Print nothing on stderr except errors.")]
+JsonFlag = Annotated[bool, _flag("--json", help="Print JSON instead of text.")]
 
 
 def _version_callback(value: bool) -> None:
@@ -52,7 +58,7 @@ def _version_callback(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
+def _root(version: Annotated[bool, _flag("--version", callback=_version_callback, is_eager=True,
                                                 help="Print the version and exit.")] = False) -> None:
     """qzoom: query-aware zoom for document question answering."""
 
@@ -160,7 +166,7 @@ CompileOpt = Annotated[str, typer.Option("--compile", help="Decode on a static c
                                                            "auto (on CUDA), on (also elsewhere, uncaptured), max "
                                                            "(also fuse kernels with torch.compile: slow first "
                                                            "answer) or off (the eager loop).")]
-RoiNativeOpt = Annotated[bool, typer.Option("--roi-native", help="Never read a region at more tokens than it has "
+RoiNativeOpt = Annotated[bool, _flag("--roi-native", help="Never read a region at more tokens than it has "
                                                                "at its source resolution (faster on small regions; "
                                                                "the reference always uses the full budget).")]
 RootOpt = Annotated[str | None, typer.Option("--root", help="Folder that relative document paths in the manifest "
@@ -222,7 +228,7 @@ def ask(
     roi_threshold: RoiOpt = None,
     roi_max_visual_tokens: RoiTokensOpt = None,
     roi_native: RoiNativeOpt = False,
-    explain: Annotated[bool, typer.Option(help="When a region is read, also decode the answer without it "
+    explain: Annotated[bool, _flag(help="When a region is read, also decode the answer without it "
                                                "(zoom.direct_answer vs zoom.zoom_answer).")] = False,
     overlay: Annotated[str | None, typer.Option(help="Write the answering page with the region map and box "
                                                      "as PNG into this directory.")] = None,
@@ -333,9 +339,9 @@ def run(
                                                  "answers?} rows; '-' reads it from stdin.")],
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write the records here instead of stdout.")]
     = None,
-    resume: Annotated[bool, typer.Option(help="Keep the finished records already in --output, redo the rest "
+    resume: Annotated[bool, _flag(help="Keep the finished records already in --output, redo the rest "
                                               "(errors included).")] = False,
-    force: Annotated[bool, typer.Option(help="Overwrite a non-empty --output.")] = False,
+    force: Annotated[bool, _flag(help="Overwrite a non-empty --output.")] = False,
     gpus: Annotated[str | None, typer.Option(help="Run one replica per listed GPU (e.g. 0,1,2,3) through "
                                                   "accelerate, merging into one ordered output.")] = None,
     model: ModelOpt = None,
@@ -357,8 +363,8 @@ def run(
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
     compile_mode: CompileOpt = "auto",
-    progress: Annotated[bool | None, typer.Option("--progress/--no-progress",
-                                                  help="Progress bar on stderr \\[default: when it is a terminal].")]
+    progress: Annotated[bool | None, _flag("--progress/--no-progress",
+                                       help="Progress bar on stderr \\[default: when it is a terminal].")]
     = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -634,10 +640,10 @@ MaxSamplesOpt = Annotated[int | None, typer.Option("--max-samples", help="Use at
 SaveEveryOpt = Annotated[int, typer.Option("--save-every", help="Write a checkpoint every N optimiser steps "
                                                                 "(0: only the final adapter); a rerun resumes from "
                                                                 "the newest.")]
-CheckpointingOpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute branch activations "
+CheckpointingOpt = Annotated[bool, _flag("--gradient-checkpointing", help="Recompute branch activations "
                                                                                "in the backward pass.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Shuffling and sampling seed.")]
-FreeAnswersOpt = Annotated[bool, typer.Option("--free-answers", help="Ask for free-form answers instead of a "
+FreeAnswersOpt = Annotated[bool, _flag("--free-answers", help="Ask for free-form answers instead of a "
                                                                      "single word or phrase.")]
 
 
@@ -821,7 +827,7 @@ def train_questions_command(
     folder: Annotated[str, typer.Argument(help="Folder of documents (searched recursively).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Manifest to write.")] = "questions.jsonl",
     per_page: Annotated[int, typer.Option(help="Questions asked for per page.")] = 5,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing --output.")] = False,
+    force: Annotated[bool, _flag(help="Overwrite an existing --output.")] = False,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     dpi: DpiOpt = 200,
@@ -909,8 +915,8 @@ def models_list(as_json: JsonFlag = False, verbose: Verbose = False) -> None:
 def models_make_tiny(
     directory: Annotated[str, typer.Argument(help="Where to write the checkpoint.")],
     family: Annotated[str, typer.Option(help="Model family: qwen2_5_vl, qwen3_vl.")] = "qwen2_5_vl",
-    moe: Annotated[bool, typer.Option(help="Qwen3-VL with mixture-of-experts layers (qwen3_vl_moe).")] = False,
-    thinking: Annotated[bool, typer.Option(help="Qwen3-VL with a Thinking checkpoint's chat template.")] = False,
+    moe: Annotated[bool, _flag(help="Qwen3-VL with mixture-of-experts layers (qwen3_vl_moe).")] = False,
+    thinking: Annotated[bool, _flag(help="Qwen3-VL with a Thinking checkpoint's chat template.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     layers: Annotated[int, typer.Option(help="Decoder layers.")] = 4,
     verbose: Verbose = False,

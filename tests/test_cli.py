@@ -325,6 +325,8 @@ def test_help_shows_every_default():
     result = runner.invoke(cli.app, ["ask", "--help"], env={"COLUMNS": "200"})
     assert "[default: the default model card]" in result.stdout and "[default: all]" in result.stdout
     assert "[default: 200]" in result.stdout  # typer's own defaults too
+    flags = [line for line in result.stdout.splitlines() if "--json" in line or "--explain" in line]
+    assert len(flags) == 2 and all("<bool>" not in line and "default" in line for line in flags)
 
 
 @pytest.mark.parametrize("args", [
