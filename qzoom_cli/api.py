@@ -287,7 +287,7 @@ class QZoom:
         if settings.explain and zoom.zoomed:
             zoom.zoom_answer = best.text
             zoom.direct_answer = self._text(answer.direct)[0] if answer.direct is not None else None
-        region_budget = settings.region_budget(budget)
+        roi_max_tokens = answer.region_max_tokens or settings.region_budget(budget).max_tokens  # one place: the engine
         decode_s = answer.time.decode_s
         return Result(
             id=qid, status="truncated" if truncated else "ok", input=input_info, question=question,
@@ -301,7 +301,7 @@ class QZoom:
             model=self.model_info(),
             budget=BudgetInfo(min_tokens=budget.min_tokens, max_tokens=budget.max_tokens,
                               visual_tokens=answer.coarse_tokens + answer.region_tokens,
-                              roi_tokens=answer.region_tokens, roi_max_tokens=region_budget.max_tokens),
+                              roi_tokens=answer.region_tokens, roi_max_tokens=roi_max_tokens),
             stats=Stats(latency_s=round(total.total, 6), visual_tokens=answer.coarse_tokens + answer.region_tokens,
                         coarse_visual_tokens=answer.coarse_tokens, region_visual_tokens=answer.region_tokens,
                         baseline_visual_tokens=answer.baseline_tokens, prompt_tokens=answer.prompt_tokens,

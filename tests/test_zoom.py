@@ -285,3 +285,15 @@ def test_damaged_or_foreign_adapters_are_named(qz, tmp_path):
     (tmp_path / "a" / "qzoom_config.json").write_text("{not json")
     with pytest.raises(ModelError, match="not valid JSON"):
         ZoomAdapter.from_pretrained(tmp_path / "a", qz.backbone)
+
+
+def test_the_record_states_the_region_budget_that_was_used(qz):
+    """With --roi-native the record's roi_max_tokens is the cap the region was read under, not the page's."""
+    settings = ZoomSettings("always", roi_threshold=0.95, region_native=True)  # the peak cells: a small region
+    [result] = qz.ask(make_pdf(1), "total?", zoom=settings, max_new_tokens=2, dpi=72, budget=BUDGET)
+    assert result.zoom.zoomed
+    x0, y0, x1, y1 = result.zoom.roi["bbox_xyxy"]
+    native = round((x1 - x0) * (y1 - y0) / 28 ** 2)
+    assert result.budget.roi_max_tokens == max(1, min(BUDGET.max_tokens, native)) < BUDGET.max_tokens
+    assert result.budget.roi_tokens <= result.budget.roi_max_tokens
+

@@ -91,6 +91,7 @@ class PageAnswer:
     time: Timings
     region_map: torch.Tensor | None = None
     direct: Generation | None = None
+    region_max_tokens: int | None = None  # the region budget's maximum, when a region was read
 
 
 @dataclass
@@ -255,6 +256,7 @@ class ZoomEngine:
             region_px = self._region_pixels(page, box)
             native = round(region_px.area / bb.layout.patch_factor ** 2)
             budget = settings.region_budget(page.budget, native)
+            answers[i].region_max_tokens = budget.max_tokens
             with clock("region_encode_s", [i]):
                 size = (int(region_px.width), int(region_px.height))
                 pixels = bb.grid_pixels(bb.image_grid(size, budget))
