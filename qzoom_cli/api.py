@@ -190,7 +190,6 @@ class QZoom:
         time, faster on a GPU; 'auto' sizes batches from free GPU memory). `max_new_tokens`
         None is the model's default (`default_max_new_tokens`)."""
         questions = check_questions(questions)
-        max_new_tokens = self.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
         if ids is not None and len(ids) != len(questions):
             raise UsageError("one id per question is needed")
         check_counts(batch_size, max_new_tokens)  # before the document is read

@@ -511,8 +511,7 @@ def evaluate_command(
         modes = _modes(compare)
         if metric != "auto" and metric not in METRICS:
             raise UsageError(f"unknown metric {metric!r}: use auto, {', '.join(METRICS)}")
-        for mode in modes:
-            _settings(mode, gate_threshold, roi_threshold, roi_max_visual_tokens)
+        settings = {mode: _settings(mode, gate_threshold, roi_threshold, roi_max_visual_tokens) for mode in modes}
         batch = _check_request(batch_size, max_new_tokens, min_visual_tokens, max_visual_tokens)
         if output:
             check_output_file(Path(output), inputs=(manifest,))
@@ -525,7 +524,7 @@ def evaluate_command(
         qz = _load(model, adapter, revision, device, dtype, attn, compile_mode)
         summaries, per_mode = [], {}
         for mode in modes:
-            options = RunOptions(zoom=_settings(mode, gate_threshold, roi_threshold, roi_max_visual_tokens),
+            options = RunOptions(zoom=settings[mode],
                                  budget=qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=mode),
                                  dpi=dpi, max_new_tokens=max_new_tokens, instruction=_instruction(instruction),
                                  batch_size=batch, verbose=verbose)

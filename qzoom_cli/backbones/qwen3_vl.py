@@ -63,7 +63,7 @@ class Qwen3VLBackbone(Qwen2_5_VLBackbone):
 
     def checkpoint_setting(self, name: str, default=None):
         for config in (self.config, self.text_config):
-            if name in config.to_dict():
+            if name in vars(config):  # keys the checkpoint set, not class defaults
                 return getattr(config, name)
         return default
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..backbones import Backbone, VisualAdditions
-from ..decode import greedy_decode, prefill
+from ..decode import answer_plainly
 
 SQUARE_FILL = (127, 127, 127)
 
@@ -105,9 +105,7 @@ def teacher_maps(backbone: Backbone, view: Image.Image, text: str, heads: HeadTa
     prompt = backbone.build_prompt(text, [encoding.grid])
     inputs = backbone.prepare_inputs(prompt, [encoding])
     embeds, positions = inputs.embeds, inputs.positions
-    cache = backbone.new_cache()
-    generation = greedy_decode(backbone, prefill(backbone, embeds, positions, cache, None, inputs.additions), cache,
-                               positions, max_new_tokens)
+    generation = answer_plainly(backbone, inputs, max_new_tokens)
     fed = generation.token_ids[:-1]  # tokens fed back while decoding; the last one never was
     if not fed:
         return TeacherMaps(generation.token_ids, None, None, 0)

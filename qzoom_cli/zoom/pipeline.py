@@ -175,7 +175,7 @@ class ZoomEngine:
                     answer.zoom.skipped_reason = "gate score below threshold"
             candidates = [i for i in everyone if scores[i] >= gate_threshold]
 
-        boxes: dict[int, Box] = {}
+        boxes: dict[int, tuple[Box, Box]] = {}  # row -> (grid box, the same in page pixels)
         if candidates:
             with clock("region_s", candidates):
                 blocks = [ImageBlock(batch.index(i, 0, prompts[i].images[0].start), *items[i][0].grid)
@@ -197,10 +197,11 @@ class ZoomEngine:
                     if lift < gate_threshold:
                         answers[i].zoom.skipped_reason = "attention too spread out for a region to help"
                         continue
-                if self._region_pixels(items[i][0], box) is None:
+                region_px = self._region_pixels(items[i][0], box)
+                if region_px is None:
                     answers[i].zoom.skipped_reason = "the region lies in the padding of a very thin page"
                     continue
-                boxes[i] = box
+                boxes[i] = box, region_px
 
         zoom_rows = sorted(boxes)
         direct_rows = [i for i in everyone if i not in boxes]
@@ -246,14 +247,13 @@ class ZoomEngine:
         return self.decode(logits, group.cache, group.positions, max_new_tokens, group.mask)
 
     def _zoom(self, group: _Group, batch: PaddedBatch, items, prompts, answers: list[PageAnswer],
-              boxes: dict[int, Box], roi_threshold: float, settings: ZoomSettings, clock: _Clock,
+              boxes: dict[int, tuple[Box, Box]], roi_threshold: float, settings: ZoomSettings, clock: _Clock,
               max_new_tokens: int) -> None:
         bb = self.backbone
         fused_inputs = []
         for i in group.rows:
             page, text = items[i]
-            box = boxes[i]
-            region_px = self._region_pixels(page, box)
+            box, region_px = boxes[i]
             native = round(region_px.area / bb.layout.patch_factor ** 2)
             budget = settings.region_budget(page.budget, native)
             answers[i].region_max_tokens = budget.max_tokens
