@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .errors import UsageError
+from .errors import PageShape, UsageError
 
 MAX_ASPECT_RATIO = 200
 
@@ -49,9 +49,9 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     aspect ratio), the maximum wins, so a budget is never exceeded.
     """
     if height < 1 or width < 1:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
+        raise PageShape(f"image size must be positive, got {width}x{height}")
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"aspect ratio of {width}x{height} exceeds {MAX_ASPECT_RATIO}:1")
+        raise PageShape(f"aspect ratio of {width}x{height} exceeds {MAX_ASPECT_RATIO}:1")
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
     if h_bar * w_bar > max_pixels:

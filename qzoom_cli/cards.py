@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import EnvironmentProblem
+
 GENERIC_BUDGET = (256, 1280)
 
 
@@ -38,12 +40,15 @@ def cards_dir() -> Path:
 
 
 def _parse(path: Path) -> ModelCard:
-    data = tomllib.loads(path.read_text())
-    budget = data.pop("budget", {})
-    known = {k: data.pop(k) for k in ("id", "family", "patch_factor", "description", "default", "processor",
-                                      "system_prompt", "max_new_tokens", "zoom", "training") if k in data}
-    return ModelCard(min_visual_tokens=budget.get("min_visual_tokens", GENERIC_BUDGET[0]),
-                     max_visual_tokens=budget.get("max_visual_tokens", GENERIC_BUDGET[1]), **known)
+    try:
+        data = tomllib.loads(path.read_text())
+        budget = data.pop("budget", {})
+        known = {k: data.pop(k) for k in ("id", "family", "patch_factor", "description", "default", "processor",
+                                          "system_prompt", "max_new_tokens", "zoom", "training") if k in data}
+        return ModelCard(min_visual_tokens=budget.get("min_visual_tokens", GENERIC_BUDGET[0]),
+                         max_visual_tokens=budget.get("max_visual_tokens", GENERIC_BUDGET[1]), **known)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, TypeError, AttributeError) as exc:
+        raise EnvironmentProblem(f"model card {path} is damaged ({exc}); reinstall qzoom") from None
 
 
 def load_cards() -> list[ModelCard]:
@@ -53,7 +58,8 @@ def load_cards() -> list[ModelCard]:
 def default_card() -> ModelCard:
     defaults = [card for card in load_cards() if card.default]
     if len(defaults) != 1:
-        raise RuntimeError(f"expected exactly one default model card in {cards_dir()}, found {len(defaults)}")
+        raise EnvironmentProblem(f"expected exactly one default model card in {cards_dir()}, found {len(defaults)}; "
+                                 "reinstall qzoom")
     return defaults[0]
 
 

@@ -33,6 +33,12 @@ class UsageError(QZoomError):
     exit_code = EXIT_USAGE
 
 
+class ResumeMismatch(UsageError):
+    """A rerun whose settings differ from the saved work it would continue."""
+
+    code = "resume_mismatch"
+
+
 class InputError(QZoomError):
     code = "input_error"
     exit_code = EXIT_INPUT
@@ -62,6 +68,12 @@ class PageOutOfRange(InputError):
     code = "page_out_of_range"
 
 
+class PageShape(InputError):
+    """A page or region whose size cannot be read (empty, or beyond the aspect-ratio limit)."""
+
+    code = "page_shape"
+
+
 class ModelError(QZoomError):
     code = "model_error"
     exit_code = EXIT_MODEL
@@ -73,6 +85,18 @@ class ModelNotAvailable(ModelError):
 
 class UnsupportedModel(ModelError):
     code = "unsupported_model"
+
+
+class IncompatibleCheckpoint(ModelError):
+    """The checkpoint's files disagree with its family (chat template, processor, end token)."""
+
+    code = "incompatible_checkpoint"
+
+
+class AdapterMismatch(ModelError):
+    """A zoom adapter or checkpoint's zoom weights do not fit the base model or their own config."""
+
+    code = "adapter_mismatch"
 
 
 class EnvironmentProblem(ModelError):

@@ -14,7 +14,7 @@ from qzoom_cli.budget import (
     token_grid,
     visual_tokens,
 )
-from qzoom_cli.errors import UsageError
+from qzoom_cli.errors import EXIT_INPUT, PageShape, UsageError
 from qzoom_cli.zoom.pipeline import ZoomSettings
 
 # performance.md: an A4 page at several DPIs under several budgets (Qwen2.5-VL, factor 28).
@@ -54,9 +54,12 @@ def test_smart_resize_properties(factor, budget):
             assert abs(math.log((h / w) / (height / width))) <= 2 * factor / (min(h, w) - factor)
 
 
-def test_extreme_aspect_ratio_rejected():
-    with pytest.raises(ValueError, match="aspect ratio"):
-        smart_resize(10, 3000, 28, 4 * 784, 576 * 784)
+@pytest.mark.parametrize("size", [(10, 3000), (3000, 10), (0, 50), (50, 0)])
+def test_unreadable_shapes_are_input_errors(size):
+    """Past the aspect limit, or empty: a named input error (exit 3), not an internal one."""
+    with pytest.raises(PageShape) as caught:
+        smart_resize(*size, 28, 4 * 784, 576 * 784)
+    assert caught.value.exit_code == EXIT_INPUT
 
 
 @pytest.mark.parametrize("size", [(6000, 20), (15, 4000), (201, 1), (200, 1)])

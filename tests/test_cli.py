@@ -219,6 +219,7 @@ def test_models_list_and_make_tiny(tmp_path):
     assert bad.exit_code == EXIT_USAGE
 
 
+@pytest.mark.processes
 def test_console_script_runs_as_a_real_process(tiny_dir, pdf_path):
     """The installed entry point, a real process: stdout carries only the JSON, exit codes are real."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -329,6 +330,7 @@ def test_help_shows_every_default():
     assert len(flags) == 2 and all("<bool>" not in line and "default" in line for line in flags)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("args", [
     ["ask", "{pdf}", "q", "--dpi", "0"],
     ["ask", "{pdf}", "q", "--pages", "3-1"],

@@ -202,6 +202,7 @@ def test_resume_needs_an_output_file(workdir, tiny_dir):
     assert result.exit_code == EXIT_USAGE and "-o" in result.stderr
 
 
+@pytest.mark.processes
 def test_two_processes_merge_into_one_ordered_file(workdir, tiny_dir):
     """torchrun starts two processes (as `accelerate launch` does on GPUs); they split the documents
     and the merged file equals a single-process run."""

@@ -344,6 +344,7 @@ def test_written_questions_have_unique_ids_across_folders(tmp_path):
     assert {r["id"] for r in rows} >= {"invoice.pdf-p1-q1", "2024/invoice.pdf-p1-q1"}
 
 
+@pytest.mark.processes
 def test_two_processes_train_data_parallel(tiny_dir, tmp_path):
     """torchrun starts two processes (as `accelerate launch` does on GPUs): gradients are averaged
     across them, the frozen parts stay out of the data-parallel wrapper, one adapter is written."""

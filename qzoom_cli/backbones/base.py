@@ -19,6 +19,7 @@ from torch import nn
 from transformers import Cache
 
 from ..budget import VisualBudget, resize_to_budget, token_grid
+from ..errors import IncompatibleCheckpoint
 
 SINK_RULES = ("corner", "first_token")
 
@@ -299,7 +300,7 @@ class Backbone(ABC):
         embeds = self.embed_tokens(prompt.input_ids.to(self.device)).clone()
         for block, encoding in zip(prompt.images, encodings, strict=True):
             if encoding.tokens != block.length:
-                raise ValueError(f"image block of {block.length} tokens got {encoding.tokens} features")
+                raise IncompatibleCheckpoint(f"image block of {block.length} tokens got {encoding.tokens} features")
             embeds[0, block.start:block.stop] = encoding.features.to(embeds.dtype)
         additions = None
         if any(encoding.additions is not None for encoding in encodings):

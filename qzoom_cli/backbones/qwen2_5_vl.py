@@ -31,6 +31,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 from transformers.utils import cached_file
 
+from ..errors import IncompatibleCheckpoint
 from .attention import WINDOWED_SDPA
 from .base import (
     Backbone,
@@ -193,7 +194,7 @@ class Qwen2_5_VLBackbone(Backbone):
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         pieces = text.split(IMAGE_PLACEHOLDER)
         if len(pieces) != len(image_grids) + 1:
-            raise ValueError(f"chat template of {self.model_id} did not place {len(image_grids)} image(s)")
+            raise IncompatibleCheckpoint(f"chat template of {self.model_id} did not place {len(image_grids)} image(s)")
         pad_id = self.config.image_token_id
         ids: list[int] = []
         images: list[ImageBlock] = []
@@ -220,7 +221,8 @@ class Qwen2_5_VLBackbone(Backbone):
             batch = self.image_processor(images=[image], do_resize=False, return_tensors="pt", **on_device)
             pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
             if grid[0].tolist() != expected:
-                raise RuntimeError(f"image processor produced grid {grid[0].tolist()}, expected {expected}")
+                raise IncompatibleCheckpoint(f"the image processor of {self.model_id} produced grid "
+                                             f"{grid[0].tolist()}, expected {expected}")
         pixels = pixels.to(self.device, self.model.model.visual.dtype)
         return self._encoding(self.model.model.get_image_features(pixels, grid.to(self.device), return_dict=True),
                               cells)
@@ -321,5 +323,5 @@ def _eos_token_ids(model, tokenizer) -> list[int]:
         eos = tokenizer.eos_token_id
     ids = [eos] if isinstance(eos, int) else list(eos or [])
     if not ids:
-        raise ValueError("the checkpoint defines no end-of-sequence token")
+        raise IncompatibleCheckpoint("the checkpoint defines no end-of-sequence token")
     return ids

@@ -31,7 +31,7 @@ from torch import nn
 from ..backbones import Backbone
 from ..budget import VisualBudget
 from ..decode import answer_plainly
-from ..errors import UsageError
+from ..errors import ResumeMismatch, UsageError
 from ..padding import pad_segments
 from ..zoom.adapter import AdapterConfig, ZoomAdapter
 from ..zoom.gate import gate_logits
@@ -150,7 +150,7 @@ def make_ladders(backbone: Backbone, samples: SampleSet, settings: GateSettings,
         for sample in samples.samples:
             tensors, meta = store.load(sample.key)
             if tuple(tensors["ladder"].tolist()) != tuple(settings.ladder):
-                raise ValueError(f"cached answers in {store.folder} were made with another ladder; "
+                raise ResumeMismatch(f"cached answers in {store.folder} were made with another ladder; "
                                  "use another --out or the same --ladder")
             ladders[sample.key] = (meta["answers"], list(sample.answers))
             on_sample(sample)

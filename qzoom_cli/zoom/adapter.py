@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..backbones import Backbone
-from ..errors import ModelError, ModelNotAvailable
+from ..errors import AdapterMismatch, ModelError, ModelNotAvailable
 
 log = logging.getLogger("qzoom")
 
@@ -142,10 +142,10 @@ class ZoomAdapter(nn.Module):
                 detail.append(f"missing {len(missing)} (e.g. {missing[0]})")
             if unexpected:
                 detail.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
-            raise ModelError(f"zoom weights in {source} do not match the adapter config: {'; '.join(detail)}")
+            raise AdapterMismatch(f"zoom weights in {source} do not match the adapter config: {'; '.join(detail)}")
         for key, tensor in tensors.items():
             if tensor.shape != expected[key].shape:
-                raise ModelError(f"zoom weight {key} in {source} has shape {tuple(tensor.shape)}, "
+                raise AdapterMismatch(f"zoom weight {key} in {source} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(expected[key].shape)}")
         self.load_state_dict(tensors, strict=True)
 
@@ -153,12 +153,12 @@ class ZoomAdapter(nn.Module):
 def check_attachment(config: AdapterConfig, backbone: Backbone) -> None:
     """Refuse an adapter that cannot fit the model; warn when it was trained on another one."""
     if config.family is not None and config.family != backbone.family:
-        raise ModelError(f"adapter is for {config.family} models, the base model is {backbone.family}")
+        raise AdapterMismatch(f"adapter is for {config.family} models, the base model is {backbone.family}")
     if config.hidden_size is not None and config.hidden_size != backbone.hidden_size:
-        raise ModelError(f"adapter expects hidden size {config.hidden_size}, the base model has {backbone.hidden_size}")
+        raise AdapterMismatch(f"adapter expects hidden size {config.hidden_size}, the base model has {backbone.hidden_size}")
     if not 0 < config.branch_layer < backbone.num_layers or config.depth < 1 \
             or config.branch_layer + config.depth > backbone.num_layers:
-        raise ModelError(f"branch after layer {config.branch_layer} with {config.depth} layers does not fit a "
+        raise AdapterMismatch(f"branch after layer {config.branch_layer} with {config.depth} layers does not fit a "
                          f"{backbone.num_layers}-layer model")
     if config.base_model and config.base_model != backbone.model_id:
         log.warning("the adapter was trained on %s, not on %s: its regions and gate may not fit this model",
@@ -172,10 +172,10 @@ def official_adapter_config(backbone: Backbone) -> AdapterConfig | None:
         return None
     k, t = setting("twig_K"), setting("twig_T")
     if not isinstance(k, int) or not isinstance(t, int):
-        raise ModelError(f"{backbone.model_id} sets enable_twig but not integer twig_K/twig_T")
+        raise AdapterMismatch(f"{backbone.model_id} sets enable_twig but not integer twig_K/twig_T")
     gate = bool(setting("enable_high_res", False))
     if gate and (setting("high_res_K", k), setting("high_res_T", t)) != (k, t):
-        raise ModelError(f"{backbone.model_id}: a gate branching apart from the region head is not supported")
+        raise AdapterMismatch(f"{backbone.model_id}: a gate branching apart from the region head is not supported")
     return AdapterConfig(branch_layer=k, depth=t, region_head=True, gate=gate,
                          reuse_src_pos=bool(setting("reuse_src_pos", False)),
                          gate_threshold=setting("high_res_thresh"), family=backbone.family,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backbones import Backbone, ImageBlock, ImageEncoding, ModelInputs, Prompt
+from ..errors import AdapterMismatch, IncompatibleCheckpoint
 from .geometry import Box, aligned_region_positions
 
 
@@ -58,11 +59,11 @@ def fuse_region(backbone: Backbone, text: str, coarse: Prompt, page: ImageEncodi
     prompt = backbone.build_prompt(text, [page.grid, region.grid])
     reused = source.stop
     if not torch.equal(prompt.input_ids[0, :reused], coarse.input_ids[0, :reused]) or prompt.images[0] != source:
-        raise RuntimeError("the fused prompt does not extend the coarse prompt; the chat template moved the image")
+        raise IncompatibleCheckpoint("the fused prompt does not extend the coarse prompt; the chat template moved the image")
     inputs = backbone.prepare_inputs(prompt, [page, region])
     if aligned:
         spatial = backbone.layout.spatial_rows
         if spatial is None:
-            raise ValueError(f"{backbone.family} has no spatial positions to align a region with")
+            raise AdapterMismatch(f"{backbone.family} has no spatial positions to align a region with")
         inputs.positions = align_positions(inputs.positions, spatial, source, prompt.images[1], box)
     return FusedInputs(prompt, inputs, reused)
