@@ -33,7 +33,16 @@ from .options import (
     check_counts,
     check_questions,
 )
-from .results import BudgetInfo, Candidate, InputInfo, ModelInfo, Result, Stats, Timings
+from .results import (
+    BudgetInfo,
+    Candidate,
+    InputInfo,
+    ModelInfo,
+    Result,
+    Stats,
+    Timings,
+    ZoomInfo,
+)
 from .runtime import (
     Runtime,
     peak_memory,
@@ -43,7 +52,8 @@ from .runtime import (
 )
 from .static_decode import make_decoder
 from .zoom.adapter import ZoomAdapter, checkpoint_files, official_adapter_config
-from .zoom.pipeline import PageAnswer, PageView, ZoomEngine
+from .zoom.geometry import normalized
+from .zoom.pipeline import PageAnswer, PageView, ZoomEngine, ZoomTrace
 
 DEFAULT_MAX_NEW_TOKENS = 64
 THINKING_MAX_NEW_TOKENS = 1024  # thinking checkpoints reason for hundreds of tokens before answering
@@ -65,8 +75,28 @@ class _EncodedPage:
 @dataclass
 class _Candidate:
     answer: PageAnswer
+    page: PageView
     text: str
     reasoning: str | None
+
+
+def zoom_info(trace: ZoomTrace, page: PageView) -> ZoomInfo:
+    """The record's `zoom` object: what the engine did on `page`, in page pixels and plain values."""
+    gate, region = trace.gate, trace.region
+    return ZoomInfo(
+        mode=trace.mode, zoomed=trace.zoomed, region_head=trace.region_head,
+        gate=None if gate is None else {"kind": gate.kind, "score": round(gate.score, 6), "threshold": gate.threshold},
+        roi=None if region is None else {
+            "page": page.number,
+            "bbox_xyxy": [int(v) for v in region.page_box.as_list()],
+            "bbox_norm": normalized(region.page_box, page.size),
+            "coord_space": page.coord_space,
+            "threshold": region.threshold,
+            "grid_box": [int(v) for v in region.grid_box.as_list()],
+            "grid": list(page.grid),
+            "tokens": region.tokens,
+        },
+        skipped_reason=trace.skipped_reason, positions=None if region is None else region.positions)
 
 
 def default_branch(num_layers: int) -> tuple[int, int]:
@@ -282,11 +312,12 @@ class QZoom:
         if truncated:
             result_warnings.append(f"answer stopped at the --max-new-tokens limit ({output_tokens} tokens)"
                                    + (", still reasoning" if best.reasoning is not None and not best.text else ""))
-        zoom = answer.zoom
+        zoom = zoom_info(answer.trace, best.page)
         if settings.explain and zoom.zoomed:
             zoom.zoom_answer = best.text
             zoom.direct_answer = self._text(answer.direct)[0] if answer.direct is not None else None
-        roi_max_tokens = answer.region_max_tokens or settings.region_budget(budget).max_tokens  # one place: the engine
+        region = answer.trace.region
+        roi_max_tokens = region.max_tokens if region is not None else settings.region_budget(budget).max_tokens
         decode_s = answer.time.decode_s
         return Result(
             id=qid, status="truncated" if truncated else "ok", input=input_info, question=question,
@@ -294,7 +325,7 @@ class QZoom:
             candidates=[Candidate(page=page, answer=c.text, score=round(c.answer.generation.score, 6),
                                   output_tokens=len(c.answer.generation.token_ids),
                                   visual_tokens=c.answer.coarse_tokens + c.answer.region_tokens,
-                                  truncated=not c.answer.generation.finished, zoomed=c.answer.zoom.zoomed)
+                                  truncated=not c.answer.generation.finished, zoomed=c.answer.trace.zoomed)
                         for page, c in zip(input_info.pages, per_page, strict=True)],
             zoom=zoom,
             model=self.model_info(),
@@ -428,7 +459,7 @@ class _Batcher:
             share = len(flight.texts)  # the page's rendering and encoding are split between its questions
             answer.time.render_s += page.time.render_s / share
             answer.time.preprocess_s += page.time.preprocess_s / share
-            flight.candidates[pair.question][page.view.number] = _Candidate(answer, *self.qz._text(answer.generation))
+            flight.candidates[pair.question][page.view.number] = _Candidate(answer, page.view, *self.qz._text(answer.generation))
             flight.remaining -= 1
             if flight.remaining == 0:
                 yield flight.request, self._finish(flight)

@@ -14,6 +14,7 @@ import warnings
 from collections import Counter
 
 from docmaker import make_image, make_pdf, make_tiff
+
 from qzoom_cli.documents import open_document
 from qzoom_cli.errors import QZoomError
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from docmaker import make_pdf, make_tiff
 from rich.console import Console
 
-from docmaker import make_pdf, make_tiff
 from qzoom_cli.budget import VisualBudget, visual_tokens
 from qzoom_cli.errors import OutOfMemory, UsageError
 from qzoom_cli.render import answer_panel

@@ -1,17 +1,16 @@
 """A batch of N answers equals N single answers: padding, grouping by gate decision, cache rows."""
 
-import statistics
 
 import pytest
 import torch
-
 from docmaker import make_pdf, make_tiff
+from zoomkit import threshold_between, trained_adapter
+
+from qzoom_cli.backbones import ModelInputs
 from qzoom_cli.budget import VisualBudget
 from qzoom_cli.documents import open_document
-from qzoom_cli.backbones import ModelInputs
 from qzoom_cli.padding import pad_segments
 from qzoom_cli.zoom.pipeline import ZoomEngine, ZoomSettings
-from zoomkit import trained_adapter
 
 QUESTIONS = ["What is the total due?", "Date?", "Which company issued this invoice, and to whom is it addressed?"]
 
@@ -35,10 +34,9 @@ def _same(single, batched):
     assert batched.generation.token_ids == single.generation.token_ids
     assert batched.generation.finished == single.generation.finished
     assert batched.generation.logprobs == pytest.approx(single.generation.logprobs, abs=1e-4)
-    assert (batched.zoom.zoomed, batched.zoom.skipped_reason) == (single.zoom.zoomed, single.zoom.skipped_reason)
-    assert batched.zoom.roi == single.zoom.roi
-    if single.zoom.gate:
-        assert batched.zoom.gate["score"] == pytest.approx(single.zoom.gate["score"], abs=1e-4)
+    assert (batched.trace.skipped_reason, batched.trace.region) == (single.trace.skipped_reason, single.trace.region)
+    if single.trace.gate:
+        assert batched.trace.gate.score == pytest.approx(single.trace.gate.score, abs=1e-4)
     assert (batched.prompt_tokens, batched.region_tokens) == (single.prompt_tokens, single.region_tokens)
 
 
@@ -47,13 +45,13 @@ def test_batch_with_mixed_gate_decisions_equals_single_runs(qz, pages, aligned):
     bb = qz.backbone
     engine = ZoomEngine(bb, 2, 2, trained_adapter(bb, reuse_src_pos=aligned, seed=3), reuse_src_pos=aligned)
     items = _items(pages)
-    probe = [engine.answer(page, text, ZoomSettings("auto", gate_threshold=0.0), 1).zoom.gate["score"]
+    probe = [engine.answer(page, text, ZoomSettings("auto", gate_threshold=0.0), 1).trace.gate.score
              for page, text in items]
-    threshold = statistics.median(probe)  # about half the batch zooms, half answers directly
+    threshold = threshold_between(probe)
     settings = ZoomSettings("auto", gate_threshold=threshold, roi_threshold=0.3)
     singles = [engine.answer(page, text, settings, 6) for page, text in items]
-    zoomed = sum(a.zoom.zoomed for a in singles)
-    assert 0 < zoomed < len(items), [a.zoom.skipped_reason for a in singles]
+    zoomed = sum(a.trace.zoomed for a in singles)
+    assert 0 < zoomed < len(items), [a.trace.skipped_reason for a in singles]
     for single, batched in zip(singles, engine.answer_batch(items, settings, 6), strict=True):
         _same(single, batched)
 

@@ -7,11 +7,18 @@ import sys
 
 import pytest
 import torch
+from docmaker import make_encrypted_pdf, make_pdf
 from typer.testing import CliRunner
 
-from docmaker import make_encrypted_pdf, make_pdf
 from qzoom_cli import cli
-from qzoom_cli.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_USAGE, UsageError
+from qzoom_cli.errors import (
+    EXIT_INPUT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_MODEL,
+    EXIT_USAGE,
+    UsageError,
+)
 
 runner = CliRunner()
 

@@ -2,9 +2,9 @@ import io
 import sys
 
 import pytest
+from docmaker import make_encrypted_pdf, make_image, make_pdf, make_tiff
 from PIL import Image
 
-from docmaker import make_encrypted_pdf, make_image, make_pdf, make_tiff
 from qzoom_cli.documents import detect_kind, open_document, parse_page_spec
 from qzoom_cli.errors import (
     FileNotFound,

@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from docmaker import make_pdf
 from PIL import Image
 from typer.testing import CliRunner
 
-from docmaker import make_pdf
 from qzoom_cli import cli
 from qzoom_cli.errors import EXIT_USAGE
 from qzoom_cli.evaluate import (

@@ -1,12 +1,12 @@
 """The fast path (static-cache decoder, uncaptured on CPU; on-device patches) equals the reference path."""
 
-import statistics
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from docmaker import make_pdf, make_tiff
+from typer.testing import CliRunner
+from zoomkit import threshold_between, trained_adapter
+
 from qzoom_cli.budget import VisualBudget
 from qzoom_cli.cli import app
 from qzoom_cli.decode import EagerDecoder
@@ -14,7 +14,6 @@ from qzoom_cli.documents import open_document
 from qzoom_cli.runtime import resolve_decoder, resolve_runtime
 from qzoom_cli.static_decode import BUCKET, StaticDecoder
 from qzoom_cli.zoom.pipeline import ZoomEngine, ZoomSettings
-from zoomkit import trained_adapter
 
 QUESTIONS = ["What is the total due?", "Date?", "Which company issued this invoice, and to whom is it addressed?"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -41,7 +40,7 @@ def _same(eager, fast):
     assert fast.generation.token_ids == eager.generation.token_ids
     assert fast.generation.finished == eager.generation.finished
     assert fast.generation.logprobs == pytest.approx(eager.generation.logprobs, abs=1e-4)
-    assert fast.zoom.roi == eager.zoom.roi
+    assert fast.trace.region == eager.trace.region
 
 
 @pytest.mark.parametrize("mode", ["never", "always"])
@@ -50,7 +49,7 @@ def test_static_decoder_equals_eager_single_and_batch(qz, pages, mode):
     settings = ZoomSettings(mode)
     items = _items(pages)
     singles = [eager.answer(page, text, settings, 6) for page, text in items]
-    assert any(a.zoom.zoomed for a in singles) == (mode == "always")
+    assert any(a.trace.zoomed for a in singles) == (mode == "always")
     for single, batched in zip(singles, fast.answer_batch(items, settings, 6), strict=True):
         _same(single, batched)
     for (page, text), single in zip(items, singles, strict=True):
@@ -62,11 +61,11 @@ def test_static_decoder_equals_eager_with_mixed_gate_decisions(qz, pages):
     adapter = trained_adapter(qz.backbone, seed=3)
     eager, fast = _engines(qz.backbone, adapter)
     items = _items(pages)
-    scores = [eager.answer(page, text, ZoomSettings("auto", gate_threshold=0.0), 1).zoom.gate["score"]
+    scores = [eager.answer(page, text, ZoomSettings("auto", gate_threshold=0.0), 1).trace.gate.score
               for page, text in items]
-    settings = ZoomSettings("auto", gate_threshold=statistics.median(scores), roi_threshold=0.3)
+    settings = ZoomSettings("auto", gate_threshold=threshold_between(scores), roi_threshold=0.3)
     expected = eager.answer_batch(items, settings, 6)
-    assert 0 < sum(a.zoom.zoomed for a in expected) < len(items)
+    assert 0 < sum(a.trace.zoomed for a in expected) < len(items)
     for want, got in zip(expected, fast.answer_batch(items, settings, 6), strict=True):
         _same(want, got)
 
@@ -164,7 +163,9 @@ def test_cli_warns_when_the_fast_path_cannot_run(tiny_dir, tmp_path):
 def test_device_patches_equal_the_image_processor(qz, size):
     """The on-device normalise + patchify (used on CUDA) is the processor's output bit for bit."""
     from PIL import Image
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     from qzoom_cli.backbones.qwen2_5_vl import pixel_patches
 

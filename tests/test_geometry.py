@@ -6,8 +6,8 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from docmaker import make_image, make_pdf
+
 from qzoom_cli.backbones import ImageBlock
 from qzoom_cli.backbones.qwen2_5_vl import mrope_position_ids
 from qzoom_cli.documents import open_document

@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
+from docmaker import make_pdf
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
+from zoomkit import trained_adapter, write_official_checkpoint
 
-from docmaker import make_pdf
 from qzoom_cli import QZoom, cli
 from qzoom_cli.budget import VisualBudget
 from qzoom_cli.decode import Generation, greedy_decode, prefill
@@ -18,7 +19,6 @@ from qzoom_cli.zoom.fuse import fuse_region
 from qzoom_cli.zoom.geometry import Box, grid_box_to_pixels
 from qzoom_cli.zoom.pipeline import ZoomEngine, ZoomSettings
 from qzoom_cli.zoom.region import first_token_keep, region_logits
-from zoomkit import trained_adapter, write_official_checkpoint
 
 BUDGET = VisualBudget(12, 48)
 QUESTION = "What is the total due?\nAnswer the question using a single word or phrase."
@@ -210,16 +210,16 @@ def test_batch_equals_single_runs(qz3, aligned):
     doc = open_document(make_pdf(2), dpi=72)
     pages = [qz3._encode_page(doc, 1, BUDGET).view, qz3._encode_page(doc, 2, VisualBudget(8, 24)).view]
     items = [(p, q) for p in pages for q in ("Total?", "Which company issued this invoice, and when?")]
-    probe = sorted(engine.answer(p, q, ZoomSettings("auto", gate_threshold=0.0), 1).zoom.gate["score"]
+    probe = sorted(engine.answer(p, q, ZoomSettings("auto", gate_threshold=0.0), 1).trace.gate.score
                    for p, q in items)
     settings = ZoomSettings("auto", gate_threshold=(probe[1] + probe[2]) / 2, roi_threshold=0.3)
     singles = [engine.answer(p, q, settings, 5) for p, q in items]
     batch = engine.answer_batch(items, settings, 5)
     doc.close()
-    assert 0 < sum(a.zoom.zoomed for a in singles) < len(items)
+    assert 0 < sum(a.trace.zoomed for a in singles) < len(items)
     for single, batched in zip(singles, batch, strict=True):
         assert batched.generation.token_ids == single.generation.token_ids
-        assert batched.zoom.roi == single.zoom.roi
+        assert batched.trace.region == single.trace.region
         assert batched.generation.logprobs == pytest.approx(single.generation.logprobs, abs=1e-4)
 
 
@@ -319,5 +319,5 @@ def test_static_decoder_equals_eager(qz3, page, mode):
     items = [(page, "Total?"), (page, "Which company issued this invoice, and to whom is it addressed?")]
     settings = ZoomSettings(mode, roi_threshold=0.3)
     for want, got in zip(eager.answer_batch(items, settings, 6), fast.answer_batch(items, settings, 6), strict=True):
-        assert got.generation.token_ids == want.generation.token_ids and got.zoom.roi == want.zoom.roi
+        assert got.generation.token_ids == want.generation.token_ids and got.trace.region == want.trace.region
         assert got.generation.logprobs == pytest.approx(want.generation.logprobs, abs=1e-4)

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from docmaker import make_image, make_pdf
 from typer.testing import CliRunner
 
-from docmaker import make_image, make_pdf
 from qzoom_cli import cli
 from qzoom_cli.batch import OrderedWriter, document_groups, shard
 from qzoom_cli.errors import EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE, UsageError

@@ -5,18 +5,30 @@ import random
 
 import pytest
 import torch
+from trainkit import SIDE, red_square_pages, seed_teacher_labels
 from typer.testing import CliRunner
 
 from qzoom_cli import QZoom, cli
 from qzoom_cli.errors import EXIT_USAGE
+from qzoom_cli.manifest import read_manifest
 from qzoom_cli.training.data import ArtefactStore, expand_samples
-from qzoom_cli.training.gate import GateSettings, build_pool, classify, draw_label, gate_bce, train_gate
+from qzoom_cli.training.gate import (
+    GateSettings,
+    build_pool,
+    classify,
+    draw_label,
+    gate_bce,
+    train_gate,
+)
 from qzoom_cli.training.loop import TrainOptions
-from qzoom_cli.training.pseudo_labels import IGNORE, LabelSettings, padding_cells, pseudo_labels
+from qzoom_cli.training.pseudo_labels import (
+    IGNORE,
+    LabelSettings,
+    padding_cells,
+    pseudo_labels,
+)
 from qzoom_cli.training.rpn import RpnSettings, label_auc, selective_bce, train_rpn
 from qzoom_cli.training.teacher import HeadTable, square_view, teacher_maps
-from qzoom_cli.manifest import read_manifest
-from trainkit import SIDE, red_square_pages, seed_teacher_labels
 
 runner = CliRunner()
 
@@ -332,6 +344,7 @@ def test_written_questions_have_unique_ids_across_folders(tmp_path):
     from types import SimpleNamespace
 
     from docmaker import make_pdf
+
     from qzoom_cli.training.questions import write_questions
 
     for folder in ("docs", "docs/2024"):

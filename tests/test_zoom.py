@@ -5,10 +5,12 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from docmaker import make_pdf
+from safetensors.torch import load_file, save_file
+from zoomkit import trained_adapter, write_official_checkpoint
+
 from qzoom_cli import QZoom
+from qzoom_cli.api import zoom_info
 from qzoom_cli.budget import VisualBudget
 from qzoom_cli.decode import greedy_decode, prefill
 from qzoom_cli.documents import open_document
@@ -18,7 +20,6 @@ from qzoom_cli.zoom.fuse import fuse_region
 from qzoom_cli.zoom.geometry import Box, grid_box_to_pixels
 from qzoom_cli.zoom.pipeline import ZoomEngine, ZoomSettings
 from qzoom_cli.zoom.region import region_logits
-from zoomkit import trained_adapter, write_official_checkpoint
 
 BUDGET = VisualBudget(16, 80)
 QUESTION = "What is the total due?\nAnswer the question using a single word or phrase."
@@ -118,7 +119,7 @@ def test_never_mode_equals_stock_generate(qz, page):
                               mm_token_type_ids=(ids == bb.config.image_token_id).int(), max_new_tokens=8,
                               do_sample=False)
     assert answer.generation.token_ids == stock[0, ids.shape[1]:].tolist()
-    assert answer.zoom.mode == "never" and answer.zoom.region_head is None
+    assert answer.trace.mode == "never" and answer.trace.region_head is None
 
 
 def test_skip_path_equals_never_and_explain_reports_it(qz, page):
@@ -127,10 +128,10 @@ def test_skip_path_equals_never_and_explain_reports_it(qz, page):
     engine = ZoomEngine(bb, 2, 2, trained_adapter(bb))
     never = engine.answer(page, QUESTION, ZoomSettings("never"), 8).generation.token_ids
     skipped = engine.answer(page, QUESTION, ZoomSettings("auto", gate_threshold=1.01), 8)
-    assert skipped.zoom.skipped_reason == "gate score below threshold" and not skipped.zoom.zoomed
-    assert 0 <= skipped.zoom.gate["score"] <= 1 and skipped.generation.token_ids == never
+    assert skipped.trace.skipped_reason == "gate score below threshold" and not skipped.trace.zoomed
+    assert 0 <= skipped.trace.gate.score <= 1 and skipped.generation.token_ids == never
     zoomed = engine.answer(page, QUESTION, ZoomSettings("always", roi_threshold=0.0, explain=True), 8)
-    assert zoomed.zoom.zoomed and zoomed.zoom.gate is None  # always: the gate is not consulted
+    assert zoomed.trace.zoomed and zoomed.trace.gate is None  # always: the gate is not consulted
     assert zoomed.direct.token_ids == never
     assert zoomed.region_tokens > 0 and zoomed.prompt_tokens == len(_coarse(bb, page)[0].input_ids[0]) \
         + zoomed.region_tokens + 2
@@ -139,23 +140,23 @@ def test_skip_path_equals_never_and_explain_reports_it(qz, page):
 def test_gate_decides_in_auto_mode(qz, page):
     engine = ZoomEngine(qz.backbone, 2, 2, trained_adapter(qz.backbone))
     on = engine.answer(page, QUESTION, ZoomSettings("auto", gate_threshold=0.0, roi_threshold=0.0), 4)
-    assert on.zoom.zoomed and on.zoom.gate["kind"] == "trained" and on.zoom.region_head == "trained"
-    roi = on.zoom.roi
+    assert on.trace.zoomed and on.trace.gate.kind == "trained" and on.trace.region_head == "trained"
+    roi = zoom_info(on.trace, page).roi
     width, height = page.size
     assert roi["coord_space"] == "page_px@72dpi" and roi["grid"] == list(page.grid)
     assert 0 <= roi["bbox_xyxy"][0] < roi["bbox_xyxy"][2] <= width and 0 <= roi["bbox_xyxy"][1] < roi["bbox_xyxy"][3] <= height
     assert on.baseline_tokens >= on.coarse_tokens and on.time.gate_s > 0 and on.time.fused_prefill_s > 0
     empty = engine.answer(page, QUESTION, ZoomSettings("always", roi_threshold=1.0), 4)
-    assert not empty.zoom.zoomed and empty.zoom.skipped_reason == "no region above the region threshold"
+    assert not empty.trace.zoomed and empty.trace.skipped_reason == "no region above the region threshold"
 
 
 def test_training_free_auto_uses_attention_lift(qz, page):
     engine = ZoomEngine(qz.backbone, 2, 2)
     low = engine.answer(page, QUESTION, ZoomSettings("auto", gate_threshold=0.0), 4)
     high = engine.answer(page, QUESTION, ZoomSettings("auto", gate_threshold=1e9), 4)
-    assert low.zoom.gate["kind"] == high.zoom.gate["kind"] == "attention_lift"
-    assert low.zoom.zoomed and low.zoom.region_head == "base_layers" and not high.zoom.zoomed
-    assert low.zoom.gate["score"] == high.zoom.gate["score"] >= 1.0
+    assert low.trace.gate.kind == high.trace.gate.kind == "attention_lift"
+    assert low.trace.zoomed and low.trace.region_head == "base_layers" and not high.trace.zoomed
+    assert low.trace.gate.score == high.trace.gate.score >= 1.0
 
 
 def test_aligned_positions_reach_the_model(qz, page):
@@ -164,7 +165,7 @@ def test_aligned_positions_reach_the_model(qz, page):
     plain = ZoomEngine(bb, 2, 2, trained_adapter(bb)).answer(page, QUESTION, settings, 6)
     aligned = ZoomEngine(bb, 2, 2, trained_adapter(bb, reuse_src_pos=True), reuse_src_pos=True).answer(
         page, QUESTION, settings, 6)
-    assert (plain.zoom.positions, aligned.zoom.positions) == ("second_image", "aligned")
+    assert (plain.trace.region.positions, aligned.trace.region.positions) == ("second_image", "aligned")
     assert plain.generation.logprobs != aligned.generation.logprobs
 
 
@@ -254,10 +255,9 @@ def test_roi_native_never_upsamples_a_small_region(qz, page):
     capped = ZoomSettings("always", region_native=True).region_budget(page.budget, native)
     assert capped.max_tokens == max(1, min(page.budget.max_tokens, native)) < page.budget.max_tokens
     answered = engine.answer(page, QUESTION, ZoomSettings("always", roi_threshold=0.0, region_native=True), 2)
-    roi = answered.zoom.roi
-    width = roi["bbox_xyxy"][2] - roi["bbox_xyxy"][0]
-    height = roi["bbox_xyxy"][3] - roi["bbox_xyxy"][1]
-    assert answered.region_tokens <= max(1, round(width * height / 28 ** 2))
+    read = answered.trace.region
+    assert answered.region_tokens <= max(1, round(read.page_box.area / 28 ** 2))
+    assert read.max_tokens == max(1, min(page.budget.max_tokens, round(read.page_box.area / 28 ** 2)))
 
 
 def test_damaged_or_foreign_adapters_are_named(qz, tmp_path):
@@ -268,7 +268,10 @@ def test_damaged_or_foreign_adapters_are_named(qz, tmp_path):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("qzoom").addHandler(handler)
+    log = logging.getLogger("qzoom")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)  # a CLI test run before may have quietened it
     try:
         ZoomAdapter.from_pretrained(tmp_path / "a", qz.backbone)
         assert not records
@@ -277,7 +280,8 @@ def test_damaged_or_foreign_adapters_are_named(qz, tmp_path):
         ZoomAdapter.from_pretrained(tmp_path / "a", qz.backbone)
         assert "trained on someone/other-vl" in records[0].getMessage()
     finally:
-        logging.getLogger("qzoom").removeHandler(handler)
+        log.removeHandler(handler)
+        log.setLevel(level)
     weights = tmp_path / "a" / ADAPTER_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ModelError, match="is damaged"):

@@ -66,3 +66,11 @@ def write_official_checkpoint(base_dir: Path, adapter: ZoomAdapter, out_dir: Pat
         config["text_config"].update(keys)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
+
+
+def threshold_between(scores: list[float]) -> float:
+    """A gate threshold halfway between the middle two scores: about half the rows zoom, and no score
+    sits on it (batched and single scores differ in the last bits)."""
+    ordered = sorted(scores)
+    middle = len(ordered) // 2
+    return (ordered[middle - 1] + ordered[middle]) / 2

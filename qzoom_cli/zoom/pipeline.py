@@ -41,7 +41,7 @@ from ..decode import (
 )
 from ..options import ZoomSettings
 from ..padding import PaddedBatch, pad_segments
-from ..results import Timings, ZoomInfo
+from ..results import Timings
 from ..runtime import synchronize
 from .adapter import ZoomAdapter
 from .fuse import FusedInputs, fuse_region
@@ -52,7 +52,6 @@ from .geometry import (
     equivalent_page_tokens,
     foreground_box,
     grid_box_to_pixels,
-    normalized,
     relative_region_map,
     sigmoid_region_map,
 )
@@ -80,18 +79,62 @@ class PageView:
         return self.encoding.grid
 
 
+@dataclass(frozen=True)
+class GateReading:
+    """What decided whether to zoom: the trained gate's probability ('trained') or, without one, the
+    region map's attention share inside the box over the box's share of the page ('attention_lift')."""
+
+    kind: str
+    score: float
+    threshold: float
+
+
+@dataclass(frozen=True)
+class RegionRead:
+    """The region that was read again: its box on the coarse grid and in page pixels, the cut-off
+    that drew it, its own token grid, the budget maximum it was read under, and its positions."""
+
+    grid_box: Box
+    page_box: Box
+    threshold: float
+    grid: tuple[int, int]
+    max_tokens: int
+    positions: str
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass
+class ZoomTrace:
+    """What the zoom stage did for one (page, question); the user-facing record is built from it."""
+
+    mode: str
+    region_head: str | None = None
+    gate: GateReading | None = None
+    region: RegionRead | None = None
+    skipped_reason: str | None = None
+
+    @property
+    def zoomed(self) -> bool:
+        return self.region is not None
+
+
 @dataclass
 class PageAnswer:
     generation: Generation
     prompt_tokens: int
     coarse_tokens: int
-    region_tokens: int
     baseline_tokens: int
-    zoom: ZoomInfo
+    trace: ZoomTrace
     time: Timings
     region_map: torch.Tensor | None = None
     direct: Generation | None = None
-    region_max_tokens: int | None = None  # the region budget's maximum, when a region was read
+
+    @property
+    def region_tokens(self) -> int:
+        return self.trace.region.tokens if self.trace.region is not None else 0
 
 
 @dataclass
@@ -142,8 +185,8 @@ class ZoomEngine:
             inputs, split = bb.prepare_inputs(prompt, [page.encoding]), prompt.images[0].stop
             segments.append([inputs.tokens(0, split), inputs.tokens(split)])
         batch = pad_segments(segments)
-        answers = [PageAnswer(Generation(), prompt.length, page.grid[0] * page.grid[1], 0,
-                              page.grid[0] * page.grid[1], ZoomInfo(mode=settings.mode), Timings())
+        answers = [PageAnswer(Generation(), prompt.length, page.grid[0] * page.grid[1], page.grid[0] * page.grid[1],
+                              ZoomTrace(settings.mode), Timings())
                    for (page, _), prompt in zip(items, prompts, strict=True)]
         clock = _Clock([a.time for a in answers], bb.device)
         everyone = list(range(len(items)))
@@ -157,7 +200,7 @@ class ZoomEngine:
             return answers
 
         for answer in answers:
-            answer.zoom.region_head = self.region_head
+            answer.trace.region_head = self.region_head
         gate_threshold = _pick(settings.gate_threshold, self.gate_threshold)
         roi_threshold = _pick(settings.roi_threshold, self.roi_threshold)
         with clock("coarse_prefill_s", everyone):
@@ -170,9 +213,9 @@ class ZoomEngine:
                 scores = gate_probabilities(bb, self.adapter.high_res_layers, self.adapter.high_res_head,
                                             hidden_k, batch.positions, mask)
             for answer, score in zip(answers, scores, strict=True):
-                answer.zoom.gate = {"kind": "trained", "score": round(score, 6), "threshold": gate_threshold}
+                answer.trace.gate = GateReading("trained", score, gate_threshold)
                 if score < gate_threshold:
-                    answer.zoom.skipped_reason = "gate score below threshold"
+                    answer.trace.skipped_reason = "gate score below threshold"
             candidates = [i for i in everyone if scores[i] >= gate_threshold]
 
         boxes: dict[int, tuple[Box, Box]] = {}  # row -> (grid box, the same in page pixels)
@@ -188,18 +231,17 @@ class ZoomEngine:
                 answers[i].region_map = prob.cpu()
                 box = foreground_box(prob, roi_threshold)
                 if box is None:
-                    answers[i].zoom.skipped_reason = "no region above the region threshold"
+                    answers[i].trace.skipped_reason = "no region above the region threshold"
                     continue
                 if settings.mode == "auto" and not self.has_gate:
                     lift = attention_lift(prob, box)
-                    answers[i].zoom.gate = {"kind": "attention_lift", "score": round(lift, 6),
-                                            "threshold": gate_threshold}
+                    answers[i].trace.gate = GateReading("attention_lift", lift, gate_threshold)
                     if lift < gate_threshold:
-                        answers[i].zoom.skipped_reason = "attention too spread out for a region to help"
+                        answers[i].trace.skipped_reason = "attention too spread out for a region to help"
                         continue
                 region_px = self._region_pixels(items[i][0], box)
                 if region_px is None:
-                    answers[i].zoom.skipped_reason = "the region lies in the padding of a very thin page"
+                    answers[i].trace.skipped_reason = "the region lies in the padding of a very thin page"
                     continue
                 boxes[i] = box, region_px
 
@@ -256,32 +298,19 @@ class ZoomEngine:
             box, region_px = boxes[i]
             native = round(region_px.area / bb.layout.patch_factor ** 2)
             budget = settings.region_budget(page.budget, native)
-            answers[i].region_max_tokens = budget.max_tokens
             with clock("region_encode_s", [i]):
                 size = (int(region_px.width), int(region_px.height))
                 pixels = bb.grid_pixels(bb.image_grid(size, budget))
                 region = bb.encode_image(pad_into(page.crop(region_px, content_size(size, pixels)), pixels))
-            rows, cols = region.grid
             with clock("fused_prefill_s", [i]):
                 fused_inputs.append(fuse_region(bb, text, prompts[i], page.encoding, region, box,
                                                 aligned=self.reuse_src_pos))
             answer = answers[i]
             answer.prompt_tokens = fused_inputs[-1].prompt.length
-            answer.region_tokens = rows * cols
-            answer.baseline_tokens = max(answer.coarse_tokens, equivalent_page_tokens(rows * cols, region_px,
+            answer.trace.region = RegionRead(box, region_px, roi_threshold, region.grid, budget.max_tokens,
+                                             "aligned" if self.reuse_src_pos else "second_image")
+            answer.baseline_tokens = max(answer.coarse_tokens, equivalent_page_tokens(answer.region_tokens, region_px,
                                                                                      page.size))
-            answer.zoom.zoomed = True
-            answer.zoom.positions = "aligned" if self.reuse_src_pos else "second_image"
-            answer.zoom.roi = {
-                "page": page.number,
-                "bbox_xyxy": [int(v) for v in region_px.as_list()],
-                "bbox_norm": normalized(region_px, page.size),
-                "coord_space": page.coord_space,
-                "threshold": roi_threshold,
-                "grid_box": [int(v) for v in box.as_list()],
-                "grid": list(page.grid),
-                "tokens": rows * cols,
-            }
         prefix_mask = batch.attention_mask[group.rows, :batch.boundaries[1]]
         with clock("fused_prefill_s", group.rows):
             logits, positions, mask = self.fused_prefill(fused_inputs, group.hidden_k, group.positions, prefix_mask,
