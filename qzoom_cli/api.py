@@ -32,6 +32,7 @@ from .options import (
     ZoomSettings,
     check_counts,
     check_questions,
+    with_instruction,
 )
 from .results import (
     BudgetInfo,
@@ -434,7 +435,7 @@ class _Batcher:
         selected = parse_page_spec(request.pages, doc.page_count)
         info = InputInfo(file=doc.source, sha256=doc.sha256, kind=doc.kind, pages=selected, dpi=doc.dpi,
                          warnings=list(doc.warnings))
-        texts = [f"{q}\n{self.instruction}" if self.instruction else q for q in questions]
+        texts = [with_instruction(q, self.instruction) for q in questions]
         return _InFlight(request, info, ids, questions, texts, [{} for _ in questions],
                          len(selected) * len(questions))
 

@@ -28,7 +28,7 @@ import torch
 from .api import AskRequest, QZoom
 from .budget import VisualBudget
 from .documents import open_document
-from .errors import OutputError, QZoomError, UsageError
+from .errors import OutputError, QZoomError, ResumeMismatch, UsageError
 from .manifest import ManifestRow, RowError
 from .options import SHORT_ANSWER_INSTRUCTION, ZoomSettings
 from .outputs import sole_writer
@@ -200,7 +200,7 @@ def check_same_settings(records: Iterable[dict], settings: dict | None, output: 
         if before != settings:
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)) if before \
                 else ["(not recorded)"]
-            raise UsageError(f"{output} holds answers made with other settings ({', '.join(changed)}); resume with "
+            raise ResumeMismatch(f"{output} holds answers made with other settings ({', '.join(changed)}); resume with "
                              "the same options, or --force to start afresh, or -o another file")
 
 

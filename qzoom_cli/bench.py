@@ -8,6 +8,7 @@ Q-Zoom paper does: samples per second across, accuracy up, one line per mode, a 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,6 +71,19 @@ def run_scored(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOption
     return summarize(options.zoom.mode, ordered, [s.score for s in scored], wall), scored
 
 
+def compare_modes(qz: QZoom, rows: list[ManifestRow | RowError], options: dict[str, RunOptions], metric: str = "auto",
+                  on_mode=lambda mode: None) -> tuple[list[ModeSummary], dict[str, list[ScoredRow]]]:
+    """`qzoom eval --compare`: the same rows under each mode's options, after one warm-up."""
+    summaries, per_mode = [], {}
+    for mode, run in options.items():
+        if not summaries:
+            warm_up(qz, rows, run)
+        on_mode(mode)
+        summary, per_mode[mode] = run_scored(qz, rows, run, metric)
+        summaries.append(summary)
+    return summaries, per_mode
+
+
 @dataclass
 class BenchPoint:
     mode: str
@@ -96,6 +110,31 @@ def sweep(qz: QZoom, rows: list[ManifestRow | RowError], modes: list[str], budge
             points.append(BenchPoint(mode, budget.min_tokens, budget.max_tokens, summary))
             on_point(points[-1])
     return points
+
+
+def score_lines(per_mode: dict[str, list[ScoredRow]]) -> str:
+    """`qzoom eval -o`: one JSON line per (mode, row) with its metric, references, answer and score."""
+    return "".join(json.dumps({"mode": mode, **asdict(row)}, ensure_ascii=False) + "\n"
+                   for mode, scored in per_mode.items() for row in scored)
+
+
+def bench_report(qz: QZoom, points: list[BenchPoint], rows: list, manifest: str) -> dict:
+    """`bench.json`: the sweep's points and what they were measured on (model, device, versions)."""
+    import torch
+    import transformers
+
+    info = qz.model_info()
+    device = qz.runtime.device
+    meta = {"model": info.id, "device": info.device, "dtype": info.dtype, "attn": info.attn,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "rows": len(rows), "manifest": str(manifest), "warmup_rows": 1}
+    return {"meta": meta, "points": [p.to_dict() for p in points]}
+
+
+def pareto_title(report: dict) -> str:
+    meta = report["meta"]
+    return f"{meta['model']} on {meta['device_name']} ({meta['dtype']}, {meta['attn']})"
 
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]

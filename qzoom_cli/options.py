@@ -1,5 +1,5 @@
 """What a user asks for, checked without loading any ML library, so usage errors come at once:
-questions, counts, visual-token bounds, zoom options, and the default answer instruction."""
+questions, counts, visual-token bounds, zoom options and their defaults, and the answer instruction."""
 
 from __future__ import annotations
 
@@ -11,6 +11,39 @@ from .errors import UsageError
 
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 MODES = ("auto", "always", "never")
+
+# Thresholds when neither the call, the adapter nor the model card sets one: a trained gate's
+# probability and sigmoid region map (the published values), and without them the attention
+# lift and the region map scaled to its own peak.
+TRAINED_GATE_THRESHOLD = 0.05
+TRAINED_ROI_THRESHOLD = 0.125
+LIFT_THRESHOLD = 2.0
+RELATIVE_ROI_THRESHOLD = 0.5
+
+
+def with_instruction(question: str, instruction: str | None = SHORT_ANSWER_INSTRUCTION) -> str:
+    """The text the model is asked: the question, then the answer instruction on its own line."""
+    return f"{question}\n{instruction}" if instruction else question
+
+
+def parse_modes(text: str) -> list[str]:
+    """'never,auto' -> ['never', 'auto'] (--compare, --modes)."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if not modes or unknown:
+        raise UsageError(f"modes are a comma list of {', '.join(MODES)}; got {text!r}")
+    return modes
+
+
+def parse_counts(text: str, flag: str, minimum: int = 1) -> list[int]:
+    """'256,576,1024' -> [256, 576, 1024] (--budgets, --ladder), each at least `minimum`."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes whole numbers like 64,256,1024; got {text!r}") from None
+    if not values or min(values) < minimum:
+        raise UsageError(f"{flag} needs numbers of at least {minimum}; got {text!r}")
+    return values
 
 
 def check_questions(questions: str | list[str]) -> list[str]:

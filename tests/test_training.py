@@ -290,6 +290,10 @@ def test_train_rpn_command_resumes_from_its_caches(tiny_dir, tmp_path, monkeypat
                                     *train_args(tiny_dir)])
     assert again.exit_code == 0, again.stderr
     assert json.loads(again.stdout)["steps"] > report["steps"]  # continued from the checkpoint
+    other = runner.invoke(cli.app, ["train", "rpn", str(manifest), "--out", str(out), "--view-tokens", "64",
+                                    "--batch-size", "3", "--epochs", "2", "--peak-floor", "0", "--max-area", "1.01",
+                                    *train_args(tiny_dir)])
+    assert other.exit_code == EXIT_USAGE and "other settings (batch_size)" in other.stderr
     ask = runner.invoke(cli.app, ["ask", str(tmp_path / "page0.png"), "where?", "--adapter", str(out), "--json",
                                   "--zoom", "always", "--max-new-tokens", "1", *train_args(tiny_dir)])
     assert ask.exit_code == 0 and json.loads(ask.stdout)["zoom"]["region_head"] == "trained"

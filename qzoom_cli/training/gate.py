@@ -32,6 +32,7 @@ from ..backbones import Backbone
 from ..budget import VisualBudget
 from ..decode import answer_plainly
 from ..errors import ResumeMismatch, UsageError
+from ..options import TRAINED_GATE_THRESHOLD
 from ..padding import pad_segments
 from ..zoom.adapter import AdapterConfig, ZoomAdapter
 from ..zoom.gate import gate_logits
@@ -46,8 +47,8 @@ from .loop import (
 )
 from .pseudo_labels import IGNORE
 from .rpn import _Pages, prompt_text
+from .settings import DEFAULT_LADDER, GATE_SEED
 
-DEFAULT_LADDER = (64, 144, 256, 400, 576, 768, 1024)
 TOP_RUNGS = 2
 
 
@@ -119,8 +120,8 @@ class GateSettings:
     free_answers: bool = False
     max_new_tokens: int = 32
     dpi: int = 200
-    seed: int = 42
-    gate_threshold: float = 0.05
+    seed: int = GATE_SEED
+    gate_threshold: float = TRAINED_GATE_THRESHOLD
     extra: dict = field(default_factory=dict)
 
 

@@ -20,20 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-@dataclass
-class TrainOptions:
-    epochs: int = 1
-    lr: float = 1e-4
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_samples: int | None = None
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    save_every: int = 0
-    gradient_checkpointing: bool = False
-    seed: int = 0
+from ..errors import ResumeMismatch
+from .settings import TrainOptions
 
 
 @dataclass
@@ -108,6 +96,8 @@ class Trainer:
         per_epoch = math.ceil(len(items) / options.batch_size / world)
         total = max(1, math.ceil(per_epoch * options.epochs / options.grad_accum))
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(total, options.warmup_ratio))
+        self.plan = {**{k: v for k, v in options_dict(options).items() if k not in _FREE_ON_RESUME},
+                     "samples": len(items), "processes": world}
         start_step = self._resume(scheduler)
         micro, window, seen, clock = 0, [], 0, time.perf_counter()
         self.module.train()
@@ -147,7 +137,7 @@ class Trainer:
             folder = self.out_dir / f"checkpoint-{self.step}"
             self.save_adapter(folder)
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "step": self.step, "losses": self.losses}, folder / "trainer_state.pt")
+                        "step": self.step, "losses": self.losses, "plan": self.plan}, folder / "trainer_state.pt")
             (self.out_dir / "latest_checkpoint").write_text(folder.name)
 
     def _resume(self, scheduler) -> int:
@@ -156,10 +146,20 @@ class Trainer:
         if checkpoint is None:
             return 0
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        before = state.get("plan", self.plan)
+        changed = sorted(k for k in before.keys() | self.plan.keys() if before.get(k) != self.plan.get(k))
+        if changed:
+            raise ResumeMismatch(f"{checkpoint} was trained with other settings ({', '.join(changed)}): rerun "
+                                 "with the same options and samples, or write to another --out")
         self.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         self.step, self.losses = state["step"], list(state["losses"])
         return self.step
+
+
+# a resumed run may change these: they alter no step already taken (more epochs continue the run
+# on the longer schedule); any other change would make the skipped steps differ from the ones done
+_FREE_ON_RESUME = ("save_every", "gradient_checkpointing", "epochs")
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:

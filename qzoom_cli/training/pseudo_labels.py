@@ -22,17 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from ..zoom.geometry import Box, gaussian_blur3
+from .settings import LabelSettings
 
 IGNORE = -100
-
-
-@dataclass(frozen=True)
-class LabelSettings:
-    sink_threshold: float = 1e-2
-    fg_ratio: float = 0.25
-    bg_ratio: float = 0.05
-    max_area: float = 0.5
-    peak_floor: float = 5e-3
 
 
 @dataclass

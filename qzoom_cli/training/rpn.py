@@ -25,7 +25,7 @@ from torch import nn
 from ..backbones import Backbone, ImageBlock
 from ..documents import Document, open_document
 from ..errors import UsageError
-from ..options import SHORT_ANSWER_INSTRUCTION
+from ..options import SHORT_ANSWER_INSTRUCTION, with_instruction
 from ..padding import pad_segments
 from ..zoom.adapter import AdapterConfig, ZoomAdapter
 from ..zoom.region import region_logits
@@ -57,7 +57,7 @@ class RpnSettings:
 
 def prompt_text(question: str, free_answers: bool) -> str:
     """Teacher and student read the question as inference will (short-answer instruction included)."""
-    return question if free_answers else f"{question}\n{SHORT_ANSWER_INSTRUCTION}"
+    return with_instruction(question, None if free_answers else SHORT_ANSWER_INSTRUCTION)
 
 
 class _Pages:

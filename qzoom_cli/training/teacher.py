@@ -47,6 +47,12 @@ class HeadTable:
                    {int(k): list(v) for k, v in data.get("sink", {}).items()})
 
 
+def teacher_heads(card_training: dict | None, branch_layer: int, num_heads: int) -> HeadTable:
+    """The model card's published head table when it has one, else `fallback_heads`."""
+    published = (card_training or {}).get("heads")
+    return HeadTable.from_dict(published) if published else fallback_heads(branch_layer, num_heads)
+
+
 def fallback_heads(branch_layer: int, num_heads: int) -> HeadTable:
     """For models without a published table: every head of the two layers just below the branch
     point (where the region head will read), and no sink heads."""

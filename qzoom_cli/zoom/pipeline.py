@@ -39,7 +39,13 @@ from ..decode import (
     prefill,
     truncate_cache,
 )
-from ..options import ZoomSettings
+from ..options import (
+    LIFT_THRESHOLD,
+    RELATIVE_ROI_THRESHOLD,
+    TRAINED_GATE_THRESHOLD,
+    TRAINED_ROI_THRESHOLD,
+    ZoomSettings,
+)
 from ..padding import PaddedBatch, pad_segments
 from ..results import Timings
 from ..runtime import synchronize
@@ -56,11 +62,6 @@ from .geometry import (
     sigmoid_region_map,
 )
 from .region import region_logits
-
-TRAINED_GATE_THRESHOLD = 0.05
-TRAINED_ROI_THRESHOLD = 0.125
-LIFT_THRESHOLD = 2.0
-RELATIVE_ROI_THRESHOLD = 0.5
 
 
 @dataclass

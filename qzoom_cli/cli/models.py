@@ -1,0 +1,76 @@
+"""`qzoom doctor` and `qzoom models list | make-tiny`: the environment and the model cards."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ..errors import UsageError
+from .common import JsonFlag, Verbose, configure_logging, flag, print_json
+
+models_app = typer.Typer(help="Model cards and tiny offline checkpoints.", no_args_is_help=True)
+
+
+def doctor(as_json: JsonFlag = False, verbose: Verbose = False) -> None:
+    """Report versions, devices, flash-attention and the Hugging Face cache (offline mode included)."""
+    from ..doctor import collect_report
+
+    report = collect_report()
+    if as_json:
+        print_json(report)
+        return
+    console = Console()
+    console.print(f"[bold]qzoom {report['qzoom']}[/] on Python {report['python']} ({report['platform']})")
+    for name, version in report["packages"].items():
+        console.print(f"  {name:<16} {version or '-'}")
+    verdict = "ok" if report["transformers_ok"] else "[red]NOT SUPPORTED[/]"
+    console.print(f"transformers range {report['transformers_supported']}: {verdict}")
+    console.print(f"CUDA available: {report['cuda']['available']} (torch built for CUDA "
+                  f"{report['cuda']['torch_cuda'] or '-'})")
+    for dev in report["devices"]:
+        details = ", ".join(f"{k} {v}" for k, v in dev.items() if k not in ("device", "name"))
+        console.print(f"  {dev['device']:<8} {dev['name']}" + (f" ({details})" if details else ""))
+    console.print(f"flash-attention: {'available' if report['flash_attention'] else 'not installed'}")
+    hub = report["hub"]
+    console.print(f"hub cache: {hub['cache']}  offline: {hub['offline']}  endpoint: {hub['endpoint']}")
+
+
+@models_app.command("list")
+def models_list(as_json: JsonFlag = False, verbose: Verbose = False) -> None:
+    """List the model cards qzoom ships (hub id, family, patch factor, default budgets)."""
+    from dataclasses import asdict
+
+    from ..cards import load_cards
+
+    cards = load_cards()
+    if as_json:
+        print_json({"models": [asdict(card) for card in cards]})
+        return
+    for card in cards:
+        mark = "*" if card.default else " "
+        print(f"{mark} {card.id:<34} {card.family:<12} patch {card.patch_factor}  "
+              f"tokens {card.min_visual_tokens}-{card.max_visual_tokens}  {card.description}")
+
+
+@models_app.command("make-tiny")
+def models_make_tiny(
+    directory: Annotated[str, typer.Argument(help="Where to write the checkpoint.")],
+    family: Annotated[str, typer.Option(help="Model family: qwen2_5_vl, qwen3_vl.")] = "qwen2_5_vl",
+    moe: Annotated[bool, flag(help="Qwen3-VL with mixture-of-experts layers (qwen3_vl_moe).")] = False,
+    thinking: Annotated[bool, flag(help="Qwen3-VL with a Thinking checkpoint's chat template.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    layers: Annotated[int, typer.Option(help="Decoder layers.")] = 4,
+    verbose: Verbose = False,
+) -> None:
+    """Write a tiny random checkpoint (offline) that loads like a real one: for tests and CI."""
+    from ..testing import make_tiny
+
+    configure_logging(verbose, quiet=True)
+    if moe and family != "qwen3_vl":
+        raise UsageError("--moe is for --family qwen3_vl")
+    print(make_tiny(directory, family="qwen3_vl_moe" if moe else family, seed=seed, num_layers=layers,
+                    thinking=thinking))
+
+

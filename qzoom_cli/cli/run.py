@@ -1,0 +1,205 @@
+"""`qzoom run`: a JSONL manifest answered in batches, one record per row, resumable."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import EXIT_PARTIAL, UsageError
+from ..outputs import check_output_file
+from .common import (
+    AdapterOpt,
+    AttnOpt,
+    BatchOpt,
+    CompileOpt,
+    DeviceOpt,
+    DpiOpt,
+    DtypeOpt,
+    GateOpt,
+    InstructionOpt,
+    MaxNewOpt,
+    MaxTokensOpt,
+    MinTokensOpt,
+    ModelOpt,
+    Quiet,
+    RevisionOpt,
+    RoiNativeOpt,
+    RoiOpt,
+    RoiTokensOpt,
+    RootOpt,
+    Verbose,
+    ZoomOpt,
+    check_request,
+    configure_logging,
+    err_console,
+    flag,
+    instruction_text,
+    load_model,
+    zoom_settings,
+)
+
+
+def _relaunch_on_gpus(gpus: str) -> int:
+    """`--gpus 0,1`: the same command under `accelerate launch`, one process per listed GPU."""
+    import subprocess
+
+    import torch
+
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not ids or not all(g.isdigit() for g in ids):
+        raise UsageError(f"--gpus takes GPU indices like 0,1,2, got {gpus!r}")
+    present = torch.cuda.device_count()
+    if max(int(g) for g in ids) >= present:
+        raise UsageError(f"--gpus {gpus}: this machine has {present} CUDA GPU(s)" +
+                         (f" (indices 0-{present - 1})" if present else ""))
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--gpus":
+            skip = True
+        elif not arg.startswith("--gpus="):
+            argv.append(arg)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(len(ids)),
+               "--gpu_ids", ",".join(ids), "-m", "qzoom_cli", *argv]
+    return subprocess.call(command)
+
+
+def _distributed(device: str) -> tuple[int, int, object]:
+    """(rank, world size, state) under `accelerate launch`/torchrun, else (0, 1, None)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state
+
+
+
+def run(
+    manifest: Annotated[str, typer.Argument(help="JSONL manifest of {id, file, question, pages?, password?, "
+                                                 "answers?} rows; '-' reads it from stdin.")],
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Write the records here instead of stdout.")]
+    = None,
+    resume: Annotated[bool, flag(help="Keep the finished records already in --output, redo the rest "
+                                              "(errors included).")] = False,
+    force: Annotated[bool, flag(help="Overwrite a non-empty --output.")] = False,
+    gpus: Annotated[str | None, typer.Option(help="Run one replica per listed GPU (e.g. 0,1,2,3) through "
+                                                  "accelerate, merging into one ordered output.")] = None,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    revision: RevisionOpt = None,
+    zoom: ZoomOpt = "auto",
+    gate_threshold: GateOpt = None,
+    roi_threshold: RoiOpt = None,
+    roi_max_visual_tokens: RoiTokensOpt = None,
+    roi_native: RoiNativeOpt = False,
+    dpi: DpiOpt = 200,
+    min_visual_tokens: MinTokensOpt = None,
+    max_visual_tokens: MaxTokensOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    batch_size: BatchOpt = "1",
+    instruction: InstructionOpt = None,
+    root: RootOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "auto",
+    compile_mode: CompileOpt = "auto",
+    progress: Annotated[bool | None, flag("--progress/--no-progress",
+                                       help="Progress bar on stderr \\[default: when it is a terminal].")]
+    = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Answer every row of MANIFEST: one qzoom.result/v1 line per row, in manifest order.
+
+    Rows about the same document share one rendering. Exit code 5 when any row failed (its
+    record says why); Ctrl-C leaves a valid file that --resume continues.
+    """
+    from ..doctor import check_transformers
+    from ..manifest import read_manifest
+
+    if gpus:
+        raise typer.Exit(_relaunch_on_gpus(gpus))
+    settings = zoom_settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, roi_native=roi_native)
+    batch = check_request(batch_size, max_new_tokens, min_visual_tokens, max_visual_tokens)
+    if output:
+        check_output_file(Path(output), inputs=(manifest,))
+    rows = read_manifest(manifest, root)
+    check_transformers()
+    from ..batch import RunOptions, run_manifest
+
+    configure_logging(verbose, quiet)
+    rank, world, state = _distributed(device)
+    if state is not None and device == "auto":
+        device = str(state.device)
+
+    def load():
+        qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode)
+        options.budget = qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=zoom)
+        return qz
+
+    run_settings = {"model": model, "adapter": adapter, "revision": revision, "zoom": zoom,
+                    "gate_threshold": gate_threshold, "roi_threshold": roi_threshold,
+                    "roi_max_visual_tokens": roi_max_visual_tokens, "roi_native": roi_native, "dpi": dpi,
+                    "min_visual_tokens": min_visual_tokens, "max_visual_tokens": max_visual_tokens,
+                    "max_new_tokens": max_new_tokens, "instruction": instruction_text(instruction), "dtype": dtype}
+    options = RunOptions(zoom=settings, dpi=dpi, max_new_tokens=max_new_tokens,
+                         instruction=instruction_text(instruction),
+                         batch_size=batch, verbose=verbose, settings=run_settings)
+    show = (err_console.is_terminal if progress is None else progress) and not quiet
+    with _batch_progress(show, f"rank {rank}" if world > 1 else "rows") as (track, start):
+        summary = run_manifest(load, rows, options, output=Path(output) if output else None, stdout=sys.stdout,
+                               resume=resume, force=force, rank=rank, world=world,
+                               barrier=state.wait_for_everyone if state is not None else (lambda: None),
+                               on_result=track, on_start=start)
+    if not quiet and rank == 0:
+        kept = f", {summary.kept} kept from before" if summary.kept else ""
+        print(f"qzoom: {summary.done} rows answered ({summary.zoomed} zoomed, {summary.failed} failed){kept}",
+              file=sys.stderr)
+    if summary.failed:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@contextmanager
+def _batch_progress(show: bool, label: str):
+    """(on_result, on_start) callbacks feeding a rich progress bar on stderr, or doing nothing."""
+    if not show:
+        yield (lambda result: None), (lambda total: None)
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]} rows/s"), TimeRemainingColumn(),
+               TextColumn("zoom {task.fields[zoom]}"), TextColumn("[red]failed {task.fields[failed]}"))
+    counts = {"zoomed": 0, "failed": 0, "done": 0}
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        task = bar.add_task(label, total=None, rate="-", zoom="-", failed=0)
+
+        def start(total: int) -> None:
+            bar.update(task, total=total)
+
+        def track(result) -> None:
+            counts["done"] += 1
+            counts["zoomed"] += bool(result.zoom.zoomed)
+            counts["failed"] += result.status == "error"
+            elapsed = bar.tasks[task].elapsed or 0
+            bar.update(task, advance=1, failed=counts["failed"],
+                       rate=f"{counts['done'] / elapsed:.2f}" if elapsed else "-",
+                       zoom=f"{counts['zoomed'] / counts['done']:.0%}")
+
+        yield track, start
+
+
