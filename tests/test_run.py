@@ -196,6 +196,26 @@ def test_output_file_resume_after_crash_and_interrupt(workdir, tiny_dir, monkeyp
     assert [(r["id"], r["answer"]) for r in records(out)] == [(r["id"], r["answer"]) for r in reference]
 
 
+def test_resume_keeps_finished_records_and_retries_failed_ones(workdir, tiny_dir):
+    """A row that failed (its file was missing) is answered once the file is there; finished rows
+    are kept byte for byte, not answered again; records of rows no longer in the manifest are dropped."""
+    m = write_manifest(workdir / "m.jsonl", [ROWS[0], {"id": "late", "file": "late.pdf", "question": "total?"},
+                                             ROWS[1]])
+    out = workdir / "out.jsonl"
+    assert run(workdir, str(m), "-o", str(out), tiny=tiny_dir).exit_code == EXIT_PARTIAL
+    first = {r["id"]: r for r in records(out)}
+    assert first["late"]["status"] == "error" and first["late"]["error"]["code"] == "file_not_found"
+    stale = json.dumps({**first["a1"], "id": "gone-from-manifest"})
+    out.write_text(out.read_text() + stale + "\n")
+    (workdir / "late.pdf").write_bytes(make_pdf(1))
+    resumed = run(workdir, str(m), "-o", str(out), "--resume", tiny=tiny_dir)
+    assert resumed.exit_code == 0 and "2 kept from before" in resumed.stderr
+    after = records(out)
+    assert [r["id"] for r in after] == ["a1", "late", "b1"]
+    assert after[1]["status"] in ("ok", "truncated") and after[1]["answer"] is not None
+    assert after[0] == first["a1"] and after[2] == first["b1"]  # same latency: not answered again
+
+
 def test_resume_needs_an_output_file(workdir, tiny_dir):
     m = write_manifest(workdir / "m.jsonl", ROWS[:1])
     result = run(workdir, str(m), "--resume", tiny=tiny_dir)
