@@ -57,7 +57,7 @@ _NUMBER = re.compile(r"^[^\d+\-.]*?([-+]?(?:\d[\d,]*)?\.?\d+)\s*(%|[a-z]+)?\.?$"
 
 def to_number(text: str) -> float | None:
     """'$1,234.5' -> 1234.5, '45%' -> 0.45, '12 kg' -> 12.0; None when it is not a number."""
-    match = _NUMBER.match(_plain(text).replace(" ", "") if "%" in text else _plain(text))
+    match = _NUMBER.match(_plain(text))
     if not match:
         return None
     try:

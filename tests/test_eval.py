@@ -53,6 +53,24 @@ def test_to_number():
                                                                                             None, None, 12.0]
 
 
+def test_to_number_reads_one_number_only():
+    assert [to_number(t) for t in ("1 2", "12 500", "- 5", "5 %", "+7.", "1.5e3")] == [None, None, None, 0.05, 7.0,
+                                                                                       None]
+
+
+@pytest.mark.parametrize("answer, normalized", [
+    ("1,000 dogs", "1000 dogs"),          # a thousands comma: every punctuation mark is dropped
+    ("x -y z-w", "x y zw"),               # a mark after a space is dropped everywhere ...
+    ("x- y z-w", "x y zw"),               # ... and so is one before a space
+    ("p/q r/s", "p q r s"),               # elsewhere a mark splits words
+    ("x,\na,b", "x ab"),                 # newlines and tabs count as spaces
+    ("x,\ta,b", "x ab"),
+    ("3.5 kg.", "3.5 kg"),                # a decimal point stays, other periods go
+])
+def test_vqa_normalization_follows_the_official_scorer(answer, normalized):
+    assert vqa_normalize(answer) == normalized
+
+
 def test_vqa_accuracy_and_normalization():
     assert vqa_normalize("The  two dogs, 1,000.") == "2 dogs 1000"
     assert vqa_normalize("Hello-world (yes)") == "hello world yes" and vqa_normalize("dont") == "don't"

@@ -415,3 +415,26 @@ def test_ordered_writer_falls_back_when_its_file_fails():
         writer.add(index, f"r{index}")
     assert file.getvalue() == "r0\n" and fallback.getvalue() == "r1\nr2\n"
     assert writer.write_error.errno == errno.ENOSPC
+
+
+def test_a_resume_names_every_setting_that_changed():
+    from qzoom_cli.batch import check_same_settings
+    from qzoom_cli.errors import ResumeMismatch
+
+    now = {"zoom": "auto", "dpi": 200}
+    check_same_settings([{"run": dict(now)}], now, "out.jsonl")
+    with pytest.raises(ResumeMismatch, match=r"other settings \(dpi, instruction\)"):  # one only in the old file
+        check_same_settings([{"run": {"zoom": "auto", "dpi": 100, "instruction": ""}}], now, "out.jsonl")
+    with pytest.raises(ResumeMismatch, match=r"\(not recorded\)"):
+        check_same_settings([{"id": "a"}], now, "out.jsonl")
+
+
+def test_failures_outside_the_library_become_named_record_errors():
+    import torch
+
+    from qzoom_cli.batch import _error_fields
+    from qzoom_cli.errors import PageOutOfRange
+
+    assert _error_fields(PageOutOfRange("page 9 of 2"), False) == ("page_out_of_range", "page 9 of 2")
+    assert _error_fields(torch.OutOfMemoryError("CUDA out of memory"), False) == ("oom", "out of GPU memory")
+    assert _error_fields(KeyError("x"), False) == ("internal", "KeyError: 'x'")

@@ -9,7 +9,8 @@ from trainkit import SIDE, red_square_pages, seed_teacher_labels
 from typer.testing import CliRunner
 
 from qzoom_cli import QZoom, cli
-from qzoom_cli.errors import EXIT_USAGE
+from qzoom_cli.budget import VisualBudget
+from qzoom_cli.errors import EXIT_USAGE, ResumeMismatch
 from qzoom_cli.manifest import read_manifest
 from qzoom_cli.training.data import ArtefactStore, expand_samples
 from qzoom_cli.training.gate import (
@@ -18,6 +19,7 @@ from qzoom_cli.training.gate import (
     classify,
     draw_label,
     gate_bce,
+    make_ladders,
     train_gate,
 )
 from qzoom_cli.training.loop import TrainOptions
@@ -159,6 +161,32 @@ def test_student_learns_the_teacher_labels(qz, tmp_path):
     assert len(saved["training"]["rpn"]["data_fingerprint"]) == 64
 
 
+def test_gradient_checkpointing_recomputes_the_branch_and_changes_nothing_else(qz, tmp_path):
+    """--gradient-checkpointing: each branch layer runs again in the backward pass; the losses and
+    the trained weights are those of a run without it."""
+    manifest, cells = red_square_pages(tmp_path, 8, seed=2)
+    runs = {}
+    for checkpointing in (False, True):
+        samples = seed_teacher_labels(manifest, cells, tmp_path / str(checkpointing) / "labels")
+        calls = []
+        mlp_class = type(qz.backbone.decoder_layers[0].mlp)  # inside the layer: seen again when it is recomputed
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda module, args: calls.append(1) if isinstance(module, mlp_class) and torch.is_grad_enabled()
+            else None)
+        try:
+            adapter, report = train_rpn(qz.backbone, samples, RpnSettings(2, 2, HeadTable({1: [0]}), view_side=SIDE),
+                                        TrainOptions(epochs=1, batch_size=4, gradient_checkpointing=checkpointing),
+                                        tmp_path / str(checkpointing))
+        finally:
+            hook.remove()
+        runs[checkpointing] = adapter.state_dict(), report, len(calls)
+    (plain, plain_report, plain_calls), (saved, saved_report, saved_calls) = runs[False], runs[True]
+    assert saved_report["first_loss"] == pytest.approx(plain_report["first_loss"], rel=1e-5)
+    assert saved_report["last_loss"] == pytest.approx(plain_report["last_loss"], rel=1e-4)
+    assert all(torch.allclose(plain[k], saved[k], atol=1e-5) for k in plain)
+    assert saved_calls > plain_calls > 0  # the checkpointed layer ran again while gradients were taken
+
+
 def test_trained_adapter_changes_the_region_ask_picks(qz, tiny_dir, tmp_path):
     manifest, cells = red_square_pages(tmp_path, 32, seed=1)
     samples = seed_teacher_labels(manifest, cells, tmp_path / "ad" / "labels")
@@ -236,6 +264,35 @@ def seed_ladders(manifest, store_dir, ladder, questions_answers):
     for sample in samples.samples:
         store.save(sample.key, {"ladder": torch.tensor(ladder)}, {"answers": questions_answers[sample.question]})
     return samples
+
+
+def test_answer_ladders_are_the_plain_answers_at_each_budget_and_are_cached(qz, tmp_path):
+    """The gate's training signal: the model's plain answer at every rung (as `ask --zoom never` at
+    that budget gives it), computed once and cached; a rerun with another ladder is refused."""
+    manifest, _ = red_square_pages(tmp_path, 2, seed=9)
+    samples = expand_samples(read_manifest(manifest))
+    settings = GateSettings(ladder=(16, 36, 64), max_new_tokens=4, dpi=72)
+    store = ArtefactStore(tmp_path / "ladders")
+    seen = []
+    ladders = make_ladders(qz.backbone, samples, settings, store, on_sample=seen.append)
+    assert len(seen) == 2 and set(ladders) == {s.key for s in samples.samples}
+    for sample in samples.samples:
+        answers, references = ladders[sample.key]
+        plain = [qz.ask(sample.file, sample.question, zoom="never", max_new_tokens=4,
+                        budget=VisualBudget(t, t))[0].answer for t in settings.ladder]
+        assert answers == plain and references == []
+    import qzoom_cli.training.gate as gate
+
+    def never(*args, **kwargs):
+        raise AssertionError("a cached ladder was answered again")
+
+    original, gate.answer_ladder = gate.answer_ladder, never
+    try:
+        assert make_ladders(qz.backbone, samples, settings, store) == ladders
+        with pytest.raises(ResumeMismatch, match="another ladder"):
+            make_ladders(qz.backbone, samples, GateSettings(ladder=(16, 36, 100), dpi=72), store)
+    finally:
+        gate.answer_ladder = original
 
 
 def test_gate_training_reduces_the_loss(qz, tmp_path):
@@ -380,3 +437,15 @@ def test_two_processes_train_data_parallel(tiny_dir, tmp_path):
     [report] = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert report["usable"] == 12 and report["steps"] == 3   # 11 training samples / 2 per batch / 2 processes
     assert (tmp_path / "ad" / "qzoom_adapter.safetensors").exists()
+
+
+def test_teacher_heads_come_from_the_card_or_the_layers_below_the_branch():
+    from qzoom_cli.training.teacher import teacher_heads
+
+    card = {"heads": {"grounding": {"14": [1, 3]}, "sink": {"2": [0]}}}
+    table = teacher_heads(card, branch_layer=18, num_heads=4)
+    assert (table.grounding, table.sink, table.layers) == ({14: [1, 3]}, {2: [0]}, [2, 14])
+    assert HeadTable.from_dict(table.to_dict()) == table
+    fallback = teacher_heads({}, branch_layer=18, num_heads=3)
+    assert (fallback.grounding, fallback.sink) == ({16: [0, 1, 2], 17: [0, 1, 2]}, {})
+    assert teacher_heads(None, branch_layer=1, num_heads=2).grounding == {0: [0, 1]}
