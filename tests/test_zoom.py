@@ -301,3 +301,44 @@ def test_the_record_states_the_region_budget_that_was_used(qz):
     assert result.budget.roi_max_tokens == max(1, min(BUDGET.max_tokens, native)) < BUDGET.max_tokens
     assert result.budget.roi_tokens <= result.budget.roi_max_tokens
 
+
+
+def _hub_cache(root, repo, files: dict[str, bytes]):
+    """A Hugging Face cache holding `repo` at one snapshot, as `hf download` leaves it."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    return snapshot
+
+
+def test_checkpoint_weights_are_found_in_the_hub_cache_offline(tmp_path, monkeypatch):
+    """A cached hub id: the shards its index names (each once), a single file without an index, and
+    a named error when neither is cached."""
+    from huggingface_hub import constants
+
+    from qzoom_cli.errors import ModelNotAvailable
+    from qzoom_cli.zoom.adapter import checkpoint_files
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    index = {"weight_map": {"a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
+                            "c": "model-00002-of-00002.safetensors"}}
+    sharded = _hub_cache(tmp_path, "org/sharded", {"model.safetensors.index.json": json.dumps(index).encode(),
+                                                   "model-00001-of-00002.safetensors": b"1",
+                                                   "model-00002-of-00002.safetensors": b"2",
+                                                   "unrelated.safetensors": b"3"})
+    found = checkpoint_files("org/sharded", None)
+    assert [p.name for p in found] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert all(p.parent == sharded for p in found)
+    single = _hub_cache(tmp_path, "org/single", {"model.safetensors": b"1"})
+    assert checkpoint_files("org/single", None) == [single / "model.safetensors"]
+    assert checkpoint_files("org/single", "0123456789abcdef0123456789abcdef01234567") == [single / "model.safetensors"]
+    with pytest.raises(ModelNotAvailable):  # a pinned revision that is not cached is not the cached one
+        checkpoint_files("org/single", "v2")
+    _hub_cache(tmp_path, "org/empty", {"config.json": b"{}"})
+    with pytest.raises(ModelNotAvailable, match="cannot find the safetensors weights of org/empty"):
+        checkpoint_files("org/empty", None)
