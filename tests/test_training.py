@@ -449,3 +449,47 @@ def test_teacher_heads_come_from_the_card_or_the_layers_below_the_branch():
     fallback = teacher_heads({}, branch_layer=18, num_heads=3)
     assert (fallback.grounding, fallback.sink) == ({16: [0, 1, 2], 17: [0, 1, 2]}, {})
     assert teacher_heads(None, branch_layer=1, num_heads=2).grounding == {0: [0, 1]}
+
+
+def test_question_writing_asks_each_page_plainly_and_keeps_real_questions(tmp_path):
+    """Each page is asked on its own, at the given budget, without zoom or the short-answer
+    instruction; numbering, bullets, quotes, duplicates and non-questions are dropped; the manifest
+    (UTF-8) points at the documents relative to itself; unreadable documents are skipped by name."""
+    from types import SimpleNamespace
+
+    from docmaker import make_pdf
+
+    from qzoom_cli.training.questions import REQUEST, parse_questions, write_questions
+
+    assert parse_questions('1. "Wie hoch ist die Summe?"\n- Who signed it?\nq3) 42\n* Who signed it?\n'
+                           '(4) Which date?\nshort?\n   \n2) Total in €?', 9) == \
+        ["Wie hoch ist die Summe?", "Who signed it?", "Which date?", "Total in €?"]
+    assert parse_questions("Which date?\nWho signed it?", 1) == ["Which date?"]
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "sub" / "a.pdf").write_bytes(make_pdf(2))
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.7 nothing")
+    (docs / "notes.txt").write_text("not a document")
+    calls, pages = [], []
+
+    def ask(doc, question, **options):
+        calls.append((question, options))
+        return [SimpleNamespace(answer="1. Wie hoch ist die Summe in €?\n2. Who signed it?")]
+
+    budget = VisualBudget(16, 64)
+    out = tmp_path / "lists" / "q.jsonl"
+    out.parent.mkdir()
+    written, skipped = write_questions(SimpleNamespace(ask=ask), docs, out, per_page=3, dpi=36, budget=budget,
+                                       max_new_tokens=50, on_page=lambda *args: pages.append(args))
+    assert written == 4 and list(skipped) == [str(docs / "broken.pdf")] and skipped[str(docs / "broken.pdf")]
+    assert [c[1] for c in calls] == [{"pages": str(n), "instruction": "", "zoom": "never", "budget": budget,
+                                      "max_new_tokens": 50} for n in (1, 2)]
+    assert all(question == REQUEST.format(count=3) and "3 different" in question for question, _ in calls)
+    assert pages == [(docs / "sub" / "a.pdf", 1, 2), (docs / "sub" / "a.pdf", 2, 2)]
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in rows] == ["sub/a.pdf-p1-q1", "sub/a.pdf-p1-q2", "sub/a.pdf-p2-q1", "sub/a.pdf-p2-q2"]
+    assert {r["file"] for r in rows} == {str((docs / "sub" / "a.pdf").resolve())}  # not under the manifest's folder
+    assert rows[0]["question"] == "Wie hoch ist die Summe in €?" and rows[0]["pages"] == "1"
+    write_questions(SimpleNamespace(ask=ask), docs, tmp_path / "q.jsonl", per_page=1, dpi=36)
+    assert {json.loads(line)["file"] for line in (tmp_path / "q.jsonl").read_text().splitlines()} == \
+        {"docs/sub/a.pdf"}  # under it: relative, so the folder can move
