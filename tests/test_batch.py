@@ -88,3 +88,19 @@ def test_segments_line_up():
     assert batch.positions[0].tolist() == [[0, 0, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 0, 5]]
     assert batch.index(0, 0, 0) == 2 and batch.index(1, 1, 0) == 6 and batch.padded
     assert pad_segments([[seg(3, 0), seg(2, 3)]]).mask_or_none() is None
+
+
+def test_every_sample_decodes_until_its_own_end(qz, pages, monkeypatch):
+    """One sample of a batch meets its end token early; it stops there while the others go on to
+    their own ends (or the limit), each with exactly its single-run tokens."""
+    engine = ZoomEngine(qz.backbone, 2, 2)
+    items = _items(pages)[:3]
+    free = [engine.answer(page, text, ZoomSettings("never"), 8).generation.token_ids for page, text in items]
+    others = {token for tokens in free[1:] for token in tokens}
+    stop = next(token for token in free[0][1:] if token not in others)  # ends sample 0 only
+    monkeypatch.setattr(type(qz.backbone), "eos_token_ids", property(lambda self: [stop]))
+    batched = engine.answer_batch(items, ZoomSettings("never"), 8)
+    first = batched[0].generation
+    assert first.finished and first.token_ids == free[0][:free[0].index(stop) + 1]
+    for answer, tokens in zip(batched[1:], free[1:], strict=True):
+        assert answer.generation.token_ids == tokens and len(tokens) == 8 and not answer.generation.finished
