@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from docmaker import make_encrypted_pdf, make_pdf
+from docmaker import make_encrypted_pdf, make_image, make_pdf
 from typer.testing import CliRunner
 
 from qzoom_cli import cli
@@ -404,3 +404,42 @@ def test_overlays_that_cannot_be_written_keep_the_answers(tiny_dir, pdf_path, tm
     assert record["status"] in ("ok", "truncated") and record["zoom"]["overlay"] is None
     assert any("overlay not written" in w for w in record["warnings"])
     assert "could not write the overlays" in result.stderr
+
+
+def _record(tiny_dir, path, *flags):
+    result = ask(tiny_dir, str(path), "What is the total due?", "--pages", "1", "--json", *flags)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_every_budget_and_region_option_does_what_it_says(tiny_dir, pdf_path, tmp_path):
+    """Each --*-visual-tokens and --roi-* flag, through the command, changes what its help promises and
+    the record states the value used."""
+    small = _record(tiny_dir, pdf_path, "--zoom", "never", "--max-visual-tokens", "24", "--min-visual-tokens", "8")
+    large = _record(tiny_dir, pdf_path, "--zoom", "never", "--max-visual-tokens", "96", "--min-visual-tokens", "8")
+    assert 8 <= small["stats"]["visual_tokens"] <= 24 < large["stats"]["visual_tokens"] <= 96
+    assert (small["budget"]["min_tokens"], small["budget"]["max_tokens"]) == (8, 24)
+    (tmp_path / "small.png").write_bytes(make_image("PNG", size=(112, 84)))  # about 12 tokens as it is
+    natural = _record(tiny_dir, tmp_path / "small.png", "--zoom", "never", "--min-visual-tokens", "4")
+    floor = _record(tiny_dir, tmp_path / "small.png", "--zoom", "never", "--min-visual-tokens", "40")
+    assert natural["stats"]["visual_tokens"] < 40 <= floor["stats"]["visual_tokens"] <= 64
+
+    always = ("--zoom", "always", "--roi-threshold", "0")
+    wide = _record(tiny_dir, pdf_path, *always, "--roi-max-visual-tokens", "60")
+    narrow = _record(tiny_dir, pdf_path, *always, "--roi-max-visual-tokens", "12")
+    assert wide["zoom"]["zoomed"] and narrow["zoom"]["zoomed"]
+    assert narrow["stats"]["region_visual_tokens"] <= 12 < wide["stats"]["region_visual_tokens"] <= 60
+    assert (narrow["budget"]["roi_max_tokens"], wide["budget"]["roi_max_tokens"]) == (12, 60)
+    assert wide["zoom"]["roi"]["grid_box"] == [0, 0, *reversed(wide["zoom"]["roi"]["grid"])]  # cut-off 0: all
+
+    strict = _record(tiny_dir, pdf_path, "--zoom", "always", "--roi-threshold", "0.9")
+    box = strict["zoom"]["roi"]["grid_box"]
+    assert strict["zoom"]["roi"]["threshold"] == 0.9
+    assert (box[2] - box[0]) * (box[3] - box[1]) < wide["zoom"]["roi"]["grid"][0] * wide["zoom"]["roi"]["grid"][1]
+
+    lift = _record(tiny_dir, pdf_path, "--zoom", "auto", "--gate-threshold", "0")["zoom"]["gate"]
+    assert lift["kind"] == "attention_lift" and lift["threshold"] == 0
+    below = _record(tiny_dir, pdf_path, "--zoom", "auto", "--gate-threshold", str(lift["score"] - 1e-3))
+    above = _record(tiny_dir, pdf_path, "--zoom", "auto", "--gate-threshold", str(lift["score"] + 1e-3))
+    assert below["zoom"]["zoomed"] and not above["zoom"]["zoomed"]
+    assert above["zoom"]["skipped_reason"] == "attention too spread out for a region to help"
