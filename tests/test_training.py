@@ -493,3 +493,36 @@ def test_question_writing_asks_each_page_plainly_and_keeps_real_questions(tmp_pa
     write_questions(SimpleNamespace(ask=ask), docs, tmp_path / "q.jsonl", per_page=1, dpi=36)
     assert {json.loads(line)["file"] for line in (tmp_path / "q.jsonl").read_text().splitlines()} == \
         {"docs/sub/a.pdf"}  # under it: relative, so the folder can move
+
+
+def test_the_gate_trains_on_what_it_reads_at_inference(qz, tmp_path):
+    """Pages at two rungs batched together (so one is padded): the student's probabilities are the
+    engine's gate scores for the same page, budget and question."""
+    from qzoom_cli.documents import open_document
+    from qzoom_cli.training.gate import GateStudent, gate_inputs, prompt_text
+    from qzoom_cli.zoom.pipeline import ZoomEngine, ZoomSettings
+    from zoomkit import trained_adapter
+
+    manifest, _ = red_square_pages(tmp_path, 2, seed=6)
+    adapter = trained_adapter(qz.backbone, seed=5)
+    with torch.no_grad():  # a head of moderate logits, so probabilities tell rows apart
+        adapter.high_res_head.weight.mul_(1e-3)
+        adapter.high_res_head.bias.zero_()
+    student = GateStudent(adapter, qz.backbone)
+    pages = [tmp_path / "page0.png", tmp_path / "page1.png"]
+    views = []
+    for path, tokens in zip(pages, (16, 64), strict=True):
+        with open_document(path) as doc:
+            views.append((doc.render(1).copy(), tokens))
+    texts = [prompt_text("Where is the red square?", False), prompt_text("Which colour is the square?", True)]
+    hidden, positions, mask = gate_inputs(qz.backbone, 2, views, texts)
+    assert mask is not None  # the shorter prompt is padded
+    with torch.no_grad():
+        trained = torch.sigmoid(student(hidden, positions, mask)).tolist()
+    engine = ZoomEngine(qz.backbone, 2, 2, adapter)
+    for path, (_, tokens), text, probability in zip(pages, views, texts, trained, strict=True):
+        with open_document(path) as doc:
+            view = qz._encode_page(doc, 1, VisualBudget(tokens, tokens)).view
+            read = engine.answer(view, text, ZoomSettings("auto", gate_threshold=0.0), 1).trace.gate
+        assert read.kind == "trained" and 0.02 < read.score < 0.98
+        assert probability == pytest.approx(read.score, abs=1e-5)

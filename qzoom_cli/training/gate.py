@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from ..backbones import Backbone
@@ -195,6 +196,22 @@ def with_gate(adapter: ZoomAdapter | None, backbone: Backbone, branch_layer: int
     return fresh
 
 
+@torch.no_grad()
+def gate_inputs(backbone: Backbone, branch_layer: int, views: list[tuple[Image.Image, int]], texts: list[str]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Layer-K states, positions and padding mask of each (page, visual tokens) and prompt text,
+    padded into one batch: what the gate reads at inference after the coarse pass."""
+    segments = []
+    for (page, tokens), text in zip(views, texts, strict=True):
+        encoding = backbone.encode_image(backbone.fit_image(page, VisualBudget(tokens, tokens)))
+        prompt = backbone.build_prompt(text, [encoding.grid])
+        segments.append([backbone.prepare_inputs(prompt, [encoding])])
+    batch = pad_segments(segments)
+    mask = batch.mask_or_none()
+    hidden = backbone.run_layers(batch.embeds, batch.positions, None, 0, branch_layer, mask, batch.additions)
+    return hidden, batch.positions, mask
+
+
 def train_gate(backbone: Backbone, adapter: ZoomAdapter | None, samples: SampleSet, settings: GateSettings,
                options: TrainOptions, out_dir: Path, branch_layer: int, depth: int,
                on_ladder: Callable = lambda sample: None,
@@ -218,22 +235,15 @@ def train_gate(backbone: Backbone, adapter: ZoomAdapter | None, samples: SampleS
     pages = _Pages(settings.dpi)
 
     def loss_fn(module, batch, epoch):
-        segments, labels = [], []
+        views, texts, labels = [], [], []
         for key in batch:
             sample = by_key[key]
             label, rung = draw_label(*ladders[key], random.Random(f"{settings.seed}|{key}|{epoch}"))
-            image = backbone.fit_image(pages.render(sample), VisualBudget(settings.ladder[rung], settings.ladder[rung]))
-            with torch.no_grad():
-                encoding = backbone.encode_image(image)
-                prompt = backbone.build_prompt(prompt_text(sample.question, settings.free_answers), [encoding.grid])
-                segments.append([backbone.prepare_inputs(prompt, [encoding])])
+            views.append((pages.render(sample), settings.ladder[rung]))
+            texts.append(prompt_text(sample.question, settings.free_answers))
             labels.append(label)
-        batch_inputs = pad_segments(segments)
-        mask = batch_inputs.mask_or_none()
-        with torch.no_grad():
-            hidden = backbone.run_layers(batch_inputs.embeds, batch_inputs.positions, None, 0,
-                                         gated.config.branch_layer, mask, batch_inputs.additions)
-        return gate_bce(module(hidden, batch_inputs.positions, mask), torch.tensor(labels))
+        hidden, positions, mask = gate_inputs(backbone, gated.config.branch_layer, views, texts)
+        return gate_bce(module(hidden, positions, mask), torch.tensor(labels))
 
     student = GateStudent(gated, backbone)
     trainer = Trainer(student, options, out_dir, gated.save_pretrained, backbone.dtype)
