@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated
 
@@ -42,6 +43,11 @@ from .common import (
 )
 
 _LABELS = LabelSettings()
+
+
+def _train_options(parameters: dict) -> TrainOptions:
+    """TrainOptions from the command's parameters of the same names (it checks them itself)."""
+    return TrainOptions(**{f.name: parameters[f.name] for f in fields(TrainOptions) if f.name in parameters})
 
 train_app = typer.Typer(help="Train the zoom adapter on your own documents, without labels.", no_args_is_help=True)
 
@@ -141,9 +147,7 @@ def train_rpn_command(
     from ..manifest import read_manifest
 
     side = view_side(view_tokens)
-    options = TrainOptions(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-                           max_samples=max_samples, save_every=save_every,
-                           gradient_checkpointing=gradient_checkpointing, seed=seed)
+    options = _train_options(locals())
     labels = LabelSettings(sink_threshold, fg_ratio, bg_ratio, max_area, peak_floor)
     rows = read_manifest(manifest, root)
     check_transformers()
@@ -202,9 +206,7 @@ def train_gate_command(
     rungs = parse_ladder(ladder)
     if adapter is None and out is None:
         raise UsageError("give --adapter (from `qzoom train rpn`) or --out for a gate-only adapter")
-    options = TrainOptions(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-                           max_samples=max_samples, save_every=save_every,
-                           gradient_checkpointing=gradient_checkpointing, seed=seed)
+    options = _train_options(locals())
     rows = read_manifest(manifest, root)
     check_transformers()
     from ..training.data import expand_samples
