@@ -351,6 +351,9 @@ def test_help_shows_every_default():
     ["eval", "{manifest}", "--max-new-tokens", "0"],
     ["bench", "{manifest}", "--budgets", "0"],
     ["bench", "{manifest}", "--batch-size", "x"],
+    ["train", "gate", "{manifest}", "--out", "{manifest}.d", "--epochs", "0"],
+    ["train", "gate", "{manifest}", "--out", "{manifest}.d", "--ladder", "64,32,16"],
+    ["train", "rpn", "{manifest}", "--out", "{manifest}.d", "--view-tokens", "50"],
 ])
 def test_usage_errors_come_before_the_ml_libraries(args, tmp_path, pdf_path):
     """A bad flag is answered at once (exit 2) without importing torch or transformers."""
