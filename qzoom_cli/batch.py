@@ -30,7 +30,7 @@ from .budget import VisualBudget
 from .documents import open_document
 from .errors import OutputError, QZoomError, ResumeMismatch, UsageError
 from .manifest import ManifestRow, RowError
-from .options import SHORT_ANSWER_INSTRUCTION, ZoomSettings
+from .options import SHORT_ANSWER_INSTRUCTION, ZoomSettings, changed_settings
 from .outputs import sole_writer
 from .results import ErrorInfo, Result
 
@@ -198,8 +198,7 @@ def check_same_settings(records: Iterable[dict], settings: dict | None, output: 
     for record in records:
         before = record.get("run")
         if before != settings:
-            changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)) if before \
-                else ["(not recorded)"]
+            changed = changed_settings(before, now) if before else ["(not recorded)"]
             raise ResumeMismatch(f"{output} holds answers made with other settings ({', '.join(changed)}); resume with "
                              "the same options, or --force to start afresh, or -o another file")
 

@@ -35,15 +35,21 @@ def parse_modes(text: str) -> list[str]:
     return modes
 
 
-def parse_counts(text: str, flag: str, minimum: int = 1) -> list[int]:
-    """'256,576,1024' -> [256, 576, 1024] (--budgets, --ladder), each at least `minimum`."""
+def parse_counts(text: str, flag: str) -> list[int]:
+    """'256,576,1024' -> [256, 576, 1024] (--budgets, --ladder), each at least 1."""
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"{flag} takes whole numbers like 64,256,1024; got {text!r}") from None
-    if not values or min(values) < minimum:
-        raise UsageError(f"{flag} needs numbers of at least {minimum}; got {text!r}")
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} needs numbers of at least 1; got {text!r}")
     return values
+
+
+def changed_settings(before: dict, now: dict) -> list[str]:
+    """The names whose values differ between two settings dicts (one missing counts as differing):
+    what a resume refuses to continue across."""
+    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 
 def check_questions(questions: str | list[str]) -> list[str]:

@@ -498,10 +498,11 @@ def test_question_writing_asks_each_page_plainly_and_keeps_real_questions(tmp_pa
 def test_the_gate_trains_on_what_it_reads_at_inference(qz, tmp_path):
     """Pages at two rungs batched together (so one is padded): the student's probabilities are the
     engine's gate scores for the same page, budget and question."""
+    from zoomkit import trained_adapter
+
     from qzoom_cli.documents import open_document
     from qzoom_cli.training.gate import GateStudent, gate_inputs, prompt_text
     from qzoom_cli.zoom.pipeline import ZoomEngine, ZoomSettings
-    from zoomkit import trained_adapter
 
     manifest, _ = red_square_pages(tmp_path, 2, seed=6)
     adapter = trained_adapter(qz.backbone, seed=5)

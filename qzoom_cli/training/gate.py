@@ -34,7 +34,6 @@ from ..budget import VisualBudget
 from ..decode import answer_plainly
 from ..errors import ResumeMismatch, UsageError
 from ..options import TRAINED_GATE_THRESHOLD
-from ..padding import pad_segments
 from ..zoom.adapter import AdapterConfig, ZoomAdapter
 from ..zoom.gate import gate_logits
 from .data import ArtefactStore, SampleSet, Shard
@@ -47,7 +46,7 @@ from .loop import (
     options_dict,
 )
 from .pseudo_labels import IGNORE
-from .rpn import _Pages, prompt_text
+from .rpn import _Pages, branch_inputs, prompt_text
 from .settings import DEFAULT_LADDER, GATE_SEED
 
 TOP_RUNGS = 2
@@ -201,15 +200,9 @@ def gate_inputs(backbone: Backbone, branch_layer: int, views: list[tuple[Image.I
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Layer-K states, positions and padding mask of each (page, visual tokens) and prompt text,
     padded into one batch: what the gate reads at inference after the coarse pass."""
-    segments = []
-    for (page, tokens), text in zip(views, texts, strict=True):
-        encoding = backbone.encode_image(backbone.fit_image(page, VisualBudget(tokens, tokens)))
-        prompt = backbone.build_prompt(text, [encoding.grid])
-        segments.append([backbone.prepare_inputs(prompt, [encoding])])
-    batch = pad_segments(segments)
-    mask = batch.mask_or_none()
-    hidden = backbone.run_layers(batch.embeds, batch.positions, None, 0, branch_layer, mask, batch.additions)
-    return hidden, batch.positions, mask
+    fitted = [backbone.fit_image(page, VisualBudget(tokens, tokens)) for page, tokens in views]
+    hidden, positions, mask, _ = branch_inputs(backbone, fitted, texts, branch_layer)
+    return hidden, positions, mask
 
 
 def train_gate(backbone: Backbone, adapter: ZoomAdapter | None, samples: SampleSet, settings: GateSettings,

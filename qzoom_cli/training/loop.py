@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ResumeMismatch
+from ..options import changed_settings
 from .settings import TrainOptions
 
 
@@ -147,7 +148,7 @@ class Trainer:
             return 0
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         before = state.get("plan", self.plan)
-        changed = sorted(k for k in before.keys() | self.plan.keys() if before.get(k) != self.plan.get(k))
+        changed = changed_settings(before, self.plan)
         if changed:
             raise ResumeMismatch(f"{checkpoint} was trained with other settings ({', '.join(changed)}): rerun "
                                  "with the same options and samples, or write to another --out")

@@ -47,15 +47,15 @@ def write_questions(qz: QZoom, folder: Path, manifest: Path, per_page: int = 5, 
     base = manifest.parent.resolve()
     with open(manifest, "w", encoding="utf-8") as out:
         for path in documents(folder):
+            resolved = path.resolve()
+            relative = resolved.relative_to(base) if resolved.is_relative_to(base) else resolved
+            name = path.relative_to(folder).as_posix()  # unique, unlike the file's stem
             try:
                 with open_document(path, dpi=dpi) as doc:
                     for page in range(1, doc.page_count + 1):
                         [result] = qz.ask(doc, REQUEST.format(count=per_page), pages=str(page), instruction="",
                                           zoom="never", budget=budget, max_new_tokens=max_new_tokens)
                         questions = parse_questions(result.answer or "", per_page)
-                        resolved = path.resolve()
-                        relative = resolved.relative_to(base) if resolved.is_relative_to(base) else resolved
-                        name = path.relative_to(folder).as_posix()  # unique, unlike the file's stem
                         for i, question in enumerate(questions, start=1):
                             out.write(json.dumps({"id": f"{name}-p{page}-q{i}", "file": str(relative),
                                                   "pages": str(page), "question": question}) + "\n")

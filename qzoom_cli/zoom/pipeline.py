@@ -137,6 +137,10 @@ class PageAnswer:
     def region_tokens(self) -> int:
         return self.trace.region.tokens if self.trace.region is not None else 0
 
+    @property
+    def visual_tokens(self) -> int:
+        return self.coarse_tokens + self.region_tokens
+
 
 @dataclass
 class _Group:
@@ -266,19 +270,14 @@ class ZoomEngine:
                     strict=True):
                 answers[i].direct = generation
         if "direct" in groups:
-            for i, generation in zip(direct_rows, self._finish_direct(groups["direct"], clock, max_new_tokens),
-                                     strict=True):
-                answers[i].generation = generation
-                answers[i].time.decode_s += generation.decode_s
+            _keep(answers, direct_rows, self._finish_direct(groups["direct"], clock, max_new_tokens))
         if "zoom" in groups:
             self._zoom(groups["zoom"], batch, items, prompts, answers, boxes, roi_threshold, settings, clock,
                        max_new_tokens)
         return answers
 
     def _decode(self, answers, rows, logits, cache, positions, mask, max_new_tokens) -> None:
-        for i, generation in zip(rows, self.decode(logits, cache, positions, max_new_tokens, mask), strict=True):
-            answers[i].generation = generation
-            answers[i].time.decode_s += generation.decode_s
+        _keep(answers, rows, self.decode(logits, cache, positions, max_new_tokens, mask))
 
     def _finish_direct(self, group: _Group, clock: _Clock, max_new_tokens: int) -> list[Generation]:
         """Finish the coarse prefill through the upper layers with the same cache, then decode."""
@@ -353,6 +352,13 @@ class ZoomEngine:
             upper = VisualAdditions.concat([(prefix, prefix_end), (suffix.additions, suffix.embeds.shape[1])])
         hidden = bb.run_layers(hidden, positions, cache, self.branch_layer, bb.num_layers, mask, upper)
         return bb.logits(hidden[:, -1:])[:, -1], positions, mask
+
+
+def _keep(answers: list[PageAnswer], rows: list[int], generations: list[Generation]) -> None:
+    """Each row's generation into its answer, with its decode time."""
+    for i, generation in zip(rows, generations, strict=True):
+        answers[i].generation = generation
+        answers[i].time.decode_s += generation.decode_s
 
 
 def _rows(mask: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
