@@ -50,7 +50,7 @@ class RunOptions:
 
 
 def error_result(row: ManifestRow | RowError, code: str, message: str) -> Result:
-    return Result(id=row.id, status="error", input=None, question=getattr(row, "question", ""),
+    return Result(id=row.id, status="error", input=None, question=row.question,
                   error=ErrorInfo(code=code, message=message))
 
 
@@ -174,7 +174,7 @@ def read_records(path: Path) -> list[dict]:
 
 def write_records(path: Path, records: list[dict]) -> None:
     """Replace `path` with these records, atomically (a crash leaves the old file or the new one)."""
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(path.name + ".tmp")  # pragma: no mutate (its name is never seen)
     with open(temporary, "w", encoding="utf-8") as out:
         for record in records:
             out.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -183,8 +183,13 @@ class Document:
             width, height = self.page_size(number)
             if width * height > MAX_RENDER_PIXELS:
                 raise UsageError(f"page {number} at {self.dpi} dpi would be {width}x{height} pixels; lower --dpi")
-            pixmap = self._pdf[number - 1].get_pixmap(dpi=self.dpi, alpha=False)
-            return Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+            return self._pdf_image(number, self.dpi / 72)
+
+    def _pdf_image(self, number: int, zoom: float, clip: pymupdf.Rect | None = None) -> Image.Image:
+        """PDF page `number` (or its `clip`, in points) rendered at `zoom` x 72 dpi."""
+        with self._reading(number):
+            pixmap = self._pdf[number - 1].get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), clip=clip)
+        return Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
 
     @property
     def coord_space(self) -> str:
@@ -205,23 +210,17 @@ class Document:
             points = 72 / self.dpi
             clip = pymupdf.Rect(x0 * points, y0 * points, x1 * points, y1 * points)
             zoom = min(max(size[0] / (x1 - x0), size[1] / (y1 - y0)) * self.dpi / 72, MAX_REGION_DPI / 72)
-            with self._reading(number):
-                pixmap = self._pdf[number - 1].get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), clip=clip, alpha=False)
-            region = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+            region = self._pdf_image(number, zoom, clip)
         if region.size == size:
             return region
         return region.resize(size, Image.Resampling.BICUBIC)
 
     def thumbnail(self, number: int, max_side: int = 96) -> Image.Image:
-        """A small RGB picture of a page, rendered directly at low resolution for PDFs."""
+        """A small RGB picture of a page, its long side `max_side`; PDFs are rendered directly at that size."""
         if self._pdf is not None:
             width, height = self.page_size(number)
-            dpi = max(1, int(self.dpi * max_side / max(width, height)))
-            with self._reading(number):
-                pixmap = self._pdf[number - 1].get_pixmap(dpi=dpi, alpha=False)
-            image = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
-        else:
-            image = self._render(number)
+            return self._pdf_image(number, self.dpi / 72 * max_side / max(width, height))
+        image = self._render(number)
         image.thumbnail((max_side, max_side))
         return image
 

@@ -1,6 +1,8 @@
 """Shared fixtures: everything offline, one tiny checkpoint and one loaded model per session."""
 
+import json
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -30,3 +32,11 @@ def pdf_path(tmp_path):
     path = tmp_path / "doc.pdf"
     path.write_bytes(make_pdf(3))
     return path
+
+
+def pytest_collection_modifyitems(items):
+    """Under `mutmut run` (cwd mutants/), fastest tests first: a killed mutant stops at its first failure."""
+    stats = Path("mutmut-stats.json")
+    if os.environ.get("MUTANT_UNDER_TEST") and stats.exists():
+        duration = json.loads(stats.read_text())["duration_by_test"]
+        items.sort(key=lambda item: duration.get(item.nodeid, 0.0))

@@ -225,16 +225,16 @@ def test_endless_input_is_capped(monkeypatch):
                                         (lambda: make_image("PNG", size=(900, 600)), "png")])
 def test_thumbnails_are_the_page_itself_scaled_to_fit(make, kind):
     """The panel's thumbnail: the requested page, its aspect kept, its long side `max_side` (a PDF is
-    rendered directly at that size, so it matches the full rendering scaled down)."""
+    rendered directly at that size and matches the full rendering scaled down)."""
     with open_document(make(), dpi=72) as doc:
         assert doc.kind == kind
         for number in range(1, doc.page_count + 1):
             thumb = doc.thumbnail(number, max_side=60)
             full = doc.render(number)
-            assert thumb.mode == "RGB" and 58 <= max(thumb.size) <= 60  # a PDF renders at a whole dpi
+            assert thumb.mode == "RGB" and max(thumb.size) == 60
             assert abs(thumb.width / thumb.height - full.width / full.height) < 0.05
             scaled = full.resize(thumb.size)
-            diff = sum(abs(a - b) for a, b in zip(thumb.convert("L").getdata(), scaled.convert("L").getdata()))
+            diff = sum(abs(a - b) for a, b in zip(thumb.convert("L").tobytes(), scaled.convert("L").tobytes()))
             assert diff / (thumb.width * thumb.height) < 12, number  # the same page, not another one
         if doc.page_count > 1:
             assert doc.thumbnail(1, 60).tobytes() != doc.thumbnail(2, 60).tobytes()

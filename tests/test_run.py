@@ -438,3 +438,85 @@ def test_failures_outside_the_library_become_named_record_errors():
     assert _error_fields(PageOutOfRange("page 9 of 2"), False) == ("page_out_of_range", "page 9 of 2")
     assert _error_fields(torch.OutOfMemoryError("CUDA out of memory"), False) == ("oom", "out of GPU memory")
     assert _error_fields(KeyError("x"), False) == ("internal", "KeyError: 'x'")
+
+
+def test_error_records_keep_the_question_and_say_why():
+    from qzoom_cli.batch import error_result
+
+    row = ManifestRow(index=0, id="q1", file="a.pdf", question="total?")
+    failed = error_result(row, "file_not_found", "a.pdf: no such file").to_dict()
+    assert failed["question"] == "total?"
+    assert failed["error"] == {"code": "file_not_found", "message": "a.pdf: no such file"}
+    bad_line = RowError(index=3, id="line-4", code="bad_manifest", message="not JSON", question="who?")
+    assert error_result(bad_line, bad_line.code, bad_line.message).to_dict()["question"] == "who?"
+
+
+def test_result_files_round_trip_text_as_written_and_skip_what_is_not_a_record(tmp_path):
+    from qzoom_cli.batch import read_records, write_records
+
+    out = tmp_path / "out.jsonl"
+    records = [{"id": "a", "answer": "Größe 5 €"}, {"id": "b", "answer": "東京"}]
+    write_records(out, records)
+    assert "Größe 5 €" in out.read_text(encoding="utf-8")  # readable UTF-8, not \u escapes
+    assert read_records(out) == records and os.listdir(tmp_path) == ["out.jsonl"]
+
+    lines = ['{"id": "a", "answer": "1"}', "", '{"id": "b", "answ', '["id"]', '{"no": "id"}', '"id"',
+             '{"id": "c", "answer": "3"}']
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert [r["id"] for r in read_records(out)] == ["a", "c"]
+
+
+def test_a_verbose_run_prints_the_traceback_of_a_bug(capsys):
+    from qzoom_cli.batch import _error_fields
+
+    def broken():
+        raise KeyError("x")
+
+    try:
+        broken()
+    except KeyError as exc:
+        assert _error_fields(exc, True) == ("internal", "KeyError: 'x'")
+    assert "in broken" in capsys.readouterr().err
+
+
+def test_processes_sharing_one_output_write_shards_that_rank_0_merges(qz, workdir, monkeypatch):
+    """Two ranks (threads here, processes in `--gpus`) answer whole documents each into their own
+    shard file; rank 0 merges them into the output, in manifest order, and removes the shards."""
+    import threading
+
+    from qzoom_cli.batch import RunOptions, run_manifest
+    from qzoom_cli.zoom.pipeline import ZoomSettings
+
+    rows = _rows(workdir)
+    options = RunOptions(zoom=ZoomSettings("never"), dpi=72, max_new_tokens=3)
+    single = workdir / "single.jsonl"
+    run_manifest(lambda: qz, rows, options, output=single, stdout=io.StringIO())
+
+    lock, original = threading.Lock(), qz.engine.answer_batch
+
+    def one_at_a_time(*args):
+        with lock:
+            return original(*args)
+
+    monkeypatch.setattr(qz.engine, "answer_batch", one_at_a_time)
+    out, barrier, failures = workdir / "out.jsonl", threading.Barrier(2, timeout=60), []
+
+    def rank(r):
+        try:
+            run_manifest(lambda: qz, rows, options, output=out, stdout=io.StringIO(), rank=r, world=2,
+                         barrier=barrier.wait)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            failures.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    merged = records(out)
+    assert [r["id"] for r in merged] == [row.id for row in rows]
+    assert [(r["id"], r["answer"], r["status"]) for r in merged] == [(r["id"], r["answer"], r["status"])
+                                                                      for r in records(single)]
+    assert not list(workdir.glob("out.jsonl.rank*"))

@@ -465,6 +465,7 @@ def test_question_writing_asks_each_page_plainly_and_keeps_real_questions(tmp_pa
                            '(4) Which date?\nshort?\n   \n2) Total in €?', 9) == \
         ["Wie hoch ist die Summe?", "Who signed it?", "Which date?", "Total in €?"]
     assert parse_questions("Which date?\nWho signed it?", 1) == ["Which date?"]
+    assert parse_questions('Who won?\nWho is?\n"Value of X"', 9) == ["Who won?", "Value of X"]  # 8 letters at least
     docs = tmp_path / "docs"
     (docs / "sub").mkdir(parents=True)
     (docs / "sub" / "a.pdf").write_bytes(make_pdf(2))
@@ -473,6 +474,7 @@ def test_question_writing_asks_each_page_plainly_and_keeps_real_questions(tmp_pa
     calls, pages = [], []
 
     def ask(doc, question, **options):
+        assert doc.dpi == 36
         calls.append((question, options))
         return [SimpleNamespace(answer="1. Wie hoch ist die Summe in €?\n2. Who signed it?")]
 
@@ -490,7 +492,7 @@ def test_question_writing_asks_each_page_plainly_and_keeps_real_questions(tmp_pa
     assert [r["id"] for r in rows] == ["sub/a.pdf-p1-q1", "sub/a.pdf-p1-q2", "sub/a.pdf-p2-q1", "sub/a.pdf-p2-q2"]
     assert {r["file"] for r in rows} == {str((docs / "sub" / "a.pdf").resolve())}  # not under the manifest's folder
     assert rows[0]["question"] == "Wie hoch ist die Summe in €?" and rows[0]["pages"] == "1"
-    write_questions(SimpleNamespace(ask=ask), docs, tmp_path / "q.jsonl", per_page=1, dpi=36)
+    assert write_questions(SimpleNamespace(ask=ask), docs, tmp_path / "q.jsonl", per_page=1, dpi=36)[0] == 2
     assert {json.loads(line)["file"] for line in (tmp_path / "q.jsonl").read_text().splitlines()} == \
         {"docs/sub/a.pdf"}  # under it: relative, so the folder can move
 
@@ -527,3 +529,52 @@ def test_the_gate_trains_on_what_it_reads_at_inference(qz, tmp_path):
             read = engine.answer(view, text, ZoomSettings("auto", gate_threshold=0.0), 1).trace.gate
         assert read.kind == "trained" and 0.02 < read.score < 0.98
         assert probability == pytest.approx(read.score, abs=1e-5)
+
+
+def test_training_samples_are_pages_and_what_cannot_be_read_is_counted(tmp_path):
+    from docmaker import make_pdf
+
+    (tmp_path / "a.pdf").write_bytes(make_pdf(3))
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.7 not really")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join([
+        json.dumps({"id": "one", "file": "a.pdf", "question": "q1?", "pages": "2", "answers": ["x"]}),
+        "{not json",
+        json.dumps({"id": "gone", "file": "gone.pdf", "question": "q2?"}),
+        json.dumps({"id": "bad", "file": "broken.pdf", "question": "q3?"}),
+        json.dumps({"id": "all", "file": "a.pdf", "question": "q4?"}),
+    ]) + "\n")
+    rows = read_manifest(str(manifest))
+    samples = expand_samples(rows, dpi=72)
+    assert [(s.id, s.page, s.question, s.answers) for s in samples.samples] == [
+        ("one", 2, "q1?", ("x",)), ("all#p1", 1, "q4?", ()), ("all#p2", 2, "q4?", ()), ("all#p3", 3, "q4?", ())]
+    assert samples.skipped == {"bad manifest row (bad_row)": 1, "unreadable document (file_not_found)": 1,
+                               "unreadable document (pdf_corrupt)": 1}
+    assert [s.id for s in expand_samples(rows, max_samples=2, dpi=72).samples] == ["one", "all#p1"]
+
+
+@pytest.mark.parametrize("text, rungs", [("64,256,1024", (64, 256, 1024)), (" 16, 36,64,100 ", (16, 36, 64, 100)),
+                                         ("64,256", None), ("64,64,256", None), ("256,64,1024", None)])
+def test_ladder_needs_three_increasing_budgets(text, rungs):
+    from qzoom_cli.errors import UsageError
+    from qzoom_cli.training.settings import parse_ladder
+
+    if rungs:
+        assert parse_ladder(text) == rungs
+    else:
+        with pytest.raises(UsageError, match=f"--ladder needs at least three increasing budgets; got '{text}'"):
+            parse_ladder(text)
+
+
+def test_ladder_of_words_names_the_flag():
+    from qzoom_cli.errors import UsageError
+    from qzoom_cli.training.settings import parse_ladder
+
+    with pytest.raises(UsageError, match="^--ladder takes whole numbers"):
+        parse_ladder("64,many,1024")
+
+
+def test_head_table_read_back_from_a_card():
+    table = HeadTable({14: [3, 7]}, {14: [0]})
+    assert HeadTable.from_dict(json.loads(json.dumps(table.to_dict()))) == table
+    assert HeadTable.from_dict({"grounding": {"2": [1]}}) == HeadTable({2: [1]}, {})  # a card without sink heads

@@ -1,6 +1,7 @@
 """The zoom engine on the tiny model: exactness of every shortcut it takes, and both checkpoint layouts."""
 
 import json
+import re
 import math
 
 import pytest
@@ -219,7 +220,7 @@ def test_official_checkpoint_with_missing_modules_is_refused(qz, tiny_dir, tmp_p
     config = json.loads((out / "config.json").read_text())
     config["enable_high_res"] = True  # claims a gate whose weights are not there
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match="missing"):
+    with pytest.raises(ModelError, match=f"zoom weights in {re.escape(str(out))} do not match .*: missing"):
         QZoom.from_pretrained(str(out), device="cpu")
 
 
@@ -336,6 +337,11 @@ def test_checkpoint_weights_are_found_in_the_hub_cache_offline(tmp_path, monkeyp
     assert all(p.parent == sharded for p in found)
     single = _hub_cache(tmp_path, "org/single", {"model.safetensors": b"1"})
     assert checkpoint_files("org/single", None) == [single / "model.safetensors"]
+    pinned = sharded.parent / ("f" * 40)  # an older snapshot, asked for by its commit
+    pinned.mkdir()
+    for path in sharded.iterdir():
+        (pinned / path.name).write_bytes(path.read_bytes())
+    assert [p.parent for p in checkpoint_files("org/sharded", "f" * 40)] == [pinned, pinned]
     assert checkpoint_files("org/single", "0123456789abcdef0123456789abcdef01234567") == [single / "model.safetensors"]
     with pytest.raises(ModelNotAvailable):  # a pinned revision that is not cached is not the cached one
         checkpoint_files("org/single", "v2")

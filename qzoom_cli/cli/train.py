@@ -18,6 +18,7 @@ from ..training.settings import (
     DEFAULT_LADDER,
     DEFAULT_VIEW_TOKENS,
     GATE_SEED,
+    QUESTIONS_PER_PAGE,
     LabelSettings,
     TrainOptions,
     parse_ladder,
@@ -229,7 +230,7 @@ def train_gate_command(
 def train_questions_command(
     folder: Annotated[str, typer.Argument(help="Folder of documents (searched recursively).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Manifest to write.")] = "questions.jsonl",
-    per_page: Annotated[int, typer.Option(help="Questions asked for per page.")] = 5,
+    per_page: Annotated[int, typer.Option(help="Questions asked for per page.")] = QUESTIONS_PER_PAGE,
     force: Annotated[bool, flag(help="Overwrite an existing --output.")] = False,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
@@ -261,7 +262,8 @@ def train_questions_command(
         if not quiet:
             print(f"qzoom: {path} page {page}: {count} questions", file=sys.stderr)
 
-    rows, skipped = write_questions(qz, Path(folder), Path(output), per_page, dpi, budget, on_page=on_page)
+    rows, skipped = write_questions(qz, Path(folder), Path(output), per_page=per_page, dpi=dpi, budget=budget,
+                                    on_page=on_page)
     for path, reason in skipped.items():
         warn(f"skipped {path}: {reason}", quiet)
     print(output)

@@ -16,6 +16,7 @@ from ..api import QZoom
 from ..budget import VisualBudget
 from ..documents import open_document
 from ..errors import QZoomError
+from .settings import QUESTION_MAX_TOKENS, QUESTIONS_PER_PAGE
 
 DOCUMENT_SUFFIXES = {".pdf", ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 REQUEST = ("Write {count} different short questions that can each be answered from one specific detail on this "
@@ -39,8 +40,8 @@ def documents(folder: Path) -> Iterator[Path]:
             yield path
 
 
-def write_questions(qz: QZoom, folder: Path, manifest: Path, per_page: int = 5, dpi: int = 200,
-                    budget: VisualBudget | None = None, max_new_tokens: int = 160,
+def write_questions(qz: QZoom, folder: Path, manifest: Path, *, dpi: int, per_page: int = QUESTIONS_PER_PAGE,
+                    budget: VisualBudget | None = None, max_new_tokens: int = QUESTION_MAX_TOKENS,
                     on_page: Callable[[Path, int, int], None] = lambda path, page, count: None) -> tuple[int, dict]:
     """Write the manifest; returns (rows written, {skipped document: reason})."""
     rows, skipped = 0, {}
@@ -55,7 +56,7 @@ def write_questions(qz: QZoom, folder: Path, manifest: Path, per_page: int = 5, 
                     for page in range(1, doc.page_count + 1):
                         [result] = qz.ask(doc, REQUEST.format(count=per_page), pages=str(page), instruction="",
                                           zoom="never", budget=budget, max_new_tokens=max_new_tokens)
-                        questions = parse_questions(result.answer or "", per_page)
+                        questions = parse_questions(result.answer, per_page)
                         for i, question in enumerate(questions, start=1):
                             out.write(json.dumps({"id": f"{name}-p{page}-q{i}", "file": str(relative),
                                                   "pages": str(page), "question": question}) + "\n")

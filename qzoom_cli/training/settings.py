@@ -45,6 +45,10 @@ class LabelSettings:
     peak_floor: float = 5e-3
 
 
+QUESTIONS_PER_PAGE = 5  # `train questions`
+QUESTION_MAX_TOKENS = 160  # room for a numbered list of short questions
+
+
 def parse_ladder(text: str) -> tuple[int, ...]:
     """--ladder '64,256,1024': at least three increasing visual-token budgets."""
     rungs = tuple(parse_counts(text, "--ladder"))

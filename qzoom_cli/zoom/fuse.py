@@ -48,8 +48,8 @@ def align_positions(positions: torch.Tensor, spatial_rows: tuple[int, int], sour
                                           src[col_axis].view(source.rows, source.cols),
                                           box, region.rows, region.cols)
     aligned = positions.float().clone()
-    aligned[row_axis, 0, region.start:region.stop] = rows.to(aligned.device)
-    aligned[col_axis, 0, region.start:region.stop] = cols.to(aligned.device)
+    aligned[row_axis, 0, region.start:region.stop] = rows  # a slice assignment copies across devices
+    aligned[col_axis, 0, region.start:region.stop] = cols
     return aligned
 
 

@@ -156,8 +156,8 @@ def aligned_region_positions(source_rows: torch.Tensor, source_cols: torch.Tenso
     y0, x0, y1, x1 = int(box.y0), int(box.x0), int(box.y1), int(box.x1)
     h = torch.linspace(float(source_rows[y0, x0]), float(source_rows[y1 - 1, x0]), region_rows)
     w = torch.linspace(float(source_cols[y0, x0]), float(source_cols[y0, x1 - 1]), region_cols)
-    grid_h, grid_w = torch.meshgrid(h, w, indexing="ij")
-    return grid_h.flatten(), grid_w.flatten()
+    cells = torch.cartesian_prod(h, w)
+    return cells[:, 0], cells[:, 1]
 
 
 def equivalent_page_tokens(region_tokens: int, region_px: Box, page_size: tuple[int, int]) -> int:
