@@ -23,8 +23,8 @@ from pathlib import Path
 import pymupdf
 import torch
 import transformers
-
 from bench_engine import build, engines, model_parser, stock_vision
+
 from qzoom_cli.batch import RunOptions, answer_rows
 from qzoom_cli.budget import VisualBudget
 from qzoom_cli.documents import open_document

@@ -1,8 +1,8 @@
 """The zoom engine on the tiny model: exactness of every shortcut it takes, and both checkpoint layouts."""
 
 import json
-import re
 import math
+import re
 
 import pytest
 import torch
