@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -10,9 +11,9 @@ from typer.testing import CliRunner
 
 from qzoom_cli import QZoom, cli
 from qzoom_cli.budget import VisualBudget
-from qzoom_cli.errors import EXIT_USAGE, ResumeMismatch
+from qzoom_cli.errors import EXIT_USAGE, ResumeMismatch, UsageError
 from qzoom_cli.manifest import read_manifest
-from qzoom_cli.training.data import ArtefactStore, expand_samples
+from qzoom_cli.training.data import ArtefactStore, Shard, expand_samples
 from qzoom_cli.training.gate import (
     GateSettings,
     build_pool,
@@ -161,22 +162,32 @@ def test_student_learns_the_teacher_labels(qz, tmp_path):
     assert len(saved["training"]["rpn"]["data_fingerprint"]) == 64
 
 
-def test_gradient_checkpointing_recomputes_the_branch_and_changes_nothing_else(qz, tmp_path):
+@pytest.mark.parametrize("stage", ["rpn", "gate"])
+def test_gradient_checkpointing_recomputes_the_branch_and_changes_nothing_else(qz, tmp_path, stage):
     """--gradient-checkpointing: each branch layer runs again in the backward pass; the losses and
     the trained weights are those of a run without it."""
-    manifest, cells = red_square_pages(tmp_path, 8, seed=2)
+    def train(checkpointing):
+        out, options = tmp_path / str(checkpointing), TrainOptions(epochs=1, batch_size=4,
+                                                                   gradient_checkpointing=checkpointing)
+        out.mkdir()
+        torch.manual_seed(0)
+        if stage == "rpn":
+            manifest, cells = red_square_pages(out, 8, seed=2)
+            samples = seed_teacher_labels(manifest, cells, out / "labels")
+            return train_rpn(qz.backbone, samples, RpnSettings(2, 2, HeadTable({1: [0]}), view_side=SIDE), options, out)
+        samples, ladder = _ladder_pages(out, out)
+        return train_gate(qz.backbone, None, samples, GateSettings(ladder=ladder), options, out, branch_layer=2,
+                          depth=2)
+
     runs = {}
+    mlp_class = type(qz.backbone.decoder_layers[0].mlp)  # inside the layer: seen again when it is recomputed
     for checkpointing in (False, True):
-        samples = seed_teacher_labels(manifest, cells, tmp_path / str(checkpointing) / "labels")
         calls = []
-        mlp_class = type(qz.backbone.decoder_layers[0].mlp)  # inside the layer: seen again when it is recomputed
         hook = torch.nn.modules.module.register_module_forward_pre_hook(
             lambda module, args: calls.append(1) if isinstance(module, mlp_class) and torch.is_grad_enabled()
             else None)
         try:
-            adapter, report = train_rpn(qz.backbone, samples, RpnSettings(2, 2, HeadTable({1: [0]}), view_side=SIDE),
-                                        TrainOptions(epochs=1, batch_size=4, gradient_checkpointing=checkpointing),
-                                        tmp_path / str(checkpointing))
+            adapter, report = train(checkpointing)
         finally:
             hook.remove()
         runs[checkpointing] = adapter.state_dict(), report, len(calls)
@@ -274,7 +285,7 @@ def test_answer_ladders_are_the_plain_answers_at_each_budget_and_are_cached(qz, 
     settings = GateSettings(ladder=(16, 36, 64), max_new_tokens=4, dpi=72)
     store = ArtefactStore(tmp_path / "ladders")
     seen = []
-    ladders = make_ladders(qz.backbone, samples, settings, store, on_sample=seen.append)
+    ladders = make_ladders(qz.backbone, samples, settings, store, Shard(), on_sample=seen.append)
     assert len(seen) == 2 and set(ladders) == {s.key for s in samples.samples}
     for sample in samples.samples:
         answers, references = ladders[sample.key]
@@ -288,9 +299,9 @@ def test_answer_ladders_are_the_plain_answers_at_each_budget_and_are_cached(qz, 
 
     original, gate.answer_ladder = gate.answer_ladder, never
     try:
-        assert make_ladders(qz.backbone, samples, settings, store) == ladders
+        assert make_ladders(qz.backbone, samples, settings, store, Shard()) == ladders
         with pytest.raises(ResumeMismatch, match="another ladder"):
-            make_ladders(qz.backbone, samples, GateSettings(ladder=(16, 36, 100), dpi=72), store)
+            make_ladders(qz.backbone, samples, GateSettings(ladder=(16, 36, 100), dpi=72), store, Shard())
     finally:
         gate.answer_ladder = original
 
@@ -578,3 +589,113 @@ def test_head_table_read_back_from_a_card():
     table = HeadTable({14: [3, 7]}, {14: [0]})
     assert HeadTable.from_dict(json.loads(json.dumps(table.to_dict()))) == table
     assert HeadTable.from_dict({"grounding": {"2": [1]}}) == HeadTable({2: [1]}, {})  # a card without sink heads
+
+
+# --- the gate stage: its adapter, its seeds, its resume ---------------------------------------------------
+
+def test_a_fresh_gate_starts_from_the_base_and_keeps_a_trained_region_head(qz):
+    from zoomkit import trained_adapter
+
+    from qzoom_cli.training.gate import with_gate
+
+    torch.manual_seed(0)
+    backbone = qz.backbone
+    rpn_adapter = trained_adapter(backbone, gate=False)
+    gated = with_gate(rpn_adapter, backbone, branch_layer=9, depth=9)  # the adapter's own layers win
+    assert gated.config.gate and gated.config.region_head and gated.config.branch_layer == 2
+    for name, tensor in rpn_adapter.twig_layers.state_dict().items():
+        assert torch.equal(gated.twig_layers.state_dict()[name], tensor)
+    for i, layer in enumerate(gated.high_res_layers):
+        base = backbone.decoder_layers[2 + i].state_dict()
+        assert all(torch.equal(tensor, base[name]) for name, tensor in layer.state_dict().items())
+    head = gated.high_res_head
+    assert abs(float(head.weight.mean())) < 0.01 and 0.015 < float(head.weight.std()) < 0.025
+    assert not head.bias.any()
+
+    alone = with_gate(None, backbone, branch_layer=1, depth=2)
+    assert alone.config.region_head is False and alone.config.gate and alone.config.branch_layer == 1
+    assert alone.config.base_model == backbone.model_id and alone.config.family == backbone.family
+
+
+def _ladder_pages(tmp_path, out):
+    """Four questions whose answer needs resolution, eight that never change, one inconsistent."""
+    manifest, _ = red_square_pages(tmp_path, 13, seed=5)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    kinds = ["fine print"] * 4 + ["colour"] * 8 + ["noise"]
+    for row, kind in zip(rows, kinds, strict=True):
+        row["question"] = f"What is the {kind} of page {row['id']}?"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ladder = (16, 36, 64, 100)
+    answers = {row["question"]: {"fine print": ["?", "net 3", "net 30", "net 30"], "colour": ["red"] * 4,
+                                 "noise": ["a", "b", "a", "b"]}[kind] for row, kind in zip(rows, kinds)}
+    return seed_ladders(manifest, out / "ladders", ladder, answers), ladder
+
+
+def _gate_weights(adapter):
+    return {k: v.clone() for k, v in adapter.state_dict().items() if k.startswith("high_res")}
+
+
+def test_gate_training_is_seeded_and_resumes_to_the_uninterrupted_weights(qz, tmp_path):
+    runs = {}
+
+    def train(name, seed=7, save_every=0, on_step=lambda report: None):
+        (tmp_path / name).mkdir(exist_ok=True)
+        samples, ladder = _ladder_pages(tmp_path / name, tmp_path / name / "gate")
+        torch.manual_seed(0)
+        return train_gate(qz.backbone, None, samples, GateSettings(ladder=ladder, seed=seed),
+                          TrainOptions(epochs=2, lr=1e-3, batch_size=2, save_every=save_every),
+                          tmp_path / name / "gate", branch_layer=2, depth=2, on_step=on_step)
+
+    gated, report = train("straight")
+    runs["straight"] = _gate_weights(gated)
+    assert report["stage"] == "gate" and (report["kept"], report["transitions"], report["easy"]) == (8, 4, 4)
+    assert report["dropped"] == {"top two rungs disagree": 1, "easy beyond balance": 4} and report["steps"] == 8
+
+    def stop_at_step_5(step):
+        if step.step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("resumed", save_every=1, on_step=stop_at_step_5)
+    torch.manual_seed(1)  # a resumed run must not depend on the fresh initialisation it no longer uses
+    runs["resumed"] = _gate_weights(train("resumed", save_every=1)[0])
+    runs["other seed"] = _gate_weights(train("other seed", seed=8)[0])
+    assert all(torch.allclose(runs["straight"][k], runs["resumed"][k], atol=1e-6) for k in runs["straight"])
+    assert any(not torch.allclose(runs["straight"][k], runs["other seed"][k]) for k in runs["straight"])
+
+
+def test_gate_training_without_a_usable_ladder_says_what_to_do(qz, tmp_path):
+    manifest, _ = red_square_pages(tmp_path, 2, seed=6)
+    samples = seed_ladders(manifest, tmp_path / "gate" / "ladders", (16, 36, 64),
+                           {"Where is the red square?": ["a", "b", "a"]})
+    expected = ("no ladder survived the consistency filter ({'top two rungs disagree': 2, 'easy beyond balance': 0}); "
+                "add questions whose answers change with resolution")
+    with pytest.raises(UsageError, match=re.escape(expected)):
+        train_gate(qz.backbone, None, samples, GateSettings(ladder=(16, 36, 64)), TrainOptions(),
+                   tmp_path / "gate", branch_layer=2, depth=2)
+
+
+def test_the_gate_trainer_feeds_the_student_what_inference_reads(qz, tmp_path, monkeypatch):
+    """Each batch: the sample's question as the gate prompt, the adapter's branch layer, and the
+    padding mask of the batch, all handed on to the student."""
+    import qzoom_cli.training.gate as gate
+
+    samples, ladder = _ladder_pages(tmp_path, tmp_path / "gate")
+    questions = {s.question for s in samples.samples}
+    seen, original_inputs, original_forward = [], gate.gate_inputs, gate.GateStudent.forward
+
+    def inputs(backbone, branch_layer, views, texts):
+        assert branch_layer == 3 and set(texts) <= {gate.prompt_text(q, False) for q in questions}
+        result = original_inputs(backbone, branch_layer, views, texts)
+        seen.append(result[2])
+        return result
+
+    def forward(self, hidden, positions, mask):
+        assert mask is seen[-1]
+        return original_forward(self, hidden, positions, mask)
+
+    monkeypatch.setattr(gate, "gate_inputs", inputs)
+    monkeypatch.setattr(gate.GateStudent, "forward", forward)
+    train_gate(qz.backbone, None, samples, GateSettings(ladder=ladder), TrainOptions(batch_size=4),
+               tmp_path / "gate", branch_layer=3, depth=1)
+    assert seen and any(mask is not None for mask in seen)  # some batches mixed rungs: padded

@@ -84,7 +84,7 @@ def classify(answers: list[str], references: list[str]) -> str:
     return "not monotonic"
 
 
-def build_pool(ladders: dict[str, tuple[list[str], list[str]]], seed: int = 42) -> tuple[list[str], Counter]:
+def build_pool(ladders: dict[str, tuple[list[str], list[str]]], seed: int) -> tuple[list[str], Counter]:
     """Keys kept for training: every transition plus as many easy ladders; and why others went."""
     kinds = {key: classify(answers, refs) for key, (answers, refs) in ladders.items()}
     transitions = [k for k, kind in kinds.items() if kind == "transition"]
@@ -137,9 +137,8 @@ def answer_ladder(backbone: Backbone, image, text: str, ladder: tuple[int, ...],
     return answers
 
 
-def make_ladders(backbone: Backbone, samples: SampleSet, settings: GateSettings, store: ArtefactStore,
-                 on_sample: Callable = lambda sample: None, shard: Shard = Shard()
-                 ) -> dict[str, tuple[list[str], list[str]]]:
+def make_ladders(backbone: Backbone, samples: SampleSet, settings: GateSettings, store: ArtefactStore, shard: Shard,
+                 on_sample: Callable = lambda sample: None) -> dict[str, tuple[list[str], list[str]]]:
     pages, ladders = _Pages(settings.dpi), {}
     try:
         for index, sample in enumerate(samples.samples):
@@ -187,7 +186,7 @@ def with_gate(adapter: ZoomAdapter | None, backbone: Backbone, branch_layer: int
     config = AdapterConfig(**{**vars(base), "gate": True, "family": backbone.family,
                               "hidden_size": backbone.hidden_size, "base_model": base.base_model or backbone.model_id})
     fresh = ZoomAdapter.initialized_from_base(config, backbone)
-    if adapter is not None and config.region_head:
+    if config.region_head:  # only an adapter given has one
         fresh.twig_layers.load_state_dict(adapter.twig_layers.state_dict())
     with torch.no_grad():
         fresh.high_res_head.weight.normal_(0.0, 0.02)
@@ -209,9 +208,8 @@ def train_gate(backbone: Backbone, adapter: ZoomAdapter | None, samples: SampleS
                options: TrainOptions, out_dir: Path, branch_layer: int, depth: int,
                on_ladder: Callable = lambda sample: None,
                on_step: Callable[[StepReport], None] = lambda report: None) -> tuple[ZoomAdapter, dict]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     store = ArtefactStore(out_dir / "ladders")
-    ladders = make_ladders(backbone, samples, settings, store, on_ladder, Shard.current())
+    ladders = make_ladders(backbone, samples, settings, store, Shard.current(), on_ladder)
     kept, dropped = build_pool(ladders, settings.seed)
     if not kept:
         raise UsageError(f"no ladder survived the consistency filter ({dict(dropped)}); add questions "
@@ -220,8 +218,6 @@ def train_gate(backbone: Backbone, adapter: ZoomAdapter | None, samples: SampleS
     gated = ZoomAdapter.from_pretrained(checkpoint, backbone) if checkpoint is not None \
         else with_gate(adapter, backbone, branch_layer, depth)
     backbone.freeze()
-    if gated.config.region_head:
-        gated.twig_layers.requires_grad_(False)
     if options.gradient_checkpointing:
         enable_gradient_checkpointing(gated.high_res_layers)
     by_key = {s.key: s for s in samples.samples}
@@ -239,7 +235,8 @@ def train_gate(backbone: Backbone, adapter: ZoomAdapter | None, samples: SampleS
         return gate_bce(module(hidden, positions, mask), torch.tensor(labels))
 
     student = GateStudent(gated, backbone)
-    trainer = Trainer(student, options, out_dir, gated.save_pretrained, backbone.dtype)
+    trainer = Trainer(student, options, out_dir, gated.save_pretrained,
+                      backbone.dtype)  # pragma: no mutate (the base dtype matters only on a GPU: autocast)
     losses = trainer.train(kept, loss_fn, on_step)
     pages.close()
     kinds = Counter(classify(*ladders[k]) for k in kept)

@@ -64,7 +64,7 @@ class Trainer:
     """Optimises `module` with `loss_fn(batch) -> loss` over epochs of shuffled batches."""
 
     def __init__(self, module: nn.Module, options: TrainOptions, out_dir: Path,
-                 save_adapter: Callable[[Path], None], base_dtype: torch.dtype = torch.float32):
+                 save_adapter: Callable[[Path], None], base_dtype: torch.dtype):
         """Trainable weights are kept in float32; with a bf16/fp16 base on a GPU the forward runs
         under autocast in that precision."""
         from accelerate import Accelerator

@@ -79,9 +79,9 @@ class _Pages:
             self.doc = None
 
 
-def make_labels(backbone: Backbone, samples: SampleSet, settings: RpnSettings, store: ArtefactStore,
-                on_sample: Callable[[TrainSample, str | None], None] = lambda sample, skipped: None,
-                shard: Shard = Shard()) -> list[TrainSample]:
+def make_labels(backbone: Backbone, samples: SampleSet, settings: RpnSettings, store: ArtefactStore, shard: Shard,
+                on_sample: Callable[[TrainSample, str | None], None] = lambda sample, skipped: None
+                ) -> list[TrainSample]:
     """Teacher maps and labels for every sample not yet in `store` (this process's share of them);
     returns the usable samples."""
     pages, usable = _Pages(settings.dpi), []
@@ -201,7 +201,7 @@ def train_rpn(backbone: Backbone, samples: SampleSet, settings: RpnSettings, opt
     """Labels (cached under out_dir/labels), then the student; writes the adapter to out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     store = ArtefactStore(out_dir / "labels")
-    usable = make_labels(backbone, samples, settings, store, on_label, Shard.current())
+    usable = make_labels(backbone, samples, settings, store, Shard.current(), on_label)
     if not usable:
         raise UsageError(f"no usable training sample (skipped: {samples.skipped})")
     held = usable[:max(1, int(len(usable) * settings.held_out))] if len(usable) > 1 else []
@@ -221,7 +221,8 @@ def train_rpn(backbone: Backbone, samples: SampleSet, settings: RpnSettings, opt
         (hidden, positions, mask, blocks), labels = data.batch(batch)
         return selective_bce(module(hidden, positions, mask, blocks), labels)
 
-    trainer = Trainer(student, options, out_dir, adapter.save_pretrained, backbone.dtype)
+    trainer = Trainer(student, options, out_dir, adapter.save_pretrained,
+                      backbone.dtype)  # pragma: no mutate (the base dtype matters only on a GPU: autocast)
     losses = trainer.train(train, loss_fn, on_step)
     auc_after = mean_auc(student, data, held)
     data.pages.close()
