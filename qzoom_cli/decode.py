@@ -52,13 +52,10 @@ def truncate_cache(cache: Cache, length: int, layers: range) -> None:
 def copy_cache(cache: Cache, empty: Cache, layers: range, rows: list[int] | None = None) -> Cache:
     """`empty` filled with copies of the given layers' keys and values (of batch `rows`, or all)."""
     for index in layers:
-        layer = cache.layers[index]
-        if layer.get_seq_length() > 0:
-            keys, values = layer.keys, layer.values
-            if rows is not None:
-                picked = torch.tensor(rows, device=keys.device)
-                keys, values = keys.index_select(0, picked), values.index_select(0, picked)
-            empty.update(keys.clone(), values.clone(), index)
+        keys, values = cache.layers[index].keys, cache.layers[index].values
+        if rows is not None:
+            keys, values = keys[rows], values[rows]
+        empty.update(keys.clone(), values.clone(), index)
     return empty
 
 

@@ -230,6 +230,7 @@ def test_trained_adapter_changes_the_region_ask_picks(qz, tiny_dir, tmp_path):
     (["7", "42", "42", "43"], [], "top two rungs disagree"),
     (["7", "9", "42", "42"], ["43"], "consensus contradicts the reference answer"),
     (["7", "9", "42", "42"], ["Total 42"], "transition"),
+    (["?", "net 30", "net 30"], ["NET 30"], "transition"),                   # references compared lowercased
 ])
 def test_ladder_classification(answers, references, kind):
     assert classify(answers, references) == kind
@@ -239,9 +240,10 @@ def test_pool_is_balanced_between_transitions_and_easy():
     ladders = {f"t{i}": (["a", "b", "c", "c"], []) for i in range(3)}
     ladders.update({f"e{i}": (["c", "c", "c", "c"], []) for i in range(10)})
     ladders["x"] = (["a", "c", "b", "c", "c"], [])
+    ladders["r"] = (["a", "b", "c", "c"], ["z"])
     kept, dropped = build_pool(ladders, seed=1)
     assert sum(k.startswith("t") for k in kept) == 3 and sum(k.startswith("e") for k in kept) == 3
-    assert dropped["not monotonic"] == 1 and dropped["easy beyond balance"] == 7
+    assert dropped == {"not monotonic": 1, "consensus contradicts the reference answer": 1, "easy beyond balance": 7}
     assert build_pool(ladders, seed=1)[0] == kept
 
 
