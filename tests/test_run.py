@@ -425,8 +425,10 @@ def test_a_resume_names_every_setting_that_changed():
     check_same_settings([{"run": dict(now)}], now, "out.jsonl")
     with pytest.raises(ResumeMismatch, match=r"other settings \(dpi, instruction\)"):  # one only in the old file
         check_same_settings([{"run": {"zoom": "auto", "dpi": 100, "instruction": ""}}], now, "out.jsonl")
-    with pytest.raises(ResumeMismatch, match=r"\(not recorded\)"):
+    with pytest.raises(ResumeMismatch) as refused:
         check_same_settings([{"id": "a"}], now, "out.jsonl")
+    assert refused.value.message == ("out.jsonl holds answers made with other settings ((not recorded)); resume with "
+                                     "the same options, or --force to start afresh, or -o another file")
 
 
 def test_failures_outside_the_library_become_named_record_errors():

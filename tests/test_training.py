@@ -652,6 +652,9 @@ def test_gate_training_is_seeded_and_resumes_to_the_uninterrupted_weights(qz, tm
     runs["straight"] = _gate_weights(gated)
     assert report["stage"] == "gate" and (report["kept"], report["transitions"], report["easy"]) == (8, 4, 4)
     assert report["dropped"] == {"top two rungs disagree": 1, "easy beyond balance": 4} and report["steps"] == 8
+    assert (report["samples"], report["skipped"], report["reference_answers"]) == (13, {}, False)
+    assert set(report) == {"stage", "samples", "kept", "transitions", "easy", "dropped", "skipped", "steps",
+                           "first_loss", "last_loss", "reference_answers"}
 
     def stop_at_step_5(step):
         if step.step == 5:
