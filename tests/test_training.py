@@ -279,33 +279,37 @@ def seed_ladders(manifest, store_dir, ladder, questions_answers):
     return samples
 
 
-def test_answer_ladders_are_the_plain_answers_at_each_budget_and_are_cached(qz, tmp_path):
+@pytest.mark.parametrize("free_answers", [False, True])
+def test_answer_ladders_are_the_plain_answers_at_each_budget_and_are_cached(qz, tmp_path, monkeypatch, free_answers):
     """The gate's training signal: the model's plain answer at every rung (as `ask --zoom never` at
-    that budget gives it), computed once and cached; a rerun with another ladder is refused."""
+    that budget gives it, with or without the short-answer instruction), computed once and cached;
+    a rerun with another ladder is refused."""
+    import qzoom_cli.training.gate as gate
+    from qzoom_cli.options import SHORT_ANSWER_INSTRUCTION
+
     manifest, _ = red_square_pages(tmp_path, 2, seed=9)
     samples = expand_samples(read_manifest(manifest))
-    settings = GateSettings(ladder=(16, 36, 64), max_new_tokens=4, dpi=72)
+    settings = GateSettings(ladder=(16, 36, 64), max_new_tokens=4, dpi=72, free_answers=free_answers)
     store = ArtefactStore(tmp_path / "ladders")
     seen = []
     ladders = make_ladders(qz.backbone, samples, settings, store, Shard(), on_sample=seen.append)
-    assert len(seen) == 2 and set(ladders) == {s.key for s in samples.samples}
+    assert seen == samples.samples and set(ladders) == {s.key for s in samples.samples}
+    instruction = "" if free_answers else SHORT_ANSWER_INSTRUCTION
     for sample in samples.samples:
         answers, references = ladders[sample.key]
-        plain = [qz.ask(sample.file, sample.question, zoom="never", max_new_tokens=4,
+        plain = [qz.ask(sample.file, sample.question, zoom="never", max_new_tokens=4, instruction=instruction,
                         budget=VisualBudget(t, t))[0].answer for t in settings.ladder]
         assert answers == plain and references == []
-    import qzoom_cli.training.gate as gate
 
     def never(*args, **kwargs):
         raise AssertionError("a cached ladder was answered again")
 
-    original, gate.answer_ladder = gate.answer_ladder, never
-    try:
-        assert make_ladders(qz.backbone, samples, settings, store, Shard()) == ladders
-        with pytest.raises(ResumeMismatch, match="another ladder"):
-            make_ladders(qz.backbone, samples, GateSettings(ladder=(16, 36, 100), dpi=72), store, Shard())
-    finally:
-        gate.answer_ladder = original
+    monkeypatch.setattr(gate, "answer_ladder", never)
+    assert make_ladders(qz.backbone, samples, settings, store, Shard()) == ladders
+    with pytest.raises(ResumeMismatch) as refused:
+        make_ladders(qz.backbone, samples, GateSettings(ladder=(16, 36, 100), dpi=72), store, Shard())
+    assert refused.value.message == (f"cached answers in {store.folder} were made with another ladder; use another "
+                                     "--out or the same --ladder")
 
 
 def test_gate_training_reduces_the_loss(qz, tmp_path):
