@@ -74,6 +74,12 @@ class PageShape(InputError):
     code = "page_shape"
 
 
+class TooLarge(InputError):
+    """A document over the service's upload or page limit."""
+
+    code = "too_large"
+
+
 class ModelError(QZoomError):
     code = "model_error"
     exit_code = EXIT_MODEL
@@ -105,6 +111,12 @@ class EnvironmentProblem(ModelError):
 
 class OutOfMemory(ModelError):
     code = "oom"
+
+
+class Busy(ModelError):
+    """`qzoom serve`'s queue is full (or it is shutting down); the request may be sent again shortly."""
+
+    code = "busy"
 
 
 class OutputError(QZoomError):

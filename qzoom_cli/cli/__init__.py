@@ -2,7 +2,7 @@
 in one place, the root command's error boundary.
 
 Results go to stdout; logs, warnings, progress and panels go to stderr. One module per command
-group (ask, run, scoring: eval and bench, train, models and doctor), their shared options in
+group (ask, run, scoring: eval and bench, train, serve, models and doctor), their shared options in
 `common`.
 """
 
@@ -23,6 +23,7 @@ from .common import VERBOSE_KEY, flag
 from .models import doctor, models_app
 from .run import run
 from .scoring import bench, evaluate_command
+from .serve import serve
 from .train import train_app
 
 
@@ -82,6 +83,7 @@ app.command()(run)
 app.command("eval")(evaluate_command)
 app.command()(bench)
 app.add_typer(train_app, name="train")
+app.command()(serve)
 app.command()(doctor)
 app.add_typer(models_app, name="models")
 

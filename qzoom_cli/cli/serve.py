@@ -1,0 +1,102 @@
+"""`qzoom serve`: the model loaded once, answering over HTTP until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import EnvironmentProblem
+from .common import (
+    AdapterOpt,
+    AttnOpt,
+    CompileOpt,
+    DeviceOpt,
+    DpiOpt,
+    DtypeOpt,
+    GateOpt,
+    InstructionOpt,
+    MaxNewOpt,
+    MaxTokensOpt,
+    MinTokensOpt,
+    ModelOpt,
+    Quiet,
+    RevisionOpt,
+    RoiNativeOpt,
+    RoiOpt,
+    RoiTokensOpt,
+    Verbose,
+    ZoomOpt,
+    configure_logging,
+    instruction_text,
+    load_model,
+)
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on (localhost only by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    root: Annotated[str | None, typer.Option(help="Folder whose documents requests may name by path "
+                                                  "(never outside it); without it, documents are uploaded.")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="QZOOM_API_KEY",
+                                                help="Require 'Authorization: Bearer KEY' on the API "
+                                                     "(or $QZOOM_API_KEY).")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest document accepted (413 beyond).")] = 50.0,
+    max_pages: Annotated[int, typer.Option(help="Most pages one request may read (413 beyond).")] = 100,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting at most; more get 503 + Retry-After.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Requests (and (page, question) pairs) answered together.")] = 8,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to share its "
+                                                      "batch.")] = 5.0,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    revision: RevisionOpt = None,
+    zoom: ZoomOpt = "auto",
+    gate_threshold: GateOpt = None,
+    roi_threshold: RoiOpt = None,
+    roi_max_visual_tokens: RoiTokensOpt = None,
+    roi_native: RoiNativeOpt = False,
+    dpi: DpiOpt = 200,
+    min_visual_tokens: MinTokensOpt = None,
+    max_visual_tokens: MaxTokensOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    instruction: InstructionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "auto",
+    compile_mode: CompileOpt = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Serve the model over HTTP: POST /v1/ask (qzoom.result/v1 records), GET /health, GET /metrics.
+
+    The ask options given here are the defaults; each request may set its own.
+    """
+    try:
+        import uvicorn
+
+        from ..serve import AskOptions, ServeSettings, create_app
+    except ImportError as exc:
+        raise EnvironmentProblem(f"qzoom serve needs the serve extra ({exc.name} is missing): "
+                                 "pip install 'qzoom[serve]'") from None
+    from ..doctor import check_transformers
+
+    defaults = AskOptions(dpi=dpi, zoom=zoom, gate_threshold=gate_threshold, roi_threshold=roi_threshold,
+                          roi_max_visual_tokens=roi_max_visual_tokens, roi_native=roi_native,
+                          min_visual_tokens=min_visual_tokens, max_visual_tokens=max_visual_tokens,
+                          max_new_tokens=max_new_tokens, instruction=instruction_text(instruction))
+    settings = ServeSettings(defaults=defaults, root=Path(root) if root else None, max_upload_mb=max_upload_mb,
+                             max_pages=max_pages, max_queue=max_queue, batch_size=batch_size,
+                             batch_wait_ms=batch_wait_ms, api_key=api_key or None)
+    check_transformers()
+    configure_logging(verbose, quiet)
+    qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode)
+    if not quiet:
+        where = f"http://{host}:{port}/"
+        print(f"qzoom: serving {qz.model_info().id} at {where} (Ctrl-C to stop)", file=sys.stderr)
+        if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+            print("qzoom: warning: listening beyond this machine without --api-key", file=sys.stderr)
+    config = uvicorn.Config(create_app(qz, settings), host=host, port=port, log_level="info" if verbose else
+                            "warning", timeout_graceful_shutdown=None, access_log=verbose)
+    uvicorn.Server(config).run()

@@ -1,0 +1,9 @@
+"""`qzoom serve`: one loaded model answering over HTTP (`/v1/ask`, `/health`, `/metrics`).
+
+Needs the `serve` extra (`pip install "qzoom[serve]"`).
+"""
+
+from .app import create_app
+from .options import AskOptions, ServeSettings
+
+__all__ = ["AskOptions", "ServeSettings", "create_app"]

@@ -1,0 +1,214 @@
+"""The HTTP service: routes, request parsing, errors as JSON with the CLI's error codes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from ..api import QZoom
+from ..documents import Document, open_document, parse_page_spec
+from ..errors import Busy, FileNotFound, InputError, OutOfMemory, QZoomError, TooLarge, UsageError
+from ..options import check_questions
+from .metrics import Metrics
+from .options import AskOptions, ServeSettings
+from .scheduler import Job, Scheduler
+
+_STATUS = ((Busy, 503), (OutOfMemory, 503), (TooLarge, 413), (FileNotFound, 404), (UsageError, 400),
+           (InputError, 422))
+
+
+class Forbidden(UsageError):
+    code = "forbidden"
+
+
+class Unauthorized(UsageError):
+    code = "unauthorized"
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """The OpenAI error shape (`error.message/type/code`), `code` being the CLI's error code."""
+    if isinstance(exc, QZoomError):
+        status = 401 if isinstance(exc, Unauthorized) else 403 if isinstance(exc, Forbidden) else \
+            next((s for kind, s in _STATUS if isinstance(exc, kind)), 500)
+        code, message = exc.code, exc.message
+    else:
+        status, code, message = 500, "internal", f"{type(exc).__name__}: {exc}"
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    headers = {"X-QZoom-Error": code}
+    if status == 503:
+        headers["Retry-After"] = "1"
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status,
+                        headers=headers)
+
+
+def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
+    """The service around a loaded model; its engine thread runs while the app's lifespan does."""
+    state: dict[str, Scheduler] = {}
+
+    def queue_length() -> int:
+        return len(state["scheduler"]) if "scheduler" in state else 0
+
+    metrics = Metrics(queue_length)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state["scheduler"] = Scheduler(qz, settings.batch_size, settings.max_queue, settings.batch_wait_ms / 1000,
+                                       on_batch=metrics.batches.observe)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(state["scheduler"].close)
+
+    app = FastAPI(title="qzoom", version=qz.model_info().id, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.qz, app.state.settings, app.state.metrics = qz, settings, metrics
+
+    @app.middleware("http")
+    async def guard_and_count(request: Request, call_next):
+        start = time.perf_counter()
+        endpoint = request.url.path
+        try:
+            _check_key(request, settings)
+            _check_length(request, settings)
+            response = await call_next(request)
+        except QZoomError as exc:
+            response = error_response(exc)
+        if response.status_code >= 400:
+            metrics.failures.labels(code=response.headers.get("x-qzoom-error", str(response.status_code))).inc()
+        metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
+        metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(QZoomError)
+    @app.exception_handler(Exception)
+    async def named_error(request: Request, exc: Exception):
+        return error_response(exc)
+
+    @app.get("/health")
+    async def health():
+        info = qz.model_info()
+        return {"status": "ok", "model": info.id, "family": info.family, "device": info.device,
+                "queue": queue_length()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/ask")
+    async def ask(request: Request):
+        questions, options, source = await _ask_request(request, settings)
+        doc = await run_in_threadpool(_open, source, options, settings)
+        try:
+            results = await _answer(state["scheduler"], Job(doc, questions, options))
+        except Exception as exc:
+            return error_response(exc)
+        metrics.answered(results)
+        return {"results": [result.to_dict() for result in results]}
+
+    return app
+
+
+async def _answer(scheduler: Scheduler, job: Job):
+    return await asyncio.wrap_future(scheduler.submit(job))
+
+
+def _check_key(request: Request, settings: ServeSettings) -> None:
+    if settings.api_key is None or request.url.path in ("/", "/health") or request.url.path.startswith("/static"):
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
+        raise Unauthorized("a valid API key is needed: send 'Authorization: Bearer <key>'")
+
+
+def _check_length(request: Request, settings: ServeSettings) -> None:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > _upload_limit(settings) + 2**16:
+        raise TooLarge(f"the request is {int(length) / 2**20:.1f} MB; this service takes documents up to "
+                       f"{settings.max_upload_mb:g} MB")
+
+
+def _upload_limit(settings: ServeSettings) -> int:
+    return int(settings.max_upload_mb * 2**20)
+
+
+async def _ask_request(request: Request, settings: ServeSettings) -> tuple[list[str], AskOptions, bytes | Path]:
+    """(questions, options, document bytes or path) of a multipart form or a JSON body."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        upload = form.get("file")
+        questions = [str(q) for q in form.getlist("question")]
+        values = {k: v for k, v in form.multi_items() if k not in ("file", "question", "path")}
+        if isinstance(upload, UploadFile):
+            data = await upload.read(_upload_limit(settings) + 1)
+            source = _checked_size(data, settings)
+        else:
+            source = _path_under_root(form.get("path"), settings)
+    else:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise UsageError("send a multipart form (file, question) or a JSON object") from None
+        if not isinstance(body, dict):
+            raise UsageError("the JSON body must be an object")
+        questions = body.get("questions", body.get("question"))
+        values = body.get("options") or {}
+        if not isinstance(values, dict):
+            raise UsageError("options must be a JSON object")
+        if body.get("document") is not None:
+            try:
+                data = base64.b64decode(str(body["document"]), validate=True)
+            except (binascii.Error, ValueError):
+                raise UsageError("document must be base64") from None
+            source = _checked_size(data, settings)
+        else:
+            source = _path_under_root(body.get("path"), settings)
+    questions = check_questions(questions if isinstance(questions, list) else [questions] if questions else [])
+    return questions, settings.defaults.updated(values), source
+
+
+def _checked_size(data: bytes, settings: ServeSettings) -> bytes:
+    if len(data) > _upload_limit(settings):
+        raise TooLarge(f"the document is larger than {settings.max_upload_mb:g} MB, the most this service takes")
+    if not data:
+        raise UsageError("the uploaded document is empty")
+    return data
+
+
+def _path_under_root(value, settings: ServeSettings) -> Path:
+    if not value:
+        raise UsageError("send a document: a file upload (or base64 'document'), or a 'path' under --root")
+    if settings.root is None:
+        raise Forbidden("this service reads no paths (it was started without --root); upload the document")
+    root = Path(settings.root).resolve()
+    path = (root / str(value)).resolve()
+    if not path.is_relative_to(root):
+        raise Forbidden(f"{value} is outside the folder this service may read")
+    if not path.is_file():
+        raise FileNotFound(f"{value}: no such file under the service's folder")
+    return path
+
+
+def _open(source: bytes | Path, options: AskOptions, settings: ServeSettings) -> Document:
+    """The document, its page selection checked against the service's page limit."""
+    doc = open_document(source, password=options.password, dpi=options.dpi)
+    try:
+        pages = parse_page_spec(options.pages, doc.page_count)
+        if len(pages) > settings.max_pages:
+            raise TooLarge(f"{len(pages)} pages asked for; this service reads at most {settings.max_pages} "
+                           "per request (choose some with 'pages')")
+    except BaseException:
+        doc.close()
+        raise
+    return doc
