@@ -1,6 +1,7 @@
 """`qzoom serve`: the service through an in-process client, its queue and its limits."""
 
 import base64
+import json
 import threading
 import time
 
@@ -205,25 +206,30 @@ def test_options_from_a_form_or_json_are_typed_and_checked():
             base.updated(values)
 
 
-def test_over_a_real_socket_a_shutdown_first_answers_every_request_in_flight(qz, monkeypatch):
-    """SIGTERM/Ctrl-C make uvicorn stop listening and wait for open requests; the engine thread
-    answers the queued ones before the app's lifespan ends."""
+def start_server(app):
+    """(server, its URL, its thread): uvicorn serving `app` on a free localhost port."""
     import socket
 
-    import httpx
     import uvicorn
 
-    release, original = threading.Event(), qz.engine.answer_batch
-    monkeypatch.setattr(qz.engine, "answer_batch", lambda items, *args: release.wait(30) and original(items, *args))
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(create_app(qz, ServeSettings(batch_size=1, batch_wait_ms=0)),
-                                           log_level="warning", timeout_graceful_shutdown=None))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]})
     thread.start()
     while not server.started:
         time.sleep(0.01)
+    return server, f"http://127.0.0.1:{listener.getsockname()[1]}", thread
+
+
+def test_over_a_real_socket_a_shutdown_first_answers_every_request_in_flight(qz, monkeypatch):
+    """SIGTERM/Ctrl-C make uvicorn stop listening and wait for open requests; the engine thread
+    answers the queued ones before the app's lifespan ends."""
+    import httpx
+
+    release, original = threading.Event(), qz.engine.answer_batch
+    monkeypatch.setattr(qz.engine, "answer_batch", lambda items, *args: release.wait(30) and original(items, *args))
+    server, url, thread = start_server(create_app(qz, ServeSettings(batch_size=1, batch_wait_ms=0)))
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     document = base64.b64encode(make_image("PNG")).decode()
     answers = {}
@@ -247,3 +253,160 @@ def test_over_a_real_socket_a_shutdown_first_answers_every_request_in_flight(qz,
     assert [answers[i].json()["results"][0]["question"] for i in range(3)] == ["q0?", "q1?", "q2?"]
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health")
+
+
+def test_a_bug_fails_its_request_with_500_and_the_service_goes_on(qz, serve, monkeypatch):
+    original = qz.engine.answer_batch
+
+    def buggy(items, *args):
+        if any(text.startswith("bug?") for _, text in items):
+            raise KeyError("x")
+        return original(items, *args)
+
+    monkeypatch.setattr(qz.engine, "answer_batch", buggy)
+    client = serve()
+    failed = upload(client, make_image("PNG"), "bug?")
+    assert failed.status_code == 500 and failed.json()["error"] == {
+        "message": "KeyError: 'x'", "type": "server_error", "param": None, "code": "internal"}
+    assert upload(client, make_image("PNG"), "fine?").status_code == 200
+    assert 'qzoom_failures_total{code="internal"} 1.0' in client.get("/metrics").text
+
+
+def data_url(document: bytes, kind="image/png") -> str:
+    return f"data:{kind};base64,{base64.b64encode(document).decode()}"
+
+
+def chat(client, content, **extra):
+    return client.post("/v1/chat/completions", json={"model": "any", "messages": [
+        {"role": "system", "content": "You read documents."}, {"role": "user", "content": content}], **extra})
+
+
+def test_chat_completions_answer_the_image_in_the_last_user_message(qz, serve):
+    client = serve()
+    image = make_image("PNG")
+    content = [{"type": "text", "text": "What is the total?"},
+               {"type": "image_url", "image_url": {"url": data_url(image)}}]
+    response = chat(client, content, max_tokens=3, qzoom={"max_visual_tokens": 48, "zoom": "never"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    [expected] = qz.ask(image, "What is the total?", max_new_tokens=3, zoom="never", budget=qz.resolve_budget(None, 48))
+    assert body["object"] == "chat.completion" and body["model"] == qz.model_info().id
+    [choice] = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": expected.answer}
+    assert choice["finish_reason"] == ("length" if expected.status == "truncated" else "stop")
+    assert body["usage"]["completion_tokens"] == expected.stats.output_tokens
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + expected.stats.output_tokens
+    assert body["qzoom"]["question"] == "What is the total?" and body["qzoom"]["answer"] == expected.answer
+
+    pdf = chat(client, [{"type": "image_url", "image_url": {"url": data_url(make_pdf(2), "application/pdf")}},
+                        {"type": "text", "text": "Which page?"}], max_completion_tokens=2)
+    assert pdf.status_code == 200 and pdf.json()["qzoom"]["input"]["pages"] == [1, 2]
+
+
+def test_chat_earlier_image_and_streamed_answer(serve):
+    client = serve()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Look at this."},
+                                             {"type": "image_url", "image_url": {"url": data_url(make_image("PNG"))}}]},
+                {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "What is the total?"}]
+    plain = client.post("/v1/chat/completions", json={"model": "m", "messages": messages, "max_tokens": 2})
+    streamed = client.post("/v1/chat/completions", json={"model": "m", "messages": messages, "max_tokens": 2,
+                                                         "stream": True})
+    assert plain.status_code == streamed.status_code == 200
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == \
+        plain.json()["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain.json()["choices"][0]["finish_reason"]
+
+
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"messages": []}, "non-empty 'messages'"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "no user message"),
+    ({"messages": [{"role": "user", "content": "what?"}]}, "exactly one image"),
+    ({"messages": [{"role": "user", "content": [IMAGE_PART, IMAGE_PART, {"type": "text", "text": "q?"}]}]}, "has 2"),
+    ({"messages": [{"role": "user", "content": [IMAGE_PART]}]}, "no question text"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "unsupported message part"),
+    ({"messages": [{"role": "user", "content": 3}]}, "string or a list"),
+    ({"n": 2, "messages": [{"role": "user", "content": "q?"}]}, "n must be 1"),
+])
+def test_chat_requests_that_cannot_be_answered_say_why(serve, body, message):
+    response = serve().post("/v1/chat/completions", json=body)
+    assert response.status_code == 400 and message in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("url, allow, status, message", [
+    ("data:image/png,notbase64", False, 400, "must be base64"),
+    ("data:image/png;base64,***", False, 400, "not valid base64"),
+    ("https://example.invalid/a.png", False, 400, "--allow-remote-images"),
+    ("file:///etc/passwd", True, 400, "must be data: URLs"),
+    ("http://127.0.0.1:9/a.png", True, 422, "could not fetch"),
+])
+def test_chat_image_urls(serve, url, allow, status, message):
+    response = chat(serve(allow_remote_images=allow), [{"type": "text", "text": "q?"},
+                                                        {"type": "image_url", "image_url": {"url": url}}])
+    assert response.status_code == status and message in response.json()["error"]["message"]
+
+
+def test_a_remote_image_is_fetched_when_allowed(serve, tmp_path):
+    import http.server
+    import socketserver
+
+    (tmp_path / "a.png").write_bytes(make_image("PNG"))
+    handler = lambda *args: http.server.SimpleHTTPRequestHandler(*args, directory=str(tmp_path))  # noqa: E731
+    with socketserver.TCPServer(("127.0.0.1", 0), handler) as files:
+        threading.Thread(target=files.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{files.server_address[1]}/a.png"
+        response = chat(serve(allow_remote_images=True, max_upload_mb=1), [
+            {"type": "text", "text": "q?"}, {"type": "image_url", "image_url": {"url": url}}], max_tokens=2)
+        files.shutdown()
+    assert response.status_code == 200, response.text
+    assert response.json()["qzoom"]["input"]["kind"] == "png"
+
+
+def test_the_official_openai_client_reads_the_answers(qz):
+    """Request and response shapes as OpenAI's own SDK builds and parses them, plain and streamed."""
+    import openai
+
+    server, url, thread = start_server(create_app(qz, ServeSettings(api_key="k3y")))
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
+        messages = [{"role": "user", "content": [
+            {"type": "text", "text": "What is the total?"},
+            {"type": "image_url", "image_url": {"url": data_url(make_image("PNG")), "detail": "high"}}]}]
+        answer = client.chat.completions.create(model="qzoom", messages=messages, max_tokens=3,
+                                                extra_body={"qzoom": {"zoom": "never"}})
+        assert answer.choices[0].message.role == "assistant" and answer.choices[0].message.content
+        assert answer.usage.completion_tokens >= 1 and answer.model == qz.model_info().id
+        assert answer.model_extra["qzoom"]["schema"] == "qzoom.result/v1"
+        stream = client.chat.completions.create(model="qzoom", messages=messages, max_tokens=3, stream=True,
+                                                extra_body={"qzoom": {"zoom": "never"}})
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == answer.choices[0].message.content
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).chat.completions.create(
+                model="qzoom", messages=messages)
+        with pytest.raises(openai.BadRequestError, match="exactly one image"):
+            client.chat.completions.create(model="qzoom", messages=[{"role": "user", "content": "total?"}])
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def test_the_serve_command_checks_its_settings_before_loading_a_model(tiny_dir):
+    from typer.testing import CliRunner
+
+    from qzoom_cli import cli
+    from qzoom_cli.errors import EXIT_USAGE
+
+    runner = CliRunner()
+    usage = runner.invoke(cli.app, ["serve", "--help"], env={"COLUMNS": "240"})
+    assert usage.exit_code == 0 and "--allow-remote-images" in usage.stdout and "--api-key" in usage.stdout
+    for args, message in [(["--max-queue", "0"], "at least 1"), (["--root", "/no/such/folder"], "not a folder"),
+                          (["--zoom", "sometimes"], "unknown zoom mode")]:
+        result = runner.invoke(cli.app, ["serve", "--model", "/no/such/model", *args])
+        assert result.exit_code == EXIT_USAGE and message in result.stderr

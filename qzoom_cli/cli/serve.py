@@ -30,6 +30,7 @@ from .common import (
     Verbose,
     ZoomOpt,
     configure_logging,
+    flag,
     instruction_text,
     load_model,
 )
@@ -49,6 +50,8 @@ def serve(
     batch_size: Annotated[int, typer.Option(help="Requests (and (page, question) pairs) answered together.")] = 8,
     batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to share its "
                                                       "batch.")] = 5.0,
+    allow_remote_images: Annotated[bool, flag(help="Let chat requests name http(s) image URLs (fetched by the "
+                                                   "server).")] = False,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
     revision: RevisionOpt = None,
@@ -69,7 +72,8 @@ def serve(
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Serve the model over HTTP: POST /v1/ask (qzoom.result/v1 records), GET /health, GET /metrics.
+    """Serve the model over HTTP: POST /v1/ask (qzoom.result/v1 records), POST /v1/chat/completions
+    (OpenAI-compatible, images as data URLs), GET /health, GET /metrics.
 
     The ask options given here are the defaults; each request may set its own.
     """
@@ -88,7 +92,8 @@ def serve(
                           max_new_tokens=max_new_tokens, instruction=instruction_text(instruction))
     settings = ServeSettings(defaults=defaults, root=Path(root) if root else None, max_upload_mb=max_upload_mb,
                              max_pages=max_pages, max_queue=max_queue, batch_size=batch_size,
-                             batch_wait_ms=batch_wait_ms, api_key=api_key or None)
+                             batch_wait_ms=batch_wait_ms, api_key=api_key or None,
+                             allow_remote_images=allow_remote_images)
     check_transformers()
     configure_logging(verbose, quiet)
     qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode)

@@ -1,4 +1,5 @@
-"""`qzoom serve`: one loaded model answering over HTTP (`/v1/ask`, `/health`, `/metrics`).
+"""`qzoom serve`: one loaded model answering over HTTP (`/v1/ask`, an OpenAI-compatible
+`/v1/chat/completions`, `/health`, `/metrics`).
 
 Needs the `serve` extra (`pip install "qzoom[serve]"`).
 """

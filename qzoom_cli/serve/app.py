@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -20,6 +20,8 @@ from ..api import QZoom
 from ..documents import Document, open_document, parse_page_spec
 from ..errors import Busy, FileNotFound, InputError, OutOfMemory, QZoomError, TooLarge, UsageError
 from ..options import check_questions
+from ..results import Result
+from .chat import chat_question, completion, completion_chunks, image_bytes
 from .metrics import Metrics
 from .options import AskOptions, ServeSettings
 from .scheduler import Job, Scheduler
@@ -83,7 +85,7 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
             _check_key(request, settings)
             _check_length(request, settings)
             response = await call_next(request)
-        except QZoomError as exc:
+        except Exception as exc:  # a named error or a bug: this request fails, the service goes on
             response = error_response(exc)
         if response.status_code >= 400:
             metrics.failures.labels(code=response.headers.get("x-qzoom-error", str(response.status_code))).inc()
@@ -92,8 +94,7 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
         return response
 
     @app.exception_handler(QZoomError)
-    @app.exception_handler(Exception)
-    async def named_error(request: Request, exc: Exception):
+    async def named_error(request: Request, exc: QZoomError):
         return error_response(exc)
 
     @app.get("/health")
@@ -106,22 +107,38 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
     async def prometheus():
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+    async def answered(source: bytes | Path, questions: list[str], options: AskOptions) -> list[Result]:
+        doc = await run_in_threadpool(_open, source, options, settings)
+        results = await asyncio.wrap_future(state["scheduler"].submit(Job(doc, questions, options)))
+        metrics.answered(results)
+        return results
+
     @app.post("/v1/ask")
     async def ask(request: Request):
         questions, options, source = await _ask_request(request, settings)
-        doc = await run_in_threadpool(_open, source, options, settings)
-        try:
-            results = await _answer(state["scheduler"], Job(doc, questions, options))
-        except Exception as exc:
-            return error_response(exc)
-        metrics.answered(results)
+        results = await answered(source, questions, options)
         return {"results": [result.to_dict() for result in results]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await _json(request)
+        question, url, values = chat_question(body)
+        options = settings.defaults.updated(values)
+        data = await run_in_threadpool(image_bytes, url, _upload_limit(settings), settings.allow_remote_images)
+        [result] = await answered(data, [question], options)
+        model = qz.model_info().id
+        if body.get("stream"):
+            return StreamingResponse(completion_chunks(result, model), media_type="text/event-stream")
+        return completion(result, model)
 
     return app
 
 
-async def _answer(scheduler: Scheduler, job: Job):
-    return await asyncio.wrap_future(scheduler.submit(job))
+async def _json(request: Request) -> object:
+    try:
+        return await request.json()
+    except ValueError:
+        raise UsageError("the body must be JSON") from None
 
 
 def _check_key(request: Request, settings: ServeSettings) -> None:
@@ -156,12 +173,9 @@ async def _ask_request(request: Request, settings: ServeSettings) -> tuple[list[
         else:
             source = _path_under_root(form.get("path"), settings)
     else:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise UsageError("send a multipart form (file, question) or a JSON object") from None
+        body = await _json(request)
         if not isinstance(body, dict):
-            raise UsageError("the JSON body must be an object")
+            raise UsageError("send a multipart form (file, question) or a JSON object")
         questions = body.get("questions", body.get("question"))
         values = body.get("options") or {}
         if not isinstance(values, dict):

@@ -91,6 +91,7 @@ class ServeSettings:
     batch_size: int = 8
     batch_wait_ms: float = 5.0
     api_key: str | None = None
+    allow_remote_images: bool = False
 
     def __post_init__(self):
         if self.max_queue < 1 or self.batch_size < 1 or self.max_pages < 1:
