@@ -2,6 +2,7 @@
 
 import base64
 import json
+import os
 import threading
 import time
 
@@ -196,7 +197,7 @@ def test_options_from_a_form_or_json_are_typed_and_checked():
     assert base.updated({"explain": False, "gate_threshold": 1, "instruction": ""}) == \
         AskOptions(dpi=100, gate_threshold=1.0, instruction="")
     assert base.updated({"max_visual_tokens": ""}).max_visual_tokens is None
-    for values, message in [({"roi_native": "maybe"}, "roi_native must be a bool"),
+    for values, message in [({"roi_native": "maybe"}, "roi_native must be true or false"),
                             ({"dpi": "1.5"}, "dpi must be a number"), ({"dpi": 2.5}, "dpi must be a number"),
                             ({"dpi": True}, "dpi must be a number"), ({"dpi": ""}, "dpi needs a value"),
                             ({"zoom": "sometimes"}, "unknown zoom mode"), ({"dpi": 0}, "dpi must be positive"),
@@ -410,3 +411,81 @@ def test_the_serve_command_checks_its_settings_before_loading_a_model(tiny_dir):
                           (["--zoom", "sometimes"], "unknown zoom mode")]:
         result = runner.invoke(cli.app, ["serve", "--model", "/no/such/model", *args])
         assert result.exit_code == EXIT_USAGE and message in result.stderr
+
+
+def test_overlays_show_each_answer_on_its_page_with_the_box_it_read(qz, serve):
+    import io
+
+    from PIL import Image
+
+    client = serve(batch_wait_ms=200)
+    pdf, answers = make_pdf(2), {}
+
+    def ask(name):
+        answers[name] = upload(client, pdf, f"{name} total?", f"{name} date?", zoom="always", overlay="true")
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name, response in answers.items():
+        body = response.json()
+        assert response.status_code == 200 and len(body["overlays"]) == 2, response.text
+        for record, overlay in zip(body["results"], body["overlays"], strict=True):
+            assert record["question"].startswith(name) and record["zoom"]["overlay"] is None
+            image = Image.open(io.BytesIO(base64.b64decode(overlay.split(",", 1)[1]))).convert("RGB")
+            assert image.size == (595, 842)  # the whole page, at the request's 72 dpi
+            x0, y0, x1, y1 = record["zoom"]["roi"]["bbox_xyxy"]
+            assert image.getpixel((x0, (y0 + y1) // 2)) == (0, 90, 255)  # the box, on the left edge
+    assert "overlays" not in upload(client, pdf, "q?").json()
+    assert upload(client, pdf, "q?", overlay="perhaps").status_code == 400
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("QZOOM_REQUIRE_BROWSER"),
+                    reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_page_in_a_real_browser_shows_the_answer_and_the_box(qz, tmp_path):
+    """Headless Chromium: choose the sample invoice, ask, see the answer, where it looked, the stats."""
+    from pathlib import Path
+
+    from playwright.sync_api import sync_playwright
+
+    invoice = Path(__file__).parent.parent / "samples" / "invoice.pdf"
+    server, url, thread = start_server(create_app(qz, ServeSettings(defaults=AskOptions(
+        dpi=72, max_new_tokens=3, max_visual_tokens=48, min_visual_tokens=16))))
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"])
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_function("document.getElementById('model').textContent.startsWith('Model:')")
+            page.set_input_files("#file", str(invoice))
+            page.fill("#questions", "What is the total due?")
+            page.fill("#pages", "1")
+            page.select_option("#zoom", "always")
+            page.click("#submit")
+            page.wait_for_selector(".result .answer", timeout=60_000)
+            expected = qz.ask(invoice, "What is the total due?", pages="1", dpi=72, max_new_tokens=3, zoom="always",
+                              budget=qz.resolve_budget(16, 48))[0]
+            assert page.text_content(".result .question") == "What is the total due?"
+            assert page.text_content(".result .answer") == expected.answer
+            assert f"read the region {', '.join(map(str, expected.zoom.roi['bbox_xyxy']))}" in \
+                page.text_content(".result .zoom")
+            assert "Visual tokens" in page.text_content(".result .stats")
+            page.wait_for_function("document.querySelector('.result img.overlay').naturalWidth > 0")
+            image = tmp_path / "shown.png"
+            page.locator(".result img.overlay").screenshot(path=str(image))
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(60)
+    from PIL import Image
+
+    shown = Image.open(image).convert("RGB")
+    blue = sum(1 for pixel in shown.getdata() if pixel[2] > 200 and pixel[0] < 60 and pixel[1] < 140)
+    assert blue > 20  # the drawn box is on the page shown

@@ -73,7 +73,8 @@ def serve(
     verbose: Verbose = False,
 ) -> None:
     """Serve the model over HTTP: POST /v1/ask (qzoom.result/v1 records), POST /v1/chat/completions
-    (OpenAI-compatible, images as data URLs), GET /health, GET /metrics.
+    (OpenAI-compatible, images as data URLs), GET /health, GET /metrics, and a page at / to ask
+    about a document and see where the model looked.
 
     The ask options given here are the defaults; each request may set its own.
     """

@@ -1,5 +1,5 @@
 """`qzoom serve`: one loaded model answering over HTTP (`/v1/ask`, an OpenAI-compatible
-`/v1/chat/completions`, `/health`, `/metrics`).
+`/v1/chat/completions`, `/health`, `/metrics`) and a page (`/`) that shows where it looked.
 
 Needs the `serve` extra (`pip install "qzoom[serve]"`).
 """

@@ -11,7 +11,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -23,9 +24,10 @@ from ..options import check_questions
 from ..results import Result
 from .chat import chat_question, completion, completion_chunks, image_bytes
 from .metrics import Metrics
-from .options import AskOptions, ServeSettings
+from .options import AskOptions, ServeSettings, parse_bool
 from .scheduler import Job, Scheduler
 
+STATIC = Path(__file__).parent / "static"  # the page: plain HTML, CSS and JS shipped in the package
 _STATUS = ((Busy, 503), (OutOfMemory, 503), (TooLarge, 413), (FileNotFound, 404), (UsageError, 400),
            (InputError, 422))
 
@@ -97,6 +99,12 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
     async def named_error(request: Request, exc: QZoomError):
         return error_response(exc)
 
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
     @app.get("/health")
     async def health():
         info = qz.model_info()
@@ -107,17 +115,19 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
     async def prometheus():
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    async def answered(source: bytes | Path, questions: list[str], options: AskOptions) -> list[Result]:
+    async def answered(source: bytes | Path, questions: list[str], options: AskOptions,
+                       overlay: bool = False) -> tuple[list[Result], list[str]]:
         doc = await run_in_threadpool(_open, source, options, settings)
-        results = await asyncio.wrap_future(state["scheduler"].submit(Job(doc, questions, options)))
+        job = Job(doc, questions, options, overlay)
+        results = await asyncio.wrap_future(state["scheduler"].submit(job))
         metrics.answered(results)
-        return results
+        return results, job.overlays
 
     @app.post("/v1/ask")
     async def ask(request: Request):
-        questions, options, source = await _ask_request(request, settings)
-        results = await answered(source, questions, options)
-        return {"results": [result.to_dict() for result in results]}
+        questions, options, source, overlay = await _ask_request(request, settings)
+        results, overlays = await answered(source, questions, options, overlay)
+        return {"results": [result.to_dict() for result in results], **({"overlays": overlays} if overlay else {})}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -125,7 +135,7 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
         question, url, values = chat_question(body)
         options = settings.defaults.updated(values)
         data = await run_in_threadpool(image_bytes, url, _upload_limit(settings), settings.allow_remote_images)
-        [result] = await answered(data, [question], options)
+        [result], _ = await answered(data, [question], options)
         model = qz.model_info().id
         if body.get("stream"):
             return StreamingResponse(completion_chunks(result, model), media_type="text/event-stream")
@@ -160,13 +170,16 @@ def _upload_limit(settings: ServeSettings) -> int:
     return int(settings.max_upload_mb * 2**20)
 
 
-async def _ask_request(request: Request, settings: ServeSettings) -> tuple[list[str], AskOptions, bytes | Path]:
-    """(questions, options, document bytes or path) of a multipart form or a JSON body."""
+async def _ask_request(request: Request, settings: ServeSettings
+                       ) -> tuple[list[str], AskOptions, bytes | Path, bool]:
+    """(questions, options, document bytes or path, whether to draw overlays) of a multipart form
+    or a JSON body."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
         upload = form.get("file")
         questions = [str(q) for q in form.getlist("question")]
-        values = {k: v for k, v in form.multi_items() if k not in ("file", "question", "path")}
+        values = {k: v for k, v in form.multi_items() if k not in ("file", "question", "path", "overlay")}
+        overlay = form.get("overlay")
         if isinstance(upload, UploadFile):
             data = await upload.read(_upload_limit(settings) + 1)
             source = _checked_size(data, settings)
@@ -180,6 +193,7 @@ async def _ask_request(request: Request, settings: ServeSettings) -> tuple[list[
         values = body.get("options") or {}
         if not isinstance(values, dict):
             raise UsageError("options must be a JSON object")
+        overlay = body.get("overlay")
         if body.get("document") is not None:
             try:
                 data = base64.b64decode(str(body["document"]), validate=True)
@@ -189,7 +203,7 @@ async def _ask_request(request: Request, settings: ServeSettings) -> tuple[list[
         else:
             source = _path_under_root(body.get("path"), settings)
     questions = check_questions(questions if isinstance(questions, list) else [questions] if questions else [])
-    return questions, settings.defaults.updated(values), source
+    return questions, settings.defaults.updated(values), source, overlay is not None and parse_bool("overlay", overlay)
 
 
 def _checked_size(data: bytes, settings: ServeSettings) -> bytes:

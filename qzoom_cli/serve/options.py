@@ -59,12 +59,7 @@ def _convert(name: str, value: object, annotation: str) -> object:
         raise UsageError(f"{name} needs a value")
     try:
         if annotation.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                raise ValueError
-            return text in ("true", "1", "yes", "on")
+            return parse_bool(name, value)
         if annotation.startswith("int"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -77,6 +72,16 @@ def _convert(name: str, value: object, annotation: str) -> object:
     except (TypeError, ValueError):
         kind = annotation.split(" ")[0]
         raise UsageError(f"{name} must be a {'number' if kind in ('int', 'float') else kind}, not {value!r}") from None
+
+
+def parse_bool(name: str, value: object) -> bool:
+    """A JSON boolean, or a form field's true/false, 1/0, yes/no, on/off."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise UsageError(f"{name} must be true or false, not {value!r}")
+    return text in ("true", "1", "yes", "on")
 
 
 @dataclass(frozen=True)

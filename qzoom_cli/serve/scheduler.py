@@ -7,12 +7,15 @@ a full queue refuses new requests at once; `close()` answers what is queued, the
 
 from __future__ import annotations
 
+import base64
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..api import AskRequest, QZoom
 from ..documents import Document
@@ -23,18 +26,23 @@ from .options import AskOptions
 
 @dataclass
 class Job:
-    """Questions about an open document; the scheduler closes the document when it is answered."""
+    """Questions about an open document; the scheduler closes the document when it is answered.
+    With `overlay`, `overlays` gets each answer's page with its region map and box, as PNG data URLs."""
 
     doc: Document
     questions: list[str]
     options: AskOptions
+    overlay: bool = False
     future: Future = field(default_factory=Future)
+    overlays: list[str] = field(default_factory=list)
 
     @property
     def engine_key(self) -> tuple:
-        """Jobs with equal keys can share engine batches (pages, dpi and password are the document's)."""
+        """Jobs with equal keys can share engine batches (pages, dpi and password are the document's);
+        one that draws overlays is answered alone, into its own folder."""
         o = self.options
-        return (o.zoom_settings(), o.min_visual_tokens, o.max_visual_tokens, o.max_new_tokens, o.instruction)
+        alone = id(self) if self.overlay else None
+        return (o.zoom_settings(), o.min_visual_tokens, o.max_visual_tokens, o.max_new_tokens, o.instruction, alone)
 
 
 class Scheduler:
@@ -100,12 +108,14 @@ class Scheduler:
         options = group[0].options
         requests = [AskRequest(job.doc, job.questions, pages=job.options.pages, handle=job) for job in group]
         try:
-            budget = self.qz.resolve_budget(options.min_visual_tokens, options.max_visual_tokens,
-                                            zoom_mode=options.zoom)
-            for request, outcome in self.qz.ask_many(requests, budget=budget, zoom=options.zoom_settings(),
-                                                     max_new_tokens=options.max_new_tokens,
-                                                     instruction=options.instruction, batch_size=self.batch_size):
-                _settle(request.handle, outcome)
+            with tempfile.TemporaryDirectory(prefix="qzoom-overlays-") as folder:
+                budget = self.qz.resolve_budget(options.min_visual_tokens, options.max_visual_tokens,
+                                                zoom_mode=options.zoom)
+                for request, outcome in self.qz.ask_many(
+                        requests, budget=budget, zoom=options.zoom_settings(), max_new_tokens=options.max_new_tokens,
+                        instruction=options.instruction, batch_size=self.batch_size,
+                        overlay_dir=folder if group[0].overlay else None):
+                    _settle(request.handle, outcome)
         except Exception as exc:  # a bug in the engine fails this group's requests, not the service
             for job in group:
                 if not job.future.done():
@@ -118,5 +128,10 @@ class Scheduler:
 def _settle(job: Job, outcome: list[Result] | Exception) -> None:
     if isinstance(outcome, BaseException):
         job.future.set_exception(outcome)
-    else:
-        job.future.set_result(outcome)
+        return
+    for result in outcome:  # the overlay's file lives only as long as this batch: hand its bytes over
+        if result.zoom.overlay is not None:
+            png = Path(result.zoom.overlay).read_bytes()
+            job.overlays.append(f"data:image/png;base64,{base64.b64encode(png).decode()}")
+            result.zoom.overlay = None
+    job.future.set_result(outcome)
