@@ -490,3 +490,53 @@ def test_the_page_in_a_real_browser_shows_the_answer_and_the_box(qz, tmp_path):
     data = shown.tobytes()
     blue = sum(1 for r, g, b in zip(data[0::3], data[1::3], data[2::3], strict=True) if b > 200 and r < 60 and g < 140)
     assert blue > 20  # the drawn box is on the page shown
+
+
+@pytest.mark.processes
+def test_the_serve_command_answers_then_drains_on_sigterm(tiny_dir, tmp_path):
+    """`qzoom serve` as users start it: the model loaded once, requests answered, and SIGTERM
+    answers what is in flight before the process ends (by the signal, as uvicorn re-raises it)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.png").write_bytes(make_image("PNG"))
+    server = subprocess.Popen([sys.executable, "-m", "qzoom_cli", "serve", "--port", str(port), "--model",
+                               str(tiny_dir), "--device", "cpu", "--max-new-tokens", "2", "--root",
+                               str(tmp_path / "docs"), "--batch-wait-ms", "0"],
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        first = httpx.post(f"{url}/v1/ask", json={"path": "a.png", "question": "what?"}, timeout=60)
+        assert first.status_code == 200 and first.json()["results"][0]["answer"] is not None
+        answers, questions = [], [f"question {i}?" for i in range(40)]
+
+        def ask():
+            answers.append(httpx.post(f"{url}/v1/ask", json={"path": "a.png", "questions": questions}, timeout=120))
+            answers.append(time.monotonic())
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        time.sleep(0.5)
+        server.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        asker.join()
+        assert server.wait(60) == -signal.SIGTERM
+    finally:
+        server.kill()
+    assert answers[0].status_code == 200 and len(answers[0].json()["results"]) == 40
+    assert answers[1] > signalled  # it was still being answered when the signal came
+    assert f"serving {tiny_dir}" in server.stderr.read()
