@@ -32,7 +32,7 @@ from .errors import OutputError, QZoomError, ResumeMismatch, UsageError
 from .manifest import ManifestRow, RowError
 from .options import SHORT_ANSWER_INSTRUCTION, ZoomSettings, changed_settings
 from .outputs import sole_writer
-from .results import ErrorInfo, Result
+from .results import ErrorInfo, Result, json_text
 
 DONE_STATUSES = ("ok", "truncated")
 
@@ -177,7 +177,7 @@ def write_records(path: Path, records: list[dict]) -> None:
     temporary = path.with_name(path.name + ".tmp")  # pragma: no mutate (its name is never seen)
     with open(temporary, "w", encoding="utf-8") as out:
         for record in records:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(json_text(record) + "\n")
         out.flush()
         os.fsync(out.fileno())
     os.replace(temporary, path)

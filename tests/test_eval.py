@@ -87,9 +87,12 @@ def test_exact_match_and_metric_choice():
     assert choose_metric("auto", None, "ChartQA-test", ["1"]) == "relaxed"
     assert choose_metric("auto", None, "docvqa_val", ["1"]) == "anls"
     assert choose_metric("auto", None, "textvqa", ["1"]) == "vqa"
+    assert choose_metric("auto", None, "Chart-QA", ["1"]) == "relaxed"  # separators inside the name too
+    assert choose_metric("auto", None, "Info_VQA", ["1"]) == "anls"
     assert choose_metric("auto", None, None, ["1"] * 10) == "vqa"
     assert choose_metric("auto", None, None, ["1"]) == "anls"
     assert percentile([4, 1, 3, 2], 0.5) == 2.5 and percentile([1, 2, 3, 4, 5], 0.95) == pytest.approx(4.8)
+    assert percentile([3, 1, 2], 1.0) == 3 and percentile([3, 1, 2], 0.0) == 1 and percentile([], 0.5) == 0.0
 
 
 @pytest.fixture
@@ -199,3 +202,45 @@ def test_bench_report_that_cannot_be_written_goes_to_stdout(manifest, tiny_dir, 
                                      "--out", str(tmp_path / "bench"), "--limit", "2"])
     assert result.exit_code == EXIT_OUTPUT
     assert json.loads(result.stdout)["points"][0]["rows"] == 2
+
+
+@pytest.mark.parametrize("a, b, distance", [("kitten", "sitting", 3), ("", "abc", 3), ("abc", "", 3),
+                                            ("abc", "ac", 1), ("ac", "abc", 1), ("ab", "ba", 2), ("flaw", "lawn", 2),
+                                            ("same", "same", 0)])
+def test_levenshtein_counts_insertions_deletions_and_substitutions(a, b, distance):
+    from qzoom_cli.evaluate import levenshtein
+
+    assert levenshtein(a, b) == distance
+
+
+def test_a_failed_row_scores_zero():
+    from qzoom_cli.evaluate import score
+
+    assert score("anls", None, ["42"]) == 0.0 and score("exact", "42", ["42"]) == 1.0
+
+
+def _row(status="ok", zoomed=False, latency=1.0, decode=0.4, tokens=5, visual=100, memory=1.5):
+    from types import SimpleNamespace
+
+    stats = SimpleNamespace(latency_s=latency, visual_tokens=visual, output_tokens=tokens, peak_mem_gib=memory,
+                            time=SimpleNamespace(decode_s=decode))
+    return SimpleNamespace(status=status, zoom=SimpleNamespace(zoomed=zoomed), stats=stats)
+
+
+def test_a_mode_summary_counts_answered_rows_and_reports_failures_apart():
+    from qzoom_cli.evaluate import summarize
+
+    rows = [_row(zoomed=True, latency=1.0, decode=0.4, tokens=5, visual=300, memory=2.0),
+            _row(latency=3.0, decode=1.0, tokens=1, visual=100, memory=1.0),
+            _row(status="error", zoomed=True, latency=99, decode=99, tokens=99, visual=9999, memory=99)]
+    summary = summarize("auto", rows, [1.0, None, 0.5], wall_s=2.0)
+    assert (summary.mode, summary.rows, summary.scored, summary.failed) == ("auto", 3, 2, 1)
+    assert summary.accuracy == 0.75 and summary.zoom_rate == 0.5 and summary.mean_visual_tokens == 200
+    assert summary.samples_per_s == 1.5 and summary.peak_mem_gib == 2.0
+    assert (summary.p50_latency_s, summary.p95_latency_s) == (2.0, pytest.approx(2.9))
+    assert summary.mean_ttft_s == pytest.approx((0.6 + 2.0) / 2)
+    assert summary.mean_decode_per_token_s == pytest.approx((0.4 / 4 + 1.0 / 1) / 2)  # tokens after the first
+
+    failed = summarize("never", [_row(status="error")], [None], wall_s=0.0)
+    assert (failed.accuracy, failed.zoom_rate, failed.mean_visual_tokens, failed.samples_per_s) == (None, 0, 0, 0)
+    assert (failed.mean_ttft_s, failed.mean_decode_per_token_s, failed.peak_mem_gib, failed.failed) == (0, 0, 0, 1)

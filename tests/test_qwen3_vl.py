@@ -321,3 +321,23 @@ def test_static_decoder_equals_eager(qz3, page, mode):
     for want, got in zip(eager.answer_batch(items, settings, 6), fast.answer_batch(items, settings, 6), strict=True):
         assert got.generation.token_ids == want.generation.token_ids and got.trace.region == want.trace.region
         assert got.generation.logprobs == pytest.approx(want.generation.logprobs, abs=1e-4)
+
+
+def test_training_answers_carry_deepstack_like_inference(qz3, page_image):
+    """The gate's answer ladder (and the teacher's plain answer) feed the visual additions as `ask`
+    does: each rung's answer is `ask --zoom never` at that budget."""
+    from qzoom_cli.training.gate import answer_ladder
+
+    ladder = (12, 24, 48)
+    answers = answer_ladder(qz3.backbone, page_image, QUESTION, ladder, max_new_tokens=4)
+    asked = [qz3.ask(page_image_bytes(page_image), "What is the total due?", zoom="never", max_new_tokens=4,
+                     budget=VisualBudget(t, t))[0].answer for t in ladder]
+    assert answers == asked
+
+
+def page_image_bytes(image):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

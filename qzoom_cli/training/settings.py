@@ -59,7 +59,6 @@ def parse_ladder(text: str) -> tuple[int, ...]:
 
 def view_side(view_tokens: int) -> int:
     """--view-tokens: the side of the square teacher/student token grid (576 -> 24)."""
-    side = math.isqrt(max(view_tokens, 0))
-    if side * side != view_tokens or side < 2:
+    if view_tokens < 4 or math.isqrt(view_tokens) ** 2 != view_tokens:
         raise UsageError(f"--view-tokens must be a square number like 576 (24 x 24), got {view_tokens}")
-    return side
+    return math.isqrt(view_tokens)

@@ -34,8 +34,9 @@ class RegionMap:
 def first_token_keep(first_query: torch.Tensor, image_keys: torch.Tensor) -> torch.Tensor:
     """[tokens] True where the first token's head-0 query [head_dim], scored against every head's
     keys [heads, tokens, head_dim] and averaged over heads, stays below the sink probability."""
-    scores = torch.einsum("d,hnd->hn", first_query, image_keys) / math.sqrt(first_query.shape[-1])
-    return torch.sigmoid(scores.mean(dim=0)) < FIRST_TOKEN_SINK
+    logits = torch.einsum("d,hnd->hn", first_query, image_keys)  # pragma: no mutate (einsum letters: any case)
+    scores = logits / math.sqrt(first_query.shape[-1])
+    return torch.sigmoid(scores.mean(dim=0)) < FIRST_TOKEN_SINK  # pragma: no mutate (a tie has probability zero)
 
 
 def region_logits(backbone: Backbone, layers: Sequence[nn.Module], hidden: torch.Tensor, positions: torch.Tensor,
