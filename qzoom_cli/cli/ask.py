@@ -19,6 +19,7 @@ from .common import (
     DeviceOpt,
     DpiOpt,
     DtypeOpt,
+    ExplainOpt,
     GateOpt,
     InstructionOpt,
     JsonFlag,
@@ -56,8 +57,7 @@ def ask(
     roi_threshold: RoiOpt = None,
     roi_max_visual_tokens: RoiTokensOpt = None,
     roi_native: RoiNativeOpt = False,
-    explain: Annotated[bool, flag(help="When a region is read, also decode the answer without it "
-                                       "(zoom.direct_answer vs zoom.zoom_answer).")] = False,
+    explain: ExplainOpt = False,
     overlay: Annotated[str | None, typer.Option(help="Write the answering page with the region map and box "
                                                      "as PNG into this directory.")] = None,
     pages: Annotated[str | None, typer.Option("--pages", "--page-range",

@@ -103,6 +103,8 @@ RoiOpt = Annotated[float | None, typer.Option(
                             f"trained / {RELATIVE_ROI_THRESHOLD} training-free].")]
 RoiTokensOpt = Annotated[int | None, typer.Option(
     "--roi-max-visual-tokens", help="Most visual tokens for the region \\[default: the page budget].")]
+ExplainOpt = Annotated[bool, flag("--explain", help="When a region is read, also decode the answer without it "
+                                                   "(zoom.direct_answer vs zoom.zoom_answer).")]
 RoiNativeOpt = Annotated[bool, flag("--roi-native", help="Never read a region at more tokens than it has "
                                                          "at its source resolution (faster on small regions; "
                                                          "the reference always uses the full budget).")]

@@ -16,6 +16,7 @@ from .common import (
     DeviceOpt,
     DpiOpt,
     DtypeOpt,
+    ExplainOpt,
     GateOpt,
     InstructionOpt,
     MaxNewOpt,
@@ -60,6 +61,7 @@ def serve(
     roi_threshold: RoiOpt = None,
     roi_max_visual_tokens: RoiTokensOpt = None,
     roi_native: RoiNativeOpt = False,
+    explain: ExplainOpt = False,
     dpi: DpiOpt = 200,
     min_visual_tokens: MinTokensOpt = None,
     max_visual_tokens: MaxTokensOpt = None,
@@ -89,7 +91,7 @@ def serve(
 
     defaults = AskOptions(dpi=dpi, zoom=zoom, gate_threshold=gate_threshold, roi_threshold=roi_threshold,
                           roi_max_visual_tokens=roi_max_visual_tokens, roi_native=roi_native,
-                          min_visual_tokens=min_visual_tokens, max_visual_tokens=max_visual_tokens,
+                          explain=explain, min_visual_tokens=min_visual_tokens, max_visual_tokens=max_visual_tokens,
                           max_new_tokens=max_new_tokens, instruction=instruction_text(instruction))
     settings = ServeSettings(defaults=defaults, root=Path(root) if root else None, max_upload_mb=max_upload_mb,
                              max_pages=max_pages, max_queue=max_queue, batch_size=batch_size,
