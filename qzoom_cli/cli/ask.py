@@ -37,7 +37,6 @@ from .common import (
     check_request,
     configure_logging,
     err_console,
-    flag,
     instruction_text,
     load_model,
     print_json,
