@@ -391,7 +391,7 @@ def test_resume_with_other_settings_is_refused(workdir, tiny_dir):
     first = out.read_bytes()
     assert records(out)[0]["run"]["max_new_tokens"] == 3
     other = run(workdir, str(m), "-o", str(out), "--resume", "--zoom", "never", tiny=tiny_dir)
-    assert other.exit_code == EXIT_USAGE and "other settings (zoom)" in other.stderr
+    assert other.exit_code == EXIT_USAGE and f"{out} holds answers made with other settings (zoom)" in other.stderr
     assert out.read_bytes() == first
     assert run(workdir, str(m), "-o", str(out), "--resume", tiny=tiny_dir).exit_code == 0
     assert run(workdir, str(m), "-o", str(out), "--force", "--zoom", "never", tiny=tiny_dir).exit_code == 0
@@ -415,6 +415,35 @@ def test_ordered_writer_falls_back_when_its_file_fails():
         writer.add(index, f"r{index}")
     assert file.getvalue() == "r0\n" and fallback.getvalue() == "r1\nr2\n"
     assert writer.write_error.errno == errno.ENOSPC
+    full = FullAfterOne()
+    for nowhere_else in (OrderedWriter(full, [0, 1]), OrderedWriter(full, [0, 1], fallback=full)):
+        with pytest.raises(OSError, match="No space left"):  # nothing to fall back to: the failure is reported
+            for index in (0, 1):
+                nowhere_else.add(index, f"r{index}")
+
+
+def test_run_manifest_keeps_results_unless_told_and_needs_a_file_for_resume_or_shards(qz, workdir):
+    from qzoom_cli.batch import RunOptions, run_manifest
+    from qzoom_cli.zoom.pipeline import ZoomSettings
+
+    rows, options = _rows(workdir)[:2], RunOptions(zoom=ZoomSettings("never"), dpi=72, max_new_tokens=2)
+    out = workdir / "out.jsonl"
+    out.touch()  # an empty file holds nothing to lose
+    assert run_manifest(lambda: qz, rows, options, output=out, stdout=io.StringIO()).done == 2
+    before = out.read_bytes()
+    for content in (before, b"{"):
+        out.write_bytes(content)
+        with pytest.raises(UsageError) as refused:
+            run_manifest(lambda: qz, rows, options, output=out, stdout=io.StringIO())
+        assert refused.value.message == f"{out} already has results: --resume to continue it or --force to overwrite it"
+    from qzoom_cli.outputs import sole_writer
+
+    with sole_writer(workdir / "other.jsonl"), pytest.raises(UsageError, match="being written by another qzoom run"):
+        run_manifest(lambda: qz, rows, options, output=workdir / "other.jsonl", stdout=io.StringIO())
+    for needs_a_file in ({"resume": True}, {"world": 2}):
+        with pytest.raises(UsageError) as refused:
+            run_manifest(lambda: qz, rows, options, output=None, stdout=io.StringIO(), **needs_a_file)
+        assert refused.value.message == "--resume and several processes need an output file (-o)"
 
 
 def test_a_resume_names_every_setting_that_changed():
