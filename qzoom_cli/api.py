@@ -54,6 +54,7 @@ from .runtime import (
 from .static_decode import make_decoder
 from .zoom.adapter import ZoomAdapter, checkpoint_files, official_adapter_config
 from .zoom.geometry import normalized
+from .zoom.lora import load_lora
 from .zoom.pipeline import PageAnswer, PageView, ZoomEngine, ZoomTrace
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -137,13 +138,15 @@ class QZoom:
     def from_pretrained(cls, model: str | Path | None = None, *, adapter: str | Path | None = None,
                         revision: str | None = None, device: str | None = "auto", dtype: str | None = "auto",
                         attn: str | None = "auto", compile: str | None = "auto", branch_layer: int | None = None,
-                        depth: int | None = None) -> QZoom:
+                        depth: int | None = None, merge_lora: bool = True) -> QZoom:
         """Load a hub id or local checkpoint (default: the default card's model) with its zoom modules.
 
         Zoom modules come from `adapter` (a directory written by `ZoomAdapter.save_pretrained`),
         else from the checkpoint itself when it is a released Q-Zoom checkpoint; a stock
-        checkpoint zooms training-free with its own layers K..K+T-1 as region head. `compile`
-        picks the decoder (`runtime.resolve_decoder`): auto captures it as a CUDA graph on CUDA.
+        checkpoint zooms training-free with its own layers K..K+T-1 as region head. LoRA weights in
+        the adapter folder (`qzoom train sft`) are attached to the decoder, merged into its weights
+        unless `merge_lora` is False. `compile` picks the decoder (`runtime.resolve_decoder`): auto
+        captures it as a CUDA graph on CUDA.
         """
         card = default_card() if model is None else find_card(str(model))
         ref = card.id if model is None else str(model)
@@ -155,6 +158,7 @@ class QZoom:
             backbone.system_prompt = card.system_prompt
         if adapter is not None:
             zoom_modules = ZoomAdapter.from_pretrained(adapter, backbone)
+            load_lora(backbone, adapter, merge=merge_lora)
         elif official_adapter_config(backbone) is not None:
             zoom_modules = ZoomAdapter.from_official_checkpoint(backbone, checkpoint_files(backbone.model_id, revision))
         else:

@@ -27,6 +27,7 @@ from .common import (
     MaxTokensOpt,
     MinTokensOpt,
     ModelOpt,
+    NoMergeOpt,
     Quiet,
     RevisionOpt,
     RoiNativeOpt,
@@ -50,6 +51,7 @@ def ask(
     questions: Annotated[list[str], typer.Argument(help="One or more questions about the document.")],
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
+    no_merge: NoMergeOpt = False,
     revision: RevisionOpt = None,
     zoom: ZoomOpt = "auto",
     gate_threshold: GateOpt = None,
@@ -98,7 +100,7 @@ def ask(
             warn(warning, quiet)
         show_panel = not quiet and err_console.is_terminal
         with err_console.status("Loading model…") if show_panel else nullcontext():
-            qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode)
+            qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge)
         budget = qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=zoom)
         with err_console.status("Answering…") if show_panel else nullcontext():
             results = qz.ask(doc, questions, pages=pages, budget=budget, zoom=settings,

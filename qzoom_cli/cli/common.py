@@ -91,6 +91,8 @@ ModelOpt = Annotated[str | None, typer.Option("--model", help="Hub id or local c
                                                              "\\[default: the default model card].")]
 AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Zoom adapter directory (qzoom_config.json + "
                                                                  "qzoom_adapter.safetensors) to attach.")]
+NoMergeOpt = Annotated[bool, flag("--no-merge", help="Keep the adapter's LoRA weights (train sft) apart from the "
+                                                   "base weights instead of merging them (slower, exact).")]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) to pin.")]
 ZoomOpt = Annotated[str, typer.Option("--zoom", help="auto: zoom when the gate says so; always: read the region "
                                                      "whenever one is found; never: one pass at the page budget.")]
@@ -132,12 +134,12 @@ MetricOpt = Annotated[str, typer.Option("--metric", help="auto (per row: its met
                                                          "-> vqa, else anls), anls, relaxed, vqa or exact.")]
 
 
-def load_model(model, adapter, revision, device, dtype, attn, compile_mode="off"):
+def load_model(model, adapter, revision, device, dtype, attn, compile_mode="off", no_merge=False):
     """The model for a command; training and question writing keep the eager decode loop (compile off)."""
     from ..api import QZoom
 
     return QZoom.from_pretrained(model, adapter=adapter, revision=revision, device=device, dtype=dtype, attn=attn,
-                                 compile=compile_mode)
+                                 compile=compile_mode, merge_lora=not no_merge)
 
 
 def parse_batch_size(value: str) -> int | str:

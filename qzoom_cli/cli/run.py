@@ -26,6 +26,7 @@ from .common import (
     MaxTokensOpt,
     MinTokensOpt,
     ModelOpt,
+    NoMergeOpt,
     Quiet,
     RevisionOpt,
     RoiNativeOpt,
@@ -94,6 +95,7 @@ def run(
                                                   "accelerate, merging into one ordered output.")] = None,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
+    no_merge: NoMergeOpt = False,
     revision: RevisionOpt = None,
     zoom: ZoomOpt = "auto",
     gate_threshold: GateOpt = None,
@@ -141,7 +143,7 @@ def run(
         device = str(state.device)
 
     def load():
-        qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode)
+        qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge)
         options.budget = qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=zoom)
         return qz
 
@@ -149,7 +151,8 @@ def run(
                     "gate_threshold": gate_threshold, "roi_threshold": roi_threshold,
                     "roi_max_visual_tokens": roi_max_visual_tokens, "roi_native": roi_native, "dpi": dpi,
                     "min_visual_tokens": min_visual_tokens, "max_visual_tokens": max_visual_tokens,
-                    "max_new_tokens": max_new_tokens, "instruction": instruction_text(instruction), "dtype": dtype}
+                    "max_new_tokens": max_new_tokens, "instruction": instruction_text(instruction), "dtype": dtype,
+                    **({"no_merge": True} if no_merge else {})}  # absent by default: older files still resume
     options = RunOptions(zoom=settings, dpi=dpi, max_new_tokens=max_new_tokens,
                          instruction=instruction_text(instruction),
                          batch_size=batch, verbose=verbose, settings=run_settings)

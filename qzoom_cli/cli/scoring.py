@@ -28,6 +28,7 @@ from .common import (
     MetricOpt,
     MinTokensOpt,
     ModelOpt,
+    NoMergeOpt,
     Quiet,
     RevisionOpt,
     RoiOpt,
@@ -54,6 +55,7 @@ def evaluate_command(
     = None,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
+    no_merge: NoMergeOpt = False,
     revision: RevisionOpt = None,
     gate_threshold: GateOpt = None,
     roi_threshold: RoiOpt = None,
@@ -94,7 +96,7 @@ def evaluate_command(
     from ..bench import compare_modes, score_lines
 
     configure_logging(verbose, quiet)
-    qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode)
+    qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge)
     options = {mode: RunOptions(zoom=settings[mode],
                                 budget=qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=mode),
                                 dpi=dpi, max_new_tokens=max_new_tokens, instruction=instruction_text(instruction),
@@ -125,6 +127,7 @@ def bench(
     metric: MetricOpt = "auto",
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
+    no_merge: NoMergeOpt = False,
     revision: RevisionOpt = None,
     gate_threshold: GateOpt = None,
     roi_threshold: RoiOpt = None,
@@ -158,7 +161,7 @@ def bench(
     from ..bench import bench_report, pareto_png, pareto_title, sweep
 
     configure_logging(verbose, quiet)
-    qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode)
+    qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge)
     options = RunOptions(zoom=settings, dpi=dpi, max_new_tokens=max_new_tokens,
                          instruction=instruction_text(instruction), batch_size=batch, verbose=verbose)
 

@@ -23,6 +23,7 @@ from .common import (
     MaxTokensOpt,
     MinTokensOpt,
     ModelOpt,
+    NoMergeOpt,
     Quiet,
     RevisionOpt,
     RoiNativeOpt,
@@ -55,6 +56,7 @@ def serve(
                                                    "server).")] = False,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
+    no_merge: NoMergeOpt = False,
     revision: RevisionOpt = None,
     zoom: ZoomOpt = "auto",
     gate_threshold: GateOpt = None,
@@ -99,7 +101,7 @@ def serve(
                              allow_remote_images=allow_remote_images)
     check_transformers()
     configure_logging(verbose, quiet)
-    qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode)
+    qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge)
     if not quiet:
         where = f"http://{host}:{port}/"
         print(f"qzoom: serving {qz.model_info().id} at {where} (Ctrl-C to stop)", file=sys.stderr)
