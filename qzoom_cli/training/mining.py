@@ -1,0 +1,81 @@
+"""Hard-sample mining for targeted fine-tuning: which (page, question) pairs the zoomed input
+answers worse than the plain one.
+
+Each pair is answered twice, plain (the coarse page) and zoomed (page + region). Right or wrong
+comes from the manifest's reference answers (scored as `qzoom eval` scores them), else from a
+pseudo-reference (the model's own answer at its highest resolution: label-free), or from a judge
+model's yes/no verdicts. "Regressions" (plain right, zoomed wrong) are what the fine-tuning
+teaches; `mix` adds some "improvements" (plain wrong, zoomed right) so it does not forget those.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from ..evaluate import choose_metric, score
+
+RIGHT_AT = 0.5  # a metric score at least this counts as right (ANLS and VQA give partial credit)
+KINDS = ("regression", "improvement", "both right", "both wrong")
+
+JUDGE_SYSTEM = ("You are a fair and robust evaluator. You focus on semantic correctness over strict "
+                "string matching.")
+JUDGE_REQUEST = (
+    "Question: {question}\nGround truth: {reference}\nModel A answered: {plain}\nModel B answered: {zoomed}\n\n"
+    "Is each model's answer correct? Count an answer as correct when it contains the ground truth, says "
+    "the same thing in other words, or differs only in formatting (case, units, punctuation, number "
+    "style); count it as wrong when it contradicts the ground truth or misses it. Reply with exactly two "
+    "lines:\nA: Yes or No\nB: Yes or No")
+_VERDICT = re.compile(r"^\s*([AB])\s*:\s*\[?\s*(yes|no)\b", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Mined:
+    """One (page, question) pair answered both ways, and what that makes it."""
+
+    key: str
+    question: str
+    plain: str
+    zoomed: str
+    references: tuple[str, ...]
+    judged_by: str   # "references", "pseudo-reference" or "judge"
+    kind: str
+
+
+def is_right(prediction: str, references: list[str], metric: str = "auto", dataset: str | None = None) -> bool:
+    return score(choose_metric(metric, None, dataset, references), prediction, references) >= RIGHT_AT
+
+
+def kind_of(plain_right: bool, zoomed_right: bool) -> str:
+    if plain_right and not zoomed_right:
+        return "regression"
+    if zoomed_right and not plain_right:
+        return "improvement"
+    return "both right" if plain_right else "both wrong"
+
+
+def judge_verdicts(reply: str) -> tuple[bool, bool] | None:
+    """(A right, B right) from a judge's reply, or None when it did not answer in the asked form."""
+    found: dict[str, bool] = {}
+    for model, verdict in _VERDICT.findall(reply):
+        found.setdefault(model.upper(), verdict.lower() == "yes")
+    return (found["A"], found["B"]) if set(found) == {"A", "B"} else None
+
+
+def training_set(mined: list[Mined], mix: float, seed: int) -> list[Mined]:
+    """Every regression, and `mix` improvements per regression (at most all of them), drawn with `seed`."""
+    if mix < 0:
+        raise ValueError("mix must be at least 0")
+    regressions = [m for m in mined if m.kind == "regression"]
+    improvements = [m for m in mined if m.kind == "improvement"]
+    wanted = min(len(improvements), round(mix * len(regressions)))
+    return regressions + random.Random(seed).sample(improvements, wanted)
+
+
+def mining_report(mined: list[Mined], chosen: list[Mined]) -> dict:
+    """Pairs by kind, how right and wrong were decided, and what the fine-tuning will see."""
+    return {"pairs": len(mined), "by_kind": {kind: Counter(m.kind for m in mined)[kind] for kind in KINDS},
+            "judged_by": dict(Counter(m.judged_by for m in mined)), "training_samples": len(chosen),
+            "label_free": any(m.judged_by == "pseudo-reference" for m in mined)}
