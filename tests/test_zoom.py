@@ -348,3 +348,20 @@ def test_checkpoint_weights_are_found_in_the_hub_cache_offline(tmp_path, monkeyp
     _hub_cache(tmp_path, "org/empty", {"config.json": b"{}"})
     with pytest.raises(ModelNotAvailable, match="cannot find the safetensors weights of org/empty"):
         checkpoint_files("org/empty", None)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"branch_layer": 2, "depth": 2}', "is not a qzoom adapter config (qzoom.adapter/v1)"),   # no format
+    ('{"format": "other/v9", "branch_layer": 2}', "is not a qzoom adapter config (qzoom.adapter/v1)"),
+    ('[1, 2]', "is not a qzoom adapter config (qzoom.adapter/v1)"),
+    ('{"format": "qzoom.adapter/v1", "colour": "red"}', "unexpected keyword argument 'colour'"),
+    ("{not json", "is not valid JSON"),
+])
+def test_an_adapter_config_that_is_not_one_says_so(tmp_path, content, message):
+    from qzoom_cli.zoom.adapter import AdapterConfig
+
+    path = tmp_path / "qzoom_config.json"
+    path.write_text(content)
+    with pytest.raises(ModelError) as refused:
+        AdapterConfig.from_file(path)
+    assert refused.value.message.startswith(str(path)) and message in refused.value.message
