@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..budget import aspect_canvas
+
 # Separable 3-tap Gaussian with sigma 1 (torchvision's kernel for kernel_size=3, sigma=1.0).
 _GAUSS_3 = (0.27406862, 0.45186276, 0.27406862)
 SINK_MIN_TOKENS = 256
@@ -136,6 +138,14 @@ def grid_box_to_pixels(box: Box, grid: tuple[int, int], size: tuple[int, int], m
     x0, x1 = axis(box.x0, box.x1, cols, width)
     y0, y1 = axis(box.y0, box.y1, rows, height)
     return Box(x0, y0, x1, y1)
+
+
+def region_on_page(box: Box, grid: tuple[int, int], page_size: tuple[int, int], min_side: int) -> Box | None:
+    """A grid box in page pixels: mapped on the page's aspect canvas (where a very thin page was
+    read), then cut to the page itself; None when nothing of it is on the page."""
+    canvas = grid_box_to_pixels(box, grid, aspect_canvas(*page_size), min_side)
+    inside = Box(canvas.x0, canvas.y0, min(canvas.x1, page_size[0]), min(canvas.y1, page_size[1]))
+    return inside if inside.width > 0 and inside.height > 0 else None
 
 
 def normalized(box: Box, size: tuple[int, int]) -> list[float]:

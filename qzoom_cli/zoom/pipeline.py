@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from ..backbones import Backbone, ImageBlock, ImageEncoding, VisualAdditions
-from ..budget import VisualBudget, aspect_canvas, content_size, pad_into
+from ..budget import VisualBudget, content_size, pad_into
 from ..decode import (
     Decoder,
     EagerDecoder,
@@ -57,7 +57,7 @@ from .geometry import (
     attention_lift,
     equivalent_page_tokens,
     foreground_box,
-    grid_box_to_pixels,
+    region_on_page,
     relative_region_map,
     sigmoid_region_map,
 )
@@ -78,6 +78,18 @@ class PageView:
     @property
     def grid(self) -> tuple[int, int]:
         return self.encoding.grid
+
+    @staticmethod
+    def native_tokens(region_px: Box, backbone: Backbone) -> int:
+        """Tokens the region has at its source resolution (what `--roi-native` caps its budget at)."""
+        return round(region_px.area / backbone.layout.patch_factor ** 2)
+
+    def read_region(self, region_px: Box, budget: VisualBudget, backbone: Backbone) -> ImageEncoding:
+        """The region (page pixels) cropped sharply at the size its token grid under `budget` needs,
+        padded to that grid and encoded: the high-resolution block zoom splices in."""
+        size = (int(region_px.width), int(region_px.height))
+        pixels = backbone.grid_pixels(backbone.image_grid(size, budget))
+        return backbone.encode_image(pad_into(self.crop(region_px, content_size(size, pixels)), pixels))
 
 
 @dataclass(frozen=True)
@@ -244,7 +256,7 @@ class ZoomEngine:
                     if lift < gate_threshold:
                         answers[i].trace.skipped_reason = "attention too spread out for a region to help"
                         continue
-                region_px = self._region_pixels(items[i][0], box)
+                region_px = region_on_page(box, items[i][0].grid, items[i][0].size, bb.layout.min_region_side)
                 if region_px is None:
                     answers[i].trace.skipped_reason = "the region lies in the padding of a very thin page"
                     continue
@@ -296,12 +308,9 @@ class ZoomEngine:
         for i in group.rows:
             page, text = items[i]
             box, region_px = boxes[i]
-            native = round(region_px.area / bb.layout.patch_factor ** 2)
-            budget = settings.region_budget(page.budget, native)
+            budget = settings.region_budget(page.budget, page.native_tokens(region_px, bb))
             with clock("region_encode_s", [i]):
-                size = (int(region_px.width), int(region_px.height))
-                pixels = bb.grid_pixels(bb.image_grid(size, budget))
-                region = bb.encode_image(pad_into(page.crop(region_px, content_size(size, pixels)), pixels))
+                region = page.read_region(region_px, budget, bb)
             with clock("fused_prefill_s", [i]):
                 fused_inputs.append(fuse_region(bb, text, prompts[i], page.encoding, region, box,
                                                 aligned=self.reuse_src_pos))
@@ -316,13 +325,6 @@ class ZoomEngine:
             logits, positions, mask = self.fused_prefill(fused_inputs, group.hidden_k, group.positions, prefix_mask,
                                                          group.cache, group.additions)
         self._decode(answers, group.rows, logits, group.cache, positions, mask, max_new_tokens)
-
-    def _region_pixels(self, page: PageView, box: Box) -> Box | None:
-        """The grid box in page pixels (on the page's aspect canvas, then cut to the page itself);
-        None when nothing of it is on the page."""
-        canvas = grid_box_to_pixels(box, page.grid, aspect_canvas(*page.size), self.backbone.layout.min_region_side)
-        inside = Box(canvas.x0, canvas.y0, min(canvas.x1, page.size[0]), min(canvas.y1, page.size[1]))
-        return inside if inside.width > 0 and inside.height > 0 else None
 
     def fused_prefill(self, fused: list[FusedInputs], hidden_k: torch.Tensor, coarse_positions: torch.Tensor,
                       prefix_mask: torch.Tensor, cache, coarse_additions: VisualAdditions | None = None
