@@ -341,3 +341,10 @@ def page_image_bytes(image):
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_fine_tuning_input_scores_the_answer_as_decoding_reads_it(qz3, page, aligned):
+    from zoomkit import check_teacher_forcing
+
+    check_teacher_forcing(qz3, page, QUESTION, BUDGET, aligned)

@@ -74,3 +74,34 @@ def threshold_between(scores: list[float]) -> float:
     ordered = sorted(scores)
     middle = len(ordered) // 2
     return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def check_teacher_forcing(qz, page, text, budget, aligned: bool) -> None:
+    """Targeted fine-tuning's input scores every answer token exactly as inference reads it: the
+    fused prompt prefilled into a cache, then the answer fed one token at a time at decoding's
+    positions (deepstack additions included); its loss is the mean cross-entropy of those logits."""
+    import pytest
+
+    from qzoom_cli.decode import prefill
+    from qzoom_cli.training.sft import answer_loss, answer_token_ids, fused_prompt, with_answer
+    from qzoom_cli.zoom.geometry import Box
+
+    bb = qz.backbone
+    fused = fused_prompt(bb, page, text, Box(1, 1, 3, 4), budget, aligned)
+    assert fused.inputs.positions.is_floating_point() == aligned  # the adapter's position scheme
+    answer = answer_token_ids(bb, "$100.00")
+    assert answer[-1] == bb.eos_token_ids[0] and bb.decode_text(answer[:-1]) == "$100.00"
+    inputs = with_answer(bb, fused.inputs, answer)
+    with torch.no_grad():
+        hidden = bb.run_layers(inputs.embeds, inputs.positions, None, 0, bb.num_layers, None, inputs.additions)
+        teacher_forced = bb.logits(hidden)[0, fused.inputs.length - 1:-1]
+        cache = bb.new_cache()
+        stepwise = [prefill(bb, fused.inputs.embeds, fused.inputs.positions, cache, None, fused.inputs.additions)[0]]
+        for step, token in enumerate(answer[:-1]):
+            position = bb.next_position_ids(fused.inputs.positions, step).to(fused.inputs.positions.dtype)
+            out = bb.run_layers(bb.embed_tokens(torch.tensor([[token]], device=bb.device)), position, cache, 0,
+                                bb.num_layers)
+            stepwise.append(bb.logits(out)[0, -1])
+        assert torch.allclose(teacher_forced, torch.stack(stepwise), atol=1e-4)
+        expected = torch.nn.functional.cross_entropy(torch.stack(stepwise).float(), torch.tensor(answer))
+        assert answer_loss(bb, inputs, answer).item() == pytest.approx(expected.item(), rel=1e-4)
