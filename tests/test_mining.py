@@ -76,3 +76,90 @@ def test_the_training_set_is_every_regression_and_mix_improvements_per_regressio
                       "judged_by": {"references": 19}, "training_samples": 6, "label_free": False}
     pseudo = [Mined("p", "q?", "a", "b", ("a",), "pseudo-reference", "both right")]
     assert mining_report(pseudo, [])["label_free"] is True
+
+
+def _samples(tmp_path, answers):
+    import json
+
+    from trainkit import red_square_pages
+
+    from qzoom_cli.manifest import read_manifest
+    from qzoom_cli.training.data import expand_samples
+
+    tmp_path.mkdir(exist_ok=True)
+    manifest, _ = red_square_pages(tmp_path, len(answers), seed=11)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for row, refs in zip(rows, answers, strict=True):
+        row["answers"] = refs
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return expand_samples(read_manifest(manifest))
+
+
+def _settings():
+    from qzoom_cli.budget import VisualBudget
+    from qzoom_cli.training.mining import MiningSettings
+
+    return MiningSettings(budget=VisualBudget(16, 36), pseudo_budget=VisualBudget(64, 64), max_new_tokens=3, dpi=72)
+
+
+def test_mining_answers_each_pair_both_ways_and_classifies_it(qz, tmp_path, monkeypatch):
+    from qzoom_cli.training.data import ArtefactStore
+    from qzoom_cli.training.mining import is_right, kind_of, mine
+
+    settings = _settings()
+    probe = _samples(tmp_path / "probe", [[], []])
+    plain = [qz.ask(s.file, s.question, zoom="never", budget=settings.budget, max_new_tokens=3)[0].answer
+             for s in probe.samples]
+    samples = _samples(tmp_path, [[plain[0]], ["not what it says"]])
+    store = ArtefactStore(tmp_path / "mined")
+    mined = mine(qz, samples, settings, store)
+    assert [m.key for m in mined] == [s.key for s in samples.samples]
+    for pair, sample in zip(mined, samples.samples, strict=True):
+        [zoomed] = qz.ask(sample.file, sample.question, zoom="always", budget=settings.budget, max_new_tokens=3)
+        assert pair.zoomed == zoomed.answer and pair.box == tuple(zoomed.zoom.roi["grid_box"])
+        assert pair.references == sample.answers and pair.judged_by == "references"
+        assert pair.kind == kind_of(is_right(pair.plain, list(sample.answers)), is_right(pair.zoomed,
+                                                                                        list(sample.answers)))
+    assert mined[0].plain == plain[0] and mined[0].kind in ("regression", "both right")
+    assert mined[1].kind in ("improvement", "both wrong")
+
+    def never(*args, **kwargs):
+        raise AssertionError("a cached pair was answered again")
+
+    monkeypatch.setattr(qz, "ask", never)
+    assert mine(qz, samples, settings, store) == mined
+
+
+def test_without_references_the_models_own_highest_resolution_answer_decides(qz, tmp_path):
+    from qzoom_cli.training.data import ArtefactStore
+    from qzoom_cli.training.mining import mine
+
+    settings = _settings()
+    samples = _samples(tmp_path, [[]])
+    [pair] = mine(qz, samples, settings, ArtefactStore(tmp_path / "mined"))
+    sample = samples.samples[0]
+    high = qz.ask(sample.file, sample.question, zoom="never", budget=settings.pseudo_budget, max_new_tokens=3)[0]
+    assert pair.references == (high.answer,) and pair.judged_by == "pseudo-reference"
+
+
+def test_a_judge_decides_when_given_and_an_unreadable_verdict_leaves_the_pair_out(qz, tmp_path):
+    from types import SimpleNamespace
+
+    from qzoom_cli.training.data import ArtefactStore
+    from qzoom_cli.training.mining import mine
+
+    asked = []
+
+    def judge(reply):
+        def ask(doc, request, **options):
+            asked.append((request, options))
+            return [SimpleNamespace(answer=reply)]
+        return SimpleNamespace(ask=ask)
+
+    samples = _samples(tmp_path, [["red"]])
+    [pair] = mine(qz, samples, _settings(), ArtefactStore(tmp_path / "a"), judge=judge("A: Yes\nB: No"))
+    assert pair.kind == "regression" and pair.judged_by == "judge" and pair.target == pair.plain
+    request, options = asked[0]
+    assert f"Model A answered: {pair.plain}\n" in request and "Ground truth: red\n" in request
+    assert options["instruction"] == "" and options["zoom"] == "never"
+    assert mine(qz, samples, _settings(), ArtefactStore(tmp_path / "b"), judge=judge("maybe")) == []

@@ -13,9 +13,15 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..api import QZoom
+from ..budget import VisualBudget
+from ..documents import open_document
 from ..evaluate import choose_metric, score
+from ..results import Result
+from .data import ArtefactStore, SampleSet, TrainSample
 
 RIGHT_AT = 0.5  # a metric score at least this counts as right (ANLS and VQA give partial credit)
 KINDS = ("regression", "improvement", "both right", "both wrong")
@@ -42,6 +48,12 @@ class Mined:
     references: tuple[str, ...]
     judged_by: str   # "references", "pseudo-reference" or "judge"
     kind: str
+    box: tuple[int, ...] | None = None  # the region read (token grid cells of the page), None if none was
+
+    @property
+    def target(self) -> str:
+        """What the fine-tuning teaches for this pair: the answer that was right."""
+        return self.plain if self.kind == "regression" else self.zoomed
 
 
 def is_right(prediction: str, references: list[str], metric: str = "auto", dataset: str | None = None) -> bool:
@@ -79,3 +91,57 @@ def mining_report(mined: list[Mined], chosen: list[Mined]) -> dict:
     return {"pairs": len(mined), "by_kind": {kind: Counter(m.kind for m in mined)[kind] for kind in KINDS},
             "judged_by": dict(Counter(m.judged_by for m in mined)), "training_samples": len(chosen),
             "label_free": any(m.judged_by == "pseudo-reference" for m in mined)}
+
+
+@dataclass(frozen=True)
+class MiningSettings:
+    budget: VisualBudget                 # the coarse page read, both ways
+    pseudo_budget: VisualBudget          # the model's own highest-resolution read, without references
+    max_new_tokens: int = 32
+    dpi: int = 200
+    metric: str = "auto"
+
+
+def mine(qz: QZoom, samples: SampleSet, settings: MiningSettings, store: ArtefactStore,
+         judge: QZoom | None = None, on_sample: Callable[[TrainSample], None] = lambda sample: None) -> list[Mined]:
+    """Answer each sample plain and zoomed (cached in `store`, so a rerun resumes) and classify the pair.
+    Pairs whose zoomed read found no region, or whose judge reply could not be read, are left out."""
+    mined = []
+    for sample in samples.samples:
+        if sample.key not in store:
+            store.save(sample.key, {}, _answer_both(qz, sample, settings, judge))
+        record = store.load(sample.key)[1]
+        on_sample(sample)
+        if record["box"] is None or record["verdicts"] is None:
+            continue
+        plain_right, zoomed_right = record["verdicts"]
+        mined.append(Mined(sample.key, sample.question, record["plain"], record["zoomed"],
+                           tuple(record["references"]), record["judged_by"], kind_of(plain_right, zoomed_right),
+                           tuple(record["box"])))
+    return mined
+
+
+def _answer_both(qz: QZoom, sample: TrainSample, settings: MiningSettings, judge: QZoom | None) -> dict:
+    def ask(document, question: str, **options) -> Result:
+        return qz.ask(document, question, pages=str(sample.page), max_new_tokens=settings.max_new_tokens,
+                      **options)[0]
+
+    with open_document(sample.file, password=sample.password, dpi=settings.dpi) as doc:
+        plain = ask(doc, sample.question, zoom="never", budget=settings.budget)
+        zoomed = ask(doc, sample.question, zoom="always", budget=settings.budget)
+        references, judged_by = list(sample.answers), "references"
+        if not references:
+            references = [ask(doc, sample.question, zoom="never", budget=settings.pseudo_budget).answer]
+            judged_by = "pseudo-reference"
+        if judge is not None:
+            request = JUDGE_REQUEST.format(question=sample.question, reference=" / ".join(references),
+                                           plain=plain.answer, zoomed=zoomed.answer)
+            reply = judge.ask(doc, request, pages=str(sample.page), instruction="", zoom="never",
+                              max_new_tokens=16)[0].answer
+            verdicts, judged_by = judge_verdicts(reply), "judge"
+        else:
+            verdicts = (is_right(plain.answer, references, settings.metric),
+                        is_right(zoomed.answer, references, settings.metric))
+    box = zoomed.zoom.roi["grid_box"] if zoomed.zoom.zoomed else None
+    return {"plain": plain.answer, "zoomed": zoomed.answer, "references": references, "judged_by": judged_by,
+            "verdicts": None if verdicts is None else list(verdicts), "box": box}
