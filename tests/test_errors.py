@@ -41,16 +41,31 @@ def _edit_weights(folder, change):
     save_file(weights, folder / ADAPTER_WEIGHTS)
 
 
+def _missing_and_unexpected(weights):
+    weights.pop("high_res_head.bias")
+    weights["twig_layers.7.mlp.up_proj.weight"] = torch.zeros(1)
+
+
 @pytest.mark.parametrize("change, message", [
-    (lambda w: w.pop("high_res_head.bias"), "missing 1"),
+    (lambda w: w.pop("high_res_head.bias"), "do not match the adapter config: missing 1 (e.g. high_res_head.bias)"),
     (lambda w: w.__setitem__("twig_layers.7.mlp.up_proj.weight", torch.zeros(1)), "unexpected 1"),
+    (_missing_and_unexpected, "missing 1 (e.g. high_res_head.bias); unexpected 1 (e.g. twig_layers.7.mlp.up_proj"),
     (lambda w: w.__setitem__("high_res_head.weight", torch.zeros(1, 3)), "has shape (1, 3)"),
 ])
 def test_adapter_weights_that_do_not_match_their_config_are_refused(qz, saved_adapter, change, message):
     _edit_weights(saved_adapter, change)
-    with pytest.raises(AdapterMismatch, match=message.replace("(", r"\(").replace(")", r"\)")) as caught:
+    with pytest.raises(AdapterMismatch) as caught:
         ZoomAdapter.from_pretrained(saved_adapter, qz.backbone)
+    assert message in caught.value.message and str(saved_adapter) in caught.value.message
     assert caught.value.exit_code == EXIT_MODEL
+
+
+def test_a_folder_without_both_adapter_files_is_not_an_adapter(qz, saved_adapter):
+    from qzoom_cli.errors import ModelNotAvailable
+
+    (saved_adapter / ADAPTER_WEIGHTS).unlink()
+    with pytest.raises(ModelNotAvailable, match="is not a qzoom adapter"):
+        ZoomAdapter.from_pretrained(saved_adapter, qz.backbone)
 
 
 @pytest.mark.parametrize("config, message", [

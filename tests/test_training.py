@@ -708,3 +708,31 @@ def test_the_gate_trainer_feeds_the_student_what_inference_reads(qz, tmp_path, m
     train_gate(qz.backbone, None, samples, GateSettings(ladder=ladder), TrainOptions(batch_size=4),
                tmp_path / "gate", branch_layer=3, depth=1)
     assert seen and any(mask is not None for mask in seen)  # some batches mixed rungs: padded
+
+
+@pytest.mark.parametrize("free_answers", [False, True])
+def test_teacher_labels_are_the_teachers_maps_of_the_question_as_asked(qz, tmp_path, free_answers):
+    """The teacher pass caches, per sample, the maps `teacher_maps` gives for the question with the
+    inference instruction (or without, for free answers), its answer and what the sample is."""
+    from qzoom_cli.training.rpn import make_labels, prompt_text
+
+    manifest, _ = red_square_pages(tmp_path, 2, seed=12)
+    samples = expand_samples(read_manifest(manifest))
+    settings = RpnSettings(2, 2, HeadTable({1: [0]}, {1: [1]}), view_side=SIDE, free_answers=free_answers,
+                           teacher_max_new_tokens=3, dpi=72, labels=LabelSettings(peak_floor=0.0))
+    store = ArtefactStore(tmp_path / "labels")
+    make_labels(qz.backbone, samples, settings, store, Shard())
+    compared = 0
+    for sample in samples.samples:
+        from PIL import Image
+
+        view = square_view(Image.open(sample.file).convert("RGB"), qz.backbone.grid_pixels((SIDE, SIDE)))
+        maps = teacher_maps(qz.backbone, view, prompt_text(sample.question, free_answers), settings.heads, 3)
+        tensors, meta = store.load(sample.key)
+        assert maps.steps <= 3 and meta["steps"] == maps.steps
+        assert {k: meta[k] for k in ("id", "question", "page", "answer")} == {
+            "id": sample.id, "question": sample.question, "page": 1, "answer": qz.backbone.decode_text(maps.answer_ids)}
+        if maps.grounding is not None:
+            assert torch.equal(tensors["grounding"], maps.grounding) and torch.equal(tensors["sink"], maps.sink)
+            compared += 1
+    assert compared  # at least one answer was long enough for a map

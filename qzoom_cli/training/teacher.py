@@ -104,7 +104,7 @@ def attention_to_image(backbone: Backbone, embeds: torch.Tensor, positions: torc
 
 @torch.inference_mode()
 def teacher_maps(backbone: Backbone, view: Image.Image, text: str, heads: HeadTable,
-                 max_new_tokens: int = 128) -> TeacherMaps:
+                 max_new_tokens: int) -> TeacherMaps:
     """Answer `text` about the square `view` and average the chosen heads' attention to it."""
     encoding = backbone.encode_image(view)
     rows, cols = encoding.grid

@@ -147,7 +147,7 @@ class ZoomAdapter(nn.Module):
             if tensor.shape != expected[key].shape:
                 raise AdapterMismatch(f"zoom weight {key} in {source} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(expected[key].shape)}")
-        self.load_state_dict(tensors, strict=True)
+        self.load_state_dict(tensors)  # strict (the default), though the checks above already said why
 
 
 def check_attachment(config: AdapterConfig, backbone: Backbone) -> None:
