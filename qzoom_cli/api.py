@@ -264,6 +264,10 @@ class QZoom:
             yield from batcher.add(request)
         yield from batcher.flush()
 
+    def page_view(self, doc: Document, number: int, budget: VisualBudget) -> PageView:
+        """Page `number` as the engine reads it at `budget` (its coarse encoding, and sharp crops)."""
+        return self._encode_page(doc, number, budget).view
+
     def _encode_page_with_retry(self, doc: Document, number: int, budget: VisualBudget) -> _EncodedPage:
         """Encode a page; on out-of-memory, retry once at half the visual-token budget."""
         try:

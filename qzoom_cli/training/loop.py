@@ -76,7 +76,9 @@ class Trainer:
         on_gpu = torch.cuda.is_available()
         self.accelerator = Accelerator(gradient_accumulation_steps=options.grad_accum, cpu=not on_gpu,
                                        mixed_precision=precision if on_gpu else "no")
-        module.float()
+        for parameter in module.parameters():  # only what is learned: a frozen base keeps its dtype
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=options.lr, betas=(0.9, 0.999), eps=1e-8,
                                            weight_decay=options.weight_decay)

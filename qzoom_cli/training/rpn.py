@@ -67,11 +67,15 @@ class _Pages:
         self.dpi, self.doc, self.password = dpi, None, None
 
     def render(self, sample: TrainSample):
+        return self.document(sample).render(sample.page)
+
+    def document(self, sample: TrainSample) -> Document:
+        """The sample's document, open (the previous one is closed when another is needed)."""
         if self.doc is None or (self.doc.source, self.password) != (sample.file, sample.password):
             self.close()
             self.doc: Document = open_document(sample.file, password=sample.password, dpi=self.dpi)
             self.password = sample.password
-        return self.doc.render(sample.page)
+        return self.doc
 
     def close(self) -> None:
         if self.doc is not None:

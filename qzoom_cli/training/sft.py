@@ -9,14 +9,26 @@ gives its tokens.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+from ..api import QZoom
 from ..backbones import Backbone, ModelInputs, VisualAdditions
 from ..budget import VisualBudget
+from ..zoom.adapter import ZoomAdapter
 from ..zoom.fuse import FusedInputs, fuse_region
 from ..zoom.geometry import Box, region_on_page
+from ..zoom.lora import LORA_FOLDER, LoraSettings, attach_lora
 from ..zoom.pipeline import PageView
+from .data import TrainSample
+from .loop import StepReport, Trainer, TrainOptions
+from .mining import Mined
+from .rpn import _Pages, prompt_text
 
 
 def fused_prompt(backbone: Backbone, page: PageView, text: str, box: Box, region_budget: VisualBudget,
@@ -55,3 +67,71 @@ def answer_loss(backbone: Backbone, inputs: ModelInputs, answer_ids: list[int]) 
     start = inputs.length - len(answer_ids)
     logits = backbone.logits(hidden[:, start - 1:-1])[0]
     return F.cross_entropy(logits.float(), torch.tensor(answer_ids, device=logits.device))
+
+
+@dataclass(frozen=True)
+class SftSettings:
+    budget: VisualBudget                  # the coarse page read (and, unless region_budget, the region's)
+    region_budget: VisualBudget | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    box_noise: float = 0.0                # chance a visit reads a random box instead of the mined one
+    free_answers: bool = False
+    dpi: int = 200
+    seed: int = 42
+
+
+def noisy_box(box: Box, grid: tuple[int, int], chance: float, rng: random.Random) -> Box:
+    """With probability `chance` a random box whose sides are 10-60% of the grid's (the published
+    robustness noise), else `box`."""
+    if rng.random() >= chance:
+        return box
+    rows, cols = grid
+    height, width = (max(1, round(rng.uniform(0.1, 0.6) * n)) for n in (rows, cols))
+    y0, x0 = rng.randrange(rows - height + 1), rng.randrange(cols - width + 1)
+    return Box(x0, y0, x0 + width, y0 + height)
+
+
+def train_sft(qz: QZoom, adapter: ZoomAdapter, samples: dict[str, TrainSample], mined: list[Mined],
+              settings: SftSettings, options: TrainOptions, out_dir: Path,
+              on_step: Callable[[StepReport], None] = lambda report: None) -> tuple[torch.nn.Module, list[float]]:
+    """LoRA on the decoder layers, learned on the mined pairs' fused sequences (the answer that was
+    right, teacher-forced); everything else frozen. Writes the adapter with its `lora/` into
+    `out_dir`; returns peft's model and the loss of each step."""
+    backbone = qz.backbone
+    backbone.freeze()
+    model = attach_lora(backbone, settings.lora)
+    if options.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    region_budget = settings.region_budget or settings.budget
+    pages = _Pages(settings.dpi)
+    by_key = {m.key: m for m in mined}
+
+    def save(folder: Path) -> None:
+        adapter.save_pretrained(folder)
+        model.save_pretrained(Path(folder) / LORA_FOLDER)
+
+    def loss_fn(module, batch: list[str], epoch: int) -> torch.Tensor:
+        total = None
+        for key in batch:
+            pair, sample = by_key[key], samples[key]
+            page = qz.page_view(pages.document(sample), sample.page, settings.budget)
+            rng = random.Random(f"{settings.seed}|{key}|{epoch}")
+            box = noisy_box(Box(*pair.box), page.grid, settings.box_noise, rng)
+            fused = fused_prompt(backbone, page, prompt_text(sample.question, settings.free_answers), box,
+                                 region_budget, adapter.config.reuse_src_pos)
+            if fused is None:
+                continue
+            answer = answer_token_ids(backbone, pair.target)
+            loss = answer_loss(backbone, with_answer(backbone, fused.inputs, answer), answer) / len(batch)
+            total = loss if total is None else total + loss
+        return total if total is not None else sum(p.sum() * 0.0 for p in module.parameters() if p.requires_grad)
+
+    trainer = Trainer(model, options, out_dir, save,
+                      backbone.dtype)  # pragma: no mutate (the base dtype matters only on a GPU: autocast)
+    try:
+        losses = trainer.train(sorted(by_key), loss_fn, on_step)
+    finally:
+        pages.close()
+    if trainer.is_main:
+        save(out_dir)
+    return model, losses
