@@ -89,3 +89,32 @@ def test_box_noise_draws_boxes_of_a_tenth_to_six_tenths_of_the_grid_inside_it():
     assert {b.x0 for b in drawn} >= {0, 12} and max(b.x1 for b in drawn) == 30           # anywhere on the grid
     mixed = [noisy_box(box, (20, 30), 0.8, rng) == box for _ in range(1000)]
     assert 0.15 < sum(mixed) / len(mixed) < 0.25
+
+
+def test_held_out_pairs_are_drawn_once_and_measured_as_ask_answers_them(qz, tmp_path):
+    from trainkit import red_square_pages
+
+    from qzoom_cli.manifest import read_manifest
+    from qzoom_cli.training.data import expand_samples
+    from qzoom_cli.training.mining import Mined
+    from qzoom_cli.training.sft import SftSettings, held_out_accuracy, split_held_out
+
+    manifest, _ = red_square_pages(tmp_path, 2, seed=14)
+    samples = {s.key: s for s in expand_samples(read_manifest(manifest)).samples}
+    settings = SftSettings(budget=VisualBudget(16, 36), dpi=72)
+    keys = sorted(samples)
+    zoomed = qz.ask(samples[keys[0]].file, samples[keys[0]].question, zoom="always", budget=settings.budget,
+                    max_new_tokens=3)[0].answer
+    pairs = [Mined(keys[0], "q", "p", "z", (zoomed,), "references", "regression", (1, 1, 2, 2)),
+             Mined(keys[1], "q", "p", "z", ("nothing like it",), "references", "regression", (1, 1, 2, 2))]
+    assert held_out_accuracy(qz, pairs, samples, settings, max_new_tokens=3) == 0.5
+    assert held_out_accuracy(qz, [], samples, settings, max_new_tokens=3) is None
+
+    many = [Mined(f"k{i}", "q", "p", "z", (), "references", "regression", None) for i in range(10)]
+    train, held = split_held_out(many, 0.2, seed=3)
+    assert len(held) == 2 and len(train) == 8
+    assert {m.key for m in train} | {m.key for m in held} == {m.key for m in many}
+    assert (train, held) == split_held_out(many, 0.2, seed=3) and held != split_held_out(many, 0.2, seed=4)[1]
+    assert split_held_out(many, 0.0, seed=3) == (sorted(many, key=lambda m: m.key), [])
+    with pytest.raises(ValueError):
+        split_held_out(many, 1.0, seed=3)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..api import QZoom
 from ..backbones import Backbone, ModelInputs, VisualAdditions
 from ..budget import VisualBudget
+from ..options import SHORT_ANSWER_INSTRUCTION
 from ..zoom.adapter import ZoomAdapter
 from ..zoom.fuse import FusedInputs, fuse_region
 from ..zoom.geometry import Box, region_on_page
@@ -27,7 +28,7 @@ from ..zoom.lora import LORA_FOLDER, LoraSettings, attach_lora
 from ..zoom.pipeline import PageView
 from .data import TrainSample
 from .loop import StepReport, Trainer, TrainOptions
-from .mining import Mined
+from .mining import Mined, is_right
 from .rpn import _Pages, prompt_text
 
 
@@ -135,3 +136,29 @@ def train_sft(qz: QZoom, adapter: ZoomAdapter, samples: dict[str, TrainSample], 
     if trainer.is_main:
         save(out_dir)
     return model, losses
+
+
+def split_held_out(mined: list[Mined], fraction: float, seed: int) -> tuple[list[Mined], list[Mined]]:
+    """(to train on, held out): a `fraction` of the pairs, drawn with `seed`, kept apart to measure."""
+    if not 0 <= fraction < 1:
+        raise ValueError("the held-out fraction must be in [0, 1)")
+    shuffled = random.Random(seed).sample(mined, len(mined))
+    cut = round(len(mined) * fraction)
+    return sorted(shuffled[cut:], key=lambda m: m.key), sorted(shuffled[:cut], key=lambda m: m.key)
+
+
+def held_out_accuracy(qz: QZoom, pairs: list[Mined], samples: dict[str, TrainSample], settings: SftSettings,
+                      max_new_tokens: int) -> float | None:
+    """Share of `pairs` the zoomed read now answers right (as `ask --zoom always` at the training
+    budget answers them), judged against each pair's references; None without pairs."""
+    if not pairs:
+        return None
+    instruction = "" if settings.free_answers else SHORT_ANSWER_INSTRUCTION
+    right = 0
+    for pair in pairs:
+        sample = samples[pair.key]
+        [result] = qz.ask(sample.file, sample.question, pages=str(sample.page), password=sample.password,
+                          dpi=settings.dpi, zoom="always", budget=settings.budget, max_new_tokens=max_new_tokens,
+                          instruction=instruction)
+        right += is_right(result.answer, list(pair.references))
+    return right / len(pairs)
