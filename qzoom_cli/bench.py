@@ -8,7 +8,6 @@ Q-Zoom paper does: samples per second across, accuracy up, one line per mode, a 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from .budget import VisualBudget
 from .evaluate import ModeSummary, choose_metric, score, summarize
 from .manifest import ManifestRow, RowError
 from .options import ZoomSettings
-from .results import Result
+from .results import Result, json_text
 from .runtime import synchronize
 
 DEFAULT_BUDGETS = (256, 576, 1024, 2048, 4096)
@@ -114,7 +113,7 @@ def sweep(qz: QZoom, rows: list[ManifestRow | RowError], modes: list[str], budge
 
 def score_lines(per_mode: dict[str, list[ScoredRow]]) -> str:
     """`qzoom eval -o`: one JSON line per (mode, row) with its metric, references, answer and score."""
-    return "".join(json.dumps({"mode": mode, **asdict(row)}, ensure_ascii=False) + "\n"
+    return "".join(json_text({"mode": mode, **asdict(row)}) + "\n"
                    for mode, scored in per_mode.items() for row in scored)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from ..options import (
     TRAINED_GATE_THRESHOLD,
     TRAINED_ROI_THRESHOLD,
 )
+from ..results import json_text
 
 err_console = Console(stderr=True)
 VERBOSE_KEY = "qzoom.verbose"
@@ -83,7 +83,7 @@ def write_or_print(path: Path, text: str, what: str) -> None:
 
 
 def print_json(obj: dict) -> None:
-    print(json.dumps(obj, ensure_ascii=False, indent=2 if sys.stdout.isatty() else None), flush=True)
+    print(json_text(obj, 2 if sys.stdout.isatty() else None), flush=True)
 
 
 # Options shared by the commands that load a model and answer questions.

@@ -28,8 +28,6 @@ from .options import AskOptions, ServeSettings, parse_bool
 from .scheduler import Job, Scheduler
 
 STATIC = Path(__file__).parent / "static"  # the page: plain HTML, CSS and JS shipped in the package
-_STATUS = ((Busy, 503), (OutOfMemory, 503), (TooLarge, 413), (FileNotFound, 404), (UsageError, 400),
-           (InputError, 422))
 
 
 class Forbidden(UsageError):
@@ -40,11 +38,14 @@ class Unauthorized(UsageError):
     code = "unauthorized"
 
 
+_STATUS = ((Unauthorized, 401), (Forbidden, 403), (Busy, 503), (OutOfMemory, 503), (TooLarge, 413),
+           (FileNotFound, 404), (UsageError, 400), (InputError, 422))  # the first that fits
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     """The OpenAI error shape (`error.message/type/code`), `code` being the CLI's error code."""
     if isinstance(exc, QZoomError):
-        status = 401 if isinstance(exc, Unauthorized) else 403 if isinstance(exc, Forbidden) else \
-            next((s for kind, s in _STATUS if isinstance(exc, kind)), 500)
+        status = next((s for kind, s in _STATUS if isinstance(exc, kind)), 500)
         code, message = exc.code, exc.message
     else:
         status, code, message = 500, "internal", f"{type(exc).__name__}: {exc}"
@@ -77,7 +78,6 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
             await run_in_threadpool(state["scheduler"].close)
 
     app = FastAPI(title="qzoom", version=qz.model_info().id, lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.qz, app.state.settings, app.state.metrics = qz, settings, metrics
 
     @app.middleware("http")
     async def guard_and_count(request: Request, call_next):
@@ -87,17 +87,13 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
             _check_key(request, settings)
             _check_length(request, settings)
             response = await call_next(request)
-        except Exception as exc:  # a named error or a bug: this request fails, the service goes on
+        except Exception as exc:  # the one error path: a named error or a bug fails this request only
             response = error_response(exc)
         if response.status_code >= 400:
             metrics.failures.labels(code=response.headers.get("x-qzoom-error", str(response.status_code))).inc()
         metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
         metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
         return response
-
-    @app.exception_handler(QZoomError)
-    async def named_error(request: Request, exc: QZoomError):
-        return error_response(exc)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -134,7 +130,7 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
         body = await _json(request)
         question, url, values = chat_question(body)
         options = settings.defaults.updated(values)
-        data = await run_in_threadpool(image_bytes, url, _upload_limit(settings), settings.allow_remote_images)
+        data = await run_in_threadpool(image_bytes, url, settings.upload_limit, settings.allow_remote_images)
         [result], _ = await answered(data, [question], options)
         model = qz.model_info().id
         if body.get("stream"):
@@ -161,13 +157,9 @@ def _check_key(request: Request, settings: ServeSettings) -> None:
 
 def _check_length(request: Request, settings: ServeSettings) -> None:
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > _upload_limit(settings) + 2**16:
+    if length is not None and length.isdigit() and int(length) > settings.upload_limit + 2**16:
         raise TooLarge(f"the request is {int(length) / 2**20:.1f} MB; this service takes documents up to "
                        f"{settings.max_upload_mb:g} MB")
-
-
-def _upload_limit(settings: ServeSettings) -> int:
-    return int(settings.max_upload_mb * 2**20)
 
 
 async def _ask_request(request: Request, settings: ServeSettings
@@ -181,7 +173,7 @@ async def _ask_request(request: Request, settings: ServeSettings
         values = {k: v for k, v in form.multi_items() if k not in ("file", "question", "path", "overlay")}
         overlay = form.get("overlay")
         if isinstance(upload, UploadFile):
-            data = await upload.read(_upload_limit(settings) + 1)
+            data = await upload.read(settings.upload_limit + 1)
             source = _checked_size(data, settings)
         else:
             source = _path_under_root(form.get("path"), settings)
@@ -207,7 +199,7 @@ async def _ask_request(request: Request, settings: ServeSettings
 
 
 def _checked_size(data: bytes, settings: ServeSettings) -> bytes:
-    if len(data) > _upload_limit(settings):
+    if len(data) > settings.upload_limit:
         raise TooLarge(f"the document is larger than {settings.max_upload_mb:g} MB, the most this service takes")
     if not data:
         raise UsageError("the uploaded document is empty")

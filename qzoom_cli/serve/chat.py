@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
 
 from ..errors import InputError, TooLarge, UsageError
-from ..results import Result
+from ..results import Result, json_text
 
 REMOTE_TIMEOUT_S = 20
 
@@ -106,7 +105,7 @@ def completion_chunks(result: Result, model: str) -> Iterator[str]:
     last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": _finish_reason(result), "logprobs": None}],
             "usage": _usage(result), "qzoom": result.to_dict()}
     for event in (first, last):
-        yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        yield f"data: {json_text(event)}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -98,6 +98,11 @@ class ServeSettings:
     api_key: str | None = None
     allow_remote_images: bool = False
 
+    @property
+    def upload_limit(self) -> int:
+        """--max-upload-mb in bytes."""
+        return int(self.max_upload_mb * 2**20)
+
     def __post_init__(self):
         if self.max_queue < 1 or self.batch_size < 1 or self.max_pages < 1:
             raise UsageError("--max-queue, --batch-size and --max-pages must be at least 1")

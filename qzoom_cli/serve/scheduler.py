@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from ..api import AskRequest, QZoom
@@ -36,7 +37,7 @@ class Job:
     future: Future = field(default_factory=Future)
     overlays: list[str] = field(default_factory=list)
 
-    @property
+    @cached_property
     def engine_key(self) -> tuple:
         """Jobs with equal keys can share engine batches (pages, dpi and password are the document's);
         one that draws overlays is answered alone, into its own folder."""
@@ -91,9 +92,9 @@ class Scheduler:
                     return None
                 self._changed.wait()
             first = self._queue.popleft()
-            group, deadline = [first], time.monotonic() + self.wait_s
+            group, key, deadline = [first], first.engine_key, time.monotonic() + self.wait_s
             while len(group) < self.batch_size:
-                same = next((job for job in self._queue if job.engine_key == first.engine_key), None)
+                same = next((job for job in self._queue if job.engine_key == key), None)
                 if same is not None:
                     self._queue.remove(same)
                     group.append(same)

@@ -108,9 +108,11 @@ def mine(qz: QZoom, samples: SampleSet, settings: MiningSettings, store: Artefac
     Pairs whose zoomed read found no region, or whose judge reply could not be read, are left out."""
     mined = []
     for sample in samples.samples:
-        if sample.key not in store:
-            store.save(sample.key, {}, _answer_both(qz, sample, settings, judge))
-        record = store.load(sample.key)[1]
+        if sample.key in store:
+            record = store.load(sample.key)[1]
+        else:
+            record = _answer_both(qz, sample, settings, judge)
+            store.save(sample.key, {}, record)
         on_sample(sample)
         if record["box"] is None or record["verdicts"] is None:
             continue

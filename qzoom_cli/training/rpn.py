@@ -55,9 +55,14 @@ class RpnSettings:
     dpi: int = 200
 
 
+def answer_instruction(free_answers: bool) -> str:
+    """The instruction training asks with: inference's short-answer one, or none for free answers."""
+    return "" if free_answers else SHORT_ANSWER_INSTRUCTION
+
+
 def prompt_text(question: str, free_answers: bool) -> str:
     """Teacher and student read the question as inference will (short-answer instruction included)."""
-    return with_instruction(question, None if free_answers else SHORT_ANSWER_INSTRUCTION)
+    return with_instruction(question, answer_instruction(free_answers))
 
 
 class _Pages:

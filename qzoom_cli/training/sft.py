@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from ..api import QZoom
 from ..backbones import Backbone, ModelInputs, VisualAdditions
 from ..budget import VisualBudget
-from ..options import SHORT_ANSWER_INSTRUCTION
 from ..zoom.adapter import ZoomAdapter
 from ..zoom.fuse import FusedInputs, fuse_region
 from ..zoom.geometry import Box, region_on_page
@@ -29,7 +28,7 @@ from ..zoom.pipeline import PageView
 from .data import TrainSample
 from .loop import StepReport, Trainer, TrainOptions
 from .mining import Mined, is_right
-from .rpn import _Pages, prompt_text
+from .rpn import _Pages, answer_instruction, prompt_text
 
 
 def fused_prompt(backbone: Backbone, page: PageView, text: str, box: Box, region_budget: VisualBudget,
@@ -153,12 +152,11 @@ def held_out_accuracy(qz: QZoom, pairs: list[Mined], samples: dict[str, TrainSam
     budget answers them), judged against each pair's references; None without pairs."""
     if not pairs:
         return None
-    instruction = "" if settings.free_answers else SHORT_ANSWER_INSTRUCTION
     right = 0
     for pair in pairs:
         sample = samples[pair.key]
         [result] = qz.ask(sample.file, sample.question, pages=str(sample.page), password=sample.password,
                           dpi=settings.dpi, zoom="always", budget=settings.budget, max_new_tokens=max_new_tokens,
-                          instruction=instruction)
+                          instruction=answer_instruction(settings.free_answers))
         right += is_right(result.answer, list(pair.references))
     return right / len(pairs)

@@ -43,12 +43,12 @@ def attach_lora(backbone: Backbone, settings: LoraSettings) -> nn.Module:
     return peft.get_peft_model(backbone.model, config)
 
 
-def load_lora(backbone: Backbone, adapter_dir: str | Path, merge: bool = True) -> bool:
+def load_lora(backbone: Backbone, adapter_dir: str | Path, merge: bool = True) -> None:
     """Attach the LoRA weights an adapter folder holds (if any), merged into the base weights unless
-    `merge` is False; True if there were some."""
+    `merge` is False."""
     folder = Path(adapter_dir) / LORA_FOLDER
     if not folder.is_dir():
-        return False
+        return
     peft = _peft()
     try:
         wrapped = peft.PeftModel.from_pretrained(backbone.model, folder, is_trainable=False)
@@ -56,7 +56,6 @@ def load_lora(backbone: Backbone, adapter_dir: str | Path, merge: bool = True) -
         raise AdapterMismatch(f"the LoRA weights in {folder} do not fit {backbone.model_id}: {exc}") from None
     if merge:
         wrapped.merge_and_unload()
-    return True
 
 
 def _peft():
