@@ -3,6 +3,7 @@
 import base64
 import json
 import os
+import re
 import threading
 import time
 
@@ -510,9 +511,14 @@ def test_the_serve_command_answers_then_drains_on_sigterm(tiny_dir, tmp_path):
     (tmp_path / "docs" / "a.png").write_bytes(make_image("PNG"))
     server = subprocess.Popen([sys.executable, "-m", "qzoom_cli", "serve", "--port", str(port), "--model",
                                str(tiny_dir), "--device", "cpu", "--max-new-tokens", "2", "--root",
-                               str(tmp_path / "docs"), "--batch-wait-ms", "0"],
+                               str(tmp_path / "docs"), "--batch-wait-ms", "0", "--batch-size", "2"],
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
+
+    def engine_batches() -> float:
+        metrics = httpx.get(f"{url}/metrics").text
+        return float(re.search(r"^qzoom_batch_requests_count (\S+)$", metrics, re.MULTILINE).group(1))
+
     try:
         for _ in range(600):
             try:
@@ -530,7 +536,8 @@ def test_the_serve_command_answers_then_drains_on_sigterm(tiny_dir, tmp_path):
 
         asker = threading.Thread(target=ask)
         asker.start()
-        time.sleep(0.5)
+        while engine_batches() < 2:  # the long request is in the engine: its first batch is answered
+            time.sleep(0.01)
         server.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         asker.join()
