@@ -22,6 +22,8 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .errors import UsageError
+
 METRICS = ("anls", "relaxed", "vqa", "exact")
 DATASET_METRICS = {"docvqa": "anls", "infovqa": "anls", "infographicvqa": "anls", "chartqa": "relaxed",
                    "textvqa": "vqa", "vqav2": "vqa", "vqa": "vqa"}
@@ -120,6 +122,13 @@ def exact_match(prediction: str, references: list[str]) -> float:
 SCORERS: dict[str, Callable[[str, list[str]], float]] = {
     "anls": anls, "relaxed": relaxed_accuracy, "vqa": vqa_accuracy, "exact": exact_match,
 }
+
+
+def check_metric(metric: str) -> str:
+    """--metric: auto or one of METRICS."""
+    if metric != "auto" and metric not in METRICS:
+        raise UsageError(f"unknown metric {metric!r}: use auto, {', '.join(METRICS)}")
+    return metric
 
 
 def choose_metric(requested: str, row_metric: str | None, dataset: str | None, references: list[str]) -> str:

@@ -9,7 +9,9 @@ import torch
 from zoomkit import trained_adapter
 
 from qzoom_cli import QZoom
-from qzoom_cli.zoom.lora import LORA_FOLDER, LoraSettings, attach_lora, decoder_pattern
+from qzoom_cli.training.settings import LoraSettings
+from qzoom_cli.training.sft import attach_lora, decoder_pattern
+from qzoom_cli.zoom.lora import LORA_FOLDER
 
 QUESTION = "What is the total due?"
 

@@ -45,8 +45,9 @@ def test_fine_tuning_lowers_the_answer_loss_and_writes_an_adapter_ask_loads(tiny
     from qzoom_cli.training.data import expand_samples
     from qzoom_cli.training.loop import TrainOptions
     from qzoom_cli.training.mining import Mined
+    from qzoom_cli.training.settings import LoraSettings
     from qzoom_cli.training.sft import SftSettings, train_sft
-    from qzoom_cli.zoom.lora import LORA_FOLDER, LoraSettings
+    from qzoom_cli.zoom.lora import LORA_FOLDER
 
     qz = QZoom.from_pretrained(str(tiny_dir), device="cpu")  # its own: LoRA goes into the base model
     adapter = trained_adapter(qz.backbone, gate=False, reuse_src_pos=True)
@@ -118,3 +119,236 @@ def test_held_out_pairs_are_drawn_once_and_measured_as_ask_answers_them(qz, tmp_
     assert split_held_out(many, 0.0, seed=3) == (sorted(many, key=lambda m: m.key), [])
     with pytest.raises(ValueError):
         split_held_out(many, 1.0, seed=3)
+
+
+# --- the whole stage and its command ---------------------------------------------------------------
+
+SFT_OPTIONS = ["--max-visual-tokens", "36", "--min-visual-tokens", "16", "--max-new-tokens", "10", "--lora-rank", "4",
+               "--lora-alpha", "8", "--lora-dropout", "0", "--batch-size", "2", "--lr", "5e-3", "--held-out", "0.34", "--box-noise", "0.8"]
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from qzoom_cli import cli
+
+    return CliRunner().invoke(cli.app, [str(a) for a in args])
+
+
+def _device_args(tiny_dir):
+    return ["--model", tiny_dir, "--device", "cpu", "--dpi", "72"]
+
+
+@pytest.fixture
+def region_adapter(qz, tmp_path):
+    """A region-head adapter as `train rpn` writes it (no gate, no LoRA)."""
+    from zoomkit import trained_adapter
+
+    return trained_adapter(qz.backbone, gate=False).save_pretrained(tmp_path / "rpn")
+
+
+def _ask(tiny_dir, page, adapter, *extra):
+    import json
+
+    result = _cli("ask", page, "Where is the red square?", "--adapter", adapter, "--zoom", "always", "--json",
+                  "--max-visual-tokens", "36", "--min-visual-tokens", "16", "--max-new-tokens", "10", *extra,
+                  *_device_args(tiny_dir))
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)["answer"]
+
+
+def test_train_sft_learns_the_mined_answers_reports_held_out_accuracy_and_resumes(tiny_dir, region_adapter, tmp_path,
+                                                                                monkeypatch):
+    """Six regressions (plain 'top left' right, zoomed 'bottom' wrong): four train, two are held
+    out; after tuning the zoomed read answers the held-out ones right, and `ask` reads the LoRA."""
+    import json
+
+    from trainkit import red_square_pages, seed_mined
+
+    from qzoom_cli.errors import EXIT_USAGE
+
+    manifest, _ = red_square_pages(tmp_path, 6, seed=21)
+    out = tmp_path / "sft"
+    seed_mined(manifest, out / "mined", plain="top left", zoomed="bottom")
+    run = _cli("train", "sft", manifest, "--adapter", region_adapter, "--out", out, "--epochs", "20", "--save-every",
+               "10", *SFT_OPTIONS, *_device_args(tiny_dir))
+    assert run.exit_code == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["mining"]["by_kind"] == {"regression": 6, "improvement": 0, "both right": 0, "both wrong": 0}
+    assert (report["trained_on"], report["held_out"], report["steps"]) == (4, 2, 40)
+    assert report["held_out_accuracy_before"] == 0.0 and report["held_out_accuracy_after"] == 1.0
+    assert report["notes"] == [] and not report["label_free"] and report["last_loss"] < report["first_loss"] / 10
+    config = json.loads((out / "qzoom_config.json").read_text())
+    assert config["reuse_src_pos"] and config["training"]["sft"]["trained_on"] == 4
+    assert (out / "lora" / "adapter_model.safetensors").is_file()
+    page = tmp_path / "page0.png"
+    assert _ask(tiny_dir, page, out) == _ask(tiny_dir, page, out, "--no-merge") == "top left"
+    assert _ask(tiny_dir, page, region_adapter) != "top left"
+
+    import qzoom_cli.training.mining as mining
+
+    def no_mining(*args, **kwargs):
+        raise AssertionError("a mined pair was answered again")
+
+    monkeypatch.setattr(mining, "_answer_both", no_mining)
+    more = _cli("train", "sft", manifest, "--adapter", region_adapter, "--out", out, "--epochs", "25", *SFT_OPTIONS,
+                *_device_args(tiny_dir))
+    assert more.exit_code == 0, more.stderr
+    assert json.loads(more.stdout)["steps"] == 50  # the 40 done, then 10 more from the last checkpoint
+    other = _cli("train", "sft", manifest, "--adapter", region_adapter, "--out", out, "--epochs", "25",
+                 *SFT_OPTIONS, "--max-new-tokens", "5", *_device_args(tiny_dir))
+    assert other.exit_code == EXIT_USAGE and "other settings (max_new_tokens)" in other.stderr
+    rank = _cli("train", "sft", manifest, "--adapter", region_adapter, "--out", out, "--epochs", "25",
+                *SFT_OPTIONS, "--lora-rank", "8", *_device_args(tiny_dir))
+    assert rank.exit_code == EXIT_USAGE and "other settings (lora)" in rank.stderr
+    tuned = _cli("train", "sft", manifest, "--adapter", out, "--out", tmp_path / "again", *SFT_OPTIONS,
+                 *_device_args(tiny_dir))
+    assert tuned.exit_code == EXIT_USAGE and "already carries LoRA weights" in tuned.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mix", "-1"], "--mix"), (["--held-out", "1"], "--held-out"), (["--box-noise", "1.5"], "--box-noise"),
+    (["--lora-rank", "0"], "--lora-rank"), (["--lora-targets", "q_proj,fc1"], "not fc1"),
+    (["--metric", "bleu"], "unknown metric"), (["--pseudo-reference-tokens", "0"], "--pseudo-reference-tokens"),
+    (["--min-visual-tokens", "64", "--max-visual-tokens", "16"], "visual-tokens")])
+def test_train_sft_refuses_bad_options_before_loading_anything(tmp_path, args, message):
+    from qzoom_cli.errors import EXIT_USAGE
+
+    result = _cli("train", "sft", tmp_path / "none.jsonl", "--adapter", tmp_path, "--out", tmp_path / "o", *args,
+                  "--model", tmp_path / "no-model")
+    assert result.exit_code == EXIT_USAGE and message in result.stderr
+
+
+def _fine_tune(tiny_dir, adapter_dir, samples, out, options, load_judge=None, on_step=lambda report: None,
+               **settings):
+    from qzoom_cli import QZoom
+    from qzoom_cli.training.settings import FineTuneSettings, LoraSettings
+    from qzoom_cli.training.targeted import fine_tune
+
+    qz = QZoom.from_pretrained(str(tiny_dir), adapter=str(adapter_dir), device="cpu")  # its own: LoRA goes into it
+    settings = FineTuneSettings(**{"max_visual_tokens": 36, "min_visual_tokens": 16, "max_new_tokens": 10, "dpi": 72,
+                                   "lora": LoraSettings(rank=4, alpha=8, dropout=0.0), **settings})
+    return fine_tune(qz, samples, settings, options, out, load_judge, on_step=on_step)[1]
+
+
+def test_an_interrupted_fine_tuning_resumes_to_the_uninterrupted_weights(tiny_dir, region_adapter, tmp_path):
+    """Checkpoints keep the LoRA weights, the optimiser and the random state: dropout draws the same
+    masks after a resume, so the result is the one an uninterrupted run gives."""
+    from safetensors.torch import load_file
+    from trainkit import red_square_pages, seed_mined
+
+    from qzoom_cli.training.loop import TrainOptions
+    from qzoom_cli.training.settings import LoraSettings
+
+    manifest, _ = red_square_pages(tmp_path, 4, seed=22)
+    options = TrainOptions(epochs=3, lr=5e-3, batch_size=2, save_every=1)
+    lora = LoraSettings(rank=4, alpha=8, dropout=0.3)
+    weights = {}
+    for name in ("whole", "interrupted"):
+        samples = seed_mined(manifest, tmp_path / name / "mined", plain="top left", zoomed="bottom")
+
+        def stop_at_third(report, name=name):
+            if name == "interrupted" and report.step == 3:
+                raise KeyboardInterrupt
+
+        try:
+            _fine_tune(tiny_dir, region_adapter, samples, tmp_path / name, options, on_step=stop_at_third, lora=lora,
+                       held_out=0.0)
+        except KeyboardInterrupt:
+            report = _fine_tune(tiny_dir, region_adapter, samples, tmp_path / name, options, lora=lora, held_out=0.0)
+            assert report["steps"] == 6
+        weights[name] = load_file(tmp_path / name / "lora" / "adapter_model.safetensors")
+    assert weights["whole"].keys() == weights["interrupted"].keys()
+    assert all(torch.equal(weights["whole"][k], weights["interrupted"][k]) for k in weights["whole"])
+    first = load_file(tmp_path / "interrupted" / "checkpoint-1" / "lora" / "adapter_model.safetensors")
+    assert any(not torch.equal(first[k], weights["whole"][k]) for k in first)  # the steps after it mattered
+
+
+def test_a_judge_is_loaded_only_while_pairs_remain_to_judge(tiny_dir, region_adapter, tmp_path):
+    from types import SimpleNamespace
+
+    from trainkit import red_square_pages, seed_mined
+
+    from qzoom_cli.training.loop import TrainOptions
+    from qzoom_cli.training.mining import JUDGE_SYSTEM
+
+    manifest, _ = red_square_pages(tmp_path, 2, seed=23)
+    samples = seed_mined(manifest, tmp_path / "out" / "mined", plain="top left", zoomed="bottom")
+    samples.samples.append(samples.samples[0].__class__(**{**vars(samples.samples[0]), "question": "Which colour?"}))
+    loaded = []
+
+    def load_judge(name):
+        judge = SimpleNamespace(backbone=SimpleNamespace(system_prompt=None),
+                                ask=lambda doc, request, **options: [SimpleNamespace(answer="A: Yes\nB: No")])
+        loaded.append((name, judge))
+        return judge
+
+    options = TrainOptions(epochs=1, lr=1e-3, batch_size=2)
+    report = _fine_tune(tiny_dir, region_adapter, samples, tmp_path / "out", options, load_judge, judge="judge-model",
+                        held_out=0.0)
+    assert [name for name, _ in loaded] == ["judge-model"] and loaded[0][1].backbone.system_prompt == JUDGE_SYSTEM
+    assert report["mining"]["judged_by"] == {"references": 2, "judge": 1}
+    assert any("judge judge-model" in note for note in report["notes"])
+    _fine_tune(tiny_dir, region_adapter, samples, tmp_path / "out", options, load_judge, judge="judge-model",
+               held_out=0.0)
+    assert len(loaded) == 1  # every pair was judged before: no judge is loaded
+
+
+def test_the_report_says_when_no_label_was_used_and_when_nothing_can_be_learned(tiny_dir, region_adapter, tmp_path):
+    from trainkit import red_square_pages, seed_mined
+
+    from qzoom_cli.errors import UsageError
+    from qzoom_cli.training.loop import TrainOptions
+
+    manifest, _ = red_square_pages(tmp_path, 3, seed=24)
+    options = TrainOptions(epochs=1, lr=1e-3, batch_size=2)
+    samples = seed_mined(manifest, tmp_path / "free" / "mined", "top left", "bottom", judged_by="pseudo-reference")
+    report = _fine_tune(tiny_dir, region_adapter, samples, tmp_path / "free", options, held_out=0.0,
+                        pseudo_reference_tokens=100)
+    assert report["label_free"] and "pseudo-reference" in report["notes"][0] and "100 visual tokens" in \
+        report["notes"][0]
+    assert "not measured" in report["notes"][1]
+    samples = seed_mined(manifest, tmp_path / "none" / "mined", "top left", "bottom", kind="both wrong")
+    with pytest.raises(UsageError, match="3 both wrong.*--mix"):
+        _fine_tune(tiny_dir, region_adapter, samples, tmp_path / "none", options)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_recomputes_the_decoder_layers_in_the_backward_pass(tiny_dir, tmp_path, checkpointing):
+    from trainkit import red_square_pages
+    from zoomkit import trained_adapter
+
+    from qzoom_cli import QZoom
+    from qzoom_cli.manifest import read_manifest
+    from qzoom_cli.training.data import expand_samples
+    from qzoom_cli.training.loop import TrainOptions
+    from qzoom_cli.training.mining import Mined
+    from qzoom_cli.training.sft import SftSettings, train_sft
+
+    qz = QZoom.from_pretrained(str(tiny_dir), device="cpu")
+    manifest, _ = red_square_pages(tmp_path, 2, seed=25)
+    samples = {s.key: s for s in expand_samples(read_manifest(manifest)).samples}
+    mined = [Mined(key, s.question, "top left", "bottom", ("top left",), "references", "regression", (1, 1, 3, 3))
+             for key, s in samples.items()]
+    calls = []
+    qz.backbone.decoder_layers[0].self_attn.register_forward_pre_hook(lambda *args: calls.append(1))  # in the checkpoint
+    options = TrainOptions(epochs=1, batch_size=2, gradient_checkpointing=checkpointing)
+    _, losses = train_sft(qz, trained_adapter(qz.backbone, gate=False), samples, mined,
+                          SftSettings(budget=VisualBudget(16, 36), dpi=72), options, tmp_path / "out")
+    assert len(losses) == 1 and len(calls) == (4 if checkpointing else 2)  # each sample's forward, then again
+
+
+def test_train_sft_asks_the_judge_model_given(tiny_dir, region_adapter, tmp_path):
+    """`--judge MODEL` loads that model as the judge; the tiny one never answers 'A: Yes/No, B: Yes/No',
+    so every pair is left out and nothing can be learned (said, exit 2); a judge not at hand is exit 4."""
+    from trainkit import red_square_pages
+
+    from qzoom_cli.errors import EXIT_MODEL, EXIT_USAGE
+
+    manifest, _ = red_square_pages(tmp_path, 2, seed=26)
+    args = ["train", "sft", manifest, "--adapter", region_adapter, *SFT_OPTIONS, "--max-new-tokens", "2",
+            *_device_args(tiny_dir)]
+    judged = _cli(*args, "--out", tmp_path / "a", "--judge", tiny_dir)
+    assert judged.exit_code == EXIT_USAGE and "0 pairs mined" in judged.stderr
+    missing = _cli(*args, "--out", tmp_path / "b", "--judge", tmp_path / "no-such-model")
+    assert missing.exit_code == EXIT_MODEL

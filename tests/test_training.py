@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from trainkit import SIDE, red_square_pages, seed_teacher_labels
+from trainkit import SIDE, red_square_pages, seed_ladders, seed_teacher_labels
 from typer.testing import CliRunner
 
 from qzoom_cli import QZoom, cli
@@ -269,14 +269,6 @@ def test_gate_bce_guards_all_ignored_batches():
     assert torch.isclose(loss, torch.nn.functional.softplus(torch.tensor(-0.3)))
     loss.backward()
     assert logits.grad[1] == 0
-
-
-def seed_ladders(manifest, store_dir, ladder, questions_answers):
-    samples = expand_samples(read_manifest(manifest))
-    store = ArtefactStore(store_dir)
-    for sample in samples.samples:
-        store.save(sample.key, {"ladder": torch.tensor(ladder)}, {"answers": questions_answers[sample.question]})
-    return samples
 
 
 @pytest.mark.parametrize("free_answers", [False, True])

@@ -48,3 +48,27 @@ def seed_teacher_labels(manifest: Path, cells: list[tuple[int, int]], store_dir:
         store.save(sample.key, {"grounding": grounding, "sink": torch.zeros(SIDE, SIDE), "padding": padding,
                                 "labels": labels.labels}, {"skipped": labels.skipped, "answer": "seeded"})
     return samples
+
+
+def seed_mined(manifest: Path, store_dir: Path, plain: str, zoomed: str, kind: str = "regression",
+               judged_by: str = "references", box=(1, 1, 3, 3)):
+    """Mined pairs cached as a finished mining pass would cache them: every sample answered `plain`
+    without the region and `zoomed` with it, the reference being the right one of the two."""
+    verdicts = {"regression": [True, False], "improvement": [False, True], "both right": [True, True],
+                "both wrong": [False, False]}[kind]
+    reference = plain if verdicts[0] else zoomed if verdicts[1] else "neither"
+    store = ArtefactStore(store_dir)
+    samples = expand_samples(read_manifest(manifest))
+    for sample in samples.samples:
+        store.save(sample.key, {}, {"plain": plain, "zoomed": zoomed, "references": [reference],
+                                    "judged_by": judged_by, "verdicts": verdicts, "box": list(box)})
+    return samples
+
+
+def seed_ladders(manifest: Path, store_dir: Path, ladder, questions_answers: dict[str, list[str]]):
+    """Answer ladders cached as the gate's ladder pass would cache them, by question."""
+    samples = expand_samples(read_manifest(manifest))
+    store = ArtefactStore(store_dir)
+    for sample in samples.samples:
+        store.save(sample.key, {"ladder": torch.tensor(ladder)}, {"answers": questions_answers[sample.question]})
+    return samples

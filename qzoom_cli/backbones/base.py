@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -182,6 +183,7 @@ class Backbone(ABC):
     attn: str
     system_prompt: str | None  # an explicit system turn for every prompt; None: the chat template's default
     reasoning_end_id: int | None  # thinking checkpoints: the token that closes the reasoning; else None
+    lora_dir: Path | None = None  # the LoRA weights (`qzoom train sft`) the decoder carries, if any
 
     @property
     @abstractmethod

@@ -79,13 +79,12 @@ def evaluate_command(
     from dataclasses import asdict
 
     from ..doctor import check_transformers
-    from ..evaluate import METRICS
+    from ..evaluate import check_metric
     from ..manifest import read_manifest
     from ..options import parse_modes
 
     modes = parse_modes(compare)
-    if metric != "auto" and metric not in METRICS:
-        raise UsageError(f"unknown metric {metric!r}: use auto, {', '.join(METRICS)}")
+    check_metric(metric)
     settings = {mode: zoom_settings(mode, gate_threshold, roi_threshold, roi_max_visual_tokens) for mode in modes}
     batch = check_request(batch_size, max_new_tokens, min_visual_tokens, max_visual_tokens)
     if output:
@@ -145,10 +144,12 @@ def bench(
 ) -> None:
     """Sweep visual-token budgets for each zoom mode on the same rows: a JSON report and a Pareto plot."""
     from ..doctor import check_transformers
+    from ..evaluate import check_metric
     from ..manifest import read_manifest
     from ..options import parse_counts, parse_modes
 
     chosen_modes = parse_modes(modes)
+    check_metric(metric)
     settings = zoom_settings("auto", gate_threshold, roi_threshold, None)
     batch = check_request(batch_size, max_new_tokens)
     maxima = parse_counts(budgets, "--budgets")

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
+from ..errors import FileNotFound, UsageError
 from ..options import TRAINED_GATE_THRESHOLD
 from ..outputs import check_output_file
 from ..training.settings import (
@@ -19,7 +19,9 @@ from ..training.settings import (
     DEFAULT_VIEW_TOKENS,
     GATE_SEED,
     QUESTIONS_PER_PAGE,
+    FineTuneSettings,
     LabelSettings,
+    LoraSettings,
     TrainOptions,
     parse_ladder,
     view_side,
@@ -30,6 +32,8 @@ from .common import (
     DpiOpt,
     DtypeOpt,
     MaxTokensOpt,
+    MetricOpt,
+    MinTokensOpt,
     ModelOpt,
     Quiet,
     RevisionOpt,
@@ -67,24 +71,42 @@ FreeAnswersOpt = Annotated[bool, flag("--free-answers", help="Ask for free-form 
                                                                      "single word or phrase.")]
 
 
-@contextmanager
-def _training_progress(show: bool, stage: str, total: int):
-    """(on_item, on_step) callbacks: rows prepared (teacher / ladder pass), then optimiser steps."""
-    if not show:
-        yield (lambda *args: None), (lambda report: None)
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+class TrainingDisplay:
+    """One progress display on stderr (a terminal only) for one or more training stages: the items
+    each stage prepares, then its optimiser steps."""
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  TextColumn("{task.fields[info]}"), console=err_console) as bar:
-        prepare = bar.add_task(stage, total=total, info="")
-        steps = bar.add_task("training", total=None, info="", visible=False)
+    def __init__(self, quiet: bool):
+        self.bar = None
+        if not quiet and err_console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err_console)
+
+    def __enter__(self) -> TrainingDisplay:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    @contextmanager
+    def stage(self, description: str, total: int | None):
+        """(on_item, on_step) callbacks of one stage."""
+        bar = self.bar
+        if bar is None:
+            yield (lambda *args: None), (lambda report: None)
+            return
+        prepare = bar.add_task(description, total=total, info="")
+        steps = bar.add_task("  training", total=None, info="", visible=False)
 
         def on_item(*args) -> None:
             bar.advance(prepare)
@@ -94,6 +116,37 @@ def _training_progress(show: bool, stage: str, total: int):
                        info=f"loss {report.loss:.4f}  {report.samples_per_s:.1f} samples/s  lr {report.lr:.2e}")
 
         yield on_item, on_step
+
+
+JudgeOpt = Annotated[str | None, typer.Option("--judge", help="A model (any supported checkpoint) that decides "
+                                                             "whether each answer is right, asked the published "
+                                                             "yes/no comparison, instead of the metric.")]
+MixOpt = Annotated[float, typer.Option("--mix", help="Also train on this many improvements (plain wrong, zoomed "
+                                                     "right) per regression.")]
+HeldOutOpt = Annotated[float, typer.Option("--held-out", help="Share of the mined pairs kept apart to measure "
+                                                              "accuracy before and after.")]
+BoxNoiseOpt = Annotated[float, typer.Option("--box-noise", help="Chance a training visit reads a random box (10-60% "
+                                                                "of the page's sides) instead of the mined one; "
+                                                                "the published setting is 0.8.")]
+AlignedOpt = Annotated[bool, flag("--aligned/--second-image", help="Region positions inside the page's grid (the "
+                                                                   "published scheme), or a second image's.")]
+LoraRankOpt = Annotated[int, typer.Option("--lora-rank", help="LoRA rank.")]
+LoraAlphaOpt = Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha (scale alpha/rank).")]
+LoraDropoutOpt = Annotated[float, typer.Option("--lora-dropout", help="Dropout on the LoRA input.")]
+LoraTargetsOpt = Annotated[str, typer.Option("--lora-targets", help="Linear layers of each decoder layer to tune.")]
+PseudoTokensOpt = Annotated[int | None, typer.Option(
+    "--pseudo-reference-tokens", help="Without reference answers, the model's own answer at this many visual tokens "
+                                      "is the reference \\[default: the model's plain budget].")]
+MiningTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Longest answer while mining and measuring.")]
+_TUNE = FineTuneSettings()
+_LORA = LoraSettings()
+
+
+@contextmanager
+def _training_progress(quiet: bool, stage: str, total: int):
+    """The (on_item, on_step) callbacks of a one-stage command."""
+    with TrainingDisplay(quiet) as display, display.stage(stage, total) as callbacks:
+        yield callbacks
 
 
 def _finish_training(adapter_dir, report: dict, quiet: bool) -> None:
@@ -109,6 +162,9 @@ def _finish_training(adapter_dir, report: dict, quiet: bool) -> None:
 def train_rpn_command(
     manifest: Annotated[str, typer.Argument(help="Rows of {file, question, pages?}; answers are not needed.")],
     out: Annotated[str, typer.Option("--out", help="Adapter folder to write (labels are cached inside).")],
+    adapter: Annotated[str | None, typer.Option("--adapter", help="Train again from this adapter's region head, "
+                                                                  "on the model its LoRA weights tuned (the "
+                                                                  "adapter `train sft` wrote: stage 2.5).")] = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     branch_layer: Annotated[int | None, typer.Option(help="K: the region head reads base layer K's input "
@@ -153,20 +209,16 @@ def train_rpn_command(
     rows = read_manifest(manifest, root)
     check_transformers()
     from ..training.data import expand_samples
-    from ..training.rpn import RpnSettings, train_rpn
-    from ..training.teacher import teacher_heads
+    from ..training.rpn import rpn_settings, train_rpn
 
     configure_logging(verbose, quiet)
-    qz = load_model(model, None, revision, device, dtype, attn)
-    k = branch_layer or qz.engine.branch_layer
-    t = depth or qz.engine.depth
-    heads = teacher_heads(qz.card.training if qz.card else None, k, qz.backbone.num_attention_heads)
+    qz = load_model(model, adapter, revision, device, dtype, attn)
     samples = expand_samples(rows, max_samples, dpi)
-    settings = RpnSettings(branch_layer=k, depth=t, heads=heads, view_side=side, free_answers=free_answers,
-                           labels=labels, dpi=dpi)
-    show = not quiet and err_console.is_terminal
-    with _training_progress(show, "teacher labels", len(samples.samples)) as (on_item, on_step):
-        _, report = train_rpn(qz.backbone, samples, settings, options, Path(out), on_item, on_step)
+    settings = rpn_settings(qz, branch_layer, depth, view_side=side, free_answers=free_answers, labels=labels,
+                            dpi=dpi)
+    with _training_progress(quiet, "teacher labels", len(samples.samples)) as (on_item, on_step):
+        _, report = train_rpn(qz.backbone, samples, settings, options, Path(out), on_item, on_step,
+                              start=qz.adapter if adapter else None)
     _finish_training(out, report, quiet)
 
 
@@ -219,8 +271,7 @@ def train_gate_command(
     settings = GateSettings(ladder=rungs, free_answers=free_answers, dpi=dpi, seed=seed,
                             gate_threshold=gate_threshold)
     target = Path(out or adapter)
-    show = not quiet and err_console.is_terminal
-    with _training_progress(show, "answer ladders", len(samples.samples)) as (on_item, on_step):
+    with _training_progress(quiet, "answer ladders", len(samples.samples)) as (on_item, on_step):
         _, report = train_gate(qz.backbone, qz.adapter, samples, settings, options, target,
                                qz.engine.branch_layer, qz.engine.depth, on_item, on_step)
     _finish_training(target, report, quiet)
@@ -271,3 +322,157 @@ def train_questions_command(
         print(f"qzoom: {rows} questions written", file=sys.stderr)
 
 
+
+
+def _fine_tune_settings(parameters: dict) -> FineTuneSettings:
+    """FineTuneSettings from a command's options (`train sft`, `train all`), checked before any model loads."""
+    from ..evaluate import check_metric
+
+    check_metric(parameters["metric"])
+    lora = LoraSettings(rank=parameters["lora_rank"], alpha=parameters["lora_alpha"],
+                        dropout=parameters["lora_dropout"],
+                        targets=tuple(t.strip() for t in parameters["lora_targets"].split(",") if t.strip()))
+    return FineTuneSettings(lora=lora, **{f.name: parameters[f.name] for f in fields(FineTuneSettings)
+                                          if f.name != "lora"})
+
+
+def _judge_loader(revision, device, dtype, attn):
+    return lambda judge: load_model(judge, None, revision, device, dtype, attn)
+
+
+@train_app.command("sft")
+def train_sft_command(
+    manifest: Annotated[str, typer.Argument(help="Rows of {file, question, pages?, answers?}; without answers the "
+                                                 "model's own best read is the reference (label-free).")],
+    adapter: Annotated[str, typer.Option("--adapter", help="The adapter `train rpn` wrote: its region head picks the "
+                                                           "regions.")],
+    out: Annotated[str, typer.Option("--out", help="Adapter folder to write: the region head, the LoRA weights "
+                                                   "(lora/), the mined pairs and checkpoints.")],
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    judge: JudgeOpt = None,
+    mix: MixOpt = _TUNE.mix,
+    held_out: HeldOutOpt = _TUNE.held_out,
+    box_noise: BoxNoiseOpt = _TUNE.box_noise,
+    aligned: AlignedOpt = _TUNE.aligned,
+    lora_rank: LoraRankOpt = _LORA.rank,
+    lora_alpha: LoraAlphaOpt = _LORA.alpha,
+    lora_dropout: LoraDropoutOpt = _LORA.dropout,
+    lora_targets: LoraTargetsOpt = ",".join(_LORA.targets),
+    min_visual_tokens: MinTokensOpt = None,
+    max_visual_tokens: MaxTokensOpt = None,
+    pseudo_reference_tokens: PseudoTokensOpt = None,
+    max_new_tokens: MiningTokensOpt = _TUNE.max_new_tokens,
+    metric: MetricOpt = _TUNE.metric,
+    free_answers: FreeAnswersOpt = False,
+    epochs: EpochsOpt = TrainOptions.epochs,
+    lr: LrOpt = TrainOptions.lr,
+    batch_size: TrainBatchOpt = TrainOptions.batch_size,
+    grad_accum: GradAccumOpt = TrainOptions.grad_accum,
+    max_samples: MaxSamplesOpt = None,
+    save_every: SaveEveryOpt = TrainOptions.save_every,
+    gradient_checkpointing: CheckpointingOpt = False,
+    seed: SeedOpt = _TUNE.seed,
+    dpi: DpiOpt = 200,
+    root: RootOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Stage 2: teach the model to read the page with the region spliced in (LoRA on the decoder),
+    on the pairs the zoomed read answers worse than the plain one."""
+    from ..doctor import check_transformers
+    from ..manifest import read_manifest
+
+    settings = _fine_tune_settings(locals())
+    options = _train_options(locals())
+    rows = read_manifest(manifest, root)
+    check_transformers()
+    from ..training.data import expand_samples
+    from ..training.targeted import fine_tune
+
+    configure_logging(verbose, quiet)
+    qz = load_model(model, adapter, revision, device, dtype, attn)
+    samples = expand_samples(rows, max_samples, dpi)
+    with _training_progress(quiet, "mining", len(samples.samples)) as (on_item, on_step):
+        _, report = fine_tune(qz, samples, settings, options, Path(out), _judge_loader(revision, device, dtype, attn),
+                              on_item, on_step)
+    _finish_training(out, report, quiet)
+
+
+@train_app.command("all")
+def train_all_command(
+    source: Annotated[str, typer.Argument(help="A manifest of {file, question, pages?, answers?}, or a folder of "
+                                               "documents the model first writes questions about.")],
+    out: Annotated[str, typer.Option("--out", help="Folder of the finished adapter; each stage works in "
+                                                   "out/stages, and a rerun resumes where it stopped.")],
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    per_page: Annotated[int, typer.Option(help="Questions written per page (a folder source).")] = QUESTIONS_PER_PAGE,
+    branch_layer: Annotated[int | None, typer.Option(help="K of the region head and gate \\[default: model card].")]
+    = None,
+    depth: Annotated[int | None, typer.Option(help="T of the region head and gate \\[default: model card].")] = None,
+    view_tokens: Annotated[int, typer.Option(help="Visual tokens of the region head's square teacher/student "
+                                                  "view.")] = DEFAULT_VIEW_TOKENS,
+    ladder: Annotated[str, typer.Option(help="Visual-token budgets of the gate's answer ladders.")]
+    = ",".join(map(str, DEFAULT_LADDER)),
+    gate_threshold: Annotated[float, typer.Option(help="Threshold stored in the adapter for `ask`.")]
+    = TRAINED_GATE_THRESHOLD,
+    judge: JudgeOpt = None,
+    mix: MixOpt = _TUNE.mix,
+    held_out: HeldOutOpt = _TUNE.held_out,
+    box_noise: BoxNoiseOpt = _TUNE.box_noise,
+    aligned: AlignedOpt = _TUNE.aligned,
+    lora_rank: LoraRankOpt = _LORA.rank,
+    lora_alpha: LoraAlphaOpt = _LORA.alpha,
+    lora_dropout: LoraDropoutOpt = _LORA.dropout,
+    lora_targets: LoraTargetsOpt = ",".join(_LORA.targets),
+    min_visual_tokens: MinTokensOpt = None,
+    max_visual_tokens: MaxTokensOpt = None,
+    pseudo_reference_tokens: PseudoTokensOpt = None,
+    max_new_tokens: MiningTokensOpt = _TUNE.max_new_tokens,
+    metric: MetricOpt = _TUNE.metric,
+    free_answers: FreeAnswersOpt = False,
+    epochs: EpochsOpt = TrainOptions.epochs,
+    lr: LrOpt = TrainOptions.lr,
+    batch_size: TrainBatchOpt = TrainOptions.batch_size,
+    grad_accum: GradAccumOpt = TrainOptions.grad_accum,
+    max_samples: MaxSamplesOpt = None,
+    save_every: SaveEveryOpt = TrainOptions.save_every,
+    gradient_checkpointing: CheckpointingOpt = False,
+    seed: SeedOpt = TrainOptions.seed,
+    dpi: DpiOpt = 200,
+    root: RootOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Every stage, label-free unless the manifest has answers: questions (for a folder) -> rpn ->
+    sft -> rpn again on the tuned model -> gate."""
+    from ..doctor import check_transformers
+
+    settings = _fine_tune_settings(locals())
+    options = _train_options(locals())
+    rungs = parse_ladder(ladder)
+    view_side(view_tokens)
+    if not Path(source).exists():
+        raise FileNotFound(f"{source}: no such manifest or folder")
+    check_transformers()
+    from ..training.recipe import Recipe, train_all
+
+    configure_logging(verbose, quiet)
+    recipe = Recipe(fine_tune=settings, view_tokens=view_tokens, branch_layer=branch_layer, depth=depth,
+                    ladder=rungs, gate_threshold=gate_threshold, questions_per_page=per_page,
+                    free_answers=free_answers, max_samples=max_samples, dpi=dpi)
+
+    def load(adapter_dir: Path | None):
+        return load_model(model, None if adapter_dir is None else str(adapter_dir), revision, device, dtype, attn)
+
+    with TrainingDisplay(quiet) as display:
+        report = train_all(Path(source), Path(out), recipe, options, load, display.stage, root,
+                           _judge_loader(revision, device, dtype, attn))
+    _finish_training(out, report, quiet)

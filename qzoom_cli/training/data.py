@@ -15,8 +15,9 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from ..documents import open_document, parse_page_spec
-from ..errors import QZoomError
+from ..errors import QZoomError, ResumeMismatch
 from ..manifest import ManifestRow, RowError
+from ..options import changed_settings
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,28 @@ class Shard:
 
 
 class ArtefactStore:
-    """One safetensors file of tensors (+ JSON metadata) per sample, in a folder: resumable caches."""
+    """One safetensors file of tensors (+ JSON metadata) per sample, in a folder: resumable caches.
 
-    def __init__(self, folder: str | Path):
+    With `settings` (what the artefacts depend on), a folder made with other settings is refused
+    rather than mixed with new work."""
+
+    SETTINGS = "settings.json"
+
+    def __init__(self, folder: str | Path, settings: dict | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        if settings is not None:
+            self._check(json.loads(json.dumps(settings)))
+
+    def _check(self, settings: dict) -> None:
+        path = self.folder / self.SETTINGS
+        if path.exists():
+            changed = changed_settings(json.loads(path.read_text(encoding="utf-8")), settings)
+            if changed:
+                raise ResumeMismatch(f"{self.folder} holds work done with other settings ({', '.join(changed)}): "
+                                     "rerun with the same options, or write to another --out")
+        else:
+            path.write_text(json.dumps(settings, indent=2), encoding="utf-8")
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"

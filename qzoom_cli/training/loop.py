@@ -64,14 +64,16 @@ class Trainer:
     """Optimises `module` with `loss_fn(batch) -> loss` over epochs of shuffled batches."""
 
     def __init__(self, module: nn.Module, options: TrainOptions, out_dir: Path,
-                 save_adapter: Callable[[Path], None], base_dtype: torch.dtype):
+                 save_adapter: Callable[[Path], None], base_dtype: torch.dtype, settings: dict | None = None):
         """Trainable weights are kept in float32; with a bf16/fp16 base on a GPU the forward runs
-        under autocast in that precision."""
+        under autocast in that precision. `settings`: what else the steps depend on (a resume
+        with other values is refused, as with other options)."""
         from accelerate import Accelerator
 
         self.options = options
         self.out_dir = out_dir
         self.save_adapter = save_adapter
+        self.settings = json.loads(json.dumps(settings or {}))
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(base_dtype, "no")
         on_gpu = torch.cuda.is_available()
         self.accelerator = Accelerator(gradient_accumulation_steps=options.grad_accum, cpu=not on_gpu,
@@ -100,7 +102,7 @@ class Trainer:
         total = max(1, math.ceil(per_epoch * options.epochs / options.grad_accum))
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(total, options.warmup_ratio))
         self.plan = {**{k: v for k, v in options_dict(options).items() if k not in _FREE_ON_RESUME},
-                     "samples": len(items), "processes": world}
+                     "samples": len(items), "processes": world, **self.settings}
         start_step = self._resume(scheduler)
         micro, window, seen, clock = 0, [], 0, time.perf_counter()
         self.module.train()
@@ -140,7 +142,8 @@ class Trainer:
             folder = self.out_dir / f"checkpoint-{self.step}"
             self.save_adapter(folder)
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "step": self.step, "losses": self.losses, "plan": self.plan}, folder / "trainer_state.pt")
+                        "step": self.step, "losses": self.losses, "plan": self.plan, "rng": _rng_state()},
+                       folder / "trainer_state.pt")
             (self.out_dir / "latest_checkpoint").write_text(folder.name)
 
     def _resume(self, scheduler) -> int:
@@ -157,12 +160,21 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         self.step, self.losses = state["step"], list(state["losses"])
+        rng = state.get("rng")  # dropout then draws the masks it would have drawn (older checkpoints: none saved)
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         return self.step
 
 
 # a resumed run may change these: they alter no step already taken (more epochs continue the run
 # on the longer schedule); any other change would make the skipped steps differ from the ones done
 _FREE_ON_RESUME = ("save_every", "gradient_checkpointing", "epochs")
+
+
+def _rng_state() -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:

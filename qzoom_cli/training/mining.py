@@ -22,6 +22,7 @@ from ..documents import open_document
 from ..evaluate import choose_metric, score
 from ..results import Result
 from .data import ArtefactStore, SampleSet, TrainSample
+from .rpn import answer_instruction
 
 RIGHT_AT = 0.5  # a metric score at least this counts as right (ANLS and VQA give partial credit)
 KINDS = ("regression", "improvement", "both right", "both wrong")
@@ -100,6 +101,7 @@ class MiningSettings:
     max_new_tokens: int = 32
     dpi: int = 200
     metric: str = "auto"
+    free_answers: bool = False
 
 
 def mine(qz: QZoom, samples: SampleSet, settings: MiningSettings, store: ArtefactStore,
@@ -126,7 +128,7 @@ def mine(qz: QZoom, samples: SampleSet, settings: MiningSettings, store: Artefac
 def _answer_both(qz: QZoom, sample: TrainSample, settings: MiningSettings, judge: QZoom | None) -> dict:
     def ask(document, question: str, **options) -> Result:
         return qz.ask(document, question, pages=str(sample.page), max_new_tokens=settings.max_new_tokens,
-                      **options)[0]
+                      instruction=answer_instruction(settings.free_answers), **options)[0]
 
     with open_document(sample.file, password=sample.password, dpi=settings.dpi) as doc:
         plain = ask(doc, sample.question, zoom="never", budget=settings.budget)

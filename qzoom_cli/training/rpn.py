@@ -14,14 +14,16 @@ foreground from background cells, on held-out samples, before and after training
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..api import QZoom
 from ..backbones import Backbone, ImageBlock
 from ..documents import Document, open_document
 from ..errors import UsageError
@@ -39,7 +41,7 @@ from .loop import (
     options_dict,
 )
 from .pseudo_labels import IGNORE, LabelSettings, padding_cells, pseudo_labels
-from .teacher import HeadTable, square_view, teacher_maps
+from .teacher import HeadTable, square_view, teacher_heads, teacher_maps
 
 
 @dataclass
@@ -53,6 +55,14 @@ class RpnSettings:
     labels: LabelSettings = field(default_factory=LabelSettings)
     held_out: float = 0.1
     dpi: int = 200
+
+
+def rpn_settings(qz: QZoom, branch_layer: int | None = None, depth: int | None = None, **settings) -> RpnSettings:
+    """Settings for `qz`: K and T as given, else the adapter's or the model card's; the teacher
+    heads of the card's published table, else the fallback."""
+    k = branch_layer or qz.engine.branch_layer
+    heads = teacher_heads(qz.card.training if qz.card else None, k, qz.backbone.num_attention_heads)
+    return RpnSettings(branch_layer=k, depth=depth or qz.engine.depth, heads=heads, **settings)
 
 
 def answer_instruction(free_answers: bool) -> str:
@@ -206,8 +216,18 @@ def mean_auc(student: RegionStudent, data: RpnData, samples: list[TrainSample]) 
 
 def train_rpn(backbone: Backbone, samples: SampleSet, settings: RpnSettings, options: TrainOptions, out_dir: Path,
               on_label: Callable = lambda sample, skipped: None,
-              on_step: Callable[[StepReport], None] = lambda report: None) -> tuple[ZoomAdapter, dict]:
-    """Labels (cached under out_dir/labels), then the student; writes the adapter to out_dir."""
+              on_step: Callable[[StepReport], None] = lambda report: None,
+              start: ZoomAdapter | None = None) -> tuple[ZoomAdapter, dict]:
+    """Labels (cached under out_dir/labels), then the student; writes the adapter to out_dir.
+
+    The student starts as copies of base layers K..K+T-1, or with `start`'s region head (the
+    published stage 2.5: the head trained again, with the fine-tuned model as its teacher; the
+    adapter keeps `start`'s position scheme and history)."""
+    if start is not None and not start.config.region_head:
+        raise UsageError("the adapter has no region head to train again: give the one `train sft` wrote")
+    if start is not None and (start.config.branch_layer, start.config.depth) != (settings.branch_layer, settings.depth):
+        raise UsageError(f"the adapter's region head branches at K={start.config.branch_layer} with "
+                         f"T={start.config.depth} layers: train it again with those (or without an adapter)")
     out_dir.mkdir(parents=True, exist_ok=True)
     store = ArtefactStore(out_dir / "labels")
     usable = make_labels(backbone, samples, settings, store, Shard.current(), on_label)
@@ -218,13 +238,16 @@ def train_rpn(backbone: Backbone, samples: SampleSet, settings: RpnSettings, opt
     config = AdapterConfig(branch_layer=settings.branch_layer, depth=settings.depth, region_head=True, gate=False,
                            family=backbone.family, hidden_size=backbone.hidden_size, base_model=backbone.model_id,
                            base_revision=backbone.revision)
-    adapter = _start_adapter(config, backbone, out_dir)
+    if start is not None:
+        config = replace(config, reuse_src_pos=start.config.reuse_src_pos, roi_threshold=start.config.roi_threshold,
+                         training=dict(start.config.training))
+    adapter = _start_adapter(config, backbone, out_dir, start)
     backbone.freeze()
     if options.gradient_checkpointing:
         enable_gradient_checkpointing(adapter.twig_layers)
     student = RegionStudent(adapter, backbone)
     data = RpnData(backbone, store, settings)
-    auc_before = mean_auc(student, data, held)
+    auc_before = _before_training(out_dir, lambda: mean_auc(student, data, held))
 
     def loss_fn(module, batch, epoch):
         (hidden, positions, mask, blocks), labels = data.batch(batch)
@@ -235,21 +258,39 @@ def train_rpn(backbone: Backbone, samples: SampleSet, settings: RpnSettings, opt
     losses = trainer.train(train, loss_fn, on_step)
     auc_after = mean_auc(student, data, held)
     data.pages.close()
-    report = {"stage": "rpn", "samples": len(samples.samples), "usable": len(usable), "trained_on": len(train),
+    stage = "rpn" if start is None else "rpn_again"
+    report = {"stage": stage, "samples": len(samples.samples), "usable": len(usable), "trained_on": len(train),
               "held_out": len(held), "skipped": samples.skipped, "steps": len(losses),
               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
               "held_out_auc_before": auc_before, "held_out_auc_after": auc_after}
-    adapter.config.training = {"rpn": {**report, "data_fingerprint": samples.fingerprint(),
-                                       "heads": settings.heads.to_dict(), "view_tokens": settings.view_side ** 2,
-                                       "labels": vars(settings.labels), "options": options_dict(options)}}
+    adapter.config.training = {**adapter.config.training, stage: {
+        **report, "data_fingerprint": samples.fingerprint(), "heads": settings.heads.to_dict(),
+        "view_tokens": settings.view_side ** 2, "labels": vars(settings.labels), "options": options_dict(options)}}
     if trainer.is_main:
         adapter.save_pretrained(out_dir)
     return adapter, report
 
 
-def _start_adapter(config: AdapterConfig, backbone: Backbone, out_dir: Path) -> ZoomAdapter:
-    """Fresh copies of base layers K..K+T-1, or the newest checkpoint's weights when resuming."""
+def _before_training(out_dir: Path, measure: Callable[[], float | None]) -> float | None:
+    """A held-out measure of the weights training starts from: taken when the run starts afresh
+    and kept beside its checkpoints, so a resumed run reports it too (not its checkpoint's)."""
+    kept = out_dir / "held_out_before.json"
+    if latest_checkpoint(out_dir) is not None and kept.exists():
+        return json.loads(kept.read_text(encoding="utf-8"))["value"]
+    value = measure()
+    kept.write_text(json.dumps({"value": value}), encoding="utf-8")
+    return value
+
+
+def _start_adapter(config: AdapterConfig, backbone: Backbone, out_dir: Path, start: ZoomAdapter | None
+                   ) -> ZoomAdapter:
+    """The newest checkpoint's weights when resuming, else `start`'s region head, else fresh copies
+    of base layers K..K+T-1."""
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is not None:
         return ZoomAdapter.from_pretrained(checkpoint, backbone)
-    return ZoomAdapter.initialized_from_base(config, backbone)
+    if start is None:
+        return ZoomAdapter.initialized_from_base(config, backbone)
+    adapter = ZoomAdapter(config, backbone)
+    adapter.twig_layers.load_state_dict(start.twig_layers.state_dict())
+    return adapter

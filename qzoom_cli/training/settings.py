@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import UsageError
-from ..options import parse_counts
+from ..options import check_token_bounds, parse_counts
 
 DEFAULT_LADDER = (64, 144, 256, 400, 576, 768, 1024)
 DEFAULT_VIEW_TOKENS = 576
@@ -43,6 +43,52 @@ class LabelSettings:
     bg_ratio: float = 0.05
     max_area: float = 0.5
     peak_floor: float = 5e-3
+
+
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: tuple[str, ...] = DECODER_LINEARS  # linear layers inside each decoder layer, by name
+
+    def __post_init__(self):
+        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise UsageError("--lora-rank must be at least 1, --lora-alpha positive and --lora-dropout in [0, 1)")
+        unknown = sorted(set(self.targets) - set(DECODER_LINEARS))
+        if not self.targets or unknown:
+            raise UsageError(f"--lora-targets takes names among {', '.join(DECODER_LINEARS)}"
+                             + (f" (not {', '.join(unknown)})" if unknown else ""))
+
+
+@dataclass(frozen=True)
+class FineTuneSettings:
+    """`train sft`: how pairs are mined and what is learned from them."""
+
+    min_visual_tokens: int | None = None       # the coarse page, mined and trained alike [the model's zoom budget]
+    max_visual_tokens: int | None = None
+    pseudo_reference_tokens: int | None = None  # the model's own best read, without references [its plain budget]
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    aligned: bool = True           # region positions inside the page's grid (the published scheme)
+    mix: float = 0.0               # improvements trained per regression
+    held_out: float = 0.1          # share of the chosen pairs kept apart to measure
+    box_noise: float = 0.0
+    judge: str | None = None       # a model deciding right/wrong instead of the metric
+    free_answers: bool = False
+    max_new_tokens: int = 32
+    metric: str = "auto"
+    dpi: int = 200
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.mix < 0 or not 0 <= self.held_out < 1 or not 0 <= self.box_noise <= 1:
+            raise UsageError("--mix must be at least 0, --held-out in [0, 1) and --box-noise in [0, 1]")
+        check_token_bounds(self.min_visual_tokens, self.max_visual_tokens)
+        if self.pseudo_reference_tokens is not None and self.pseudo_reference_tokens < 1:
+            raise UsageError("--pseudo-reference-tokens must be at least 1")
 
 
 QUESTIONS_PER_PAGE = 5  # `train questions`

@@ -10,8 +10,9 @@ gives its tokens.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,15 +21,40 @@ import torch.nn.functional as F
 from ..api import QZoom
 from ..backbones import Backbone, ModelInputs, VisualAdditions
 from ..budget import VisualBudget
+from ..errors import AdapterMismatch
 from ..zoom.adapter import ZoomAdapter
 from ..zoom.fuse import FusedInputs, fuse_region
 from ..zoom.geometry import Box, region_on_page
-from ..zoom.lora import LORA_FOLDER, LoraSettings, attach_lora
+from ..zoom.lora import LORA_FOLDER, check_untuned, import_peft
 from ..zoom.pipeline import PageView
 from .data import TrainSample
-from .loop import StepReport, Trainer, TrainOptions
+from .loop import StepReport, Trainer, TrainOptions, latest_checkpoint
 from .mining import Mined, is_right
 from .rpn import _Pages, answer_instruction, prompt_text
+from .settings import LoraSettings
+
+
+def decoder_pattern(backbone: Backbone, targets: tuple[str, ...]) -> str:
+    """A regex matching exactly the `targets` linear layers of the base decoder layers (never the
+    vision tower's, never the zoom branches', which live outside the base model)."""
+    prefix = next((name for name, module in backbone.model.named_modules() if module is backbone.decoder_layers), None)
+    if prefix is None:
+        raise AdapterMismatch(f"{backbone.family}: the decoder layers are not part of the model")
+    leaves = "|".join(re.escape(t) for t in targets)
+    return rf"{re.escape(prefix)}\.\d+\.(?:.*\.)?(?:{leaves})"
+
+
+def attach_lora(backbone: Backbone, settings: LoraSettings, resume_from: Path | None = None) -> torch.nn.Module:
+    """The base model with fresh LoRA layers on its decoder (B = 0: it still answers as before),
+    or with the trainable LoRA weights of `resume_from` (a checkpoint's `lora/`; the trainer refuses
+    one made with other settings); returns peft's wrapper, whose `save_pretrained` writes the LoRA weights."""
+    check_untuned(backbone)
+    peft = import_peft()
+    if resume_from is not None:
+        return peft.PeftModel.from_pretrained(backbone.model, resume_from, is_trainable=True)
+    config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                             target_modules=decoder_pattern(backbone, settings.targets))
+    return peft.get_peft_model(backbone.model, config)
 
 
 def fused_prompt(backbone: Backbone, page: PageView, text: str, box: Box, region_budget: VisualBudget,
@@ -96,12 +122,14 @@ def train_sft(qz: QZoom, adapter: ZoomAdapter, samples: dict[str, TrainSample], 
               on_step: Callable[[StepReport], None] = lambda report: None) -> tuple[torch.nn.Module, list[float]]:
     """LoRA on the decoder layers, learned on the mined pairs' fused sequences (the answer that was
     right, teacher-forced); everything else frozen. Writes the adapter with its `lora/` into
-    `out_dir`; returns peft's model and the loss of each step."""
+    `out_dir` (resuming from its newest checkpoint); returns peft's model and the loss of each step."""
     backbone = qz.backbone
     backbone.freeze()
-    model = attach_lora(backbone, settings.lora)
+    torch.manual_seed(settings.seed)  # the LoRA's first weights and its dropout masks
+    checkpoint = latest_checkpoint(out_dir)
+    model = attach_lora(backbone, settings.lora, None if checkpoint is None else checkpoint / LORA_FOLDER)
     if options.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        backbone.model.activation_checkpointing_enable({"use_reentrant": False})
     region_budget = settings.region_budget or settings.budget
     pages = _Pages(settings.dpi)
     by_key = {m.key: m for m in mined}
@@ -127,7 +155,9 @@ def train_sft(qz: QZoom, adapter: ZoomAdapter, samples: dict[str, TrainSample], 
         return total if total is not None else sum(p.sum() * 0.0 for p in module.parameters() if p.requires_grad)
 
     trainer = Trainer(model, options, out_dir, save,
-                      backbone.dtype)  # pragma: no mutate (the base dtype matters only on a GPU: autocast)
+                      backbone.dtype,  # pragma: no mutate (the base dtype matters only on a GPU: autocast)
+                      {"lora": asdict(settings.lora), "box_noise": settings.box_noise,
+                       "free_answers": settings.free_answers, "aligned": adapter.config.reuse_src_pos})
     try:
         losses = trainer.train(sorted(by_key), loss_fn, on_step)
     finally:
@@ -147,7 +177,7 @@ def split_held_out(mined: list[Mined], fraction: float, seed: int) -> tuple[list
 
 
 def held_out_accuracy(qz: QZoom, pairs: list[Mined], samples: dict[str, TrainSample], settings: SftSettings,
-                      max_new_tokens: int) -> float | None:
+                      max_new_tokens: int, metric: str = "auto") -> float | None:
     """Share of `pairs` the zoomed read now answers right (as `ask --zoom always` at the training
     budget answers them), judged against each pair's references; None without pairs."""
     if not pairs:
@@ -158,5 +188,5 @@ def held_out_accuracy(qz: QZoom, pairs: list[Mined], samples: dict[str, TrainSam
         [result] = qz.ask(sample.file, sample.question, pages=str(sample.page), password=sample.password,
                           dpi=settings.dpi, zoom="always", budget=settings.budget, max_new_tokens=max_new_tokens,
                           instruction=answer_instruction(settings.free_answers))
-        right += is_right(result.answer, list(pair.references))
+        right += is_right(result.answer, list(pair.references), metric)
     return right / len(pairs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..errors import AdapterMismatch, ModelError, ModelNotAvailable
+from .lora import LORA_FOLDER
 
 log = logging.getLogger("qzoom")
 
@@ -69,12 +71,16 @@ class AdapterConfig:
 
 
 class ZoomAdapter(nn.Module):
-    """Region head and gate modules built from the backbone's own decoder-layer class."""
+    """Region head and gate modules built from the backbone's own decoder-layer class.
+
+    Modules built on a decoder tuned with LoRA were learned on that tuning: saving them writes the
+    LoRA weights along (`base_lora`), so the folder always loads the base they fit."""
 
     def __init__(self, config: AdapterConfig, backbone: Backbone):
         super().__init__()
         check_attachment(config, backbone)
         self.config = config
+        self.base_lora = backbone.lora_dir
         k, t = config.branch_layer, config.depth
         if config.region_head:
             self.twig_layers = nn.ModuleList([backbone.new_decoder_layer(k + i) for i in range(t)])
@@ -97,8 +103,15 @@ class ZoomAdapter(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
-        (directory / ADAPTER_CONFIG).write_text(self.config.to_json())
+        self.save_config(directory)
+        lora = directory / LORA_FOLDER
+        if self.base_lora is not None and lora.resolve() != self.base_lora.resolve():
+            shutil.copytree(self.base_lora, lora, dirs_exist_ok=True)
         return directory
+
+    def save_config(self, directory: str | Path) -> None:
+        """Rewrite only the config (a report added after the weights were written)."""
+        (Path(directory) / ADAPTER_CONFIG).write_text(self.config.to_json())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, backbone: Backbone) -> ZoomAdapter:

@@ -1,0 +1,204 @@
+"""`train all` (questions -> rpn -> sft -> rpn again -> gate), resumable stage by stage, and the
+region head trained again on the tuned model (stage 2.5). Teacher labels, mined pairs and answer
+ladders are seeded into the stages' caches (as finished passes leave them), so the training itself
+runs for real and fast."""
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trainkit import red_square_pages, seed_ladders, seed_mined, seed_teacher_labels
+from typer.testing import CliRunner
+
+from qzoom_cli import QZoom, cli
+from qzoom_cli.training.loop import TrainOptions
+from qzoom_cli.training.recipe import STAGES, Recipe, train_all
+from qzoom_cli.training.settings import FineTuneSettings, LoraSettings
+
+QUESTION = "Where is the red square?"
+LADDER = (16, 36, 64, 100)
+RECIPE = Recipe(fine_tune=FineTuneSettings(max_visual_tokens=36, min_visual_tokens=16, max_new_tokens=10,
+                                           held_out=0.0, box_noise=0.8, lora=LoraSettings(rank=4, alpha=8, dropout=0.1)),
+                view_tokens=64, branch_layer=2, depth=2, ladder=LADDER, dpi=72)
+OPTIONS = TrainOptions(epochs=2, lr=5e-3, batch_size=2, save_every=1)
+NAMES = {"rpn": "rpn", "sft": "sft", "rpn again": "rpn_again", "gate": "gate"}
+
+
+def seed_stages(manifest: Path, cells, out: Path) -> None:
+    """What each stage's slow pass (teacher, mining, ladders) would have cached."""
+    stages = out / "stages"
+    seed_teacher_labels(manifest, cells, stages / "rpn" / "labels")
+    seed_mined(manifest, stages / "sft" / "mined", plain="top left", zoomed="bottom")
+    seed_teacher_labels(manifest, cells, stages / "rpn_again" / "labels")
+    seed_ladders(manifest, stages / "gate" / "ladders", LADDER, {QUESTION: ["?", "top", "top left", "top left"]})
+
+
+def loader(tiny_dir):
+    def load(adapter_dir):
+        return QZoom.from_pretrained(str(tiny_dir), adapter=None if adapter_dir is None else str(adapter_dir),
+                                     device="cpu")
+    return load
+
+
+def display(stop_stage=None, stop_step=2, seen=None, on_start=lambda name: None):
+    """Stage callbacks that record each stage started and stop the run (as Ctrl-C would) at an
+    optimiser step of one stage, after its first checkpoint."""
+    @contextmanager
+    def stage(description, total):
+        name = NAMES.get(description.split(":")[0], description.split(":")[0])
+        if seen is not None:
+            seen.append(name)
+        on_start(name)
+
+        def on_step(report):
+            if name == stop_stage and report.step == stop_step:
+                raise KeyboardInterrupt
+
+        yield (lambda *args: None), on_step
+    return stage
+
+
+def adapter_tensors(folder: Path) -> dict:
+    return {**load_file(folder / "qzoom_adapter.safetensors"),
+            **{f"lora.{k}": v for k, v in load_file(folder / "lora" / "adapter_model.safetensors").items()}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("whole")
+    manifest, cells = red_square_pages(folder, 4, seed=31)
+    seed_stages(manifest, cells, folder / "out")
+    seen = []
+    report = train_all(manifest, folder / "out", RECIPE, OPTIONS, loader(tiny_dir), display(seen=seen))
+    return folder / "out", report, seen
+
+
+def test_train_all_runs_every_stage_and_publishes_one_adapter(uninterrupted, tiny_dir):
+    out, report, seen = uninterrupted
+    assert seen == ["rpn", "sft", "rpn_again", "gate"] and list(report["stages"]) == list(STAGES)
+    assert report["stages"]["questions"]["written"] == 0  # a manifest was given
+    assert report["stages"]["sft"]["trained_on"] == 4 and report["stages"]["gate"]["transitions"] == 4
+    config = json.loads((out / "qzoom_config.json").read_text())
+    assert config["region_head"] and config["gate"] and config["reuse_src_pos"]
+    assert list(config["training"]) == ["rpn", "sft", "rpn_again", "gate"]
+    stages = out / "stages"
+    assert adapter_tensors(out).keys() == adapter_tensors(stages / "gate").keys()
+    for stage in ("sft", "rpn_again", "gate"):  # the LoRA weights tuned by sft travel with every later stage
+        assert (stages / stage / "lora" / "adapter_model.safetensors").read_bytes() == \
+            (out / "lora" / "adapter_model.safetensors").read_bytes()
+    twig = "twig_layers.0.self_attn.q_proj.weight"
+    first, again = (load_file(stages / s / "qzoom_adapter.safetensors")[twig] for s in ("rpn", "rpn_again"))
+    assert not torch.equal(first, again)
+    qz = QZoom.from_pretrained(str(tiny_dir), adapter=str(out), device="cpu")
+    assert qz.backbone.lora_dir == out / "lora" and qz.adapter.config.gate
+
+
+@pytest.mark.parametrize("stage", ["rpn", "sft", "rpn_again", "gate"])
+def test_train_all_resumes_an_interrupted_stage_to_the_uninterrupted_result(uninterrupted, tiny_dir, tmp_path,
+                                                                            stage, monkeypatch):
+    manifest, cells = red_square_pages(tmp_path, 4, seed=31)
+    out = tmp_path / "out"
+    seed_stages(manifest, cells, out)
+    with pytest.raises(KeyboardInterrupt):
+        train_all(manifest, out, RECIPE, OPTIONS, loader(tiny_dir), display(stop_stage=stage))
+    finished = list(json.loads((out / "stages" / "progress.json").read_text())["stages"])
+    assert finished == list(STAGES[:STAGES.index(stage)])
+    seen = []
+    report = train_all(manifest, out, RECIPE, OPTIONS, loader(tiny_dir), display(seen=seen))
+    assert seen == [s for s in STAGES if s != "questions"][STAGES.index(stage) - 1:]  # done stages are not rerun
+    expected = adapter_tensors(uninterrupted[0])
+    result = adapter_tensors(out)
+    assert result.keys() == expected.keys() and all(torch.equal(result[k], expected[k]) for k in expected)
+    assert report["stages"][stage] == uninterrupted[1]["stages"][stage]
+
+
+def test_train_all_refuses_to_resume_with_other_settings(uninterrupted, tiny_dir):
+    from dataclasses import replace
+
+    from qzoom_cli.errors import ResumeMismatch
+
+    out = uninterrupted[0]
+    manifest = out.parent / "train.jsonl"
+    with pytest.raises(ResumeMismatch, match="ladder"):
+        train_all(manifest, out, replace(RECIPE, ladder=(16, 36, 64)), OPTIONS, loader(tiny_dir), display())
+    again = train_all(manifest, out, RECIPE, replace(OPTIONS, save_every=0), loader(tiny_dir), display())
+    assert again["stages"] == uninterrupted[1]["stages"]  # nothing left to do; save_every changes no result
+
+
+def test_train_all_on_a_folder_writes_questions_first_and_keeps_them(tiny_dir, tmp_path, monkeypatch):
+    import qzoom_cli.training.questions as questions
+    import qzoom_cli.training.recipe as recipe
+    from qzoom_cli.errors import UsageError
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    _, cells = red_square_pages(docs, 4, seed=33)
+    out = tmp_path / "out"
+    monkeypatch.setattr(questions, "parse_questions", lambda text, limit: [])  # the model's lines, none a question
+    with pytest.raises(UsageError, match="no usable question"):
+        train_all(docs, out, RECIPE, OPTIONS, loader(tiny_dir), display())
+    monkeypatch.setattr(questions, "parse_questions", lambda text, limit: [QUESTION])
+    manifest = out / "stages" / "questions.jsonl"
+
+    def seed(name):
+        if name == "rpn":
+            seed_stages(manifest, cells, out)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_all(docs, out, RECIPE, OPTIONS, loader(tiny_dir), display(stop_stage="rpn", stop_step=1, on_start=seed))
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [(row["question"], (manifest.parent / row["file"]).resolve()) for row in rows] == \
+        [(QUESTION, (docs / f"page{i}.png").resolve()) for i in range(4)]
+    assert json.loads((out / "stages" / "progress.json").read_text())["stages"]["questions"]["written"] == 4
+
+    def no_questions(*args, **kwargs):
+        raise AssertionError("questions were written again")
+
+    monkeypatch.setattr(recipe, "write_questions", no_questions)
+    seen = []
+    report = train_all(docs, out, RECIPE, OPTIONS, loader(tiny_dir), display(seen=seen))
+    assert seen == ["rpn", "sft", "rpn_again", "gate"] and report["stages"]["gate"]["samples"] == 4
+
+
+def test_train_all_command(tiny_dir, tmp_path):
+    manifest, cells = red_square_pages(tmp_path, 4, seed=32)
+    out = tmp_path / "out"
+    seed_stages(manifest, cells, out)
+    args = ["train", "all", str(manifest), "--out", str(out), "--view-tokens", "64", "--branch-layer", "2",
+            "--depth", "2", "--ladder", ",".join(map(str, LADDER)), "--max-visual-tokens", "36",
+            "--min-visual-tokens", "16", "--lora-rank", "4", "--lora-alpha", "8", "--held-out", "0",
+            "--batch-size", "2", "--model", str(tiny_dir), "--device", "cpu", "--dpi", "72"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["adapter"] == str(out) and list(report["stages"]) == list(STAGES)
+    ask = CliRunner().invoke(cli.app, ["ask", str(tmp_path / "page0.png"), QUESTION, "--adapter", str(out), "--json",
+                                       "--max-new-tokens", "2", "--model", str(tiny_dir), "--device", "cpu"])
+    assert ask.exit_code == 0 and json.loads(ask.stdout)["zoom"]["gate"]["kind"] == "trained"
+
+
+def test_train_rpn_again_starts_from_the_tuned_adapters_region_head_and_keeps_its_lora(uninterrupted, tiny_dir,
+                                                                                     tmp_path):
+    """Stage 2.5 as its own command: `train rpn --adapter` (the sft adapter) trains that region head
+    further on the tuned model, and the adapter it writes carries the LoRA weights."""
+    from qzoom_cli.errors import EXIT_USAGE
+
+    tuned = uninterrupted[0] / "stages" / "sft"
+    manifest = uninterrupted[0].parent / "train.jsonl"
+    _, cells = red_square_pages(tmp_path, 4, seed=31)  # the same pages: their cells
+    seed_teacher_labels(manifest, cells, tmp_path / "again" / "labels")
+    args = ["train", "rpn", str(manifest), "--adapter", str(tuned), "--view-tokens", "64", "--batch-size", "2",
+            "--model", str(tiny_dir), "--device", "cpu", "--dpi", "72"]
+    still = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "again"), "--lr", "1e-30"])
+    assert still.exit_code == 0, still.stderr
+    start, result = (load_file(folder / "qzoom_adapter.safetensors") for folder in (tuned, tmp_path / "again"))
+    assert result.keys() == start.keys() and all(torch.equal(result[k], start[k]) for k in start)
+    config = json.loads((tmp_path / "again" / "qzoom_config.json").read_text())
+    assert list(config["training"]) == ["rpn", "sft", "rpn_again"] and config["reuse_src_pos"]
+    assert (tmp_path / "again" / "lora" / "adapter_model.safetensors").read_bytes() == \
+        (tuned / "lora" / "adapter_model.safetensors").read_bytes()
+    other = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "other"), "--branch-layer", "1"])
+    assert other.exit_code == EXIT_USAGE and "K=2" in other.stderr
