@@ -163,3 +163,27 @@ def test_a_judge_decides_when_given_and_an_unreadable_verdict_leaves_the_pair_ou
     assert f"Model A answered: {pair.plain}\n" in request and "Ground truth: red\n" in request
     assert options["instruction"] == "" and options["zoom"] == "never"
     assert mine(qz, samples, _settings(), ArtefactStore(tmp_path / "b"), judge=judge("maybe")) == []
+
+
+def test_each_process_mines_its_share_then_reads_every_pair(qz, tmp_path, monkeypatch):
+    """With several processes, rank r answers every world-th sample (the others' answers arrive in
+    the shared cache before the barrier); progress counts the samples this process handled."""
+    import qzoom_cli.training.mining as mining
+    from qzoom_cli.training.data import ArtefactStore, Shard
+
+    samples = _samples(tmp_path, [["a"], ["b"], ["c"], ["d"]])
+    store = ArtefactStore(tmp_path / "mined")
+    other = {"plain": "x", "zoomed": "y", "references": ["x"], "judged_by": "references", "verdicts": [True, False],
+             "box": [0, 0, 1, 1]}
+    for sample in samples.samples[1::2]:  # what the other process wrote
+        store.save(sample.key, {}, other)
+    answered, seen = [], []
+
+    def answer(qz, sample, settings, judge):
+        answered.append(sample.key)
+        return {**other, "verdicts": [False, True]}
+
+    monkeypatch.setattr(mining, "_answer_both", answer)
+    mined = mining.mine(qz, samples, _settings(), store, on_sample=seen.append, shard=Shard(0, 2))
+    assert answered == [s.key for s in samples.samples[0::2]] and seen == samples.samples[0::2]
+    assert [m.kind for m in mined] == ["improvement", "regression"] * 2

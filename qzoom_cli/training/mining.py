@@ -21,7 +21,7 @@ from ..budget import VisualBudget
 from ..documents import open_document
 from ..evaluate import choose_metric, score
 from ..results import Result
-from .data import ArtefactStore, SampleSet, TrainSample
+from .data import ArtefactStore, SampleSet, Shard, TrainSample
 from .rpn import answer_instruction
 
 RIGHT_AT = 0.5  # a metric score at least this counts as right (ANLS and VQA give partial credit)
@@ -105,17 +105,20 @@ class MiningSettings:
 
 
 def mine(qz: QZoom, samples: SampleSet, settings: MiningSettings, store: ArtefactStore,
-         judge: QZoom | None = None, on_sample: Callable[[TrainSample], None] = lambda sample: None) -> list[Mined]:
-    """Answer each sample plain and zoomed (cached in `store`, so a rerun resumes) and classify the pair.
-    Pairs whose zoomed read found no region, or whose judge reply could not be read, are left out."""
+         judge: QZoom | None = None, on_sample: Callable[[TrainSample], None] = lambda sample: None,
+         shard: Shard = Shard()) -> list[Mined]:
+    """Answer each sample plain and zoomed (cached in `store`, so a rerun resumes; each process of a
+    multi-GPU run answers its share) and classify the pair. Pairs whose zoomed read found no
+    region, or whose judge reply could not be read, are left out."""
+    for index, sample in enumerate(samples.samples):
+        if shard.owns(index):
+            if sample.key not in store:
+                store.save(sample.key, {}, _answer_both(qz, sample, settings, judge))
+            on_sample(sample)
+    shard.barrier()
     mined = []
     for sample in samples.samples:
-        if sample.key in store:
-            record = store.load(sample.key)[1]
-        else:
-            record = _answer_both(qz, sample, settings, judge)
-            store.save(sample.key, {}, record)
-        on_sample(sample)
+        record = store.load(sample.key)[1]
         if record["box"] is None or record["verdicts"] is None:
             continue
         plain_right, zoomed_right = record["verdicts"]

@@ -97,7 +97,7 @@ def _mine(qz: QZoom, samples: SampleSet, settings: FineTuneSettings, mining: Min
         judge = load_judge(settings.judge)
         judge.backbone.system_prompt = JUDGE_SYSTEM
     try:
-        return mine(qz, samples, mining, store, judge, on_pair)
+        return mine(qz, samples, mining, store, judge, on_pair, Shard.current())
     finally:
         if judge is not None:  # its memory goes back before training needs it
             del judge
