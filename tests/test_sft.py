@@ -352,3 +352,35 @@ def test_train_sft_asks_the_judge_model_given(tiny_dir, region_adapter, tmp_path
     assert judged.exit_code == EXIT_USAGE and "0 pairs mined" in judged.stderr
     missing = _cli(*args, "--out", tmp_path / "b", "--judge", tmp_path / "no-such-model")
     assert missing.exit_code == EXIT_MODEL
+
+
+def test_only_the_decoders_lora_weights_learn(tiny_dir, tmp_path):
+    """Vision tower, embeddings, every base weight, the LM head and the zoom branches stay as they
+    were; the LoRA weights of the decoder layers move."""
+    from trainkit import red_square_pages
+    from zoomkit import trained_adapter
+
+    from qzoom_cli import QZoom
+    from qzoom_cli.manifest import read_manifest
+    from qzoom_cli.training.data import expand_samples
+    from qzoom_cli.training.loop import TrainOptions
+    from qzoom_cli.training.mining import Mined
+    from qzoom_cli.training.sft import SftSettings, train_sft
+
+    qz = QZoom.from_pretrained(str(tiny_dir), device="cpu")
+    adapter = trained_adapter(qz.backbone, gate=True)
+    manifest, _ = red_square_pages(tmp_path, 2, seed=27)
+    samples = {s.key: s for s in expand_samples(read_manifest(manifest)).samples}
+    mined = [Mined(key, s.question, "top left", "bottom", ("top left",), "references", "regression", (1, 1, 3, 3))
+             for key, s in samples.items()]
+    base = {k: v.clone() for k, v in qz.backbone.model.state_dict().items()}
+    branches = {k: v.clone() for k, v in adapter.state_dict().items()}
+    model, _ = train_sft(qz, adapter, samples, mined, SftSettings(budget=VisualBudget(16, 36), dpi=72),
+                         TrainOptions(epochs=2, lr=1e-2, batch_size=1), tmp_path / "out")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name and ".layers." in name and "visual" not in name for name in trainable)
+    after = {k.replace(".base_layer", ""): v for k, v in qz.backbone.model.state_dict().items() if "lora_" not in k}
+    assert after.keys() == base.keys() and all(torch.equal(after[k], base[k]) for k in base)
+    assert all(torch.equal(v, branches[k]) for k, v in adapter.state_dict().items())
+    lora_b = [v for k, v in qz.backbone.model.state_dict().items() if "lora_B" in k]
+    assert lora_b and all(bool(v.abs().sum() > 0) for v in lora_b)  # every B moved off its zero start
