@@ -166,26 +166,38 @@ class QZoom:
         return cls(backbone, runtime, card, zoom_modules, branch_layer, depth)
 
     def default_budget(self, zoom_mode: str = "auto") -> VisualBudget:
-        """The page budget: the card's zoom coarse budget when zooming, its plain budget otherwise."""
+        """The page budget: the card's zoom coarse budget when zooming, its plain budget otherwise
+        (a fixed-grid family: its grid)."""
         if zoom_mode != "never":
             zoom_card = self.card.zoom if self.card else {}
-            return VisualBudget(zoom_card.get("min_visual_tokens", ZOOM_COARSE_BUDGET[0]),
-                                zoom_card.get("max_visual_tokens", ZOOM_COARSE_BUDGET[1]))
-        if self.card is not None:
-            return VisualBudget(self.card.min_visual_tokens, self.card.max_visual_tokens)
-        return VisualBudget(*GENERIC_BUDGET)
+            budget = VisualBudget(zoom_card.get("min_visual_tokens", ZOOM_COARSE_BUDGET[0]),
+                                  zoom_card.get("max_visual_tokens", ZOOM_COARSE_BUDGET[1]))
+        elif self.card is not None:
+            budget = VisualBudget(self.card.min_visual_tokens, self.card.max_visual_tokens)
+        else:
+            budget = VisualBudget(*GENERIC_BUDGET)
+        return self.backbone.read_budget(budget)
 
     def resolve_budget(self, min_tokens: int | None = None, max_tokens: int | None = None,
                        zoom_mode: str = "auto") -> VisualBudget:
-        """The default budget with the given bounds replaced; a lone bound drags the other along."""
+        """The default budget with the given bounds replaced; a lone bound drags the other along.
+        A fixed-grid family keeps its grid, and says so when bounds were given."""
         default = self.default_budget(zoom_mode)
         if min_tokens is None and max_tokens is None:
+            return default
+        if self.backbone.layout.fixed_grid is not None:
+            log.warning(self._fixed_grid_note("--min/--max-visual-tokens"))
             return default
         if min_tokens is None:
             min_tokens = min(default.min_tokens, max_tokens)
         if max_tokens is None:
             max_tokens = max(default.max_tokens, min_tokens)
         return VisualBudget(min_tokens, max_tokens)
+
+    def _fixed_grid_note(self, options: str) -> str:
+        rows, cols = self.backbone.layout.fixed_grid
+        return (f"{self.backbone.family} reads every page and region as a fixed {rows}x{cols} grid ({rows * cols} "
+                f"visual tokens): {options} change nothing")
 
     def default_max_new_tokens(self) -> int:
         """The longest answer when none is asked for: the card's, else 64 (1024 for thinking models)."""
@@ -254,7 +266,12 @@ class QZoom:
         stay open until the request is yielded.
         """
         settings = ZoomSettings(mode=zoom) if isinstance(zoom, str) else zoom
-        budget = budget or self.default_budget(settings.mode)
+        requested = budget or self.default_budget(settings.mode)
+        budget = self.backbone.read_budget(requested)
+        if budget != requested:
+            log.warning(self._fixed_grid_note("the budget given"))
+        if self.backbone.layout.fixed_grid is not None and (settings.region_max_tokens or settings.region_native):
+            log.warning(self._fixed_grid_note("--roi-max-visual-tokens and --roi-native"))
         max_new_tokens = self.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
         batch_size = self.resolve_batch_size(batch_size, budget, max_new_tokens, settings.mode)
         check_counts(batch_size, max_new_tokens)
@@ -326,7 +343,7 @@ class QZoom:
             zoom.zoom_answer = best.text
             zoom.direct_answer = self._text(answer.direct)[0] if answer.direct is not None else None
         region = answer.trace.region
-        roi_max_tokens = region.max_tokens if region is not None else settings.region_budget(budget).max_tokens
+        roi_max_tokens = region.max_tokens if region is not None else self.backbone.read_budget(settings.region_budget(budget)).max_tokens
         decode_s = answer.time.decode_s
         return Result(
             id=qid, status="truncated" if truncated else "ok", input=input_info, question=question,

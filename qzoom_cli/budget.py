@@ -90,28 +90,75 @@ def visual_tokens(height: int, width: int, factor: int, budget: VisualBudget) ->
     return rows * cols
 
 
-def content_size(size: tuple[int, int], out: tuple[int, int]) -> tuple[int, int]:
-    """(w, h) an image of `size` takes inside `out` pixels when its `aspect_canvas` is scaled to `out`."""
-    canvas = aspect_canvas(*size)
-    return (max(1, round(size[0] * out[0] / canvas[0])), max(1, round(size[1] * out[1] / canvas[1])))
+@dataclass(frozen=True)
+class Canvas:
+    """How an image is laid on the canvas a model reads it on.
+
+    Qwen-VL (the default): the image itself or, beyond the aspect-ratio limit, the smallest canvas
+    within it; content at the top-left, padding white, so page coordinates need no shift. LLaVA:
+    a square around the image, content centred, padding in the image processor's mean colour
+    (the published pad-to-square)."""
+
+    square: bool = False
+    centred: bool = False
+    fill: tuple[int, int, int] = (255, 255, 255)
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """(w, h) of the canvas an image of this size is read on."""
+        if self.square:
+            side = max(width, height)
+            return side, side
+        return aspect_canvas(width, height)
+
+    def offset(self, width: int, height: int) -> tuple[int, int]:
+        """Where an image of this size sits on its canvas: its top-left corner, in canvas pixels."""
+        if not self.centred:
+            return 0, 0
+        canvas_w, canvas_h = self.size(width, height)
+        return (canvas_w - width) // 2, (canvas_h - height) // 2
+
+    def content_size(self, size: tuple[int, int], out: tuple[int, int]) -> tuple[int, int]:
+        """(w, h) an image of `size` takes inside `out` pixels when its canvas is scaled to `out`."""
+        canvas = self.size(*size)
+        return (max(1, round(size[0] * out[0] / canvas[0])), max(1, round(size[1] * out[1] / canvas[1])))
+
+    def place(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:
+        """`image` (already at its content size) on an RGB canvas of `size` pixels."""
+        image = image.convert("RGB")
+        if image.size == size:
+            return image
+        canvas = Image.new("RGB", size, self.fill)
+        at = ((size[0] - image.width) // 2, (size[1] - image.height) // 2) if self.centred else (0, 0)
+        canvas.paste(image, at)
+        return canvas
+
+    def pad(self, image: Image.Image) -> Image.Image:
+        """`image` on its canvas at its own resolution."""
+        image = image.convert("RGB")
+        size = self.size(*image.size)
+        if size == image.size:
+            return image
+        canvas = Image.new("RGB", size, self.fill)
+        canvas.paste(image, self.offset(*image.size))
+        return canvas
 
 
-def pad_into(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """`image` at the top-left of a white RGB canvas of `size` (itself when it has that size)."""
-    image = image.convert("RGB")
-    if image.size == size:
-        return image
-    canvas = Image.new("RGB", size, (255, 255, 255))
-    canvas.paste(image, (0, 0))
-    return canvas
+ASPECT_CANVAS = Canvas()
 
 
 def resize_to_budget(image: Image.Image, factor: int, budget: VisualBudget) -> Image.Image:
     """The image resized (bicubic) to the exact size its budget allows, on its aspect canvas; RGB."""
     rows, cols = token_grid(image.height, image.width, factor, budget)
     size = (cols * factor, rows * factor)
-    content = content_size(image.size, size)
+    content = ASPECT_CANVAS.content_size(image.size, size)
     image = image.convert("RGB")
     if image.size != content:
         image = image.resize(content, Image.Resampling.BICUBIC)
-    return pad_into(image, size)
+    return ASPECT_CANVAS.place(image, size)
+
+
+def resize_canvas(image: Image.Image, size: tuple[int, int], canvas: Canvas) -> Image.Image:
+    """The image padded onto its canvas at its own resolution, then the whole canvas resized
+    (bicubic) to `size`: a fixed-grid family's read (LLaVA's pad-to-square, then the resize)."""
+    padded = canvas.pad(image)
+    return padded if padded.size == size else padded.resize(size, Image.Resampling.BICUBIC)

@@ -13,15 +13,18 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GenerationConfig,
+    LlavaConfig,
+    PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2Tokenizer,
     Qwen3VLConfig,
     Qwen3VLMoeConfig,
 )
 
+from .backbones.llava import LLAVA_CHAT_TEMPLATE
 from .backbones.qwen2_5_vl import QWEN_VL_CHAT_TEMPLATE
 from .backbones.qwen3_vl import QWEN3_VL_CHAT_TEMPLATE
 from .errors import UsageError
@@ -40,7 +43,7 @@ TRAINING_TEXT = [
     "You are a helpful assistant. system user assistant",
 ]
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava")
 THINK_TOKENS = ["<think>", "</think>"]  # Qwen3 vocabularies carry them as ordinary added tokens
 # Qwen3-VL Thinking checkpoints open the answer with a reasoning block.
 QWEN3_VL_THINKING_TEMPLATE = QWEN3_VL_CHAT_TEMPLATE.replace("'<|im_start|>assistant\\n'",
@@ -135,6 +138,51 @@ def qwen3_vl_config(tokenizer: Qwen2Tokenizer, num_layers: int, moe: bool = Fals
                         initializer_range=init_std, **tokens)
 
 
+LLAMA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+LLAVA_TEXT = ["USER: \nWhat is it?\nAnswer ASSISTANT: A chat between a curious human and an artificial intelligence "
+              "assistant. The assistant gives helpful, detailed, and polite answers to the human's questions."]
+
+
+def make_llama_tokenizer(vocab_size: int = 400, template: str = LLAVA_CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """A sentencepiece-style BPE tokenizer as llava-hf's Llama one behaves: <s> opens every text,
+    </s> ends an answer, `<image>` and `<pad>` are added tokens."""
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    bpe.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=LLAMA_SPECIAL_TOKENS)
+    bpe.train_from_iterator((TRAINING_TEXT + LLAVA_TEXT) * 4, trainer)
+    bos = bpe.token_to_id("<s>")
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
+              "head_dim": 16}
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def llava_config(tokenizer: PreTrainedTokenizerFast, num_layers: int, text: dict = TINY_LLAMA,
+                 vision: dict = TINY_CLIP, vocab_size: int | None = None, init_std: float = INIT_STD) -> LlavaConfig:
+    """A LLaVA-1.5 config of any size whose special-token ids are `tokenizer`'s: CLIP at 336 px in
+    14 px patches (the real 24 x 24 grid), read at its second-to-last layer without CLS, a
+    two-layer GELU projector and a Llama decoder (rope theta 10000, untied head) as in llava-hf."""
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+           (("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("pad_token_id", "<pad>"))}
+    text_config = {**text, "vocab_size": vocab_size or len(tokenizer), "num_hidden_layers": num_layers,
+                   "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "initializer_range": init_std,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}, "model_type": "llama", **ids}
+    vision_config = {**vision, "image_size": 336, "patch_size": 14, "projection_dim": text["hidden_size"],
+                     "model_type": "clip_vision_model", "initializer_range": init_std}
+    return LlavaConfig(vision_config=vision_config, text_config=text_config,
+                       image_token_id=tokenizer.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu",
+                       vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=576,
+                       tie_word_embeddings=False, **ids)
+
+
 def make_tiny(directory: str | Path, family: str = "qwen2_5_vl", seed: int = 0, num_layers: int = 4,
               thinking: bool = False) -> Path:
     """Write a tiny random checkpoint of `family` to `directory` and return its path; `thinking`
@@ -143,8 +191,9 @@ def make_tiny(directory: str | Path, family: str = "qwen2_5_vl", seed: int = 0, 
         raise UsageError(f"no tiny model for family {family!r}; available: {', '.join(FAMILIES)}")
     if num_layers < 1:
         raise UsageError("a tiny model needs at least one layer")
-    if thinking and family == "qwen2_5_vl":
+    if thinking and family not in ("qwen3_vl", "qwen3_vl_moe"):
         raise UsageError("thinking checkpoints are Qwen3-VL ones: use --family qwen3_vl")
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
@@ -158,6 +207,10 @@ def make_tiny(directory: str | Path, family: str = "qwen2_5_vl", seed: int = 0, 
         config = qwen2_5_vl_config(tokenizer, num_layers)
         processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
                                              min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)
+    elif family == "llava":
+        tokenizer = make_llama_tokenizer()
+        config = llava_config(tokenizer, num_layers)
+        processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     else:
         template = QWEN3_VL_THINKING_TEMPLATE if thinking else QWEN3_VL_CHAT_TEMPLATE
         tokenizer = make_tokenizer(template=template, extra_tokens=tuple(THINK_TOKENS))
@@ -167,8 +220,12 @@ def make_tiny(directory: str | Path, family: str = "qwen2_5_vl", seed: int = 0, 
                                              min_pixels=4 * 32 * 32, max_pixels=16384 * 32 * 32)
     torch.manual_seed(seed)
     model = BACKBONES[family].model_class(config).eval()
-    im_end, eot = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    model.generation_config = GenerationConfig(eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False)
+    if family == "llava":
+        model.generation_config = GenerationConfig(eos_token_id=config.text_config.eos_token_id,
+                                                   pad_token_id=config.text_config.pad_token_id, do_sample=False)
+    else:
+        im_end, eot = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+        model.generation_config = GenerationConfig(eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     processor.save_pretrained(directory)

@@ -5,10 +5,10 @@ import pytest
 from PIL import Image
 
 from qzoom_cli.budget import (
+    ASPECT_CANVAS,
     MAX_ASPECT_RATIO,
     VisualBudget,
     aspect_canvas,
-    content_size,
     resize_to_budget,
     smart_resize,
     token_grid,
@@ -74,7 +74,7 @@ def test_thin_images_are_padded_into_the_aspect_limit(size):
     resized = resize_to_budget(image, 28, budget)
     assert resized.size == (cols * 28, rows * 28) and rows * cols <= 256
     assert resized.getpixel((0, 0)) == (200, 10, 10)
-    inside = content_size(size, resized.size)
+    inside = ASPECT_CANVAS.content_size(size, resized.size)
     if canvas != size:
         far = (resized.width - 1, resized.height - 1)
         assert resized.getpixel(far) == (255, 255, 255)

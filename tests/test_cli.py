@@ -216,12 +216,15 @@ def test_models_list_and_make_tiny(tmp_path):
     listed = runner.invoke(cli.app, ["models", "list", "--json"])
     cards = json.loads(listed.stdout)["models"]
     assert sum(card["default"] for card in cards) == 1
-    factors = {"qwen2_5_vl": 28, "qwen3_vl": 32, "qwen3_vl_moe": 32}
+    factors = {"qwen2_5_vl": 28, "qwen3_vl": 32, "qwen3_vl_moe": 32, "llava": 14}
     assert all(card["patch_factor"] == factors[card["family"]] for card in cards)
-    assert {"YuhengSSS/Q-Zoom-Qwen3VL-4B", "Qwen/Qwen3-VL-30B-A3B-Instruct"} <= {card["id"] for card in cards}
+    assert {"YuhengSSS/Q-Zoom-Qwen3VL-4B", "Qwen/Qwen3-VL-30B-A3B-Instruct", "llava-hf/llava-1.5-7b-hf",
+            "llava-hf/llava-1.5-13b-hf"} <= {card["id"] for card in cards}
     made = runner.invoke(cli.app, ["models", "make-tiny", str(tmp_path / "t"), "--layers", "2", "--seed", "3"])
     assert made.exit_code == 0 and made.stdout.strip() == str(tmp_path / "t")
     assert json.loads((tmp_path / "t" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2
+    llava = runner.invoke(cli.app, ["models", "make-tiny", str(tmp_path / "l"), "--family", "llava", "--layers", "2"])
+    assert llava.exit_code == 0 and json.loads((tmp_path / "l" / "config.json").read_text())["model_type"] == "llava"
     bad = runner.invoke(cli.app, ["models", "make-tiny", str(tmp_path / "u"), "--family", "nope"])
     assert bad.exit_code == EXIT_USAGE
 

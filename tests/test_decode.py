@@ -115,16 +115,17 @@ def test_chat_template_fallbacks(qz, tiny_dir, tmp_path):
     import json
     import shutil
 
-    from qzoom_cli.backbones.qwen2_5_vl import QWEN_VL_CHAT_TEMPLATE, chat_template
+    from qzoom_cli.backbones.qwen2_5_vl import QWEN_VL_CHAT_TEMPLATE
+    from qzoom_cli.backbones.stock import chat_template
 
     bare = tmp_path / "bare"
     shutil.copytree(tiny_dir, bare)
     (bare / "chat_template.jinja").unlink()
     tokenizer = type(qz.backbone.tokenizer).from_pretrained(bare)
     tokenizer.chat_template = None
-    assert chat_template(tokenizer, str(bare), None) == QWEN_VL_CHAT_TEMPLATE
+    assert chat_template(tokenizer, str(bare), None, QWEN_VL_CHAT_TEMPLATE) == QWEN_VL_CHAT_TEMPLATE
     (bare / "chat_template.json").write_text(json.dumps({"chat_template": "{{ 'legacy' }}"}))
-    assert chat_template(tokenizer, str(bare), None) == "{{ 'legacy' }}"
+    assert chat_template(tokenizer, str(bare), None, QWEN_VL_CHAT_TEMPLATE) == "{{ 'legacy' }}"
     from qzoom_cli import QZoom
 
     assert QZoom.from_pretrained(str(bare), device="cpu").backbone.tokenizer.chat_template == "{{ 'legacy' }}"

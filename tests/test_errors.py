@@ -120,7 +120,7 @@ def test_a_chat_template_that_drops_the_image_is_an_incompatible_checkpoint(qz, 
 
 
 def test_a_checkpoint_without_an_end_token_is_incompatible():
-    from qzoom_cli.backbones.qwen2_5_vl import _eos_token_ids
+    from qzoom_cli.backbones.stock import _eos_token_ids
 
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
     with pytest.raises(IncompatibleCheckpoint, match="end-of-sequence"):

@@ -203,14 +203,14 @@ def test_chain_from_heatmap_to_crop_on_odd_sizes():
 def test_region_on_page_cuts_the_canvas_to_the_page():
     """A very thin page is read on a wider canvas (the aspect limit); a box there maps to page pixels
     cut to the page, and one wholly in the canvas's padding to nothing."""
-    from qzoom_cli.budget import MAX_ASPECT_RATIO
+    from qzoom_cli.budget import ASPECT_CANVAS, MAX_ASPECT_RATIO
     from qzoom_cli.zoom.geometry import region_on_page
 
     page = (100, int(100 * MAX_ASPECT_RATIO * 2))          # twice too tall: the canvas is twice as wide
     canvas_width = page[1] / MAX_ASPECT_RATIO
     assert canvas_width == 2 * page[0]
     grid = (20, 2)                                          # one token column per page width
-    assert region_on_page(Box(0, 0, 1, 20), grid, page, 28) == Box(0, 0, 100, page[1])
-    assert region_on_page(Box(1, 0, 2, 20), grid, page, 28) is None   # the padding beside the page
-    assert region_on_page(Box(0, 0, 2, 10), grid, page, 28) == Box(0, 0, 100, page[1] // 2)  # cut at its edge
-    assert region_on_page(Box(0, 0, 1, 1), (2, 2), (20, 10), 28) == Box(0, 0, 20, 10)
+    assert region_on_page(Box(0, 0, 1, 20), grid, page, 28, ASPECT_CANVAS) == Box(0, 0, 100, page[1])
+    assert region_on_page(Box(1, 0, 2, 20), grid, page, 28, ASPECT_CANVAS) is None   # the padding beside the page
+    assert region_on_page(Box(0, 0, 2, 10), grid, page, 28, ASPECT_CANVAS) == Box(0, 0, 100, page[1] // 2)
+    assert region_on_page(Box(0, 0, 1, 1), (2, 2), (20, 10), 28, ASPECT_CANVAS) == Box(0, 0, 20, 10)

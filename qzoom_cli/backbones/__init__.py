@@ -21,12 +21,12 @@ from .base import (
     Prompt,
     VisualAdditions,
 )
+from .llava import LlavaBackbone
 from .qwen2_5_vl import Qwen2_5_VLBackbone
 from .qwen3_vl import Qwen3VLBackbone, Qwen3VLMoeBackbone
 
 FAMILIES: dict[str, type[Backbone]] = {cls.family: cls for cls in (Qwen2_5_VLBackbone, Qwen3VLBackbone,
-                                                                    Qwen3VLMoeBackbone)}
-PLANNED_FAMILIES = ("llava",)
+                                                                    Qwen3VLMoeBackbone, LlavaBackbone)}
 
 __all__ = ["Backbone", "FamilyLayout", "ImageBlock", "ImageEncoding", "ModelInputs", "Prompt", "VisualAdditions",
            "FAMILIES", "load_backbone", "detect_family"]
@@ -126,10 +126,7 @@ def load_backbone(ref: str, runtime: Runtime, revision: str | None = None, proce
     template is known good), else from the checkpoint."""
     family = detect_family(ref, revision)
     if family not in FAMILIES:
-        planned = " (planned, not implemented yet)" if family in PLANNED_FAMILIES else ""
-        raise UnsupportedModel(
-            f"model family {family!r}{planned} is not supported; supported: {', '.join(sorted(FAMILIES))}"
-        )
+        raise UnsupportedModel(f"model family {family!r} is not supported; supported: {', '.join(sorted(FAMILIES))}")
     source = Path(resolve_model_ref(processor or ref))
     if source.is_dir():
         check_processor_files(source)

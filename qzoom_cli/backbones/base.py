@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 from transformers import Cache
 
-from ..budget import VisualBudget, resize_to_budget, token_grid
+from ..budget import ASPECT_CANVAS, Canvas, VisualBudget, resize_canvas, resize_to_budget, token_grid
 from ..errors import IncompatibleCheckpoint
 
 SINK_RULES = ("corner", "first_token")
@@ -36,6 +36,9 @@ class FamilyLayout:
     addition_layers: image tokens get per-layer additions after decoder layers 0..n-1 (deepstack; 0: none).
     attention_sink: how region maps lose their attention-sink cells: "corner" (the top-left rule of
         large grids) or "first_token" (cells the first prompt token attends to strongly).
+    canvas: how an image is laid on the canvas the model reads (padding, where the content sits).
+    fixed_grid: the (rows, cols) every image is read at, whatever the budget (LLaVA's 24 x 24); None
+        when the budget sets the grid.
     """
 
     patch_factor: int
@@ -44,6 +47,8 @@ class FamilyLayout:
     min_region_side: int
     addition_layers: int
     attention_sink: str
+    canvas: Canvas = ASPECT_CANVAS
+    fixed_grid: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.attention_sink not in SINK_RULES:
@@ -286,15 +291,24 @@ class Backbone(ABC):
         self.model.requires_grad_(False)
 
     def image_grid(self, size: tuple[int, int], budget: VisualBudget) -> tuple[int, int]:
-        """(rows, cols) of tokens an image of `size` (w, h) gets under `budget`."""
-        return token_grid(size[1], size[0], self.layout.patch_factor, budget)
+        """(rows, cols) of tokens an image of `size` (w, h) gets under `budget` (a fixed-grid family:
+        its grid, whatever the budget)."""
+        return self.layout.fixed_grid or token_grid(size[1], size[0], self.layout.patch_factor, budget)
 
     def grid_pixels(self, grid: tuple[int, int]) -> tuple[int, int]:
         """(w, h) in pixels of an image encoded as `grid` (rows, cols)."""
         return grid[1] * self.layout.patch_factor, grid[0] * self.layout.patch_factor
 
+    def read_budget(self, budget: VisualBudget) -> VisualBudget:
+        """The budget an image is actually read at: `budget`, or a fixed-grid family's grid."""
+        grid = self.layout.fixed_grid
+        return budget if grid is None else VisualBudget(grid[0] * grid[1], grid[0] * grid[1])
+
     def fit_image(self, image: Image.Image, budget: VisualBudget) -> Image.Image:
-        """`image` resized to the exact token grid `budget` allows."""
+        """`image` resized to the exact token grid `budget` allows (a fixed-grid family: padded onto
+        its canvas, then resized to the grid)."""
+        if self.layout.fixed_grid is not None:
+            return resize_canvas(image, self.grid_pixels(self.layout.fixed_grid), self.layout.canvas)
         return resize_to_budget(image, self.layout.patch_factor, budget)
 
     def prepare_inputs(self, prompt: Prompt, encodings: list[ImageEncoding]) -> ModelInputs:

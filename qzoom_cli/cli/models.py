@@ -57,7 +57,7 @@ def models_list(as_json: JsonFlag = False, verbose: Verbose = False) -> None:
 @models_app.command("make-tiny")
 def models_make_tiny(
     directory: Annotated[str, typer.Argument(help="Where to write the checkpoint.")],
-    family: Annotated[str, typer.Option(help="Model family: qwen2_5_vl, qwen3_vl.")] = "qwen2_5_vl",
+    family: Annotated[str, typer.Option(help="Model family: qwen2_5_vl, qwen3_vl, llava.")] = "qwen2_5_vl",
     moe: Annotated[bool, flag(help="Qwen3-VL with mixture-of-experts layers (qwen3_vl_moe).")] = False,
     thinking: Annotated[bool, flag(help="Qwen3-VL with a Thinking checkpoint's chat template.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,

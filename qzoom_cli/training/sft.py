@@ -60,8 +60,8 @@ def attach_lora(backbone: Backbone, settings: LoraSettings, resume_from: Path | 
 def fused_prompt(backbone: Backbone, page: PageView, text: str, box: Box, region_budget: VisualBudget,
                  aligned: bool) -> FusedInputs | None:
     """The page and the region `box` (token grid cells of the page) read at `region_budget`, as one
-    prompt; None when the box lies off the page (the padding of a very thin page)."""
-    region_px = region_on_page(box, page.grid, page.size, backbone.layout.min_region_side)
+    prompt; None when the box lies off the page (in the padding around it)."""
+    region_px = region_on_page(box, page.grid, page.size, backbone.layout.min_region_side, backbone.layout.canvas)
     if region_px is None:
         return None
     coarse = backbone.build_prompt(text, [page.grid])

@@ -173,6 +173,9 @@ def check_attachment(config: AdapterConfig, backbone: Backbone) -> None:
             or config.branch_layer + config.depth > backbone.num_layers:
         raise AdapterMismatch(f"branch after layer {config.branch_layer} with {config.depth} layers does not fit a "
                          f"{backbone.num_layers}-layer model")
+    if config.reuse_src_pos and backbone.layout.spatial_rows is None:
+        raise AdapterMismatch(f"the adapter aligns region positions inside the page's grid (reuse_src_pos), which "
+                              f"{backbone.family}'s 1-D positions cannot do")
     if config.base_model and config.base_model != backbone.model_id:
         log.warning("the adapter was trained on %s, not on %s: its regions and gate may not fit this model",
                     config.base_model, backbone.model_id)

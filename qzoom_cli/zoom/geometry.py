@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..budget import aspect_canvas
+from ..budget import Canvas
 
 # Separable 3-tap Gaussian with sigma 1 (torchvision's kernel for kernel_size=3, sigma=1.0).
 _GAUSS_3 = (0.27406862, 0.45186276, 0.27406862)
@@ -140,11 +140,15 @@ def grid_box_to_pixels(box: Box, grid: tuple[int, int], size: tuple[int, int], m
     return Box(x0, y0, x1, y1)
 
 
-def region_on_page(box: Box, grid: tuple[int, int], page_size: tuple[int, int], min_side: int) -> Box | None:
-    """A grid box in page pixels: mapped on the page's aspect canvas (where a very thin page was
-    read), then cut to the page itself; None when nothing of it is on the page."""
-    canvas = grid_box_to_pixels(box, grid, aspect_canvas(*page_size), min_side)
-    inside = Box(canvas.x0, canvas.y0, min(canvas.x1, page_size[0]), min(canvas.y1, page_size[1]))
+def region_on_page(box: Box, grid: tuple[int, int], page_size: tuple[int, int], min_side: int,
+                   canvas: Canvas) -> Box | None:
+    """A grid box in page pixels: mapped on the canvas the page was read on (a very thin page's
+    aspect canvas, LLaVA's centred square), moved by where the page sits on it, then cut to the
+    page itself; None when nothing of it is on the page."""
+    on_canvas = grid_box_to_pixels(box, grid, canvas.size(*page_size), min_side)
+    dx, dy = canvas.offset(*page_size)
+    inside = Box(max(0, on_canvas.x0 - dx), max(0, on_canvas.y0 - dy), min(on_canvas.x1 - dx, page_size[0]),
+                 min(on_canvas.y1 - dy, page_size[1]))
     return inside if inside.width > 0 and inside.height > 0 else None
 
 

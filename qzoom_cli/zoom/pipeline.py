@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from ..backbones import Backbone, ImageBlock, ImageEncoding, VisualAdditions
-from ..budget import VisualBudget, content_size, pad_into
+from ..budget import VisualBudget
 from ..decode import (
     Decoder,
     EagerDecoder,
@@ -87,9 +87,9 @@ class PageView:
     def read_region(self, region_px: Box, budget: VisualBudget, backbone: Backbone) -> ImageEncoding:
         """The region (page pixels) cropped sharply at the size its token grid under `budget` needs,
         padded to that grid and encoded: the high-resolution block zoom splices in."""
-        size = (int(region_px.width), int(region_px.height))
+        size, canvas = (int(region_px.width), int(region_px.height)), backbone.layout.canvas
         pixels = backbone.grid_pixels(backbone.image_grid(size, budget))
-        return backbone.encode_image(pad_into(self.crop(region_px, content_size(size, pixels)), pixels))
+        return backbone.encode_image(canvas.place(self.crop(region_px, canvas.content_size(size, pixels)), pixels))
 
 
 @dataclass(frozen=True)
@@ -256,9 +256,10 @@ class ZoomEngine:
                     if lift < gate_threshold:
                         answers[i].trace.skipped_reason = "attention too spread out for a region to help"
                         continue
-                region_px = region_on_page(box, items[i][0].grid, items[i][0].size, bb.layout.min_region_side)
+                region_px = region_on_page(box, items[i][0].grid, items[i][0].size, bb.layout.min_region_side,
+                                           bb.layout.canvas)
                 if region_px is None:
-                    answers[i].trace.skipped_reason = "the region lies in the padding of a very thin page"
+                    answers[i].trace.skipped_reason = "the region lies in the padding around the page"
                     continue
                 boxes[i] = box, region_px
 
@@ -308,7 +309,7 @@ class ZoomEngine:
         for i in group.rows:
             page, text = items[i]
             box, region_px = boxes[i]
-            budget = settings.region_budget(page.budget, page.native_tokens(region_px, bb))
+            budget = bb.read_budget(settings.region_budget(page.budget, page.native_tokens(region_px, bb)))
             with clock("region_encode_s", [i]):
                 region = page.read_region(region_px, budget, bb)
             with clock("fused_prefill_s", [i]):

@@ -1,0 +1,220 @@
+"""LLaVA-1.5 (llava-hf layout) on a tiny checkpoint: a fixed 24 x 24 grid of a page padded to a
+square, 1-D positions, the region block right after the page's, and the same exactness as Qwen."""
+
+import json
+
+import pytest
+import torch
+from docmaker import make_pdf
+from PIL import Image
+from typer.testing import CliRunner
+
+from qzoom_cli import QZoom, cli
+from qzoom_cli.budget import Canvas, VisualBudget
+from qzoom_cli.decode import greedy_decode, prefill
+from qzoom_cli.documents import open_document
+from qzoom_cli.testing import make_tiny
+from qzoom_cli.zoom.fuse import fuse_region
+from qzoom_cli.zoom.geometry import Box, region_on_page
+from qzoom_cli.zoom.pipeline import ZoomEngine, ZoomSettings
+
+QUESTION = "What is the total due?\nAnswer the question using a single word or phrase."
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("llava") / "llava", family="llava")
+
+
+@pytest.fixture(scope="session")
+def qzl(llava_dir):
+    return QZoom.from_pretrained(str(llava_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def page_image():
+    with open_document(make_pdf(1), dpi=72) as doc:
+        return doc.render(1)
+
+
+@pytest.fixture(scope="module")
+def page(qzl):
+    with open_document(make_pdf(1), dpi=72) as doc:
+        yield qzl._encode_page(doc, 1, qzl.default_budget()).view
+
+
+def _pixels(bb, images):
+    return bb.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def expand2square(image, fill):
+    """The published LLaVA pad-to-square, written out: the image centred on a square of its longer side."""
+    side = max(image.size)
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return square
+
+
+def test_layout_prompt_and_reading_as_llava_1_5(qzl, page_image):
+    bb = qzl.backbone
+    layout = bb.layout
+    assert (layout.patch_factor, layout.position_rows, layout.spatial_rows, layout.fixed_grid) == (14, 1, None, (24, 24))
+    assert layout.canvas == Canvas(square=True, centred=True, fill=(122, 116, 104))  # CLIP's mean colour
+    prompt = bb.build_prompt(QUESTION, [(24, 24)])
+    ids = prompt.input_ids[0].tolist()
+    assert ids[0] == bb.tokenizer.bos_token_id and prompt.images == [prompt.images[0]]
+    block = prompt.images[0]
+    assert ids[block.start:block.stop] == [bb.config.image_token_id] * 576
+    assert bb.tokenizer.decode(ids[block.stop:]).startswith("\nWhat is")
+    assert bb.tokenizer.decode(ids[1:block.start]).replace(" ", "") == "USER:"
+    assert bb.tokenizer.decode(ids).rstrip().endswith("ASSISTANT:")
+    two = bb.build_prompt(QUESTION, [(24, 24), (24, 24)])
+    assert two.images[1].start == block.stop and two.length == prompt.length + 576  # back to back
+    fitted = bb.fit_image(page_image, VisualBudget(16, 64))
+    expected = expand2square(page_image.convert("RGB"), (122, 116, 104)).resize((336, 336), Image.Resampling.BICUBIC)
+    assert fitted.tobytes() == expected.tobytes()
+    assert bb.image_grid(page_image.size, VisualBudget(16, 64)) == (24, 24)
+
+
+def test_the_prompt_is_the_one_llava_hf_builds(qzl, page_image):
+    from transformers import LlavaProcessor
+
+    bb = qzl.backbone
+    processor = LlavaProcessor(image_processor=bb.image_processor, tokenizer=bb.tokenizer, patch_size=14,
+                               num_additional_image_tokens=1,  # the CLS token, as in llava-hf's processor config
+                               vision_feature_select_strategy="default", chat_template=bb.tokenizer.chat_template)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    fitted = bb.fit_image(page_image, qzl.default_budget())
+    stock = processor(images=[fitted], text=[text], return_tensors="pt")
+    assert torch.equal(stock["input_ids"], bb.build_prompt(QUESTION, [(24, 24)]).input_ids)
+    assert torch.equal(stock["pixel_values"], _pixels(bb, [fitted]))
+
+
+def test_never_mode_equals_stock_generate(qzl, page, page_image):
+    bb = qzl.backbone
+    answer = qzl.engine.answer(page, QUESTION, ZoomSettings("never"), 8)
+    prompt = bb.build_prompt(QUESTION, [page.grid])
+    stock = bb.model.generate(input_ids=prompt.input_ids, attention_mask=torch.ones_like(prompt.input_ids),
+                              pixel_values=_pixels(bb, [bb.fit_image(page_image, VisualBudget(1, 1))]),
+                              max_new_tokens=8, do_sample=False)
+    assert answer.generation.token_ids == stock[0, prompt.length:].tolist()
+
+
+def test_layer_by_layer_forward_equals_stock_logits_with_page_and_region(qzl, page_image):
+    bb = qzl.backbone
+    images = [bb.fit_image(page_image, VisualBudget(1, 1)), bb.fit_image(page_image.crop((40, 60, 300, 200)),
+                                                                         VisualBudget(1, 1))]
+    encodings = [bb.encode_image(image) for image in images]
+    prompt = bb.build_prompt(QUESTION, [e.grid for e in encodings])
+    inputs = bb.prepare_inputs(prompt, encodings)
+    with torch.no_grad():
+        stock = bb.model(input_ids=prompt.input_ids, pixel_values=_pixels(bb, images)).logits[0]
+        ours = bb.logits(bb.run_layers(inputs.embeds, inputs.positions, None, 0, bb.num_layers))[0]
+        swapped = bb.prepare_inputs(prompt, encodings[::-1])
+        other = bb.logits(bb.run_layers(swapped.embeds, swapped.positions, None, 0, bb.num_layers))[0]
+    assert torch.equal(inputs.positions[0, 0], torch.arange(prompt.length))
+    torch.testing.assert_close(ours, stock, atol=1e-4, rtol=1e-4)
+    assert (other - stock).abs().max() > 1e-2  # the order of the blocks matters: the test can tell
+
+
+@pytest.mark.parametrize("branch_layer", [1, 3])
+def test_fused_prefill_with_cache_reuse_equals_prefill_from_scratch_and_stock(qzl, page, page_image, branch_layer):
+    bb = qzl.backbone
+    engine = ZoomEngine(bb, branch_layer, 1)
+    prompt = bb.build_prompt(QUESTION, [page.grid])
+    inputs = bb.prepare_inputs(prompt, [page.encoding])
+    cache = bb.new_cache()
+    box = Box(3, 8, 12, 14)
+    region_px = region_on_page(box, page.grid, page.size, bb.layout.min_region_side, bb.layout.canvas)
+    region = page.read_region(region_px, page.budget, bb)
+    fused = fuse_region(bb, QUESTION, prompt, page.encoding, region, box, aligned=False)
+    assert fused.region.start == fused.source.stop and fused.reused == fused.source.stop
+    with torch.no_grad():
+        hidden_k = bb.run_layers(inputs.embeds, inputs.positions, cache, 0, branch_layer)
+        reused, _, mask = engine.fused_prefill([fused], hidden_k, inputs.positions,
+                                               torch.ones(1, fused.reused, dtype=torch.long), cache, None)
+        fresh = bb.new_cache()
+        scratch = prefill(bb, fused.inputs.embeds, fused.inputs.positions, fresh, None, None)
+        crop = page.crop(region_px, bb.layout.canvas.content_size((int(region_px.width), int(region_px.height)),
+                                                                   (336, 336)))
+        images = [bb.fit_image(page_image, VisualBudget(1, 1)), bb.layout.canvas.place(crop, (336, 336))]
+        stock = bb.model(input_ids=fused.prompt.input_ids, pixel_values=_pixels(bb, images)).logits[:, -1]
+    torch.testing.assert_close(scratch, stock, atol=1e-4, rtol=1e-4)
+    assert mask is None
+    torch.testing.assert_close(reused, scratch, atol=1e-4, rtol=1e-4)
+    assert greedy_decode(bb, reused, cache, fused.inputs.positions, 5).token_ids == \
+        greedy_decode(bb, scratch, fresh, fused.inputs.positions, 5).token_ids
+
+
+@pytest.mark.parametrize("size", [(1000, 500), (500, 1000), (700, 700), (336, 20)])
+def test_boxes_on_the_padded_square_map_back_to_page_pixels(size):
+    """A 24 x 24 grid over the page centred on its square: a box maps to page pixels shifted by
+    the padding above or beside the page, cut to the page; a box wholly in the padding reads nothing."""
+    canvas = Canvas(square=True, centred=True, fill=(0, 0, 0))
+    width, height = size
+    side = max(size)
+    dx, dy = (side - width) // 2, (side - height) // 2
+    cell = side / 24
+    for x0, y0, x1, y1 in [(0, 0, 24, 24), (2, 3, 10, 20), (0, 0, 1, 1), (23, 23, 24, 24), (5, 11, 19, 13)]:
+        got = region_on_page(Box(x0, y0, x1, y1), (24, 24), size, 1, canvas)
+        lo = (max(0, int(x0 * cell) - dx), max(0, int(y0 * cell) - dy))
+        hi = (min(width, int(x1 * cell) - dx), min(height, int(y1 * cell) - dy))
+        if hi[0] <= lo[0] or hi[1] <= lo[1]:
+            assert got is None
+        else:
+            assert got == Box(lo[0], lo[1], hi[0], hi[1])
+    whole = region_on_page(Box(0, 0, 24, 24), (24, 24), size, 1, canvas)
+    assert whole == Box(0, 0, width, height)
+
+
+def test_canvas_places_content_centred_in_its_fill():
+    canvas = Canvas(square=True, centred=True, fill=(1, 2, 3))
+    assert canvas.size(300, 100) == (300, 300) and canvas.offset(300, 100) == (0, 100)
+    assert canvas.size(101, 300) == (300, 300) and canvas.offset(101, 300) == (99, 0)
+    assert canvas.content_size((300, 100), (336, 336)) == (336, 112)
+    placed = canvas.place(Image.new("RGB", (336, 112), (200, 200, 200)), (336, 336))
+    assert placed.getpixel((0, 111)) == (1, 2, 3) and placed.getpixel((0, 112)) == (200, 200, 200)
+    assert placed.getpixel((335, 223)) == (200, 200, 200) and placed.getpixel((335, 224)) == (1, 2, 3)
+
+
+def test_budget_flags_say_they_change_nothing_and_the_record_stays_exact(llava_dir, tmp_path):
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(make_pdf(1))
+    args = ["ask", str(pdf), "What is the total?", "--model", str(llava_dir), "--device", "cpu", "--json",
+            "--max-new-tokens", "2"]
+    result = runner.invoke(cli.app, [*args, "--max-visual-tokens", "64", "--zoom", "always",
+                                     "--roi-max-visual-tokens", "32"])
+    assert result.exit_code == 0, result.stderr
+    assert "fixed 24x24 grid (576 visual tokens): --min/--max-visual-tokens change nothing" in result.stderr
+    assert "--roi-max-visual-tokens and --roi-native change nothing" in result.stderr
+    record = json.loads(result.stdout)
+    assert record["budget"]["max_tokens"] == record["budget"]["min_tokens"] == 576
+    assert record["stats"]["coarse_visual_tokens"] == 576
+    if record["zoom"]["zoomed"]:
+        assert record["stats"]["region_visual_tokens"] == 576 and record["budget"]["roi_max_tokens"] == 576
+    quiet = runner.invoke(cli.app, args)
+    assert quiet.exit_code == 0 and "change nothing" not in quiet.stderr
+
+
+def test_zoomed_answers_read_the_region_in_page_pixels(qzl, tmp_path):
+    """`--zoom always`: the region's box is in the page's pixels (inside the page, not the square),
+    read as another 576 tokens after the page's."""
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(make_pdf(1))
+    [result] = qzl.ask(str(pdf), "What is the total?", zoom="always", max_new_tokens=2, dpi=72)
+    with open_document(pdf, dpi=72) as doc:
+        width, height = doc.render(1).size
+    assert result.zoom.zoomed and result.stats.region_visual_tokens == 576
+    x0, y0, x1, y1 = result.zoom.roi["bbox_xyxy"]
+    assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+
+
+def test_an_adapter_aligning_positions_in_the_grid_is_refused(qzl):
+    from zoomkit import trained_adapter
+
+    from qzoom_cli.errors import AdapterMismatch
+
+    with pytest.raises(AdapterMismatch, match="1-D positions"):
+        trained_adapter(qzl.backbone, branch_layer=2, depth=1, reuse_src_pos=True)
