@@ -75,11 +75,37 @@ def test_region_maps():
     rel = relative_region_map(logits, keep)
     assert not relative_region_map(logits, torch.zeros(20, 20, dtype=torch.bool)).any()  # all sinks: no region
     assert float(rel.max()) == pytest.approx(1.0)
-    assert attention_lift(torch.ones(8, 8), Box(0, 0, 4, 4)) == pytest.approx(1.0)
+    everywhere = torch.ones(8, 8, dtype=torch.bool)
+    assert attention_lift(torch.ones(8, 8), Box(0, 0, 4, 4), everywhere) == pytest.approx(1.0)
     peaked = torch.zeros(8, 8)
     peaked[1, 1] = 1
-    assert attention_lift(peaked, Box(0, 0, 2, 2)) == pytest.approx(16.0)
-    assert attention_lift(torch.zeros(3, 3), Box(0, 0, 1, 1)) == 0.0
+    assert attention_lift(peaked, Box(0, 0, 2, 2), everywhere) == pytest.approx(16.0)
+    assert attention_lift(torch.zeros(3, 3), Box(0, 0, 1, 1), torch.ones(3, 3, dtype=torch.bool)) == 0.0
+    half = everywhere.clone()
+    half[:, 4:] = False  # the page covers the left half of the grid: uniform over it is lift 1
+    on_page = torch.zeros(8, 8)
+    on_page[:, :4] = 1
+    assert attention_lift(on_page, Box(0, 0, 2, 4), half) == pytest.approx(1.0)
+    assert attention_lift(peaked, Box(0, 0, 2, 2), half) == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("size, rows_on, cols_on", [
+    ((1000, 500), range(6, 18), range(24)),       # wide: 250 px of padding above and below = 6 cells
+    ((500, 1000), range(24), range(6, 18)),
+    ((700, 700), range(24), range(24)),
+    ((1000, 510), range(5, 19), range(24)),       # 245 px: the 6th cell row shows 5 px of page
+])
+def test_page_cells_are_the_cells_showing_some_of_the_page(size, rows_on, cols_on):
+    from qzoom_cli.budget import ASPECT_CANVAS, MAX_ASPECT_RATIO, Canvas
+    from qzoom_cli.zoom.geometry import page_cells
+
+    cells = page_cells((24, 24), size, Canvas(square=True, centred=True))
+    expected = torch.zeros(24, 24, dtype=torch.bool)
+    expected[rows_on.start:rows_on.stop, cols_on.start:cols_on.stop] = True
+    assert torch.equal(cells, expected)
+    assert page_cells((5, 7), size, ASPECT_CANVAS).all()
+    thin = page_cells((20, 2), (100, 100 * MAX_ASPECT_RATIO * 2), ASPECT_CANVAS)  # the aspect canvas's padding
+    assert thin[:, 0].all() and not thin[:, 1].any()
 
 
 def _random_cases(count=400, seed=0):

@@ -218,3 +218,28 @@ def test_an_adapter_aligning_positions_in_the_grid_is_refused(qzl):
 
     with pytest.raises(AdapterMismatch, match="1-D positions"):
         trained_adapter(qzl.backbone, branch_layer=2, depth=1, reuse_src_pos=True)
+
+
+@pytest.mark.parametrize("mode", ["never", "always"])
+def test_batches_and_the_static_decoder_answer_as_one_at_a_time_eager(qzl, mode):
+    """Left-padded batches of 1-D positions, pages of different shapes, questions of different
+    lengths: every sample decodes as it would alone, on the eager and on the static-cache decoder."""
+    from docmaker import make_tiff
+
+    from qzoom_cli.decode import EagerDecoder
+    from qzoom_cli.static_decode import StaticDecoder
+
+    bb = qzl.backbone
+    eager = ZoomEngine(bb, 2, 2, decode=EagerDecoder(bb))
+    fast = ZoomEngine(bb, 2, 2, decode=StaticDecoder(bb, capture=False))
+    settings = ZoomSettings(mode)
+    with open_document(make_pdf(1), dpi=72) as pdf, open_document(make_tiff([(300, 160), (120, 260)])) as tiff:
+        pages = [qzl._encode_page(doc, n, qzl.default_budget()).view for doc, n in ((pdf, 1), (tiff, 1), (tiff, 2))]
+        items = [(page, question) for page in pages for question in ("Total?", QUESTION)]
+        singles = [eager.answer(page, text, settings, 6) for page, text in items]
+        assert all(a.trace.zoomed for a in singles) == (mode == "always")
+        for engine in (eager, fast):
+            for single, batched in zip(singles, engine.answer_batch(items, settings, 6), strict=True):
+                assert batched.generation.token_ids == single.generation.token_ids
+                assert batched.generation.logprobs == pytest.approx(single.generation.logprobs, abs=1e-4)
+                assert batched.trace.region == single.trace.region

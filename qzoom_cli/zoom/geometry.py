@@ -102,14 +102,27 @@ def foreground_box(prob: torch.Tensor, threshold: float) -> Box | None:
     return Box(x0, y0, x1 + 1, y1 + 1)
 
 
-def attention_lift(prob: torch.Tensor, box: Box) -> float:
-    """Share of the map's mass inside `box` divided by the box's share of the area (1 = uniform)."""
+def attention_lift(prob: torch.Tensor, box: Box, on_page: torch.Tensor) -> float:
+    """Share of the map's mass inside `box` divided by the box's share of the page's cells
+    (`on_page`; 1 = uniform over the page)."""
     total = float(prob.sum())
     if total <= 0:
         return 0.0
-    inside = float(prob[int(box.y0):int(box.y1), int(box.x0):int(box.x1)].sum())
-    rows, cols = prob.shape
-    return (inside / total) / (box.area / (rows * cols))
+    window = (slice(int(box.y0), int(box.y1)), slice(int(box.x0), int(box.x1)))
+    return (float(prob[window].sum()) / total) / (int(on_page[window].sum()) / int(on_page.sum()))
+
+
+def page_cells(grid: tuple[int, int], page_size: tuple[int, int], canvas: Canvas) -> torch.Tensor:
+    """[rows, cols] True on the grid cells that show some of the page, False on those wholly in its
+    canvas's padding (a region there would read nothing)."""
+    rows, cols = grid
+    (canvas_w, canvas_h), (dx, dy) = canvas.size(*page_size), canvas.offset(*page_size)
+
+    def covered(cells: int, extent: int, start: int, length: int) -> torch.Tensor:
+        edges = torch.arange(cells + 1, dtype=torch.float64) * extent / cells
+        return (edges[1:] > start) & (edges[:-1] < start + length)
+
+    return covered(rows, canvas_h, dy, page_size[1])[:, None] & covered(cols, canvas_w, dx, page_size[0])[None, :]
 
 
 def grid_box_to_pixels(box: Box, grid: tuple[int, int], size: tuple[int, int], min_side: int) -> Box:

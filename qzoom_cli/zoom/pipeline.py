@@ -57,6 +57,7 @@ from .geometry import (
     attention_lift,
     equivalent_page_tokens,
     foreground_box,
+    page_cells,
     region_on_page,
     relative_region_map,
     sigmoid_region_map,
@@ -243,21 +244,23 @@ class ZoomEngine:
                 maps = region_logits(bb, self.region_layers, hidden_k[candidates], batch.positions[:, candidates],
                                      blocks, _rows(mask, candidates))
             for i, scores in zip(candidates, maps, strict=True):
-                prob = sigmoid_region_map(scores.logits, scores.keep) if self.region_head == "trained" \
-                    else relative_region_map(scores.logits, scores.keep)
+                page = items[i][0]
+                on_page = page_cells(page.grid, page.size, bb.layout.canvas).to(scores.keep.device)
+                keep = scores.keep & on_page
+                prob = sigmoid_region_map(scores.logits, keep) if self.region_head == "trained" \
+                    else relative_region_map(scores.logits, keep)
                 answers[i].region_map = prob.cpu()
                 box = foreground_box(prob, roi_threshold)
                 if box is None:
                     answers[i].trace.skipped_reason = "no region above the region threshold"
                     continue
                 if settings.mode == "auto" and not self.has_gate:
-                    lift = attention_lift(prob, box)
+                    lift = attention_lift(prob, box, on_page)
                     answers[i].trace.gate = GateReading("attention_lift", lift, gate_threshold)
                     if lift < gate_threshold:
                         answers[i].trace.skipped_reason = "attention too spread out for a region to help"
                         continue
-                region_px = region_on_page(box, items[i][0].grid, items[i][0].size, bb.layout.min_region_side,
-                                           bb.layout.canvas)
+                region_px = region_on_page(box, page.grid, page.size, bb.layout.min_region_side, bb.layout.canvas)
                 if region_px is None:
                     answers[i].trace.skipped_reason = "the region lies in the padding around the page"
                     continue
