@@ -243,3 +243,27 @@ def test_batches_and_the_static_decoder_answer_as_one_at_a_time_eager(qzl, mode)
                 assert batched.generation.token_ids == single.generation.token_ids
                 assert batched.generation.logprobs == pytest.approx(single.generation.logprobs, abs=1e-4)
                 assert batched.trace.region == single.trace.region
+
+
+def test_train_rpn_on_llava_reads_its_own_view_and_the_adapter_zooms(llava_dir, tmp_path):
+    """Stage 1 on LLaVA: the teacher and the student read the page as LLaVA does (the fixed 24 x 24
+    view), and the adapter written is used by `ask`; another view size is refused at once."""
+    from trainkit import red_square_pages
+
+    from qzoom_cli.errors import EXIT_USAGE
+
+    manifest, _ = red_square_pages(tmp_path, 3, seed=41)
+    common = ["--model", str(llava_dir), "--device", "cpu", "--dpi", "72"]
+    trained = runner.invoke(cli.app, ["train", "rpn", str(manifest), "--out", str(tmp_path / "ad"), "--peak-floor", "0",
+                                      "--max-area", "1.01", "--batch-size", "2", *common])
+    assert trained.exit_code == 0, trained.stderr
+    report = json.loads(trained.stdout)
+    assert report["usable"] + sum(report["skipped"].values()) == 3
+    config = json.loads((tmp_path / "ad" / "qzoom_config.json").read_text())
+    assert config["family"] == "llava" and config["training"]["rpn"]["view_tokens"] == 576
+    ask = runner.invoke(cli.app, ["ask", str(tmp_path / "page0.png"), "Where is the red square?", "--adapter",
+                                  str(tmp_path / "ad"), "--zoom", "always", "--json", "--max-new-tokens", "2", *common])
+    assert ask.exit_code == 0 and json.loads(ask.stdout)["zoom"]["region_head"] == "trained"
+    other = runner.invoke(cli.app, ["train", "rpn", str(manifest), "--out", str(tmp_path / "x"), "--view-tokens", "64",
+                                    *common])
+    assert other.exit_code == EXIT_USAGE and "--view-tokens 576" in other.stderr

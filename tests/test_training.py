@@ -111,7 +111,7 @@ def test_teacher_capture_equals_eager_attention(qz, tiny_dir, tmp_path):
     eager = QZoom.from_pretrained(str(tiny_dir), device="cpu", attn="eager").backbone
     image = Image.new("RGB", (300, 200), "white")
     ImageDraw.Draw(image).rectangle([40, 60, 140, 120], fill="blue")
-    view = square_view(image, bb.grid_pixels((6, 6)))
+    view = square_view(bb, image, 6)
     assert view.size == (168, 168) and view.getpixel((0, 0)) == (127, 127, 127)
     heads = HeadTable({1: [0, 3], 2: [1]}, {0: [2]})
     maps = teacher_maps(bb, view, "Where is the blue box?", heads, max_new_tokens=6)
@@ -718,7 +718,7 @@ def test_teacher_labels_are_the_teachers_maps_of_the_question_as_asked(qz, tmp_p
     for sample in samples.samples:
         from PIL import Image
 
-        view = square_view(Image.open(sample.file).convert("RGB"), qz.backbone.grid_pixels((SIDE, SIDE)))
+        view = square_view(qz.backbone, Image.open(sample.file).convert("RGB"), SIDE)
         maps = teacher_maps(qz.backbone, view, prompt_text(sample.question, free_answers), settings.heads, 3)
         tensors, meta = store.load(sample.key)
         assert maps.steps <= 3 and meta["steps"] == maps.steps

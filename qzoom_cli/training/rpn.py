@@ -60,6 +60,10 @@ class RpnSettings:
 def rpn_settings(qz: QZoom, branch_layer: int | None = None, depth: int | None = None, **settings) -> RpnSettings:
     """Settings for `qz`: K and T as given, else the adapter's or the model card's; the teacher
     heads of the card's published table, else the fallback."""
+    grid = qz.backbone.layout.fixed_grid
+    if grid is not None and settings.get("view_side", RpnSettings.view_side) != grid[0]:
+        raise UsageError(f"{qz.backbone.family} reads every page as its fixed {grid[0]}x{grid[1]} grid: train the "
+                         f"region head on that view (--view-tokens {grid[0] * grid[1]})")
     k = branch_layer or qz.engine.branch_layer
     heads = teacher_heads(qz.card.training if qz.card else None, k, qz.backbone.num_attention_heads)
     return RpnSettings(branch_layer=k, depth=depth or qz.engine.depth, heads=heads, **settings)
@@ -108,7 +112,7 @@ def make_labels(backbone: Backbone, samples: SampleSet, settings: RpnSettings, s
         for index, sample in enumerate(samples.samples):
             if shard.owns(index) and sample.key not in store:
                 image = pages.render(sample)
-                view = square_view(image, backbone.grid_pixels((settings.view_side, settings.view_side)))
+                view = square_view(backbone, image, settings.view_side)
                 maps = teacher_maps(backbone, view, prompt_text(sample.question, settings.free_answers),
                                     settings.heads, settings.teacher_max_new_tokens)
                 meta = {"id": sample.id, "question": sample.question, "page": sample.page,
@@ -195,8 +199,7 @@ class RpnData:
         self.pages = _Pages(settings.dpi)
 
     def batch(self, samples: list[TrainSample]):
-        side = self.backbone.grid_pixels((self.settings.view_side, self.settings.view_side))
-        views = [square_view(self.pages.render(s), side) for s in samples]
+        views = [square_view(self.backbone, self.pages.render(s), self.settings.view_side) for s in samples]
         texts = [prompt_text(s.question, self.settings.free_answers) for s in samples]
         labels = [self.store.load(s.key)[0]["labels"] for s in samples]
         return branch_inputs(self.backbone, views, texts, self.settings.branch_layer), labels

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..backbones import Backbone, VisualAdditions
+from ..budget import Canvas, resize_canvas
 from ..decode import answer_plainly
 
 SQUARE_FILL = (127, 127, 127)
@@ -60,13 +61,12 @@ def fallback_heads(branch_layer: int, num_heads: int) -> HeadTable:
     return HeadTable({layer: list(range(num_heads)) for layer in dict.fromkeys(layers)})
 
 
-def square_view(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """The image centred on a grey square, resized to `size` (a square token grid's pixels)."""
-    width, height = image.size
-    square = max(width, height)
-    canvas = Image.new("RGB", (square, square), SQUARE_FILL)
-    canvas.paste(image.convert("RGB"), ((square - width) // 2, (square - height) // 2))
-    return canvas.resize(size, Image.Resampling.BICUBIC)
+def square_view(backbone: Backbone, image: Image.Image, side: int) -> Image.Image:
+    """The view teacher and student read: the image centred on a square (grey, or the family's own
+    padding colour when it reads every image that way), resized to a side x side token grid."""
+    canvas = backbone.layout.canvas
+    square = Canvas(square=True, centred=True, fill=canvas.fill if canvas.square else SQUARE_FILL)
+    return resize_canvas(image, backbone.grid_pixels((side, side)), square)
 
 
 @dataclass
