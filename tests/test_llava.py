@@ -267,3 +267,44 @@ def test_train_rpn_on_llava_reads_its_own_view_and_the_adapter_zooms(llava_dir, 
     other = runner.invoke(cli.app, ["train", "rpn", str(manifest), "--out", str(tmp_path / "x"), "--view-tokens", "64",
                                     *common])
     assert other.exit_code == EXIT_USAGE and "--view-tokens 576" in other.stderr
+
+
+def test_detail_views_shrink_the_page_before_the_fixed_grid(qzl, qz, page_image):
+    """The gate's ladder on LLaVA: a rung below the grid's 576 tokens is the page shrunk to that
+    detail (its padded square 8 x 14 px wide for 64 tokens), then read at the grid; at or above
+    576 it is the plain read. On Qwen a rung is simply the page at that budget."""
+    bb = qzl.backbone
+    assert bb.detail_view(page_image, 576).tobytes() == bb.detail_view(page_image, 1024).tobytes() == \
+        bb.fit_image(page_image, VisualBudget(1, 1)).tobytes()
+    side = max(page_image.size)
+    small = page_image.resize((round(page_image.width * 112 / side), round(page_image.height * 112 / side)),
+                              Image.Resampling.BICUBIC)
+    low = bb.detail_view(page_image, 64)
+    assert low.size == (336, 336) and low.tobytes() == bb.fit_image(small, VisualBudget(1, 1)).tobytes()
+    assert low.tobytes() != bb.detail_view(page_image, 144).tobytes()
+    assert qz.backbone.detail_view(page_image, 64).tobytes() == \
+        qz.backbone.fit_image(page_image, VisualBudget(64, 64)).tobytes()
+
+
+def test_train_gate_on_llava_learns_from_a_ladder_of_detail_up_to_its_grid(llava_dir, tmp_path):
+    from trainkit import red_square_pages, seed_ladders
+
+    from qzoom_cli.errors import EXIT_USAGE
+
+    manifest, _ = red_square_pages(tmp_path, 4, seed=42)
+    ladder = (64, 144, 256, 400, 576)
+    seed_ladders(manifest, tmp_path / "gate" / "ladders", ladder,
+                 {"Where is the red square?": ["?", "top", "top", "top left", "top left"]})
+    common = ["--model", str(llava_dir), "--device", "cpu", "--dpi", "72", "--batch-size", "4"]
+    trained = runner.invoke(cli.app, ["train", "gate", str(manifest), "--out", str(tmp_path / "gate"), *common])
+    assert trained.exit_code == 0, trained.stderr
+    assert "llava reads at most 576 tokens of detail: the ladder is 64,144,256,400,576" in trained.stderr
+    assert json.loads(trained.stdout)["transitions"] == 4
+    config = json.loads((tmp_path / "gate" / "qzoom_config.json").read_text())
+    assert config["gate"] and config["training"]["gate"]["ladder"] == list(ladder)
+    ask = runner.invoke(cli.app, ["ask", str(tmp_path / "page0.png"), "Where is the red square?", "--adapter",
+                                  str(tmp_path / "gate"), "--json", "--max-new-tokens", "2", *common[:-2]])
+    assert ask.exit_code == 0 and json.loads(ask.stdout)["zoom"]["gate"]["kind"] == "trained"
+    too_high = runner.invoke(cli.app, ["train", "gate", str(manifest), "--out", str(tmp_path / "x"), "--ladder",
+                                       "576,768,1024", *common])
+    assert too_high.exit_code == EXIT_USAGE and "at most 576 tokens" in too_high.stderr

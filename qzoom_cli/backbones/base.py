@@ -9,6 +9,7 @@ transformers model file. What the engine must know about a family is declared as
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,6 +304,18 @@ class Backbone(ABC):
         """The budget an image is actually read at: `budget`, or a fixed-grid family's grid."""
         grid = self.layout.fixed_grid
         return budget if grid is None else VisualBudget(grid[0] * grid[1], grid[0] * grid[1])
+
+    def detail_view(self, image: Image.Image, tokens: int) -> Image.Image:
+        """The image read with `tokens` tokens' worth of detail (the gate's answer ladders): fitted to
+        that budget; a fixed-grid family sees it shrunk to that detail first, then at its grid."""
+        grid = self.layout.fixed_grid
+        if grid is None or tokens >= grid[0] * grid[1]:
+            return self.fit_image(image, VisualBudget(tokens, tokens))
+        side = max(1, math.isqrt(tokens)) * self.layout.patch_factor
+        scale = side / max(self.layout.canvas.size(*image.size))
+        small = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                            Image.Resampling.BICUBIC)
+        return self.fit_image(small, VisualBudget(tokens, tokens))
 
     def fit_image(self, image: Image.Image, budget: VisualBudget) -> Image.Image:
         """`image` resized to the exact token grid `budget` allows (a fixed-grid family: padded onto

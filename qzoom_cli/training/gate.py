@@ -17,11 +17,12 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import string
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +31,6 @@ from PIL import Image
 from torch import nn
 
 from ..backbones import Backbone
-from ..budget import VisualBudget
 from ..decode import answer_plainly
 from ..errors import ResumeMismatch, UsageError
 from ..options import TRAINED_GATE_THRESHOLD
@@ -50,6 +50,7 @@ from .rpn import _Pages, branch_inputs, prompt_text
 from .settings import DEFAULT_LADDER, GATE_SEED
 
 TOP_RUNGS = 2
+log = logging.getLogger("qzoom")
 
 
 def normalize(answer: str) -> str:
@@ -127,11 +128,27 @@ class GateSettings:
     extra: dict = field(default_factory=dict)
 
 
+def ladder_for(backbone: Backbone, ladder: tuple[int, ...]) -> tuple[int, ...]:
+    """The rungs the model can read: a fixed-grid family sees no more detail than its grid holds,
+    so rungs above it are left out (and said so)."""
+    grid = backbone.layout.fixed_grid
+    if grid is None:
+        return ladder
+    kept = tuple(tokens for tokens in ladder if tokens <= grid[0] * grid[1])
+    if len(kept) < 3:
+        raise UsageError(f"{backbone.family} reads at most {grid[0] * grid[1]} tokens of detail: give --ladder at "
+                         "least three budgets up to that, e.g. 64,144,256,400,576")
+    if kept != ladder:
+        log.warning("%s reads at most %d tokens of detail: the ladder is %s", backbone.family, grid[0] * grid[1],
+                    ",".join(map(str, kept)))
+    return kept
+
+
 @torch.inference_mode()
 def answer_ladder(backbone: Backbone, image, text: str, ladder: tuple[int, ...], max_new_tokens: int) -> list[str]:
     answers = []
     for tokens in ladder:
-        encoding = backbone.encode_image(backbone.fit_image(image, VisualBudget(tokens, tokens)))
+        encoding = backbone.encode_image(backbone.detail_view(image, tokens))
         prompt = backbone.build_prompt(text, [encoding.grid])
         generation = answer_plainly(backbone, backbone.prepare_inputs(prompt, [encoding]), max_new_tokens)
         ids = generation.token_ids[:-1] if generation.finished else generation.token_ids
@@ -201,7 +218,7 @@ def gate_inputs(backbone: Backbone, branch_layer: int, views: list[tuple[Image.I
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Layer-K states, positions and padding mask of each (page, visual tokens) and prompt text,
     padded into one batch: what the gate reads at inference after the coarse pass."""
-    fitted = [backbone.fit_image(page, VisualBudget(tokens, tokens)) for page, tokens in views]
+    fitted = [backbone.detail_view(page, tokens) for page, tokens in views]
     hidden, positions, mask, _ = branch_inputs(backbone, fitted, texts, branch_layer)
     return hidden, positions, mask
 
@@ -210,6 +227,7 @@ def train_gate(backbone: Backbone, adapter: ZoomAdapter | None, samples: SampleS
                options: TrainOptions, out_dir: Path, branch_layer: int, depth: int,
                on_ladder: Callable = lambda sample: None,
                on_step: Callable[[StepReport], None] = lambda report: None) -> tuple[ZoomAdapter, dict]:
+    settings = replace(settings, ladder=ladder_for(backbone, settings.ladder))
     store = ArtefactStore(out_dir / "ladders")
     ladders = make_ladders(backbone, samples, settings, store, Shard.current(), on_ladder)
     kept, dropped = build_pool(ladders, settings.seed)
