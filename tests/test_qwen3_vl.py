@@ -18,7 +18,7 @@ from qzoom_cli.testing import make_tiny
 from qzoom_cli.zoom.fuse import fuse_region
 from qzoom_cli.zoom.geometry import Box, grid_box_to_pixels
 from qzoom_cli.zoom.pipeline import ZoomEngine, ZoomSettings
-from qzoom_cli.zoom.region import first_token_keep, region_logits
+from qzoom_cli.zoom.region import RegionHead, first_token_keep, region_logits
 
 BUDGET = VisualBudget(12, 48)
 QUESTION = "What is the total due?\nAnswer the question using a single word or phrase."
@@ -171,7 +171,7 @@ def test_region_head_equals_a_hand_computation(qz3, page):
     inputs = bb.prepare_inputs(prompt, [page.encoding])
     with torch.no_grad():
         hidden = bb.run_layers(inputs.embeds, inputs.positions, None, 0, 2, None, inputs.additions)
-        [scores] = region_logits(bb, [bb.decoder_layers[2]], hidden, inputs.positions, [prompt.images[0]])
+        [scores] = region_logits(bb, RegionHead([bb.decoder_layers[2]]), hidden, inputs.positions, [prompt.images[0]])
         logits, keep = _hand_region(bb, bb.decoder_layers[2], hidden, inputs.positions, prompt.images[0])
     torch.testing.assert_close(scores.logits, logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(scores.keep, keep)

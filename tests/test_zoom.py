@@ -20,7 +20,7 @@ from qzoom_cli.zoom.adapter import ADAPTER_WEIGHTS, AdapterConfig, ZoomAdapter
 from qzoom_cli.zoom.fuse import fuse_region
 from qzoom_cli.zoom.geometry import Box, grid_box_to_pixels
 from qzoom_cli.zoom.pipeline import ZoomEngine, ZoomSettings
-from qzoom_cli.zoom.region import region_logits
+from qzoom_cli.zoom.region import RegionHead, region_logits
 
 BUDGET = VisualBudget(16, 80)
 QUESTION = "What is the total due?\nAnswer the question using a single word or phrase."
@@ -71,11 +71,11 @@ def test_base_layer_region_head_scores_the_base_attention_logits(qz, page, depth
     with torch.no_grad():
         hidden_k = bb.run_layers(embeds, positions, None, 0, k)
         layers = list(bb.decoder_layers[k:k + depth])
-        [got] = [m.logits for m in region_logits(bb, layers, hidden_k, positions, [prompt.images[0]])]
+        [got] = [m.logits for m in region_logits(bb, RegionHead(layers), hidden_k, positions, [prompt.images[0]])]
         hidden = bb.run_layers(hidden_k, positions, None, k, k + depth - 1)
         expected = _hand_region_logits(bb, layers[-1], hidden, positions, prompt.images[0])
         copied = ZoomAdapter.initialized_from_base(AdapterConfig(k, depth, gate=False), bb)
-        [from_copy] = [m.logits for m in region_logits(bb, list(copied.twig_layers), hidden_k, positions,
+        [from_copy] = [m.logits for m in region_logits(bb, copied.region(), hidden_k, positions,
                                                        [prompt.images[0]])]
     assert got.shape == (page.grid[0], page.grid[1])
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)

@@ -278,10 +278,14 @@ class Backbone(ABC):
         """Decoder layers outside the base stack (zoom branches) on `hidden`, causal, no cache."""
 
     @abstractmethod
-    def query_key(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor
+    def query_key(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor, rotary: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention queries and keys `layer` would compute on `hidden`: rotary applied, keys
-        repeated to one per query head; both [batch, heads, seq, head_dim]."""
+        """The attention queries and keys `layer` would compute on `hidden`: rotary applied (unless
+        `rotary` is False), keys repeated to one per query head; both [batch, heads, seq, head_dim]."""
+
+    @abstractmethod
+    def new_norm(self) -> nn.Module:
+        """A fresh RMS norm of the decoder's kind (SD-RPN's LLaVA region head has one of its own)."""
 
     @abstractmethod
     def query_key_modules(self, layer: nn.Module) -> list[nn.Module]:

@@ -156,13 +156,19 @@ class StockBackbone(Backbone):
     def new_decoder_layer(self, layer_idx: int) -> nn.Module:
         return self.decoder_layer_class(self.text_config, layer_idx).to(self.device, self.dtype)
 
-    def query_key(self, layer, hidden, positions):
+    def new_norm(self) -> nn.Module:
+        norm = self.language_model.norm
+        return type(norm)(self.text_config.hidden_size, eps=norm.variance_epsilon).to(self.device, self.dtype)
+
+    def query_key(self, layer, hidden, positions, rotary: bool = True):
         attn = layer.self_attn
         batch, length, _ = hidden.shape
         x = layer.input_layernorm(hidden)
         q, k = self._project_query_key(attn, x, (batch, length, -1, attn.head_dim))
-        cos, sin = self.language_model.rotary_emb(hidden, self.rotary_positions(positions))
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if rotary:
+            cos, sin = self.language_model.rotary_emb(hidden, self.rotary_positions(positions))
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, repeat_kv(k, q.shape[1] // k.shape[1])
 
     def _project_query_key(self, attn, x, shape) -> tuple[torch.Tensor, torch.Tensor]:

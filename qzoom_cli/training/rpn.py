@@ -30,7 +30,7 @@ from ..errors import UsageError
 from ..options import SHORT_ANSWER_INSTRUCTION, with_instruction
 from ..padding import pad_segments
 from ..zoom.adapter import AdapterConfig, ZoomAdapter
-from ..zoom.region import region_logits
+from ..zoom.region import RegionHead, region_logits
 from .data import ArtefactStore, SampleSet, Shard, TrainSample
 from .loop import (
     StepReport,
@@ -144,6 +144,8 @@ class RegionStudent(nn.Module):
     def __init__(self, adapter: ZoomAdapter, backbone: Backbone):
         super().__init__()
         self.twig_layers = adapter.twig_layers
+        self.twig_norm = getattr(adapter, "twig_norm", None)
+        self.rotary = adapter.config.region_rotary
         self.__dict__["backbone"] = backbone
         last = self.twig_layers[-1]  # only lends its queries and keys: the rest gets no gradient
         last.requires_grad_(False)
@@ -151,8 +153,8 @@ class RegionStudent(nn.Module):
             module.requires_grad_(True)
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, mask, blocks: list[ImageBlock]):
-        return [scores.logits for scores in region_logits(self.backbone, list(self.twig_layers), hidden, positions,
-                                                          blocks, mask)]
+        head = RegionHead(list(self.twig_layers), self.twig_norm, self.rotary)
+        return [scores.logits for scores in region_logits(self.backbone, head, hidden, positions, blocks, mask)]
 
 
 @torch.no_grad()

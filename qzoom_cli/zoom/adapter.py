@@ -26,6 +26,7 @@ from torch import nn
 from ..backbones import Backbone
 from ..errors import AdapterMismatch, ModelError, ModelNotAvailable
 from .lora import LORA_FOLDER
+from .region import RegionHead
 
 log = logging.getLogger("qzoom")
 
@@ -45,6 +46,8 @@ class AdapterConfig:
     region_head: bool = True
     gate: bool = True
     reuse_src_pos: bool = False
+    region_norm: bool = False    # a norm of its own before the region head's last layer (SD-RPN's LLaVA twig_norm)
+    region_rotary: bool = True   # queries and keys of the region score get the rotary embedding
     gate_threshold: float | None = None
     roi_threshold: float | None = None
     family: str | None = None
@@ -84,10 +87,16 @@ class ZoomAdapter(nn.Module):
         k, t = config.branch_layer, config.depth
         if config.region_head:
             self.twig_layers = nn.ModuleList([backbone.new_decoder_layer(k + i) for i in range(t)])
+            if config.region_norm:
+                self.twig_norm = backbone.new_norm()
         if config.gate:
             self.high_res_layers = nn.ModuleList([backbone.new_decoder_layer(k + i) for i in range(t)])
             self.high_res_head = nn.Linear(backbone.hidden_size, 1).to(backbone.device, backbone.dtype)
         self.eval()
+
+    def region(self) -> RegionHead:
+        """The trained region head as the region score uses it."""
+        return RegionHead(list(self.twig_layers), getattr(self, "twig_norm", None), self.config.region_rotary)
 
     @classmethod
     def initialized_from_base(cls, config: AdapterConfig, backbone: Backbone) -> ZoomAdapter:

@@ -62,7 +62,7 @@ from .geometry import (
     relative_region_map,
     sigmoid_region_map,
 )
-from .region import region_logits
+from .region import RegionHead, region_logits
 
 
 @dataclass
@@ -182,8 +182,8 @@ class ZoomEngine:
         trained_region = adapter is not None and adapter.config.region_head
         self.has_gate = adapter is not None and adapter.config.gate
         self.region_head = "trained" if trained_region else "base_layers"
-        self.region_layers = list(adapter.twig_layers) if trained_region else \
-            list(backbone.decoder_layers[branch_layer:branch_layer + depth])
+        self.region = adapter.region() if trained_region else \
+            RegionHead(list(backbone.decoder_layers[branch_layer:branch_layer + depth]))
         self.gate_threshold = gate_threshold if gate_threshold is not None else \
             (TRAINED_GATE_THRESHOLD if self.has_gate else LIFT_THRESHOLD)
         self.roi_threshold = roi_threshold if roi_threshold is not None else \
@@ -241,7 +241,7 @@ class ZoomEngine:
             with clock("region_s", candidates):
                 blocks = [ImageBlock(batch.index(i, 0, prompts[i].images[0].start), *items[i][0].grid)
                           for i in candidates]
-                maps = region_logits(bb, self.region_layers, hidden_k[candidates], batch.positions[:, candidates],
+                maps = region_logits(bb, self.region, hidden_k[candidates], batch.positions[:, candidates],
                                      blocks, _rows(mask, candidates))
             for i, scores in zip(candidates, maps, strict=True):
                 page = items[i][0]

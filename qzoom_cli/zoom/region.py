@@ -1,8 +1,9 @@
 """SD-RPN region scores: where in the page the question's last token looks.
 
 For each image token j: mean over heads h of q_h(last prompt token) . k_h(j) / sqrt(head_dim),
-with the rotary positions of the prompt, computed by the region head's last layer after its
-other layers have run on the base model's layer-K hidden states. Computed in float32.
+with the rotary positions of the prompt (unless the head scores without them), computed by the
+region head's last layer after its other layers (and its norm, if it has one) have run on the
+base model's layer-K hidden states. Computed in float32.
 
 Cells that soak up attention whatever the question (attention sinks) are marked by the family's
 rule (`FamilyLayout.attention_sink`): the top-left corner of large grids (Qwen2.5-VL), or the
@@ -13,7 +14,6 @@ the first token against each head's keys, as the reference computes it; sigmoid 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,17 @@ from ..backbones import Backbone, ImageBlock
 from .geometry import sink_mask
 
 FIRST_TOKEN_SINK = 0.75
+
+
+@dataclass
+class RegionHead:
+    """What scores a page's cells: decoder layers (the last one only lends its queries and keys),
+    an optional norm on the others' output (SD-RPN's LLaVA `twig_norm`), and whether the queries
+    and keys get the rotary embedding (SD-RPN's LLaVA head scores without it)."""
+
+    layers: list[nn.Module]
+    norm: nn.Module | None = None
+    rotary: bool = True
 
 
 @dataclass
@@ -39,12 +50,14 @@ def first_token_keep(first_query: torch.Tensor, image_keys: torch.Tensor) -> tor
     return torch.sigmoid(scores.mean(dim=0)) < FIRST_TOKEN_SINK  # pragma: no mutate (a tie has probability zero)
 
 
-def region_logits(backbone: Backbone, layers: Sequence[nn.Module], hidden: torch.Tensor, positions: torch.Tensor,
+def region_logits(backbone: Backbone, head: RegionHead, hidden: torch.Tensor, positions: torch.Tensor,
                   blocks: list[ImageBlock], attention_mask: torch.Tensor | None = None) -> list[RegionMap]:
     """Each sample's image block scored by its last token, with the family's sink cells marked."""
-    if len(layers) > 1:
-        hidden = backbone.run_modules(layers[:-1], hidden, positions, attention_mask)
-    queries, keys = backbone.query_key(layers[-1], hidden, positions)
+    if len(head.layers) > 1:
+        hidden = backbone.run_modules(head.layers[:-1], hidden, positions, attention_mask)
+    if head.norm is not None:
+        hidden = head.norm(hidden)
+    queries, keys = backbone.query_key(head.layers[-1], hidden, positions, rotary=head.rotary)
     first = attention_mask.argmax(dim=1).tolist() if attention_mask is not None else [0] * len(blocks)
     maps = []
     for b, block in enumerate(blocks):
