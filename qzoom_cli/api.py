@@ -52,7 +52,7 @@ from .runtime import (
     synchronize,
 )
 from .static_decode import make_decoder
-from .zoom.adapter import ZoomAdapter, checkpoint_files, official_adapter_config
+from .zoom.adapter import ADAPTER_CONFIG, ZoomAdapter, checkpoint_files, official_adapter_config
 from .zoom.geometry import normalized
 from .zoom.lora import load_lora
 from .zoom.pipeline import PageAnswer, PageView, ZoomEngine, ZoomTrace
@@ -156,6 +156,9 @@ class QZoom:
         backbone = load_backbone(ref, runtime, revision, processor=card.processor if card else None)
         if card is not None and card.system_prompt is not None:
             backbone.system_prompt = card.system_prompt
+        own = Path(backbone.model_id)
+        if adapter is None and (own / ADAPTER_CONFIG).is_file():  # a checkpoint with its adapter beside it
+            adapter = own
         if adapter is not None:
             zoom_modules = ZoomAdapter.from_pretrained(adapter, backbone)
             load_lora(backbone, adapter, merge=merge_lora)

@@ -308,3 +308,98 @@ def test_train_gate_on_llava_learns_from_a_ladder_of_detail_up_to_its_grid(llava
     too_high = runner.invoke(cli.app, ["train", "gate", str(manifest), "--out", str(tmp_path / "x"), "--ladder",
                                        "576,768,1024", *common])
     assert too_high.exit_code == EXIT_USAGE and "at most 576 tokens" in too_high.stderr
+
+
+@pytest.fixture(scope="module")
+def sd_rpn(qzl, tmp_path_factory):
+    """An SD-RPN-style LLaVA region head (its own norm, no rotary on q/k), as a qzoom adapter."""
+    from zoomkit import trained_adapter
+
+    folder = tmp_path_factory.mktemp("sd_rpn")
+    adapter = trained_adapter(qzl.backbone, branch_layer=2, depth=2, gate=False, region_norm=True,
+                              region_rotary=False, roi_threshold=0.15)
+    with torch.no_grad():
+        adapter.twig_norm.weight.normal_(1.0, 0.2)
+    return adapter, adapter.save_pretrained(folder / "adapter")
+
+
+def test_sd_rpn_region_score_is_the_hand_computation(qzl, page, sd_rpn):
+    """twig layers but the last -> the head's own RMS norm -> the last layer's input norm -> q, k
+    projections, no rotary -> per head q(last token).k(cell)/sqrt(d), mean over heads."""
+    from qzoom_cli.zoom.region import region_logits
+
+    adapter, _ = sd_rpn
+    bb = qzl.backbone
+    prompt = bb.build_prompt(QUESTION, [page.grid])
+    inputs = bb.prepare_inputs(prompt, [page.encoding])
+    with torch.no_grad():
+        hidden_k = bb.run_layers(inputs.embeds, inputs.positions, None, 0, 2)
+        [got] = region_logits(bb, adapter.region(), hidden_k, inputs.positions, [prompt.images[0]])
+        hidden = bb.run_modules(list(adapter.twig_layers)[:1], hidden_k, inputs.positions)[0]
+
+        def rms(x, norm):
+            return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+
+        last = adapter.twig_layers[-1]
+        x = rms(rms(hidden, adapter.twig_norm), last.input_layernorm)
+        heads, dim = bb.num_attention_heads, last.self_attn.head_dim
+        q = last.self_attn.q_proj(x).view(-1, heads, dim)
+        k = last.self_attn.k_proj(x).view(-1, heads, dim)
+        block = prompt.images[0]
+        expected = torch.stack([k[block.start:block.stop, h] @ q[-1, h] for h in range(heads)]).mean(0) / dim ** 0.5
+        with_rotary = region_logits(bb, type(adapter.region())(list(adapter.twig_layers), adapter.twig_norm, True),
+                                    hidden_k, inputs.positions, [prompt.images[0]])[0]
+    torch.testing.assert_close(got.logits, expected.view(24, 24), atol=1e-4, rtol=1e-4)
+    assert (with_rotary.logits - got.logits).abs().max() > 1e-3  # the rotary embedding would change it
+
+
+def test_an_original_layout_sd_rpn_checkpoint_converts_to_llava_hf_and_its_adapter(llava_dir, sd_rpn, tmp_path):
+    """`models convert`: the converted folder loads as llava-hf with its region head beside it and
+    answers, zooms and scores exactly as the same weights loaded as llava-hf + adapter."""
+    from zoomkit import write_original_llava
+
+    adapter, adapter_dir = sd_rpn
+    source = tmp_path / "original"
+    write_original_llava(llava_dir, adapter, source)
+    converted = runner.invoke(cli.app, ["models", "convert", str(source), str(tmp_path / "hf")])
+    assert converted.exit_code == 0, converted.stderr
+    report = json.loads(converted.stdout)
+    assert report["adapter"] == str(tmp_path / "hf") and report["added_tokens"] == []
+    assert report["dropped"] == {"rotary frequencies, recomputed from the config": 1,
+                                 "SD-RPN's training-only copy of the LM head": 1}
+    ours = QZoom.from_pretrained(str(tmp_path / "hf"), device="cpu")
+    reference = QZoom.from_pretrained(str(llava_dir), adapter=str(adapter_dir), device="cpu")
+    assert ours.adapter.config.region_norm and not ours.adapter.config.region_rotary
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(make_pdf(1))
+    for zoom in ("always", "never"):
+        [a] = ours.ask(str(pdf), "What is the total?", zoom=zoom, max_new_tokens=4, dpi=72)
+        [b] = reference.ask(str(pdf), "What is the total?", zoom=zoom, max_new_tokens=4, dpi=72)
+        assert (a.answer, a.zoom.zoomed, a.zoom.roi, a.zoom.region_head) == \
+            (b.answer, b.zoom.zoomed, b.zoom.roi, b.zoom.region_head)
+        assert a.zoom.region_head == ("trained" if zoom == "always" else None) and a.zoom.zoomed == (zoom == "always")
+
+
+def test_conversion_refuses_what_does_not_map(llava_dir, sd_rpn, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from zoomkit import write_original_llava
+
+    from qzoom_cli.errors import EXIT_MODEL, EXIT_USAGE
+
+    adapter, _ = sd_rpn
+    source = tmp_path / "original"
+    clip = write_original_llava(llava_dir, adapter, source)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("")
+    assert runner.invoke(cli.app, ["models", "convert", str(source), str(tmp_path / "busy")]).exit_code == EXIT_USAGE
+    tensors = load_file(source / "model.safetensors")
+    save_file({**tensors, "model.something_else.weight": torch.zeros(2)}, source / "model.safetensors")
+    extra = runner.invoke(cli.app, ["models", "convert", str(source), str(tmp_path / "a")])
+    assert extra.exit_code == EXIT_MODEL and "model.something_else.weight" in extra.stderr
+    save_file({k: v for k, v in tensors.items() if not k.startswith("model.twig_norm")}, source / "model.safetensors")
+    missing = runner.invoke(cli.app, ["models", "convert", str(source), str(tmp_path / "b")])
+    assert missing.exit_code == EXIT_MODEL and "missing 1 (e.g. twig_norm.weight)" in missing.stderr
+    save_file({k: v for k, v in tensors.items() if k != "model.norm.weight"}, source / "model.safetensors")
+    base = runner.invoke(cli.app, ["models", "convert", str(source), str(tmp_path / "c"), "--vision-tower",
+                                   str(clip)])
+    assert base.exit_code == EXIT_MODEL and "missing 1 (e.g. model.language_model.norm.weight)" in base.stderr

@@ -13,10 +13,12 @@ from safetensors.torch import save_file
 from qzoom_cli.zoom.adapter import AdapterConfig, ZoomAdapter
 
 
-def trained_adapter(backbone, branch_layer=2, depth=2, gate=True, reuse_src_pos=False, seed=0) -> ZoomAdapter:
+def trained_adapter(backbone, branch_layer=2, depth=2, gate=True, reuse_src_pos=False, seed=0,
+                    **config) -> ZoomAdapter:
     """Branch layers copied from the base, then nudged, as a stand-in for a trained adapter."""
     config = AdapterConfig(branch_layer=branch_layer, depth=depth, gate=gate, reuse_src_pos=reuse_src_pos,
-                           family=backbone.family, hidden_size=backbone.hidden_size, base_model=backbone.model_id)
+                           family=backbone.family, hidden_size=backbone.hidden_size, base_model=backbone.model_id,
+                           **config)
     adapter = ZoomAdapter.initialized_from_base(config, backbone)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -105,3 +107,45 @@ def check_teacher_forcing(qz, page, text, budget, aligned: bool) -> None:
         assert torch.allclose(teacher_forced, torch.stack(stepwise), atol=1e-4)
         expected = torch.nn.functional.cross_entropy(torch.stack(stepwise).float(), torch.tensor(answer))
         assert answer_loss(bb, inputs, answer).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def write_original_llava(hf_dir: Path, adapter: ZoomAdapter, out_dir: Path, with_tower: bool = False) -> Path:
+    """The tiny llava-hf checkpoint and an SD-RPN region head as the original LLaVA-1.5 layout
+    stores them (LlavaLlamaForCausalLM: model.layers, model.mm_projector, model.twig_layers,
+    model.twig_norm, a training-only twig_head, rotary buffers), the CLIP tower beside it unless
+    `with_tower`. Returns the CLIP folder it names."""
+    from transformers import LlavaForConditionalGeneration
+
+    out_dir.mkdir(parents=True)
+    model = LlavaForConditionalGeneration.from_pretrained(hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    renames = [("model.language_model.", "model."), ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+               ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+               ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model.")]
+    original = {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith("model.vision_tower.") and not with_tower:
+            continue
+        new = next((new + key[len(old):] for old, new in renames if key.startswith(old)), key)
+        original[new] = tensor.clone()
+    original.update({f"model.{key}": tensor for key, tensor in adapter.state_dict().items()})
+    original["twig_head.weight"] = model.lm_head.weight.detach().clone()
+    original["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(original, out_dir / "model.safetensors", metadata={"format": "pt"})
+    clip_dir = out_dir.parent / f"{out_dir.name}-clip"
+    model.model.vision_tower.save_pretrained(clip_dir)
+    shutil.copy(hf_dir / "preprocessor_config.json", clip_dir)
+    text = config["text_config"]
+    (out_dir / "config.json").write_text(json.dumps({
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+        **{key: text[key] for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                      "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "vocab_size")},
+        "rope_theta": text["rope_parameters"]["rope_theta"], "mm_vision_tower": str(clip_dir),
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "image_aspect_ratio": "pad", "mm_hidden_size": config["vision_config"]["hidden_size"], "enable_twig": True,
+        "twig_K": adapter.config.branch_layer, "twig_T": adapter.config.depth, "roi_multi_head": True,
+        "roi_super_type": "v1", "roi_source": "qk"}))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (hf_dir / name).exists():
+            shutil.copy(hf_dir / name, out_dir)
+    return clip_dir

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from ..errors import UsageError
-from .common import JsonFlag, Verbose, configure_logging, flag, print_json
+from .common import JsonFlag, Quiet, Verbose, configure_logging, flag, print_json
 
 models_app = typer.Typer(help="Model cards and tiny offline checkpoints.", no_args_is_help=True)
 
@@ -74,3 +74,33 @@ def models_make_tiny(
                     thinking=thinking))
 
 
+
+
+@models_app.command("convert")
+def convert_command(
+    source: Annotated[str, typer.Argument(help="An original-layout LLaVA-1.5 checkpoint folder (LlavaLlamaForCausalLM, "
+                                               "e.g. an SD-RPN region-head release).")],
+    destination: Annotated[str, typer.Argument(help="Folder to write the llava-hf checkpoint (and adapter) into.")],
+    vision_tower: Annotated[str | None, typer.Option(help="CLIP checkpoint the source names in mm_vision_tower "
+                                                          "(hub id or folder) \\[default: the source's].")] = None,
+    force: Annotated[bool, flag(help="Write into a folder that is not empty.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Convert an original-layout LLaVA-1.5 checkpoint to llava-hf; its SD-RPN region head, if it has
+    one, becomes a qzoom adapter in the same folder (`--model DESTINATION` then zooms with it)."""
+    from pathlib import Path
+
+    from ..doctor import check_transformers
+    from ..outputs import check_output_folder
+
+    target = Path(destination)
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise UsageError(f"{destination} is not empty: --force to write into it, or give another folder")
+    check_output_folder(target)
+    check_transformers()
+    from ..convert import convert_llava
+
+    configure_logging(verbose, quiet)
+    report = convert_llava(source, target, vision_tower)
+    print_json(report)
