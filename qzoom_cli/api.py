@@ -189,7 +189,7 @@ class QZoom:
         if min_tokens is None and max_tokens is None:
             return default
         if self.backbone.layout.fixed_grid is not None:
-            log.warning(self._fixed_grid_note("--min/--max-visual-tokens"))
+            log.warning(self.fixed_grid_note("--min/--max-visual-tokens"))
             return default
         if min_tokens is None:
             min_tokens = min(default.min_tokens, max_tokens)
@@ -197,7 +197,8 @@ class QZoom:
             max_tokens = max(default.max_tokens, min_tokens)
         return VisualBudget(min_tokens, max_tokens)
 
-    def _fixed_grid_note(self, options: str) -> str:
+    def fixed_grid_note(self, options: str) -> str:
+        """What a fixed-grid family says of options that set budgets it cannot honour."""
         rows, cols = self.backbone.layout.fixed_grid
         return (f"{self.backbone.family} reads every page and region as a fixed {rows}x{cols} grid ({rows * cols} "
                 f"visual tokens): {options} change nothing")
@@ -272,9 +273,9 @@ class QZoom:
         requested = budget or self.default_budget(settings.mode)
         budget = self.backbone.read_budget(requested)
         if budget != requested:
-            log.warning(self._fixed_grid_note("the budget given"))
+            log.warning(self.fixed_grid_note("the budget given"))
         if self.backbone.layout.fixed_grid is not None and (settings.region_max_tokens or settings.region_native):
-            log.warning(self._fixed_grid_note("--roi-max-visual-tokens and --roi-native"))
+            log.warning(self.fixed_grid_note("--roi-max-visual-tokens and --roi-native"))
         max_new_tokens = self.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
         batch_size = self.resolve_batch_size(batch_size, budget, max_new_tokens, settings.mode)
         check_counts(batch_size, max_new_tokens)

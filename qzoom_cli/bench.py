@@ -8,6 +8,7 @@ Q-Zoom paper does: samples per second across, accuracy up, one line per mode, a 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from .manifest import ManifestRow, RowError
 from .options import ZoomSettings
 from .results import Result, json_text
 from .runtime import synchronize
+
+log = logging.getLogger("qzoom")
 
 DEFAULT_BUDGETS = (256, 576, 1024, 2048, 4096)
 
@@ -98,11 +101,15 @@ class BenchPoint:
 def sweep(qz: QZoom, rows: list[ManifestRow | RowError], modes: list[str], budgets: list[int],
           options: RunOptions, metric: str = "auto", on_point=lambda point: None) -> list[BenchPoint]:
     """Every (mode, budget) pair over the same rows, after one warm-up."""
+    grid = qz.backbone.layout.fixed_grid
+    if grid is not None and budgets != [grid[0] * grid[1]]:  # one read per mode is all there is to time
+        log.warning(qz.fixed_grid_note("--budgets"))
+        budgets = [grid[0] * grid[1]]
     warm_up(qz, rows, options)
     points = []
     for mode in modes:
         for max_tokens in budgets:
-            budget = sweep_budget(max_tokens)
+            budget = qz.backbone.read_budget(sweep_budget(max_tokens))
             run = RunOptions(**{**vars(options), "zoom": ZoomSettings(**{**vars(options.zoom), "mode": mode}),
                                 "budget": budget})
             summary, _ = run_scored(qz, rows, run, metric)

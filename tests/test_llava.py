@@ -403,3 +403,65 @@ def test_conversion_refuses_what_does_not_map(llava_dir, sd_rpn, tmp_path):
     base = runner.invoke(cli.app, ["models", "convert", str(source), str(tmp_path / "c"), "--vision-tower",
                                    str(clip)])
     assert base.exit_code == EXIT_MODEL and "missing 1 (e.g. model.language_model.norm.weight)" in base.stderr
+
+
+def test_base_layer_region_head_scores_with_the_1d_rotary_embedding(qzl, page):
+    """Training-free zoom on LLaVA: the base layers' own q.k/sqrt(d) with the rotary phases of
+    the 1-D positions, computed by hand from the weights."""
+    from qzoom_cli.zoom.region import RegionHead, region_logits
+
+    bb = qzl.backbone
+    prompt = bb.build_prompt(QUESTION, [page.grid])
+    inputs = bb.prepare_inputs(prompt, [page.encoding])
+    layer = bb.decoder_layers[1]
+    with torch.no_grad():
+        hidden = bb.run_layers(inputs.embeds, inputs.positions, None, 0, 1)
+        [got] = region_logits(bb, RegionHead([layer]), hidden, inputs.positions, [prompt.images[0]])
+        x = layer.input_layernorm(hidden[0])
+        heads, dim = bb.num_attention_heads, layer.self_attn.head_dim
+        q = layer.self_attn.q_proj(x).view(-1, heads, dim)
+        k = layer.self_attn.k_proj(x).view(-1, heads, dim)
+        theta = bb.text_config.rope_parameters["rope_theta"]
+        inv = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)
+        angles = torch.arange(prompt.length).float()[:, None] * inv[None, :]
+        cos, sin = torch.cat([angles.cos()] * 2, -1)[:, None], torch.cat([angles.sin()] * 2, -1)[:, None]
+
+        def rotate(t):
+            return torch.cat([-t[..., dim // 2:], t[..., :dim // 2]], -1)
+
+        q, k = q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+        block = prompt.images[0]
+        expected = torch.stack([k[block.start:block.stop, h] @ q[-1, h] for h in range(heads)]).mean(0) / dim ** 0.5
+    torch.testing.assert_close(got.logits, expected.view(24, 24), atol=1e-4, rtol=1e-4)
+
+
+def test_run_and_eval_on_llava(llava_dir, tmp_path):
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(make_pdf(2))
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"r{i}", "file": str(pdf), "pages": str(i + 1), "question": "Total?",
+                                            "answers": ["42"]}) + "\n" for i in range(2)))
+    common = ["--model", str(llava_dir), "--device", "cpu", "--dpi", "72", "--max-new-tokens", "2"]
+    ran = runner.invoke(cli.app, ["run", str(manifest), "-o", str(tmp_path / "out.jsonl"), "--batch-size", "2",
+                                  *common])
+    assert ran.exit_code == 0, ran.stderr
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["r0", "r1"] and all(r["stats"]["coarse_visual_tokens"] == 576
+                                                             for r in records)
+    scored = runner.invoke(cli.app, ["eval", str(manifest), "--json", *common])
+    assert scored.exit_code == 0, scored.stderr
+    assert json.loads(scored.stdout)["modes"][0]["rows"] == 2
+
+
+def test_bench_on_llava_times_one_read_per_mode_and_says_why(llava_dir, tmp_path):
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(make_pdf(1))
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "file": str(pdf), "question": "Total?", "answers": ["42"]}) + "\n")
+    result = runner.invoke(cli.app, ["bench", str(manifest), "--out", str(tmp_path / "b"), "--budgets", "256,1024",
+                                     "--modes", "never,always", "--model", str(llava_dir), "--device", "cpu", "--dpi",
+                                     "72", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.stderr
+    assert "--budgets change nothing" in result.stderr
+    points = json.loads((tmp_path / "b" / "bench.json").read_text())["points"]
+    assert [(p["mode"], p["max_tokens"]) for p in points] == [("never", 576), ("always", 576)]
