@@ -465,3 +465,31 @@ def test_bench_on_llava_times_one_read_per_mode_and_says_why(llava_dir, tmp_path
     assert "--budgets change nothing" in result.stderr
     points = json.loads((tmp_path / "b" / "bench.json").read_text())["points"]
     assert [(p["mode"], p["max_tokens"]) for p in points] == [("never", 576), ("always", 576)]
+
+
+def test_targeted_fine_tuning_on_llava_reads_the_region_after_the_page(llava_dir, qzl, tmp_path):
+    """Stage 2 on LLaVA: positions continue 1-D (the default there), the LoRA weights learn, and
+    asking for grid-aligned positions is refused."""
+    from trainkit import red_square_pages, seed_mined
+    from zoomkit import trained_adapter
+
+    from qzoom_cli.errors import UsageError
+    from qzoom_cli.training.loop import TrainOptions
+    from qzoom_cli.training.settings import FineTuneSettings, LoraSettings
+    from qzoom_cli.training.targeted import fine_tune
+
+    adapter_dir = trained_adapter(qzl.backbone, gate=False).save_pretrained(tmp_path / "rpn")
+    manifest, _ = red_square_pages(tmp_path, 2, seed=43)
+    samples = seed_mined(manifest, tmp_path / "sft" / "mined", plain="top left", zoomed="bottom", box=(4, 4, 12, 12))
+    settings = FineTuneSettings(lora=LoraSettings(rank=2, alpha=4, dropout=0.0), held_out=0.0, dpi=72,
+                                max_new_tokens=3)
+    tuned = QZoom.from_pretrained(str(llava_dir), adapter=str(adapter_dir), device="cpu")
+    _, report = fine_tune(tuned, samples, settings, TrainOptions(epochs=3, lr=5e-3, batch_size=2), tmp_path / "sft")
+    assert report["trained_on"] == 2 and report["last_loss"] < report["first_loss"]
+    config = json.loads((tmp_path / "sft" / "qzoom_config.json").read_text())
+    assert config["reuse_src_pos"] is False and (tmp_path / "sft" / "lora" / "adapter_model.safetensors").is_file()
+    again = QZoom.from_pretrained(str(llava_dir), adapter=str(adapter_dir), device="cpu")
+    from dataclasses import replace
+
+    with pytest.raises(UsageError, match="1-D positions"):
+        fine_tune(again, samples, replace(settings, aligned=True), TrainOptions(), tmp_path / "aligned")

@@ -128,8 +128,10 @@ HeldOutOpt = Annotated[float, typer.Option("--held-out", help="Share of the mine
 BoxNoiseOpt = Annotated[float, typer.Option("--box-noise", help="Chance a training visit reads a random box (10-60% "
                                                                 "of the page's sides) instead of the mined one; "
                                                                 "the published setting is 0.8.")]
-AlignedOpt = Annotated[bool, flag("--aligned/--second-image", help="Region positions inside the page's grid (the "
-                                                                   "published scheme), or a second image's.")]
+AlignedOpt = Annotated[bool | None, flag("--aligned/--second-image", help="Region positions inside the page's grid "
+                                                                          "(the published scheme), or a second "
+                                                                          "image's \\[default: aligned, 1-D on "
+                                                                          "LLaVA].")]
 LoraRankOpt = Annotated[int, typer.Option("--lora-rank", help="LoRA rank.")]
 LoraAlphaOpt = Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha (scale alpha/rank).")]
 LoraDropoutOpt = Annotated[float, typer.Option("--lora-dropout", help="Dropout on the LoRA input.")]

@@ -72,7 +72,8 @@ class FineTuneSettings:
     max_visual_tokens: int | None = None
     pseudo_reference_tokens: int | None = None  # the model's own best read, without references [its plain budget]
     lora: LoraSettings = field(default_factory=LoraSettings)
-    aligned: bool = True           # region positions inside the page's grid (the published scheme)
+    aligned: bool | None = None    # region positions inside the page's grid (the published scheme) [when the
+                                   # family has grid positions; LLaVA's continue 1-D]
     mix: float = 0.0               # improvements trained per regression
     held_out: float = 0.1          # share of the chosen pairs kept apart to measure
     box_noise: float = 0.0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -54,6 +54,11 @@ def fine_tune(qz: QZoom, samples: SampleSet, settings: FineTuneSettings, options
         raise UsageError("targeted fine-tuning zooms with a trained region head: give the adapter `qzoom train "
                          "rpn` wrote")
     check_untuned(qz.backbone)
+    spatial = qz.backbone.layout.spatial_rows is not None
+    if settings.aligned and not spatial:
+        raise UsageError(f"{qz.backbone.family} has 1-D positions: its region cannot be aligned inside the page's "
+                         "grid (--second-image)")
+    settings = replace(settings, aligned=spatial if settings.aligned is None else settings.aligned)
     budget, pseudo_budget = budgets(settings, qz)
     adapter.config.reuse_src_pos = qz.engine.reuse_src_pos = settings.aligned  # mined, trained and asked alike
     mined = _mine(qz, samples, settings, mining_settings(settings, budget, pseudo_budget), out_dir, load_judge,
