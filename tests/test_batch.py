@@ -88,6 +88,17 @@ def test_segments_line_up():
     assert batch.positions[0].tolist() == [[0, 0, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 0, 5]]
     assert batch.index(0, 0, 0) == 2 and batch.index(1, 1, 0) == 6 and batch.padded
     assert pad_segments([[seg(3, 0), seg(2, 3)]]).mask_or_none() is None
+    assert batch.positions.dtype == torch.long and batch.attention_mask.dtype == torch.long  # ids and a 0/1 mask
+
+
+def test_fractional_positions_survive_padding_beside_integer_ones():
+    """A sample whose region positions are aligned inside the page grid (fractional) keeps them
+    exactly when batched with samples of whole positions."""
+    aligned = torch.tensor([[[0.0, 1.0, 1.5, 2.25]]]).expand(3, 1, 4)
+    whole = torch.arange(3).view(1, 1, 3).expand(3, 1, 3)
+    batch = pad_segments([[ModelInputs(torch.ones(1, 4, 2), aligned)], [ModelInputs(torch.ones(1, 3, 2), whole)]])
+    assert batch.positions.dtype == torch.float32
+    assert batch.positions[0].tolist() == [[0.0, 1.0, 1.5, 2.25], [0.0, 0.0, 1.0, 2.0]]
 
 
 def test_every_sample_decodes_until_its_own_end(qz, pages, monkeypatch):
