@@ -347,7 +347,8 @@ class QZoom:
             zoom.zoom_answer = best.text
             zoom.direct_answer = self._text(answer.direct)[0] if answer.direct is not None else None
         region = answer.trace.region
-        roi_max_tokens = region.max_tokens if region is not None else self.backbone.read_budget(settings.region_budget(budget)).max_tokens
+        roi_max_tokens = region.max_tokens if region is not None else \
+            self.backbone.read_budget(settings.region_budget(budget)).max_tokens
         decode_s = answer.time.decode_s
         return Result(
             id=qid, status="truncated" if truncated else "ok", input=input_info, question=question,

@@ -20,9 +20,9 @@ from qzoom_cli.training.settings import FineTuneSettings, LoraSettings
 
 QUESTION = "Where is the red square?"
 LADDER = (16, 36, 64, 100)
-RECIPE = Recipe(fine_tune=FineTuneSettings(max_visual_tokens=36, min_visual_tokens=16, max_new_tokens=10,
-                                           held_out=0.0, box_noise=0.8, lora=LoraSettings(rank=4, alpha=8, dropout=0.1)),
-                view_tokens=64, branch_layer=2, depth=2, ladder=LADDER, dpi=72)
+TUNE = FineTuneSettings(max_visual_tokens=36, min_visual_tokens=16, max_new_tokens=10, held_out=0.0, box_noise=0.8,
+                        lora=LoraSettings(rank=4, alpha=8, dropout=0.1))
+RECIPE = Recipe(fine_tune=TUNE, view_tokens=64, branch_layer=2, depth=2, ladder=LADDER, dpi=72)
 OPTIONS = TrainOptions(epochs=2, lr=5e-3, batch_size=2, save_every=1)
 NAMES = {"rpn": "rpn", "sft": "sft", "rpn again": "rpn_again", "gate": "gate"}
 

@@ -124,7 +124,8 @@ def test_held_out_pairs_are_drawn_once_and_measured_as_ask_answers_them(qz, tmp_
 # --- the whole stage and its command ---------------------------------------------------------------
 
 SFT_OPTIONS = ["--max-visual-tokens", "36", "--min-visual-tokens", "16", "--max-new-tokens", "10", "--lora-rank", "4",
-               "--lora-alpha", "8", "--lora-dropout", "0", "--batch-size", "2", "--lr", "5e-3", "--held-out", "0.34", "--box-noise", "0.8"]
+               "--lora-alpha", "8", "--lora-dropout", "0", "--batch-size", "2", "--lr", "5e-3", "--held-out", "0.34",
+               "--box-noise", "0.8"]
 
 
 def _cli(*args):
@@ -331,7 +332,8 @@ def test_gradient_checkpointing_recomputes_the_decoder_layers_in_the_backward_pa
     mined = [Mined(key, s.question, "top left", "bottom", ("top left",), "references", "regression", (1, 1, 3, 3))
              for key, s in samples.items()]
     calls = []
-    qz.backbone.decoder_layers[0].self_attn.register_forward_pre_hook(lambda *args: calls.append(1))  # in the checkpoint
+    attention = qz.backbone.decoder_layers[0].self_attn  # runs inside the checkpointed forward
+    attention.register_forward_pre_hook(lambda *args: calls.append(1))
     options = TrainOptions(epochs=1, batch_size=2, gradient_checkpointing=checkpointing)
     _, losses = train_sft(qz, trained_adapter(qz.backbone, gate=False), samples, mined,
                           SftSettings(budget=VisualBudget(16, 36), dpi=72), options, tmp_path / "out")

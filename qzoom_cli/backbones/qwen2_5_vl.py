@@ -95,8 +95,9 @@ class Qwen2_5_VLBackbone(StockBackbone):
 
     def __init__(self, model, tokenizer, image_processor, *, model_id: str, revision: str | None, attn: str):
         super().__init__(model, tokenizer, image_processor, model_id=model_id, revision=revision, attn=attn)
-        if self.windowed_vision and self.device.type == "cuda" and self.config.vision_config._attn_implementation == "sdpa":
-            self.config.vision_config._attn_implementation = WINDOWED_SDPA  # one call for all windows
+        vision = self.config.vision_config
+        if self.windowed_vision and self.device.type == "cuda" and vision._attn_implementation == "sdpa":
+            vision._attn_implementation = WINDOWED_SDPA  # one call for all windows
 
     def make_layout(self) -> FamilyLayout:
         vision = self.config.vision_config

@@ -118,6 +118,11 @@ class TrainingDisplay:
         yield on_item, on_step
 
 
+SinkOpt = Annotated[float, typer.Option("--sink-threshold", help="Sink-head attention marking a sink cell.")]
+FgOpt = Annotated[float, typer.Option("--fg-ratio", help="Foreground: attention above this share of the peak.")]
+BgOpt = Annotated[float, typer.Option("--bg-ratio", help="Background: outside the box and below this share.")]
+MaxAreaOpt = Annotated[float, typer.Option("--max-area", help="Skip samples whose box covers this share of the view.")]
+PeakFloorOpt = Annotated[float, typer.Option("--peak-floor", help="Skip samples whose attention peak is below this.")]
 JudgeOpt = Annotated[str | None, typer.Option("--judge", help="A model (any supported checkpoint) that decides "
                                                              "whether each answer is right, asked the published "
                                                              "yes/no comparison, instead of the metric.")]
@@ -175,16 +180,11 @@ def train_rpn_command(
     view_tokens: Annotated[int, typer.Option(help="Visual tokens of the square teacher/student view (a square "
                                                   "number).")] = DEFAULT_VIEW_TOKENS,
     free_answers: FreeAnswersOpt = False,
-    sink_threshold: Annotated[float, typer.Option(help="Sink-head attention marking a sink cell.")]
-    = _LABELS.sink_threshold,
-    fg_ratio: Annotated[float, typer.Option(help="Foreground: attention above this share of the peak.")]
-    = _LABELS.fg_ratio,
-    bg_ratio: Annotated[float, typer.Option(help="Background: outside the box and below this share.")]
-    = _LABELS.bg_ratio,
-    max_area: Annotated[float, typer.Option(help="Skip samples whose box covers this share of the view.")]
-    = _LABELS.max_area,
-    peak_floor: Annotated[float, typer.Option(help="Skip samples whose attention peak is below this.")]
-    = _LABELS.peak_floor,
+    sink_threshold: SinkOpt = _LABELS.sink_threshold,
+    fg_ratio: FgOpt = _LABELS.fg_ratio,
+    bg_ratio: BgOpt = _LABELS.bg_ratio,
+    max_area: MaxAreaOpt = _LABELS.max_area,
+    peak_floor: PeakFloorOpt = _LABELS.peak_floor,
     epochs: EpochsOpt = TrainOptions.epochs,
     lr: LrOpt = TrainOptions.lr,
     batch_size: TrainBatchOpt = TrainOptions.batch_size,
@@ -418,6 +418,11 @@ def train_all_command(
     depth: Annotated[int | None, typer.Option(help="T of the region head and gate \\[default: model card].")] = None,
     view_tokens: Annotated[int, typer.Option(help="Visual tokens of the region head's square teacher/student "
                                                   "view.")] = DEFAULT_VIEW_TOKENS,
+    sink_threshold: SinkOpt = _LABELS.sink_threshold,
+    fg_ratio: FgOpt = _LABELS.fg_ratio,
+    bg_ratio: BgOpt = _LABELS.bg_ratio,
+    max_area: MaxAreaOpt = _LABELS.max_area,
+    peak_floor: PeakFloorOpt = _LABELS.peak_floor,
     ladder: Annotated[str, typer.Option(help="Visual-token budgets of the gate's answer ladders.")]
     = ",".join(map(str, DEFAULT_LADDER)),
     gate_threshold: Annotated[float, typer.Option(help="Threshold stored in the adapter for `ask`.")]
@@ -467,7 +472,8 @@ def train_all_command(
     from ..training.recipe import Recipe, train_all
 
     configure_logging(verbose, quiet)
-    recipe = Recipe(fine_tune=settings, view_tokens=view_tokens, branch_layer=branch_layer, depth=depth,
+    recipe = Recipe(fine_tune=settings, labels=LabelSettings(sink_threshold, fg_ratio, bg_ratio, max_area, peak_floor),
+                    view_tokens=view_tokens, branch_layer=branch_layer, depth=depth,
                     ladder=rungs, gate_threshold=gate_threshold, questions_per_page=per_page,
                     free_answers=free_answers, max_samples=max_samples, dpi=dpi)
 
