@@ -41,13 +41,14 @@ from qzoom_cli.backbones import FAMILIES, Backbone
 from qzoom_cli.budget import VisualBudget
 from qzoom_cli.documents import open_document
 from qzoom_cli.runtime import Runtime, reset_peak_memory, resolve_runtime, synchronize
-from qzoom_cli.testing import make_tokenizer, qwen2_5_vl_config, qwen3_vl_config
+from qzoom_cli.testing import llava_config, make_llama_tokenizer, make_tokenizer, qwen2_5_vl_config, qwen3_vl_config
 from qzoom_cli.zoom.adapter import AdapterConfig, ZoomAdapter
 from qzoom_cli.zoom.pipeline import ZoomSettings
 
 QUESTION = "What is the total due?"
 
-# Public Qwen2.5-VL and Qwen3-VL configs (text: hidden, MLP, heads, KV heads, head dim, M-RoPE sections).
+# Public Qwen2.5-VL, Qwen3-VL and LLaVA-1.5 configs (text: hidden, MLP, heads, KV heads, head dim, M-RoPE
+# sections; LLaVA's CLIP-L/336 tower, its grid fixed at 576 tokens whatever the budget).
 ARCHS = {
     "7b": dict(layers=28, branch=18, vocab=152064,
                text={"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
@@ -74,6 +75,21 @@ ARCHS = {
                              "num_key_value_heads": 8, "head_dim": 128, "mrope_section": [24, 20, 20]},
                        vision={"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
                                "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24]}),
+    "llava-7b": dict(family="llava", layers=32, branch=15, vocab=32064,
+                     text={"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+                           "num_key_value_heads": 32, "head_dim": 128},
+                     vision={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                             "num_attention_heads": 16}),
+    "llava-13b": dict(family="llava", layers=40, branch=19, vocab=32064,
+                      text={"hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40,
+                            "num_key_value_heads": 40, "head_dim": 128},
+                      vision={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                              "num_attention_heads": 16}),
+    "llava-small": dict(family="llava", layers=12, branch=6, vocab=32000,
+                        text={"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8,
+                              "num_key_value_heads": 8, "head_dim": 64},
+                        vision={"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+                                "num_attention_heads": 4}),
     "qwen3vl-small": dict(family="qwen3_vl", layers=12, branch=8, vocab=32000,
                           text={"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8,
                                 "num_key_value_heads": 2, "head_dim": 64, "mrope_section": [12, 10, 10]},
@@ -89,8 +105,14 @@ def build(arch: str, device: str, dtype: str, attn: str) -> tuple[Backbone, Runt
     spec = ARCHS[arch]
     family = spec.get("family", "qwen2_5_vl")
     runtime = resolve_runtime(device, dtype, attn, compile="off")
-    tokenizer = make_tokenizer()
-    if family == "qwen3_vl":
+    tokenizer = make_llama_tokenizer() if family == "llava" else make_tokenizer()
+    if family == "llava":
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        config = llava_config(tokenizer, spec["layers"], text=spec["text"], vision=spec["vision"],
+                              vocab_size=spec["vocab"], init_std=0.02)
+        processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    elif family == "qwen3_vl":
         config = qwen3_vl_config(tokenizer, spec["layers"], text=spec["text"], vision=spec["vision"],
                                  vocab_size=spec["vocab"], init_std=0.02)
         processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
@@ -190,16 +212,11 @@ def stock_case(backbone, doc, page: int, budget: VisualBudget, new_tokens: int, 
         image = backbone.fit_image(doc.render(page), budget)
         grid = backbone.image_grid(image.size, budget)
         prompt = backbone.build_prompt(QUESTION, [grid])
-        pixels = backbone.image_processor(images=[image], do_resize=False, return_tensors="pt")
-        ids = prompt.input_ids.to(device)
         with torch.inference_mode():
-            out = backbone.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels["pixel_values"].to(device),
-                image_grid_thw=pixels["image_grid_thw"].to(device),
-                mm_token_type_ids=(ids == backbone.config.image_token_id).int(), max_new_tokens=tokens,
-                min_new_tokens=tokens, do_sample=False)
+            out = backbone.model.generate(**backbone.stock_inputs(prompt, [image]), max_new_tokens=tokens,
+                                          min_new_tokens=tokens, do_sample=False)
         synchronize(device)
-        return grid[0] * grid[1], prompt.length, out.shape[1] - ids.shape[1]
+        return grid[0] * grid[1], prompt.length, out.shape[1] - prompt.length
 
     with stock_vision(backbone):
         first, _, _ = timed(lambda: run(1), repeats)

@@ -201,7 +201,7 @@ class QZoom:
         """What a fixed-grid family says of options that set budgets it cannot honour."""
         rows, cols = self.backbone.layout.fixed_grid
         return (f"{self.backbone.family} reads every page and region as a fixed {rows}x{cols} grid ({rows * cols} "
-                f"visual tokens): {options} change nothing")
+                f"visual tokens); ignoring {options}")
 
     def default_max_new_tokens(self) -> int:
         """The longest answer when none is asked for: the card's, else 64 (1024 for thinking models)."""

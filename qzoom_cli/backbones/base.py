@@ -224,6 +224,11 @@ class Backbone(ABC):
         """An image already sized to a token grid (`fit_image`) as LLM-ready features."""
 
     @abstractmethod
+    def stock_inputs(self, prompt: Prompt, images: list[Image.Image]) -> dict:
+        """What the stock model's `forward`/`generate` takes for `prompt` with `images` (already
+        fitted): the reference qzoom's own path is checked and timed against."""
+
+    @abstractmethod
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [batch, seq, hidden]."""
 

@@ -97,5 +97,10 @@ class LlavaBackbone(StockBackbone):
                                          f"expected {grid[0] * grid[1]}")
         return ImageEncoding(features, grid)
 
+    def stock_inputs(self, prompt: Prompt, images: list[Image.Image]) -> dict:
+        ids = prompt.input_ids.to(self.device)
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels.to(self.device)}
+
     def position_ids(self, prompt: Prompt) -> torch.Tensor:
         return torch.arange(prompt.length, device=self.device).view(1, 1, -1)

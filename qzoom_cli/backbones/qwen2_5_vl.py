@@ -149,6 +149,14 @@ class Qwen2_5_VLBackbone(StockBackbone):
         return self._encoding(self.model.model.get_image_features(pixels, grid.to(self.device), return_dict=True),
                               cells)
 
+    def stock_inputs(self, prompt: Prompt, images: list[Image.Image]) -> dict:
+        pixels = self.image_processor(images=images, do_resize=False, return_tensors="pt")
+        ids = prompt.input_ids.to(self.device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "pixel_values": pixels["pixel_values"].to(self.device),
+                "image_grid_thw": pixels["image_grid_thw"].to(self.device),
+                "mm_token_type_ids": (ids == self.config.image_token_id).int()}
+
     def _encoding(self, output, grid: tuple[int, int]) -> ImageEncoding:
         return ImageEncoding(output.pooler_output[0], grid)
 
