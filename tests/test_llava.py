@@ -97,8 +97,7 @@ def test_never_mode_equals_stock_generate(qzl, page, page_image):
     bb = qzl.backbone
     answer = qzl.engine.answer(page, QUESTION, ZoomSettings("never"), 8)
     prompt = bb.build_prompt(QUESTION, [page.grid])
-    stock = bb.model.generate(input_ids=prompt.input_ids, attention_mask=torch.ones_like(prompt.input_ids),
-                              pixel_values=_pixels(bb, [bb.fit_image(page_image, VisualBudget(1, 1))]),
+    stock = bb.model.generate(**bb.stock_inputs(prompt, [bb.fit_image(page_image, VisualBudget(1, 1))]),
                               max_new_tokens=8, do_sample=False)
     assert answer.generation.token_ids == stock[0, prompt.length:].tolist()
 

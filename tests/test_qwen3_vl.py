@@ -72,8 +72,8 @@ def test_never_mode_equals_stock_generate(qz3, page, page_image):
     bb = qz3.backbone
     answer = qz3.engine.answer(page, QUESTION, ZoomSettings("never"), 8)
     prompt = bb.build_prompt(QUESTION, [page.grid])
-    stock = bb.model.generate(**_stock_inputs(bb, [bb.fit_image(page_image, BUDGET)], prompt.input_ids),
-                              max_new_tokens=8, do_sample=False)
+    stock = bb.model.generate(**bb.stock_inputs(prompt, [bb.fit_image(page_image, BUDGET)]), max_new_tokens=8,
+                              do_sample=False)
     assert answer.generation.token_ids == stock[0, prompt.length:].tolist()
 
 
