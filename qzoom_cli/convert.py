@@ -12,14 +12,16 @@ records both (`region_norm`, `region_rotary`).
 from __future__ import annotations
 
 import json
+import pickle
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import IncompatibleCheckpoint, ModelNotAvailable, UsageError
+from .errors import IncompatibleCheckpoint, ModelError, ModelNotAvailable, UsageError
 from .zoom.adapter import ADAPTER_CONFIG, ADAPTER_FORMAT, ADAPTER_WEIGHTS, AdapterConfig
 
 # source key -> llava-hf key (None: the adapter's), in order; the first match wins
@@ -67,12 +69,14 @@ def convert_llava(source: str | Path, destination: str | Path, vision_tower: str
     tower_ref = vision_tower or original.get("mm_vision_tower")
     if not tower_ref:
         raise UsageError(f"{source} names no vision tower (mm_vision_tower): give --vision-tower")
-    vision_config = CLIPVisionConfig.from_pretrained(tower_ref)
-    if not any(key.startswith("model.vision_tower.") for key in base):  # original checkpoints keep it apart
-        tower = CLIPVisionModel.from_pretrained(tower_ref)
-        base.update({f"model.vision_tower.{key}": value for key, value in tower.state_dict().items()})
-
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    with _loading(f"the vision tower {tower_ref}"):
+        vision_config = CLIPVisionConfig.from_pretrained(tower_ref)
+        if not any(key.startswith("model.vision_tower.") for key in base):  # original checkpoints keep it apart
+            tower = CLIPVisionModel.from_pretrained(tower_ref)
+            base.update({f"model.vision_tower.{key}": value for key, value in tower.state_dict().items()})
+        image_processor = AutoImageProcessor.from_pretrained(tower_ref)
+    with _loading(f"the tokenizer of {source}"):
+        tokenizer = AutoTokenizer.from_pretrained(source)
     added = [token for token in (IMAGE_TOKEN, PAD_TOKEN) if token not in tokenizer.get_vocab()]
     if IMAGE_TOKEN in added:
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -99,7 +103,7 @@ def convert_llava(source: str | Path, destination: str | Path, vision_tower: str
     destination.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(destination)  # transformers' own layout and sharding
     tokenizer.save_pretrained(destination)
-    AutoImageProcessor.from_pretrained(tower_ref).save_pretrained(destination)
+    image_processor.save_pretrained(destination)
     report = {"checkpoint": str(destination), "tensors": len(base), "added_tokens": added, "vocab": vocab,
               "dropped": dropped, "adapter": None}
     if original.get("enable_twig"):
@@ -131,15 +135,31 @@ def _original_config(source: Path) -> dict:
     return config
 
 
+@contextmanager
+def _loading(what: str):
+    """Loading failures (not cached offline, unreachable, damaged) as one clear model error."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise ModelNotAvailable(f"cannot load {what}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
+                                ) from None
+
+
 def _read_tensors(source: Path) -> dict[str, torch.Tensor]:
     files = sorted(source.glob("*.safetensors"))
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
-        with safe_open(path, framework="pt") as handle:
-            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+        try:
+            with safe_open(path, framework="pt") as handle:
+                tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"{path} is damaged: {exc}") from None
     if not files:
         for path in sorted(source.glob("pytorch_model*.bin")):
-            tensors.update(torch.load(path, map_location="cpu", weights_only=True))
+            try:
+                tensors.update(torch.load(path, map_location="cpu", weights_only=True))
+            except (RuntimeError, OSError, pickle.UnpicklingError) as exc:
+                raise ModelError(f"{path} is damaged or not a weights file: {exc}") from None
     if not tensors:
         raise ModelNotAvailable(f"{source} holds no weights (*.safetensors or pytorch_model*.bin)")
     return tensors

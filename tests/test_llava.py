@@ -493,3 +493,21 @@ def test_targeted_fine_tuning_on_llava_reads_the_region_after_the_page(llava_dir
 
     with pytest.raises(UsageError, match="1-D positions"):
         fine_tune(again, samples, replace(settings, aligned=True), TrainOptions(), tmp_path / "aligned")
+
+
+def test_conversion_failures_are_model_errors_not_bugs(llava_dir, sd_rpn, tmp_path):
+    from zoomkit import write_original_llava
+
+    from qzoom_cli.errors import EXIT_MODEL
+
+    adapter, _ = sd_rpn
+    source = tmp_path / "original"
+    write_original_llava(llava_dir, adapter, source)
+    gone = runner.invoke(cli.app, ["models", "convert", str(source), str(tmp_path / "a"), "--vision-tower",
+                                   str(tmp_path / "no-clip")])
+    assert gone.exit_code == EXIT_MODEL and "cannot load the vision tower" in gone.stderr
+    (source / "model.safetensors").write_bytes(b"not safetensors")
+    damaged = runner.invoke(cli.app, ["models", "convert", str(source), str(tmp_path / "b")])
+    assert damaged.exit_code == EXIT_MODEL and "is damaged" in damaged.stderr
+    empty = runner.invoke(cli.app, ["models", "convert", str(tmp_path / "nothing"), str(tmp_path / "c")])
+    assert empty.exit_code == EXIT_MODEL and "no config.json" in empty.stderr
