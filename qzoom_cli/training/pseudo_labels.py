@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..zoom.geometry import Box, gaussian_blur3
+from ..budget import Canvas
+from ..zoom.geometry import Box, gaussian_blur3, page_cells
 from .settings import LabelSettings
 
 IGNORE = -100
@@ -40,14 +41,8 @@ class PseudoLabels:
 
 def padding_cells(grid: int, width: int, height: int) -> torch.Tensor:
     """Cells of a grid x grid square view that show only padding, for an image of (width, height)
-    centred on the square's shorter axis (LLaVA's expand2square)."""
-    side = max(width, height)
-    x0, y0 = (side - width) / 2, (side - height) / 2
-    cell = side / grid
-    edges = torch.arange(grid + 1, dtype=torch.float64) * cell
-    cols = (edges[1:] <= x0) | (edges[:-1] >= x0 + width)
-    rows = (edges[1:] <= y0) | (edges[:-1] >= y0 + height)
-    return rows[:, None] | cols[None, :]
+    centred on the square (the teacher's view, LLaVA's expand2square)."""
+    return ~page_cells((grid, grid), (width, height), Canvas(square=True, centred=True))
 
 
 def pseudo_labels(grounding: torch.Tensor, sink: torch.Tensor, padding: torch.Tensor | None = None,
