@@ -44,7 +44,8 @@ class HeadTable:
 
     @classmethod
     def from_dict(cls, data: dict) -> HeadTable:
-        return cls({int(k): list(v) for k, v in data.get("grounding", {}).items()},
+        """A table as `to_dict` writes it (or a model card lists it); sink heads may be left out."""
+        return cls({int(k): list(v) for k, v in data["grounding"].items()},
                    {int(k): list(v) for k, v in data.get("sink", {}).items()})
 
 
