@@ -156,7 +156,8 @@ def test_student_learns_the_teacher_labels(qz, tmp_path):
                                 tmp_path / "out")
     assert report["usable"] == 32 and report["held_out"] == 8 and report["steps"] == 36
     assert report["last_loss"] < report["first_loss"] / 4
-    assert report["held_out_auc_after"] >= 0.9 and report["held_out_auc_after"] > report["held_out_auc_before"] + 0.3
+    assert 0.9 <= report["held_out_auc_after"] <= 1.0 and 0.0 <= report["held_out_auc_before"]  # means of AUCs
+    assert report["held_out_auc_after"] > report["held_out_auc_before"] + 0.3
     saved = json.loads((tmp_path / "out" / "qzoom_config.json").read_text())
     assert saved["region_head"] and not saved["gate"] and saved["branch_layer"] == 2
     assert len(saved["training"]["rpn"]["data_fingerprint"]) == 64

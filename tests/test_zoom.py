@@ -337,11 +337,11 @@ def test_checkpoint_weights_are_found_in_the_hub_cache_offline(tmp_path, monkeyp
     assert all(p.parent == sharded for p in found)
     single = _hub_cache(tmp_path, "org/single", {"model.safetensors": b"1"})
     assert checkpoint_files("org/single", None) == [single / "model.safetensors"]
-    pinned = sharded.parent / ("f" * 40)  # an older snapshot, asked for by its commit
+    pinned = sharded.parent / ("f" * 40)  # an older snapshot, asked for by its commit, sharded its own way
     pinned.mkdir()
-    for path in sharded.iterdir():
-        (pinned / path.name).write_bytes(path.read_bytes())
-    assert [p.parent for p in checkpoint_files("org/sharded", "f" * 40)] == [pinned, pinned]
+    (pinned / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "older.safetensors"}}))
+    (pinned / "older.safetensors").write_bytes(b"0")
+    assert checkpoint_files("org/sharded", "f" * 40) == [pinned / "older.safetensors"]
     assert checkpoint_files("org/single", "0123456789abcdef0123456789abcdef01234567") == [single / "model.safetensors"]
     with pytest.raises(ModelNotAvailable):  # a pinned revision that is not cached is not the cached one
         checkpoint_files("org/single", "v2")

@@ -211,8 +211,8 @@ def mean_auc(student: RegionStudent, data: RpnData, samples: list[TrainSample]) 
     scores = []
     with torch.no_grad():
         for sample in samples:
-            (hidden, positions, mask, blocks), [labels] = data.batch([sample])
-            [logits] = student(hidden, positions, mask, blocks)
+            (hidden, positions, _, blocks), [labels] = data.batch([sample])
+            [logits] = student(hidden, positions, None, blocks)  # one sample: nothing is padded
             auc = label_auc(logits, labels)
             if auc is not None:
                 scores.append(auc)
