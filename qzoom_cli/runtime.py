@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import resource
@@ -124,6 +125,13 @@ def resolve_runtime(device: str | None = None, dtype: str | None = None, attn: s
     attn_name = resolve_attn(attn, chosen, fast_decode=wants_fast_decode(compile, chosen))
     decoder, note = resolve_decoder(compile, chosen, attn_name)
     return Runtime(chosen, resolve_dtype(dtype, chosen), attn_name, decoder, (note,) if note else ())
+
+
+def release_memory() -> None:
+    """Memory of models just dropped goes back (before the next one loads, or training starts)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -8,7 +8,6 @@ interrupted one from its own caches and checkpoints. The finished adapter is pub
 
 from __future__ import annotations
 
-import gc
 import json
 import shutil
 from collections.abc import Callable
@@ -16,11 +15,10 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from ..api import QZoom
 from ..errors import ResumeMismatch, UsageError
 from ..options import TRAINED_GATE_THRESHOLD, changed_settings
+from ..runtime import release_memory
 from ..zoom.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..zoom.lora import LORA_FOLDER
 from .data import SampleSet, expand_samples
@@ -72,7 +70,7 @@ def train_all(source: Path, out_dir: Path, recipe: Recipe, options: TrainOptions
         if stage not in progress.done:
             progress.finish(stage, _run_stage(stage, source, manifest, stages_dir, recipe, options, load, display,
                                               root, load_judge))
-            _release_memory()
+            release_memory()
     _publish(stages_dir / "gate", out_dir)
     return {"adapter": str(out_dir), "stages": progress.done}
 
@@ -140,13 +138,6 @@ def _publish(folder: Path, out_dir: Path) -> None:
         shutil.copy2(folder / name, out_dir / name)
     if (folder / LORA_FOLDER).is_dir():
         shutil.copytree(folder / LORA_FOLDER, out_dir / LORA_FOLDER, dirs_exist_ok=True)
-
-
-def _release_memory() -> None:
-    """The stage's model goes before the next stage loads its own."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class _Progress:

@@ -5,16 +5,14 @@ report what happened (including when nothing improved, or when no label was used
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-
 from ..api import QZoom
 from ..budget import VisualBudget
 from ..errors import UsageError
+from ..runtime import release_memory
 from ..zoom.adapter import ZoomAdapter
 from ..zoom.lora import check_untuned
 from .data import ArtefactStore, SampleSet, Shard, TrainSample
@@ -106,9 +104,7 @@ def _mine(qz: QZoom, samples: SampleSet, settings: FineTuneSettings, mining: Min
     finally:
         if judge is not None:  # its memory goes back before training needs it
             del judge
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()
 
 
 def _kinds(mining: dict) -> str:
