@@ -1,6 +1,6 @@
-"""Targeted fine-tuning's training input: the fused sequence inference reads (page, then the
-region spliced in with the adapter's position scheme), followed by the answer to learn, and the
-cross-entropy on the answer's tokens only.
+"""Targeted fine-tuning's training: LoRA weights on the decoder layers, learned from the fused
+sequence inference reads (page, then the region spliced in with the adapter's position scheme)
+followed by the answer to learn, with the cross-entropy on the answer's tokens only.
 
 Built from the engine's own pieces (`region_on_page`, `PageView.read_region`, `fuse_region`), so
 what is learned is exactly what `ask` reads; the answer's positions are those greedy decoding
