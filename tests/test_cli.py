@@ -223,6 +223,10 @@ def test_models_list_and_make_tiny(tmp_path):
     made = runner.invoke(cli.app, ["models", "make-tiny", str(tmp_path / "t"), "--layers", "2", "--seed", "3"])
     assert made.exit_code == 0 and made.stdout.strip() == str(tmp_path / "t")
     assert json.loads((tmp_path / "t" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2
+    llava_cards = {card["id"]: card for card in cards if card["family"] == "llava"}
+    assert {card["zoom"]["branch_layer"] for card in llava_cards.values()} == {15, 19}  # SD-RPN's K on the 7B
+    assert all(card["system_prompt"].startswith("A chat between a curious human") and
+               card["min_visual_tokens"] == card["max_visual_tokens"] == 576 for card in llava_cards.values())
     llava = runner.invoke(cli.app, ["models", "make-tiny", str(tmp_path / "l"), "--family", "llava", "--layers", "2"])
     assert llava.exit_code == 0 and json.loads((tmp_path / "l" / "config.json").read_text())["model_type"] == "llava"
     bad = runner.invoke(cli.app, ["models", "make-tiny", str(tmp_path / "u"), "--family", "nope"])
