@@ -520,16 +520,17 @@ def test_processes_sharing_one_output_write_shards_that_rank_0_merges(qz, workdi
 
     rows = _rows(workdir)
     options = RunOptions(zoom=ZoomSettings("never"), dpi=72, max_new_tokens=3)
-    single = workdir / "single.jsonl"
-    run_manifest(lambda: qz, rows, options, output=single, stdout=io.StringIO())
+    lock, original, answered = threading.Lock(), qz.engine.answer_batch, []
 
-    lock, original = threading.Lock(), qz.engine.answer_batch
-
-    def one_at_a_time(*args):
+    def one_at_a_time(items, *args):
         with lock:
-            return original(*args)
+            answered.extend(items)
+            return original(items, *args)
 
     monkeypatch.setattr(qz.engine, "answer_batch", one_at_a_time)
+    single = workdir / "single.jsonl"
+    run_manifest(lambda: qz, rows, options, output=single, stdout=io.StringIO())
+    alone = len(answered)
     out, barrier, failures = workdir / "out.jsonl", threading.Barrier(2, timeout=60), []
 
     def rank(r):
@@ -546,6 +547,7 @@ def test_processes_sharing_one_output_write_shards_that_rank_0_merges(qz, workdi
     for thread in threads:
         thread.join()
     assert not failures
+    assert len(answered) == 2 * alone  # each question answered once more in all, not once per rank
     merged = records(out)
     assert [r["id"] for r in merged] == [row.id for row in rows]
     assert [(r["id"], r["answer"], r["status"]) for r in merged] == [(r["id"], r["answer"], r["status"])
