@@ -67,7 +67,7 @@ def shard(groups: list[list[ManifestRow]], rank: int, world: int) -> list[list[M
     return groups[rank::world]
 
 
-def answer_rows(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOptions,
+def answer_rows(qz: QZoom | None, rows: list[ManifestRow | RowError], options: RunOptions,
                 emit: Callable[[int, Result], None]) -> None:
     """Answer every row, calling `emit(row.index, result)` as each finishes (bad rows included).
 
@@ -77,6 +77,8 @@ def answer_rows(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOptio
     for row in rows:
         if isinstance(row, RowError):
             emit(row.index, error_result(row, row.code, row.message))
+    if all(isinstance(row, RowError) for row in rows):
+        return  # nothing to ask (and no model was loaded to ask it)
     open_asks: dict[int, int] = {}  # id(document) -> its requests not yet answered
 
     def requests() -> Iterator[AskRequest]:
@@ -304,7 +306,7 @@ def _run_manifest(load: Callable[[], QZoom], rows: list[ManifestRow | RowError],
     if output is not None:
         barrier()
         if rank == 0:
-            shards = [shard_path(output, r) for r in range(world)] if world > 1 else []
+            shards = [shard_path(output, r) for r in range(world)]  # a single process wrote none
             records = ordered([*read_records(output), *(r for path in shards for r in read_records(path))], order)
             write_records(output, records)
             for path in shards:

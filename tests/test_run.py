@@ -446,6 +446,28 @@ def test_run_manifest_keeps_results_unless_told_and_needs_a_file_for_resume_or_s
         assert refused.value.message == "--resume and several processes need an output file (-o)"
 
 
+def test_the_run_summary_counts_what_was_answered_zoomed_and_failed(qz, workdir):
+    """The summary `qzoom run` ends with: every row done, the zoomed ones and the failed ones
+    counted as their records say; a run of bad rows only never loads the model."""
+    from qzoom_cli.batch import RunOptions, run_manifest
+    from qzoom_cli.manifest import RowError
+    from qzoom_cli.zoom.pipeline import ZoomSettings
+
+    rows = _rows(workdir)
+    options = RunOptions(zoom=ZoomSettings("always", roi_threshold=0.0), dpi=72, max_new_tokens=2)
+    summary = run_manifest(lambda: qz, rows, options, output=workdir / "out.jsonl", stdout=io.StringIO())
+    written = records(workdir / "out.jsonl")
+    assert summary.done == summary.total == len(rows) == len(written)
+    assert summary.zoomed == sum(r["zoom"]["zoomed"] for r in written) > 0
+    assert summary.failed == sum(r["status"] == "error" for r in written) > 0
+
+    def no_model():
+        raise AssertionError("the model was loaded for rows that need none")
+
+    bad = [RowError(0, "bad", "bad_row", "row 1: no question")]
+    assert run_manifest(no_model, bad, options, output=None, stdout=io.StringIO()).failed == 1
+
+
 def test_a_resume_names_every_setting_that_changed():
     from qzoom_cli.batch import check_same_settings
     from qzoom_cli.errors import ResumeMismatch
@@ -516,9 +538,11 @@ def test_processes_sharing_one_output_write_shards_that_rank_0_merges(qz, workdi
     import threading
 
     from qzoom_cli.batch import RunOptions, run_manifest
+    from qzoom_cli.manifest import RowError
     from qzoom_cli.zoom.pipeline import ZoomSettings
 
     rows = _rows(workdir)
+    rows.append(RowError(len(rows), "bad", "bad_row", "row 9: no question"))  # a bad line: rank 0 records it
     options = RunOptions(zoom=ZoomSettings("never"), dpi=72, max_new_tokens=3)
     lock, original, answered = threading.Lock(), qz.engine.answer_batch, []
 
@@ -531,12 +555,12 @@ def test_processes_sharing_one_output_write_shards_that_rank_0_merges(qz, workdi
     single = workdir / "single.jsonl"
     run_manifest(lambda: qz, rows, options, output=single, stdout=io.StringIO())
     alone = len(answered)
-    out, barrier, failures = workdir / "out.jsonl", threading.Barrier(2, timeout=60), []
+    out, barrier, failures, totals = workdir / "out.jsonl", threading.Barrier(2, timeout=60), [], {}
 
     def rank(r):
         try:
-            run_manifest(lambda: qz, rows, options, output=out, stdout=io.StringIO(), rank=r, world=2,
-                         barrier=barrier.wait)
+            totals[r] = run_manifest(lambda: qz, rows, options, output=out, stdout=io.StringIO(), rank=r, world=2,
+                                     barrier=barrier.wait).total
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             failures.append(exc)
             barrier.abort()
@@ -548,6 +572,7 @@ def test_processes_sharing_one_output_write_shards_that_rank_0_merges(qz, workdi
         thread.join()
     assert not failures
     assert len(answered) == 2 * alone  # each question answered once more in all, not once per rank
+    assert totals[0] + totals[1] == len(rows) and totals[0] > 0 and totals[1] > 0  # every row, by one rank
     merged = records(out)
     assert [r["id"] for r in merged] == [row.id for row in rows]
     assert [(r["id"], r["answer"], r["status"]) for r in merged] == [(r["id"], r["answer"], r["status"])
