@@ -87,6 +87,12 @@ def test_region_maps():
     on_page[:, :4] = 1
     assert attention_lift(on_page, Box(0, 0, 2, 4), half) == pytest.approx(1.0)
     assert attention_lift(peaked, Box(0, 0, 2, 2), half) == pytest.approx(8.0)
+    away = torch.zeros(8, 8)
+    away[5, 5] = 1
+    assert attention_lift(away, Box(4, 4, 6, 6), everywhere) == pytest.approx(16.0)  # a box off the origin
+    edge = torch.zeros(8, 8)
+    edge[5, 3] = 1
+    assert attention_lift(edge, Box(3, 4, 5, 6), half) == pytest.approx(16.0)  # only its left column on the page
 
 
 @pytest.mark.parametrize("size, rows_on, cols_on", [

@@ -169,6 +169,15 @@ def test_boxes_on_the_padded_square_map_back_to_page_pixels(size):
     assert whole == Box(0, 0, width, height)
 
 
+def test_a_box_keeps_even_one_pixel_of_the_page_and_none_of_an_edge():
+    canvas = Canvas(square=True, centred=True, fill=(0, 0, 0))
+    # 1000 x 502: the page starts 249 px down the square, 1 px above the edge of cell row 6 (250 px)
+    assert region_on_page(Box(0, 5, 24, 6), (24, 24), (1000, 502), 1, canvas) == Box(0, 0, 1000, 1)
+    assert region_on_page(Box(5, 0, 6, 24), (24, 24), (502, 1000), 1, canvas) == Box(0, 0, 1, 1000)
+    # 1000 x 500: the page starts exactly at that edge; the rows above it hold nothing of the page
+    assert region_on_page(Box(0, 0, 24, 6), (24, 24), (1000, 500), 1, canvas) is None
+
+
 def test_canvas_places_content_centred_in_its_fill():
     canvas = Canvas(square=True, centred=True, fill=(1, 2, 3))
     assert canvas.size(300, 100) == (300, 300) and canvas.offset(300, 100) == (0, 100)
