@@ -44,10 +44,6 @@ def page(qzl):
         yield qzl._encode_page(doc, 1, qzl.default_budget()).view
 
 
-def _pixels(bb, images):
-    return bb.image_processor(images=images, return_tensors="pt")["pixel_values"]
-
-
 def expand2square(image, fill):
     """The published LLaVA pad-to-square, written out: the image centred on a square of its longer side."""
     side = max(image.size)
@@ -90,7 +86,8 @@ def test_the_prompt_is_the_one_llava_hf_builds(qzl, page_image):
     fitted = bb.fit_image(page_image, qzl.default_budget())
     stock = processor(images=[fitted], text=[text], return_tensors="pt")
     assert torch.equal(stock["input_ids"], bb.build_prompt(QUESTION, [(24, 24)]).input_ids)
-    assert torch.equal(stock["pixel_values"], _pixels(bb, [fitted]))
+    assert torch.equal(stock["pixel_values"], bb.stock_inputs(bb.build_prompt(QUESTION, [(24, 24)]),
+                                                              [fitted])["pixel_values"])
 
 
 def test_never_mode_equals_stock_generate(qzl, page, page_image):
@@ -110,7 +107,7 @@ def test_layer_by_layer_forward_equals_stock_logits_with_page_and_region(qzl, pa
     prompt = bb.build_prompt(QUESTION, [e.grid for e in encodings])
     inputs = bb.prepare_inputs(prompt, encodings)
     with torch.no_grad():
-        stock = bb.model(input_ids=prompt.input_ids, pixel_values=_pixels(bb, images)).logits[0]
+        stock = bb.model(**bb.stock_inputs(prompt, images)).logits[0]
         ours = bb.logits(bb.run_layers(inputs.embeds, inputs.positions, None, 0, bb.num_layers))[0]
         swapped = bb.prepare_inputs(prompt, encodings[::-1])
         other = bb.logits(bb.run_layers(swapped.embeds, swapped.positions, None, 0, bb.num_layers))[0]
@@ -140,7 +137,7 @@ def test_fused_prefill_with_cache_reuse_equals_prefill_from_scratch_and_stock(qz
         crop = page.crop(region_px, bb.layout.canvas.content_size((int(region_px.width), int(region_px.height)),
                                                                    (336, 336)))
         images = [bb.fit_image(page_image, VisualBudget(1, 1)), bb.layout.canvas.place(crop, (336, 336))]
-        stock = bb.model(input_ids=fused.prompt.input_ids, pixel_values=_pixels(bb, images)).logits[:, -1]
+        stock = bb.model(**bb.stock_inputs(fused.prompt, images)).logits[:, -1]
     torch.testing.assert_close(scratch, stock, atol=1e-4, rtol=1e-4)
     assert mask is None
     torch.testing.assert_close(reused, scratch, atol=1e-4, rtol=1e-4)

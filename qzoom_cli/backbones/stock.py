@@ -9,6 +9,7 @@ position ids, and how its rotary embedding takes them (`rotary_positions`).
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 
 import torch
 from torch import nn
@@ -79,8 +80,9 @@ class StockBackbone(Backbone):
         image_processor = AutoImageProcessor.from_pretrained(source, revision=source_revision)
         return cls(model, tokenizer, image_processor, model_id=ref, revision=revision, attn=attn)
 
+    @abstractmethod
     def make_layout(self) -> FamilyLayout:
-        raise NotImplementedError
+        """What the family declares about itself, from the loaded config and processor."""
 
     def rotary_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """What the model's rotary embedding takes, from positions in the family's layout."""
