@@ -151,14 +151,15 @@ def resize_to_budget(image: Image.Image, factor: int, budget: VisualBudget) -> I
     rows, cols = token_grid(image.height, image.width, factor, budget)
     size = (cols * factor, rows * factor)
     content = ASPECT_CANVAS.content_size(image.size, size)
-    image = image.convert("RGB")
-    if image.size != content:
-        image = image.resize(content, Image.Resampling.BICUBIC)
-    return ASPECT_CANVAS.place(image, size)
+    return ASPECT_CANVAS.place(bicubic(image.convert("RGB"), content), size)  # RGB first: a palette resizes by index
 
 
 def resize_canvas(image: Image.Image, size: tuple[int, int], canvas: Canvas) -> Image.Image:
     """The image padded onto its canvas at its own resolution, then the whole canvas resized
     (bicubic) to `size`: a fixed-grid family's read (LLaVA's pad-to-square, then the resize)."""
-    padded = canvas.pad(image)
-    return padded if padded.size == size else padded.resize(size, Image.Resampling.BICUBIC)
+    return bicubic(canvas.pad(image), size)
+
+
+def bicubic(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`image` resized (bicubic, as the models' processors resample) to `size` (w, h); the same size: a copy."""
+    return image.resize(size, Image.Resampling.BICUBIC)  # pragma: no mutate (None: Pillow's default, bicubic)

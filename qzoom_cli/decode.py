@@ -36,17 +36,15 @@ class Generation:
 
 def pick_tokens(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The greedy token of each row of `logits` [batch, vocab] and its log-probability (in float32)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    tokens = logprobs.argmax(dim=-1)
+    logprobs = torch.log_softmax(logits.float(), dim=1)
+    tokens = logprobs.argmax(dim=1)
     return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
 
 
 def truncate_cache(cache: Cache, length: int, layers: range) -> None:
-    """Keep only the first `length` positions of the given layers' keys and values."""
+    """Keep only the first `length` positions of the given layers' keys and values (they hold at least that many)."""
     for index in layers:
-        extra = cache.layers[index].get_seq_length() - length
-        if extra > 0:
-            cache.layers[index].crop(-extra)
+        cache.layers[index].crop(length - cache.layers[index].get_seq_length())
 
 
 def copy_cache(cache: Cache, empty: Cache, layers: range, rows: list[int] | None = None) -> Cache:

@@ -7,6 +7,7 @@ from PIL import Image
 from qzoom_cli.budget import (
     ASPECT_CANVAS,
     MAX_ASPECT_RATIO,
+    Canvas,
     VisualBudget,
     aspect_canvas,
     resize_to_budget,
@@ -123,3 +124,43 @@ def test_resolve_budget_fills_missing_bound(qz):
     assert qz.resolve_budget(min_tokens=5000) == VisualBudget(5000, 5000)
     assert qz.resolve_budget(100, 200) == VisualBudget(100, 200)
     assert qz.backbone.layout.patch_factor == 28
+
+
+@pytest.mark.parametrize(("canvas", "size", "out", "inside"), [
+    (ASPECT_CANVAS, (6000, 20), (2800, 28), (2800, 19)),  # aspect canvas 6000 x 30: both sides scale apart
+    (ASPECT_CANVAS, (20, 6000), (28, 2800), (19, 2800)),
+    (ASPECT_CANVAS, (300, 200), (336, 224), (336, 224)),  # no padding: the whole output
+    (Canvas(square=True, centred=True), (1000, 2), (336, 336), (336, 1)),  # under a pixel: still one row
+    (Canvas(square=True, centred=True), (2, 1000), (336, 336), (1, 336)),
+    (Canvas(square=True, centred=True), (400, 100), (336, 336), (336, 84)),
+])
+def test_content_size_is_the_image_share_of_its_scaled_canvas(canvas, size, out, inside):
+    assert canvas.content_size(size, out) == inside
+
+
+@pytest.mark.parametrize(("canvas", "corner"), [(ASPECT_CANVAS, (0, 0)),
+                                                (Canvas(centred=True, fill=(1, 2, 3)), (7, 2))])
+def test_place_puts_the_content_at_its_corner_on_the_fill(canvas, corner):
+    """Qwen: content at the top left; LLaVA: centred (floored) — the offset page boxes are shifted by."""
+    content = Image.new("L", (5, 3), 40)
+    placed = canvas.place(content, (20, 8))
+    assert placed.mode == "RGB" and placed.size == (20, 8)
+    x, y = corner
+    inside = [(px, py) for px in range(20) for py in range(8) if placed.getpixel((px, py)) == (40, 40, 40)]
+    assert (min(inside), max(inside)) == ((x, y), (x + 4, y + 2)) and len(inside) == 15
+    assert placed.getpixel((19, 7)) == canvas.fill
+    assert canvas.place(Image.new("RGBA", (20, 8)), (20, 8)).mode == "RGB"
+    assert canvas.pad(Image.new("L", (20, 8))).mode == "RGB"  # already on its canvas: still converted
+
+
+def test_resize_scales_the_whole_image_in_colour():
+    """The content is scaled, not cropped, onto the budget's size; a palette image is resized in
+    colour (bicubic), as its RGB copy is, not by nearest palette index."""
+    image = Image.new("RGB", (600, 400), "white")
+    image.paste((0, 0, 0), (300, 0, 600, 400))  # right half black
+    resized = resize_to_budget(image, 28, VisualBudget(4, 16))
+    assert resized.size != image.size
+    assert resized.getpixel((resized.width - 1, 0)) == (0, 0, 0) and resized.getpixel((0, 0)) == (255, 255, 255)
+    palette = image.quantize(2)
+    assert palette.mode == "P"
+    assert resize_to_budget(palette, 28, VisualBudget(4, 16)).tobytes() == resized.tobytes()

@@ -2,6 +2,7 @@
 errors through the one boundary at the root command."""
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -127,14 +128,28 @@ def test_a_checkpoint_without_an_end_token_is_incompatible():
         _eos_token_ids(model, SimpleNamespace(eos_token_id=None))
 
 
-def test_a_template_that_moves_the_image_when_a_region_is_added_is_incompatible(qz, monkeypatch):
+@pytest.mark.parametrize("change", ["a token before the page", "the page's grid"])
+def test_a_template_that_moves_the_image_when_a_region_is_added_is_incompatible(qz, monkeypatch, change):
+    """Either change alone breaks the reuse of the coarse pass's cache: the ids before the page's
+    last token, or where its tokens sit (as many tokens in another shape: the ids still agree)."""
     bb = qz.backbone
     page = bb.encode_image(bb.fit_image(make_page(), VisualBudget(16, 64)))
     coarse = bb.build_prompt("q?", [page.grid])
     region = bb.encode_image(bb.fit_image(make_page(), VisualBudget(4, 16)))
     real = bb.build_prompt
-    monkeypatch.setattr(bb, "build_prompt", lambda text, grids: real("moved " + text, grids[::-1]))
-    with pytest.raises(IncompatibleCheckpoint, match="does not extend the coarse prompt"):
+    assert page.grid[0] != page.grid[1]
+
+    def moved(text, grids):
+        if change == "the page's grid":
+            return real(text, [grids[0][::-1], *grids[1:]])
+        prompt = real(text, grids)
+        ids = prompt.input_ids.clone()
+        ids[0, 0] += 1
+        return replace(prompt, input_ids=ids)
+
+    monkeypatch.setattr(bb, "build_prompt", moved)
+    message = "^the fused prompt does not extend the coarse prompt; the chat template moved the image$"
+    with pytest.raises(IncompatibleCheckpoint, match=message):
         fuse_region(bb, "q?", coarse, page, region, Box(0, 0, 1, 1), aligned=False)
 
 

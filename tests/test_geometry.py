@@ -35,6 +35,9 @@ def test_sink_mask_only_on_large_grids():
     masked = {tuple(c) for c in torch.nonzero(~keep).tolist()}
     assert masked == {(r, 0) for r in range(5)} | {(0, c) for c in range(6)}
     assert not sink_mask(300, 1)[0, 0] and sink_mask(300, 1)[75, 0]
+    wide, tall = sink_mask(3, 100), sink_mask(100, 3)  # under four rows (columns): the corner cell alone
+    assert {tuple(c) for c in torch.nonzero(~wide).tolist()} == {(0, c) for c in range(25)}
+    assert {tuple(c) for c in torch.nonzero(~tall).tolist()} == {(r, 0) for r in range(25)}
 
 
 def test_blur_by_hand():
@@ -73,7 +76,10 @@ def test_region_maps():
         box = foreground_box(prob, 0.3 * float(prob.max()))
         assert box is not None and box.x0 >= 4 and box.y0 >= 9 and box.x1 <= 9 and box.y1 <= 13
     rel = relative_region_map(logits, keep)
-    assert not relative_region_map(logits, torch.zeros(20, 20, dtype=torch.bool)).any()  # all sinks: no region
+    nothing = torch.zeros(20, 20, dtype=torch.bool)
+    assert not relative_region_map(logits, nothing).any()  # all sinks: no region
+    half = logits.to(torch.bfloat16)  # a GPU's logits: a float32 map either way
+    assert relative_region_map(half, keep).dtype == relative_region_map(half, nothing).dtype == torch.float32
     assert float(rel.max()) == pytest.approx(1.0)
     everywhere = torch.ones(8, 8, dtype=torch.bool)
     assert attention_lift(torch.ones(8, 8), Box(0, 0, 4, 4), everywhere) == pytest.approx(1.0)
@@ -157,6 +163,7 @@ def test_tiny_page_gets_whole_sides():
 
 def test_normalized_and_equivalent_tokens():
     assert normalized(Box(100, 50, 300, 150), (400, 200)) == [0.25, 0.25, 0.75, 0.75]
+    assert normalized(Box(1, 1, 2, 2), (3, 3)) == [0.3333, 0.3333, 0.6667, 0.6667]  # to 1e-4
     assert equivalent_page_tokens(500, Box(0, 0, 100, 100), (200, 400)) == 4000
 
 

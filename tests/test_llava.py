@@ -13,6 +13,7 @@ from qzoom_cli import QZoom, cli
 from qzoom_cli.budget import Canvas, VisualBudget
 from qzoom_cli.decode import greedy_decode, prefill
 from qzoom_cli.documents import open_document
+from qzoom_cli.errors import AdapterMismatch
 from qzoom_cli.testing import make_tiny
 from qzoom_cli.zoom.fuse import fuse_region
 from qzoom_cli.zoom.geometry import Box, region_on_page
@@ -128,6 +129,8 @@ def test_fused_prefill_with_cache_reuse_equals_prefill_from_scratch_and_stock(qz
     region = page.read_region(region_px, page.budget, bb)
     fused = fuse_region(bb, QUESTION, prompt, page.encoding, region, box, aligned=False)
     assert fused.region.start == fused.source.stop and fused.reused == fused.source.stop
+    with pytest.raises(AdapterMismatch, match="^llava has no spatial positions to align a region with$"):
+        fuse_region(bb, QUESTION, prompt, page.encoding, region, box, aligned=True)
     with torch.no_grad():
         hidden_k = bb.run_layers(inputs.embeds, inputs.positions, cache, 0, branch_layer)
         reused, _, mask = engine.fused_prefill([fused], hidden_k, inputs.positions,
@@ -219,8 +222,6 @@ def test_zoomed_answers_read_the_region_in_page_pixels(qzl, tmp_path):
 
 def test_an_adapter_aligning_positions_in_the_grid_is_refused(qzl):
     from zoomkit import trained_adapter
-
-    from qzoom_cli.errors import AdapterMismatch
 
     with pytest.raises(AdapterMismatch, match="1-D positions"):
         trained_adapter(qzl.backbone, branch_layer=2, depth=1, reuse_src_pos=True)

@@ -107,3 +107,14 @@ def test_every_command_with_an_adapter_takes_no_merge(command, tiny_dir, tuned, 
             "serve": ["serve"]}[command]
     result = CliRunner().invoke(cli.app, [*args, "--model", str(tiny_dir), "--adapter", str(tuned[0]), "--no-merge"])
     assert seen == [True], result.stderr
+
+
+def test_without_peft_lora_weights_are_an_environment_problem(monkeypatch):
+    from qzoom_cli.errors import EXIT_MODEL, EnvironmentProblem
+    from qzoom_cli.zoom.lora import import_peft
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # what an environment without it imports
+    hint = r"^LoRA weights need peft .*: pip install 'peft>=0\.17,<1'$"
+    with pytest.raises(EnvironmentProblem, match=hint) as caught:
+        import_peft()
+    assert caught.value.exit_code == EXIT_MODEL

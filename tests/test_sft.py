@@ -205,6 +205,7 @@ def test_train_sft_learns_the_mined_answers_reports_held_out_accuracy_and_resume
     tuned = _cli("train", "sft", manifest, "--adapter", out, "--out", tmp_path / "again", *SFT_OPTIONS,
                  *_device_args(tiny_dir))
     assert tuned.exit_code == EXIT_USAGE and "already carries LoRA weights" in tuned.stderr
+    assert "fine-tune from an adapter without them (the one `train rpn` wrote)" in tuned.stderr
 
 
 @pytest.mark.parametrize("args, message", [

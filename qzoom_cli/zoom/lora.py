@@ -19,15 +19,15 @@ def check_untuned(backbone: Backbone) -> None:
                          "adapter without them (the one `train rpn` wrote)")
 
 
-def load_lora(backbone: Backbone, adapter_dir: str | Path, merge: bool = True) -> None:
-    """Attach the LoRA weights an adapter folder holds (if any), merged into the base weights unless
-    `merge` is False."""
+def load_lora(backbone: Backbone, adapter_dir: str | Path, *, merge: bool) -> None:
+    """Attach the LoRA weights an adapter folder holds (if any), merged into the base weights when
+    `merge` (faster; unmerged they are exact: `--no-merge`)."""
     folder = Path(adapter_dir) / LORA_FOLDER
     if not folder.is_dir():
         return
     peft = import_peft()
     try:
-        wrapped = peft.PeftModel.from_pretrained(backbone.model, folder, is_trainable=False)
+        wrapped = peft.PeftModel.from_pretrained(backbone.model, folder)  # frozen: peft's default
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise AdapterMismatch(f"the LoRA weights in {folder} do not fit {backbone.model_id}: {exc}") from None
     if merge:

@@ -53,7 +53,7 @@ def first_token_keep(first_query: torch.Tensor, image_keys: torch.Tensor) -> tor
 def region_logits(backbone: Backbone, head: RegionHead, hidden: torch.Tensor, positions: torch.Tensor,
                   blocks: list[ImageBlock], attention_mask: torch.Tensor | None = None) -> list[RegionMap]:
     """Each sample's image block scored by its last token, with the family's sink cells marked."""
-    if len(head.layers) > 1:
+    if len(head.layers) > 1:  # pragma: no mutate (only speed: an empty stack changes nothing)
         hidden = backbone.run_modules(head.layers[:-1], hidden, positions, attention_mask)
     if head.norm is not None:
         hidden = head.norm(hidden)
