@@ -71,11 +71,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 def aspect_canvas(width: int, height: int) -> tuple[int, int]:
     """(w, h) of the canvas an image is read on: itself, or for one beyond the aspect-ratio limit
     the smallest canvas within it that holds the image at its top-left corner."""
-    if width > height * MAX_ASPECT_RATIO:
-        return width, math.ceil(width / MAX_ASPECT_RATIO)
-    if height > width * MAX_ASPECT_RATIO:
-        return math.ceil(height / MAX_ASPECT_RATIO), height
-    return width, height
+    return max(width, math.ceil(height / MAX_ASPECT_RATIO)), max(height, math.ceil(width / MAX_ASPECT_RATIO))
 
 
 def token_grid(height: int, width: int, factor: int, budget: VisualBudget) -> tuple[int, int]:

@@ -60,7 +60,7 @@ def pad_segments(samples: list[list[ModelInputs]]) -> PaddedBatch:
             end = boundaries[j + 1]
             start = end - segment.length
             embeds[b, start:end] = segment.embeds[0]
-            positions[:, b, start:end] = segment.positions[:, 0].to(dtype)
+            positions[:, b, start:end] = segment.positions[:, 0]  # the assignment casts to `dtype`
             mask[b, start:end] = 1
             if segment.additions is not None:
                 visual[b, start:end] = segment.additions.mask[0]

@@ -55,12 +55,22 @@ def test_smart_resize_properties(factor, budget):
             assert abs(math.log((h / w) / (height / width))) <= 2 * factor / (min(h, w) - factor)
 
 
-@pytest.mark.parametrize("size", [(10, 3000), (3000, 10), (0, 50), (50, 0)])
-def test_unreadable_shapes_are_input_errors(size):
+@pytest.mark.parametrize(("size", "message"), [
+    ((10, 3000), "aspect ratio of 3000x10 exceeds 200:1"), ((3000, 10), "aspect ratio of 10x3000 exceeds 200:1"),
+    ((0, 50), "image size must be positive, got 50x0"), ((50, 0), "image size must be positive, got 0x50"),
+])
+def test_unreadable_shapes_are_input_errors(size, message):
     """Past the aspect limit, or empty: a named input error (exit 3), not an internal one."""
-    with pytest.raises(PageShape) as caught:
+    with pytest.raises(PageShape, match=f"^{message}$") as caught:
         smart_resize(*size, 28, 4 * 784, 576 * 784)
     assert caught.value.exit_code == EXIT_INPUT
+
+
+def test_a_rounded_area_exactly_at_a_bound_is_kept():
+    """Bounds are inclusive: rounding to the grid landing exactly on the budget's maximum (2048
+    tokens) or minimum (4) is the answer, not rescaled past it."""
+    assert smart_resize(890, 1800, 28, 4 * 784, 2048 * 784) == (896, 1792)
+    assert smart_resize(30, 100, 28, 4 * 784, 16 * 784) == (28, 112)
 
 
 @pytest.mark.parametrize("size", [(6000, 20), (15, 4000), (201, 1), (200, 1)])
@@ -108,10 +118,11 @@ def test_resize_gives_exactly_the_counted_tokens(size):
 
 
 def test_budget_validation():
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match=r"^--min-visual-tokens \(600\) is larger than --max-visual-tokens \(576\)$"):
         VisualBudget(600, 576)
-    with pytest.raises(UsageError):
-        VisualBudget(0, 576)
+    for bounds in ((0, 576), (4, 0)):
+        with pytest.raises(UsageError, match="^visual-token budgets must be positive$"):
+            VisualBudget(*bounds)
     assert VisualBudget(256, 576).pixel_bounds(32) == (256 * 1024, 576 * 1024)
 
 

@@ -53,6 +53,11 @@ def test_blur_by_hand():
     row = torch.tensor([[0.0, 1.0, 0.0]])
     assert gaussian_blur3(row).tolist()[0] == pytest.approx([2 * G[0], G[1], 2 * G[0]])
     assert torch.equal(gaussian_blur3(torch.ones(1, 1)), torch.ones(1, 1))
+    near = torch.zeros(4, 4)
+    near[1, 1] = 1
+    assert gaussian_blur3(near)[0, 1] == pytest.approx(2 * G[0] * G[1])  # mirrored across the top edge
+    assert gaussian_blur3(torch.tensor([[1.0, 0.0]])).tolist()[0] == pytest.approx([G[1], 2 * G[0]])  # two cells too
+    assert gaussian_blur3(torch.tensor([[1.0], [0.0]])).flatten().tolist() == pytest.approx([G[1], 2 * G[0]])
 
 
 def test_foreground_box_cases():

