@@ -269,8 +269,8 @@ def _run_manifest(load: Callable[[], QZoom], rows: list[ManifestRow | RowError],
     if world > 1:
         groups = document_groups(r for r in todo if isinstance(r, ManifestRow))
         mine = [row for group in shard(groups, rank, world) for row in group]
-        todo = sorted(mine + ([r for r in todo if isinstance(r, RowError)] if rank == 0 else []),
-                      key=lambda r: r.index)
+        records_bad_rows = rank == 0  # pragma: no mutate (any one rank would do; rank 0 is in every run)
+        todo = sorted(mine + [r for r in todo if records_bad_rows and isinstance(r, RowError)], key=lambda r: r.index)
     summary = RunSummary(total=len(todo), kept=len(kept))
     on_start(summary.total)
 

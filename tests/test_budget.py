@@ -71,6 +71,7 @@ def test_a_rounded_area_exactly_at_a_bound_is_kept():
     tokens) or minimum (4) is the answer, not rescaled past it."""
     assert smart_resize(890, 1800, 28, 4 * 784, 2048 * 784) == (896, 1792)
     assert smart_resize(30, 100, 28, 4 * 784, 16 * 784) == (28, 112)
+    assert smart_resize(41, 41, 28, 16 * 784, 16 * 784) == (112, 112)  # grown exactly onto min == max
 
 
 @pytest.mark.parametrize("size", [(6000, 20), (15, 4000), (201, 1), (200, 1)])
@@ -165,13 +166,12 @@ def test_place_puts_the_content_at_its_corner_on_the_fill(canvas, corner):
 
 
 def test_resize_scales_the_whole_image_in_colour():
-    """The content is scaled, not cropped, onto the budget's size; a palette image is resized in
-    colour (bicubic), as its RGB copy is, not by nearest palette index."""
+    """The content is scaled, not cropped, onto the budget's size; palette and bilevel images are
+    resized in colour (bicubic), as their RGB copies are, not by nearest index."""
     image = Image.new("RGB", (600, 400), "white")
     image.paste((0, 0, 0), (300, 0, 600, 400))  # right half black
     resized = resize_to_budget(image, 28, VisualBudget(4, 16))
     assert resized.size != image.size
     assert resized.getpixel((resized.width - 1, 0)) == (0, 0, 0) and resized.getpixel((0, 0)) == (255, 255, 255)
-    palette = image.quantize(2)
-    assert palette.mode == "P"
-    assert resize_to_budget(palette, 28, VisualBudget(4, 16)).tobytes() == resized.tobytes()
+    for indexed in (image.quantize(2), image.convert("1")):  # a palette PNG, a bilevel (fax) scan
+        assert resize_to_budget(indexed, 28, VisualBudget(4, 16)).tobytes() == resized.tobytes()

@@ -578,3 +578,56 @@ def test_processes_sharing_one_output_write_shards_that_rank_0_merges(qz, workdi
     assert [(r["id"], r["answer"], r["status"]) for r in merged] == [(r["id"], r["answer"], r["status"])
                                                                       for r in records(single)]
     assert not list(workdir.glob("out.jsonl.rank*"))
+
+
+@pytest.mark.parametrize("fails_on", ["write", "close"])
+def test_a_full_disk_mid_run_loses_nothing_and_resume_completes_the_file(qz, workdir, monkeypatch, fails_on):
+    """The disk fills after the first record (or at the last flush on close): what the file could
+    not take goes to stdout, the run ends with an output error (exit 6) that says so, and
+    `--resume` completes the file without answering again what it holds."""
+    import errno
+
+    from qzoom_cli import batch
+    from qzoom_cli.batch import RunOptions, run_manifest
+    from qzoom_cli.errors import EXIT_OUTPUT, OutputError
+    from qzoom_cli.zoom.pipeline import ZoomSettings
+
+    rows = _rows(workdir)[:3]
+    options = RunOptions(zoom=ZoomSettings("never"), dpi=72, max_new_tokens=2)
+    out, stdout = workdir / "out.jsonl", io.StringIO()
+
+    class FullDisk:
+        def __init__(self, stream):
+            self.stream, self.written = stream, 0
+
+        def write(self, text):
+            if fails_on == "write" and self.written:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += 1
+            return self.stream.write(text)
+
+        def flush(self):
+            self.stream.flush()
+
+        def close(self):
+            self.stream.close()
+            if fails_on == "close":
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    def opened(path, mode, **kwargs):  # the results file as the run appends to it
+        stream = open(path, mode, **kwargs)
+        return FullDisk(stream) if mode == "a" else stream
+
+    monkeypatch.setattr(batch, "open", opened, raising=False)
+    with pytest.raises(OutputError) as failed:
+        run_manifest(lambda: qz, rows, options, output=out, stdout=stdout)
+    assert failed.value.exit_code == EXIT_OUTPUT
+    assert failed.value.message == (f"could not write {out} (No space left on device); the records from there on "
+                                    "went to stdout; --resume redoes the ones missing from the file")
+    in_file, on_stdout = records(out), [json.loads(line) for line in stdout.getvalue().splitlines()]
+    assert len(in_file) == (1 if fails_on == "write" else 3) and len(in_file) + len(on_stdout) == 3
+    assert [r["id"] for r in in_file + on_stdout] == [row.id for row in rows]
+    monkeypatch.undo()
+    again = run_manifest(lambda: qz, rows, options, output=out, stdout=io.StringIO(), resume=True)
+    assert (again.kept, again.done) == (len(in_file), 3 - len(in_file))
+    assert [r["id"] for r in records(out)] == [row.id for row in rows] and records(out)[0] == in_file[0]

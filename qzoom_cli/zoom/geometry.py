@@ -139,7 +139,7 @@ def grid_box_to_pixels(box: Box, grid: tuple[int, int], size: tuple[int, int], m
     def axis(lo_cell: float, hi_cell: float, cells: int, extent: int) -> tuple[int, int]:
         lo, hi = lo_cell * extent / cells, hi_cell * extent / cells
         need = min(min_side, extent)
-        if hi - lo < need:
+        if hi - lo < need:  # pragma: no mutate (`<=` regrows a side of exactly `need` to itself)
             centre = (lo + hi) / 2
             lo, hi = centre - need / 2, centre + need / 2
             shift = max(0.0, -lo) - max(0.0, hi - extent)
