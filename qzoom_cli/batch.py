@@ -104,7 +104,7 @@ def answer_rows(qz: QZoom | None, rows: list[ManifestRow | RowError], options: R
         page_rows = request.handle
         results = outcome if isinstance(outcome, list) else \
             [error_result(r, *_error_fields(outcome, options.verbose)) for r in page_rows]
-        for row, result in zip(page_rows, results, strict=True):
+        for row, result in zip(page_rows, results, strict=True):  # pragma: no mutate (one result per row, always)
             emit(row.index, result)
         open_asks[id(request.doc)] -= 1
         if open_asks[id(request.doc)] == 0:
@@ -266,11 +266,10 @@ def _run_manifest(load: Callable[[], QZoom], rows: list[ManifestRow | RowError],
         raise UsageError("--resume and several processes need an output file (-o)")
 
     todo = [row for row in rows if row.id not in kept]
-    if world > 1:
-        groups = document_groups(r for r in todo if isinstance(r, ManifestRow))
-        mine = [row for group in shard(groups, rank, world) for row in group]
-        records_bad_rows = rank == 0  # pragma: no mutate (any one rank would do; rank 0 is in every run)
-        todo = sorted(mine + [r for r in todo if records_bad_rows and isinstance(r, RowError)], key=lambda r: r.index)
+    groups = document_groups(r for r in todo if isinstance(r, ManifestRow))
+    mine = [row for group in shard(groups, rank, world) for row in group]  # one process: every row
+    records_bad_rows = rank == 0  # pragma: no mutate (any one rank would do; rank 0 is in every run)
+    todo = sorted(mine + [r for r in todo if records_bad_rows and isinstance(r, RowError)], key=lambda r: r.index)
     summary = RunSummary(total=len(todo), kept=len(kept))
     on_start(summary.total)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pymupdf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .budget import bicubic
 from .errors import (
     FileNotFound,
     ImageCorrupt,
@@ -211,9 +212,7 @@ class Document:
             clip = pymupdf.Rect(x0 * points, y0 * points, x1 * points, y1 * points)
             zoom = min(max(size[0] / (x1 - x0), size[1] / (y1 - y0)) * self.dpi / 72, MAX_REGION_DPI / 72)
             region = self._pdf_image(number, zoom, clip)
-        if region.size == size:
-            return region
-        return region.resize(size, Image.Resampling.BICUBIC)
+        return bicubic(region, size)
 
     def thumbnail(self, number: int, max_side: int = 96) -> Image.Image:
         """A small RGB picture of a page, its long side `max_side`; PDFs are rendered directly at that size."""
@@ -288,7 +287,7 @@ def open_document(source: str | Path | bytes, *, password: str | None = None, dp
 
 def _open_pdf(name: str, data: bytes, password: str | None) -> pymupdf.Document:
     try:
-        pdf = pymupdf.open(stream=data, filetype="pdf")
+        pdf = pymupdf.open(stream=data, filetype="pdf")  # pragma: no mutate (MuPDF reads a bare stream as PDF too)
     except Exception as exc:  # pymupdf.FileDataError and friends
         raise PdfCorrupt(f"{name} is not a readable PDF: {exc}") from exc
     if pdf.needs_pass:

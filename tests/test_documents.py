@@ -1,6 +1,7 @@
 import io
 import sys
 
+import pymupdf
 import pytest
 from docmaker import make_encrypted_pdf, make_image, make_pdf, make_tiff
 from PIL import Image
@@ -67,6 +68,21 @@ def test_garbage_and_truncated_pdfs():
     data = make_pdf(3)
     with pytest.raises(PdfCorrupt):
         open_document(data[:20])
+
+
+def test_a_pdf_of_no_pages_and_a_page_that_fails_to_render_are_named(monkeypatch):
+    empty = (b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Kids[]/Count 0>>endobj\n"
+             b"trailer<</Root 1 0 R>>\n%%EOF\n")
+    with pytest.raises(PdfCorrupt, match="^<bytes> has no readable pages$"):
+        open_document(empty)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("syntax error in content stream")
+
+    with open_document(make_pdf(3), dpi=72) as doc:
+        monkeypatch.setattr(pymupdf.Page, "get_pixmap", broken)
+        with pytest.raises(PdfCorrupt, match="^cannot read page 3 of <bytes>: syntax error in content stream$"):
+            doc.render(3)
 
 
 def test_repaired_pdf_is_flagged_not_hidden():
@@ -247,5 +263,21 @@ def test_thumbnails_are_the_page_itself_scaled_to_fit(make, kind):
             assert diff / (thumb.width * thumb.height) < 12, number  # the same page, not another one
         if doc.page_count > 1:
             assert doc.thumbnail(1, 60).tobytes() != doc.thumbnail(2, 60).tobytes()
-        else:
-            assert max(doc.thumbnail(1).size) == 96  # the default size the panel is drawn for
+        assert max(doc.thumbnail(1).size) == 96  # the default size the panel is drawn for
+
+
+def test_a_frame_that_does_not_decode_is_named_by_its_page():
+    """A TIFF whose second frame's compressed data is damaged: reading that page's size (which
+    decodes the upright frame) is an input error naming page 2; page 1 still reads."""
+    frames = [Image.effect_noise((64, 64), 40).convert("RGB") for _ in range(2)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="TIFF", save_all=True, append_images=frames[1:], compression="tiff_deflate")
+    data = bytearray(buffer.getvalue())
+    with Image.open(io.BytesIO(bytes(data))) as tiff:
+        tiff.seek(1)
+        [start], [length] = tiff.tag_v2[273], tiff.tag_v2[279]  # the second frame's strip
+    data[start + 2:start + length - 2] = b"\xab" * (length - 4)
+    with open_document(bytes(data)) as doc:
+        assert doc.page_size(1) == (64, 64)
+        with pytest.raises(ImageCorrupt, match=r"^cannot read page 2 of <bytes>: "):
+            doc.page_size(2)

@@ -8,9 +8,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from qzoom_cli import cli
-from qzoom_cli.errors import EXIT_USAGE
+from qzoom_cli.errors import EXIT_USAGE, UsageError
 from qzoom_cli.evaluate import (
     anls,
+    check_metric,
     choose_metric,
     exact_match,
     percentile,
@@ -93,6 +94,9 @@ def test_exact_match_and_metric_choice():
     assert choose_metric("auto", None, None, ["1"]) == "anls"
     assert percentile([4, 1, 3, 2], 0.5) == 2.5 and percentile([1, 2, 3, 4, 5], 0.95) == pytest.approx(4.8)
     assert percentile([3, 1, 2], 1.0) == 3 and percentile([3, 1, 2], 0.0) == 1 and percentile([], 0.5) == 0.0
+    assert check_metric("auto") == "auto" and check_metric("vqa") == "vqa"
+    with pytest.raises(UsageError, match=r"^unknown metric 'bleu': use auto, anls, relaxed, vqa, exact$"):
+        check_metric("bleu")
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from docmaker import make_image, make_pdf
+from PIL import ImageOps
 
 from qzoom_cli.backbones import ImageBlock
 from qzoom_cli.backbones.qwen2_5_vl import mrope_position_ids
@@ -215,10 +216,12 @@ def test_pdf_region_crop_matches_a_render_at_that_resolution(rotate):
     data = make_pdf(1, rotate={1: rotate} if rotate else None)
     with open_document(data, dpi=72) as doc, open_document(data, dpi=288) as fine:
         width, height = doc.page_size(1)
-        box = Box(width // 5, height // 7, width // 5 + 150, height // 7 + 90)
+        ink = ImageOps.invert(doc.render(1).convert("L")).getbbox()  # where the (rotated) page has content
+        x0, y0 = min(ink[0], width - 150), min(ink[1], height - 90)
+        box = Box(x0, y0, x0 + 150, y0 + 90)
         region = doc.render_region(1, box, (600, 360))  # 4x magnification
         reference = fine.render(1).crop((box.x0 * 4, box.y0 * 4, box.x1 * 4, box.y1 * 4))
-        assert region.size == reference.size == (600, 360)
+        assert region.size == reference.size == (600, 360) and _pixels(reference).std() > 20  # not a blank box
         assert np.abs(_pixels(region) - _pixels(reference)).mean() < 3
 
 

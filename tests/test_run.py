@@ -11,7 +11,7 @@ from docmaker import make_image, make_pdf
 from typer.testing import CliRunner
 
 from qzoom_cli import cli
-from qzoom_cli.batch import OrderedWriter, document_groups, shard
+from qzoom_cli.batch import OrderedWriter, document_groups, shard, shard_path
 from qzoom_cli.errors import EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE, UsageError
 from qzoom_cli.manifest import ManifestRow, RowError, read_manifest
 
@@ -69,6 +69,8 @@ def test_manifest_aliases_layouts_and_bad_rows(tmp_path):
     assert bad == {"x": "bad_row", "y": "bad_row", "z": "bad_row", "row9": "bad_row", "row10": "bad_row",
                    "a1@row11": "duplicate_id"}
     assert [r.index for r in rows] == list(range(11))
+    messages = {r.id: r.message for r in rows if isinstance(r, RowError)}
+    assert messages["row9"].startswith(f"{m} line 9 is not JSON") and messages["row10"] == "row 10 is not a JSON object"
     rooted = read_manifest(m, root="/data")
     assert rooted[0].file == "/data/a.pdf"
 
@@ -82,10 +84,15 @@ def test_docvqa_and_lmms_eval_layouts(tmp_path):
     assert (row.id, row.file, row.answers) == ("337", str(tmp_path / "documents/x_1.png"), ["1/8/93", "january 8, 1993"])
     lmms = [{"doc_id": 0, "doc": {"question": "total?", "image_path": "p.png", "answers": ["5"]}, "target": "5",
              "resps": [["5"]]},
-            {"doc_id": 1, "doc": {"question": "name?", "image": "q.png"}, "target": "Ann"}]
+            {"doc_id": 1, "doc": {"question": "name?", "image": "q.png"}, "target": "Ann", "pages": "2",
+             "password": "pw", "metric": "exact", "dataset": "chartqa"}]
     write_manifest(tmp_path / "samples.jsonl", lmms)
     rows = read_manifest(tmp_path / "samples.jsonl")
     assert [(r.id, r.answers) for r in rows] == [("0", ["5"]), ("1", ["Ann"])]
+    assert (rows[1].pages, rows[1].password, rows[1].metric, rows[1].dataset) == ("2", "pw", "exact", "chartqa")
+    [row] = read_manifest(write_manifest(tmp_path / "empty.jsonl", [{"id": "", "question_id": "q7", "question": "",
+                                                                      "query": "what?", "file": "a.pdf"}]))
+    assert (row.id, row.question) == ("q7", "what?")  # an empty value falls through to the next alias
     with pytest.raises(UsageError):
         read_manifest(tmp_path / "missing.jsonl")
 
@@ -557,10 +564,13 @@ def test_processes_sharing_one_output_write_shards_that_rank_0_merges(qz, workdi
     alone = len(answered)
     out, barrier, failures, totals = workdir / "out.jsonl", threading.Barrier(2, timeout=60), [], {}
 
+    own_shard_there = []
+
     def rank(r):
         try:
             totals[r] = run_manifest(lambda: qz, rows, options, output=out, stdout=io.StringIO(), rank=r, world=2,
-                                     barrier=barrier.wait).total
+                                     barrier=barrier.wait,
+                                     on_result=lambda _, r=r: own_shard_there.append(shard_path(out, r).exists())).total
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             failures.append(exc)
             barrier.abort()
@@ -577,6 +587,7 @@ def test_processes_sharing_one_output_write_shards_that_rank_0_merges(qz, workdi
     assert [r["id"] for r in merged] == [row.id for row in rows]
     assert [(r["id"], r["answer"], r["status"]) for r in merged] == [(r["id"], r["answer"], r["status"])
                                                                       for r in records(single)]
+    assert len(own_shard_there) == len(rows) and all(own_shard_there)  # each rank wrote into its own shard
     assert not list(workdir.glob("out.jsonl.rank*"))
 
 
@@ -631,3 +642,76 @@ def test_a_full_disk_mid_run_loses_nothing_and_resume_completes_the_file(qz, wor
     again = run_manifest(lambda: qz, rows, options, output=out, stdout=io.StringIO(), resume=True)
     assert (again.kept, again.done) == (len(in_file), 3 - len(in_file))
     assert [r["id"] for r in records(out)] == [row.id for row in rows] and records(out)[0] == in_file[0]
+
+
+def test_rows_open_their_documents_with_their_password_and_the_run_dpi(qz, workdir):
+    """A row's password opens its PDF; every document is read at the run's --dpi; a row that
+    cannot be answered carries the error that stopped it, message and all."""
+    from docmaker import make_encrypted_pdf
+
+    from qzoom_cli.batch import RunOptions, run_manifest
+    from qzoom_cli.zoom.pipeline import ZoomSettings
+
+    (workdir / "locked.pdf").write_bytes(make_encrypted_pdf("s3cret"))
+    manifest = write_manifest(workdir / "m.jsonl", [
+        {"id": "open", "file": "locked.pdf", "password": "s3cret", "question": "total?", "pages": "1"},
+        {"id": "shut", "file": "locked.pdf", "question": "total?"},
+        {"id": "gone", "file": "missing.pdf", "question": "total?"},
+        {"id": "bad"},
+    ])
+    rows = read_manifest(str(manifest), None)
+    stdout = io.StringIO()
+    run_manifest(lambda: qz, rows, RunOptions(zoom=ZoomSettings("never"), dpi=50, max_new_tokens=2),
+                 output=None, stdout=stdout)
+    by_id = {r["id"]: r for r in map(json.loads, stdout.getvalue().splitlines())}
+    assert by_id["open"]["status"] in ("ok", "truncated") and by_id["open"]["input"]["dpi"] == 50
+    locked = f"{workdir / 'locked.pdf'} is encrypted: pass its password with --password"
+    assert by_id["shut"]["error"] == {"code": "pdf_encrypted", "message": locked}
+    assert by_id["gone"]["error"] == {"code": "file_not_found", "message": f"no such file: {workdir / 'missing.pdf'}"}
+    [bad] = [row for row in rows if isinstance(row, RowError)]
+    assert by_id["bad"]["error"] == {"code": bad.code, "message": bad.message} and bad.message
+
+
+def test_rows_are_asked_with_the_run_instruction_and_a_verbose_run_shows_a_bug(qz, workdir, monkeypatch, capsys):
+    """The run's answer instruction reaches every prompt; a bug answering one batch fails its rows
+    as internal errors, with the traceback on stderr under --verbose."""
+    from qzoom_cli.batch import RunOptions, answer_rows
+    from qzoom_cli.zoom.pipeline import ZoomSettings
+
+    prompts = []
+
+    def broken(items, *args):
+        prompts.extend(text for _, text in items)
+        raise KeyError("x")
+
+    monkeypatch.setattr(qz.engine, "answer_batch", broken)
+    rows = _rows(workdir)[:3]
+    options = RunOptions(zoom=ZoomSettings("never"), dpi=72, max_new_tokens=2, instruction="Answer in Latin.",
+                         verbose=True)
+    results = {}
+    answer_rows(qz, rows, options, lambda index, result: results.setdefault(index, result))
+    assert prompts and all(text.endswith("Answer in Latin.") for text in prompts)
+    assert {(r.error.code, r.error.message) for r in results.values()} == {("internal", "KeyError: 'x'")}
+    assert len(results) == 3 and "Traceback" in capsys.readouterr().err
+
+
+def test_each_document_is_closed_once_its_rows_are_answered(qz, workdir, monkeypatch):
+    from qzoom_cli import batch
+    from qzoom_cli.batch import RunOptions, answer_rows
+    from qzoom_cli.zoom.pipeline import ZoomSettings
+
+    opened, closes = [], []
+
+    def tracked(*args, **kwargs):
+        doc = batch_open(*args, **kwargs)
+        real_close = doc.close
+        doc.close = lambda: (closes.append(doc.source), real_close())
+        opened.append(doc.source)
+        return doc
+
+    batch_open = batch.open_document
+    monkeypatch.setattr(batch, "open_document", tracked)
+    rows = _rows(workdir)  # a.pdf's rows make two requests (every page, page 2); it is closed after both
+    answer_rows(qz, rows, RunOptions(zoom=ZoomSettings("never"), dpi=72, max_new_tokens=2, batch_size=2),
+                lambda index, result: None)
+    assert len(opened) == 3 and sorted(closes) == sorted(opened)
