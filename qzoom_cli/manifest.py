@@ -92,7 +92,7 @@ def parse_row(index: int, row, root: Path) -> ManifestRow | RowError:
                         question)
     path = Path(file).expanduser()
     pages = row.get("pages")
-    return ManifestRow(index=index, id=row_id, file=str(path if path.is_absolute() else root / path),
+    return ManifestRow(index=index, id=row_id, file=str(root / path),  # an absolute path stays as it is
                        question=question.strip(), pages=str(pages) if pages is not None else None,
                        password=row.get("password"), answers=_answers(_first(row, ANSWER_KEYS)),
                        metric=row.get("metric"), dataset=row.get("dataset") or row.get("task"))

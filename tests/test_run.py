@@ -59,20 +59,28 @@ def test_manifest_aliases_layouts_and_bad_rows(tmp_path):
         "not json at all",
         [1, 2],
         {"id": "a1", "file": "a.pdf", "question": "again"},
+        {"file": "c.pdf", "question": "no id?", "task": "docvqa"},
     ])
     rows = read_manifest(m)
     good = [r for r in rows if isinstance(r, ManifestRow)]
-    assert [r.id for r in good] == ["a1", "b1", "a2", "c1", "a3"]
+    assert [r.id for r in good] == ["a1", "b1", "a2", "c1", "a3", "row12"]
+    assert good[5].dataset == "docvqa"  # lmms-eval's name for it
     assert good[0].file == str(tmp_path / "a.pdf") and good[0].answers == ["$100.00"]
     assert good[1].question == "what?" and good[2].pages == "2" and good[3].answers == ["nobody"]
     bad = {r.id: r.code for r in rows if isinstance(r, RowError)}
     assert bad == {"x": "bad_row", "y": "bad_row", "z": "bad_row", "row9": "bad_row", "row10": "bad_row",
                    "a1@row11": "duplicate_id"}
-    assert [r.index for r in rows] == list(range(11))
+    assert [r.index for r in rows] == list(range(12))
     messages = {r.id: r.message for r in rows if isinstance(r, RowError)}
     assert messages["row9"].startswith(f"{m} line 9 is not JSON") and messages["row10"] == "row 10 is not a JSON object"
+    assert messages["x"] == "row 6: no document (keys: file, path, image, images, image_path)"
+    assert messages["y"] == "row 7: no question (keys: question, query)"
+    assert messages["z"] == "row 8: exactly one file per row, got 2"
+    assert next(r for r in rows if r.id == "x").question == "no file"  # kept for the error record
     rooted = read_manifest(m, root="/data")
     assert rooted[0].file == "/data/a.pdf"
+    absolute = write_manifest(tmp_path / "abs.jsonl", [{"id": "p", "file": str(tmp_path / "a.pdf"), "question": "q?"}])
+    assert read_manifest(absolute, root="/data")[0].file == str(tmp_path / "a.pdf")  # not moved under the root
 
 
 def test_docvqa_and_lmms_eval_layouts(tmp_path):
