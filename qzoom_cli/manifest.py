@@ -109,7 +109,7 @@ def _objects(text: str, name: str) -> list:
     try:
         document = None if _undecodable(text) else json.loads(text)
     except json.JSONDecodeError:
-        document = None
+        document = None  # pragma: no mutate (any value but a list or an object reads as lines)
     if isinstance(document, list):
         return document
     if isinstance(document, dict):
@@ -141,7 +141,8 @@ def read_manifest(source: str | Path, root: str | Path | None = None) -> list[Ma
         if not path.is_file():
             raise UsageError(f"no such manifest: {name}")
         data, folder = path.read_bytes(), path.parent
-    text = data.decode("utf-8-sig", errors="surrogateescape")  # a byte-order mark is not part of row 1
+    # a byte-order mark is not part of row 1; bytes that are not UTF-8 are kept to name their line
+    text = data.decode("utf-8-sig", errors="surrogateescape")  # pragma: no mutate (codec names: any case)
     rows: list[ManifestRow | RowError] = []
     seen: set[str] = set()
     for index, obj in enumerate(_objects(text, name)):
@@ -149,7 +150,7 @@ def read_manifest(source: str | Path, root: str | Path | None = None) -> list[Ma
             else parse_row(index, obj, Path(root) if root else folder)
         if row.id in seen:  # its record gets an id of its own, so the first row's record stays
             row = RowError(index, f"{row.id}@row{index + 1}", "duplicate_id",
-                           f"row {index + 1}: id {row.id!r} is used by an earlier row", getattr(row, "question", ""))
+                           f"row {index + 1}: id {row.id!r} is used by an earlier row", row.question)
         seen.add(row.id)
         rows.append(row)
     if not rows:

@@ -214,7 +214,7 @@ def _pixels(image):
 def test_pdf_region_crop_matches_a_render_at_that_resolution(rotate):
     """A PDF region is re-rendered (vector-sharp) and shows exactly the page box it names."""
     data = make_pdf(1, rotate={1: rotate} if rotate else None)
-    with open_document(data, dpi=72) as doc, open_document(data, dpi=288) as fine:
+    with open_document(data, dpi=36) as doc, open_document(data, dpi=144) as fine:  # page pixels are 2 points
         width, height = doc.page_size(1)
         ink = ImageOps.invert(doc.render(1).convert("L")).getbbox()  # where the (rotated) page has content
         x0, y0 = min(ink[0], width - 150), min(ink[1], height - 90)

@@ -77,6 +77,8 @@ def test_manifest_aliases_layouts_and_bad_rows(tmp_path):
     assert messages["y"] == "row 7: no question (keys: question, query)"
     assert messages["z"] == "row 8: exactly one file per row, got 2"
     assert next(r for r in rows if r.id == "x").question == "no file"  # kept for the error record
+    duplicate = next(r for r in rows if r.id == "a1@row11")
+    assert (duplicate.message, duplicate.question) == ("row 11: id 'a1' is used by an earlier row", "again")
     rooted = read_manifest(m, root="/data")
     assert rooted[0].file == "/data/a.pdf"
     absolute = write_manifest(tmp_path / "abs.jsonl", [{"id": "p", "file": str(tmp_path / "a.pdf"), "question": "q?"}])
@@ -101,8 +103,11 @@ def test_docvqa_and_lmms_eval_layouts(tmp_path):
     [row] = read_manifest(write_manifest(tmp_path / "empty.jsonl", [{"id": "", "question_id": "q7", "question": "",
                                                                       "query": "what?", "file": "a.pdf"}]))
     assert (row.id, row.question) == ("q7", "what?")  # an empty value falls through to the next alias
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match=f"^no such manifest: {tmp_path / 'missing.jsonl'}$"):
         read_manifest(tmp_path / "missing.jsonl")
+    (tmp_path / "blank.jsonl").write_text("\n")
+    with pytest.raises(UsageError, match=f"^manifest {tmp_path / 'blank.jsonl'} has no rows$"):
+        read_manifest(tmp_path / "blank.jsonl")
 
 
 def test_stdin_manifest(monkeypatch, tmp_path):
@@ -123,6 +128,10 @@ def test_byte_order_mark_and_lines_that_are_not_utf8(tmp_path):
     assert isinstance(first, ManifestRow) and first.id == "a1"
     assert isinstance(bad, RowError) and bad.code == "bad_row" and "line 2 is not UTF-8" in bad.message
     assert isinstance(last, ManifestRow) and last.id == "c1"
+    for byte in (b"\x80", b"\xff"):  # the first and last bytes that are never UTF-8 on their own
+        path.write_bytes(b'{"id": "x", "file": "a' + byte + b'.pdf", "question": "q?"}\n')
+        [alone] = read_manifest(path)
+        assert isinstance(alone, RowError) and "line 1 is not UTF-8" in alone.message
     whole = tmp_path / "docvqa.json"
     whole.write_bytes(b"\xef\xbb\xbf" + json.dumps({"data": [ROWS[0]]}).encode())
     assert [r.id for r in read_manifest(whole)] == ["a1"]
