@@ -223,6 +223,8 @@ def test_pdf_region_crop_matches_a_render_at_that_resolution(rotate):
         reference = fine.render(1).crop((box.x0 * 4, box.y0 * 4, box.x1 * 4, box.y1 * 4))
         assert region.size == reference.size == (600, 360) and _pixels(reference).std() > 20  # not a blank box
         assert np.abs(_pixels(region) - _pixels(reference)).mean() < 3
+        squeezed = doc.render_region(1, box, (600, 180))  # 4x across, 2x down: rendered at 4x, then resized
+        assert np.abs(_pixels(squeezed) - _pixels(reference.resize((600, 180)))).mean() < 0.5
 
 
 def test_image_region_crop_uses_original_pixels():
