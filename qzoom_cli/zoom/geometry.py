@@ -74,8 +74,8 @@ def gaussian_blur3(grid: torch.Tensor) -> torch.Tensor:
 
 
 def sigmoid_region_map(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Trained region heads: per-cell probability, cells not kept (sinks) zeroed, then blurred."""
-    keep = keep.to(logits.device)  # pragma: no mutate (one device in the tests)
+    """Trained region heads: per-cell probability, cells not kept (sinks) zeroed, then blurred
+    (`keep` on the logits' device, as a `RegionMap` holds it)."""
     return gaussian_blur3(torch.sigmoid(logits) * keep)
 
 
@@ -86,7 +86,6 @@ def relative_region_map(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
     after the blur, dividing by the maximum puts the peak at 1 so one threshold (a fraction of
     the peak) fits every page size.
     """
-    keep = keep.to(logits.device)  # pragma: no mutate (one device in the tests)
     if not bool(keep.any()):
         return torch.zeros_like(logits, dtype=torch.float32)
     share = torch.softmax(logits.float().masked_fill(~keep, -torch.inf).flatten(), dim=0).view_as(logits)

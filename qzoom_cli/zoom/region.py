@@ -39,7 +39,7 @@ class RegionHead:
 @dataclass
 class RegionMap:
     logits: torch.Tensor  # [rows, cols]
-    keep: torch.Tensor    # [rows, cols] bool: False on attention-sink cells
+    keep: torch.Tensor    # [rows, cols] bool, on the logits' device: False on attention-sink cells
 
 
 def first_token_keep(first_query: torch.Tensor, image_keys: torch.Tensor) -> torch.Tensor:
