@@ -27,7 +27,7 @@ def make_encrypted_pdf(password: str = "s3cret") -> bytes:
 
 def make_image(fmt: str, size=(300, 200), mode="RGB", color=(200, 220, 240), **save) -> bytes:
     image = Image.new(mode, size, color)
-    ImageDraw.Draw(image).text((10, 10), "TOTAL 42.00", fill=(0, 0, 0) if mode == "RGB" else 0)
+    ImageDraw.Draw(image).text((10, 10), "TOTAL 42.00", fill="black")
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save)
     return buffer.getvalue()

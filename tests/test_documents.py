@@ -109,10 +109,24 @@ def test_multi_frame_tiff_has_one_page_per_frame():
             assert page.getpixel((5, 5)) == (60 * (number - 1),) * 3
 
 
-def test_transparent_png_is_flattened_on_white():
-    data = make_image("PNG", mode="RGBA", color=(0, 0, 0, 0))
-    with open_document(data) as doc:
-        assert doc.render(1).getpixel((299, 199)) == (255, 255, 255)
+def _palette_png_with_a_transparent_entry() -> bytes:
+    image = Image.open(io.BytesIO(make_image("PNG"))).convert("P", palette=Image.Palette.ADAPTIVE)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=image.getpixel((299, 199)))  # the background's entry
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: make_image("PNG", mode="RGBA", color=(0, 0, 0, 0)),
+    lambda: make_image("PNG", mode="LA", color=(0, 0)),
+    _palette_png_with_a_transparent_entry,
+    lambda: make_image("PNG", transparency=(200, 220, 240)),  # a colour key: the background colour
+], ids=["alpha", "grey-alpha", "palette", "colour-key"])
+def test_transparent_pngs_are_flattened_on_white(make):
+    with open_document(make()) as doc:
+        page = doc.render(1)
+        assert page.getpixel((299, 199)) == (255, 255, 255)  # the transparent background
+        assert page.crop((10, 10, 100, 30)).convert("L").getextrema()[0] < 100  # the text drawn on it
 
 
 def test_sixteen_bit_grayscale_png():
@@ -239,11 +253,47 @@ def test_endless_input_is_capped(monkeypatch):
     from qzoom_cli.errors import InputError
 
     monkeypatch.setattr(documents, "MAX_INPUT_BYTES", 2**20)
-    with pytest.raises(InputError, match="larger than"):
+    with pytest.raises(InputError, match="^/dev/zero is larger than 1 MiB, the most qzoom reads as one document$"):
         open_document("/dev/zero")
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"%PDF-" + b"0" * 2**21)))
     with pytest.raises(InputError, match="standard input is larger"):
         open_document("-")
+
+
+def test_a_file_of_exactly_the_cap_opens(monkeypatch, tmp_path):
+    import qzoom_cli.documents as documents
+
+    path = tmp_path / "page.png"
+    path.write_bytes(make_image("PNG"))
+    monkeypatch.setattr(documents, "MAX_INPUT_BYTES", path.stat().st_size)
+    with open_document(path) as doc:
+        assert doc.render(1).size == (300, 200)
+
+
+@pytest.mark.parametrize("size", [(40, 40), (50, 50)])  # over the limit (Pillow warns), over twice it (Pillow raises)
+def test_decompression_bombs_are_refused(monkeypatch, size):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageCorrupt, match=r"^cannot decode image <bytes>: .*decompression bomb"):
+        open_document(make_image("PNG", size=size))
+
+
+def test_a_tiff_whose_metadata_is_damaged_still_opens():
+    """Pillow warns and skips a tag whose data lies past the end of the file; only bombs are refused."""
+    import struct
+
+    from PIL import TiffImagePlugin
+
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[270] = "x" * 100  # an image description long enough to be stored out of line
+    data = bytearray(make_image("TIFF", tiffinfo=tags))
+    directory = struct.unpack_from("<I", data, 4)[0]
+    for entry in range(directory + 2, directory + 2 + 12 * struct.unpack_from("<H", data, directory)[0], 12):
+        if struct.unpack_from("<H", data, entry)[0] == 270:
+            struct.pack_into("<I", data, entry + 4, 10**6)  # its length now runs past the file
+    with pytest.warns(UserWarning, match="Tag data larger than file"):
+        Image.open(io.BytesIO(bytes(data))).load()
+    with open_document(bytes(data)) as doc:
+        assert doc.render(1).size == (300, 200)
 
 
 @pytest.mark.parametrize("make, kind", [(lambda: make_pdf(3, size=(842, 595)), "pdf"),

@@ -227,6 +227,25 @@ def test_pdf_region_crop_matches_a_render_at_that_resolution(rotate):
         assert np.abs(_pixels(squeezed) - _pixels(reference.resize((600, 180)))).mean() < 0.5
 
 
+@pytest.mark.parametrize("size, rendered", [
+    ((600, 360), (600, 360)),  # 4x both ways
+    ((600, 180), (600, 360)),  # 4x across, 2x down: the larger scale
+    ((300, 360), (600, 360)),  # 2x across, 4x down: the larger scale
+    ((1200, 720), (900, 540)),  # 8x wanted: capped at MAX_REGION_DPI
+])
+def test_pdf_regions_render_at_the_scale_their_size_needs_up_to_the_cap(monkeypatch, size, rendered):
+    """The clip is rendered once at the larger of the two magnifications (never beyond
+    MAX_REGION_DPI, which bounds memory), then resized to `size`."""
+    import qzoom_cli.documents as documents
+
+    monkeypatch.setattr(documents, "MAX_REGION_DPI", 216)  # 6x the document's 36 dpi
+    seen = []
+    monkeypatch.setattr(documents, "bicubic", lambda image, size: seen.append(image.size) or image.resize(size))
+    with open_document(make_pdf(1), dpi=36) as doc:  # page pixels are 2 points
+        assert doc.render_region(1, Box(20, 30, 170, 120), size).size == size
+    assert seen == [rendered]
+
+
 def test_image_region_crop_uses_original_pixels():
     data = make_image("PNG", size=(400, 300))
     with open_document(data) as doc:
