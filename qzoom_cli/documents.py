@@ -72,6 +72,11 @@ def detect_kind(data: bytes) -> str:
     )
 
 
+def _out_of_range(number: int, page_count: int) -> PageOutOfRange:
+    return PageOutOfRange(f"page {number} is out of range: the document has {page_count} "
+                          f"{'page' if page_count == 1 else 'pages'}")
+
+
 def parse_page_spec(spec: str | None, page_count: int) -> list[int]:
     """'1-3,7' -> [1, 2, 3, 7]: 1-based, inclusive, open ends ('5-', '-3'), order kept, no repeats."""
     if spec is None or spec.strip().lower() in ("", "all"):
@@ -81,9 +86,9 @@ def parse_page_spec(spec: str | None, page_count: int) -> list[int]:
         part = part.strip()
         try:
             if "-" in part:
-                lo_text, hi_text = part.split("-", 1)
-                lo = int(lo_text) if lo_text.strip() else 1
-                hi = int(hi_text) if hi_text.strip() else page_count
+                lo_text, _, hi_text = part.partition("-")
+                lo = int(lo_text) if lo_text else 1
+                hi = int(hi_text) if hi_text else page_count
             else:
                 lo = hi = int(part)
         except ValueError:
@@ -93,8 +98,7 @@ def parse_page_spec(spec: str | None, page_count: int) -> list[int]:
         if lo > hi:
             raise UsageError(f"bad page range {spec!r}: {lo}-{hi} is empty")
         if hi > page_count:
-            noun = "page" if page_count == 1 else "pages"
-            raise PageOutOfRange(f"page {hi} is out of range: the document has {page_count} {noun}")
+            raise _out_of_range(hi, page_count)
         pages.extend(p for p in range(lo, hi + 1) if p not in pages)
     return pages
 
@@ -129,7 +133,7 @@ class Document:
 
     def _check(self, number: int) -> None:
         if not 1 <= number <= self.page_count:
-            raise PageOutOfRange(f"page {number} is out of range: the document has {self.page_count} pages")
+            raise _out_of_range(number, self.page_count)
 
     @contextmanager
     def _reading(self, number: int) -> Iterator[None]:

@@ -1,4 +1,5 @@
 import io
+import itertools
 import sys
 
 import pymupdf
@@ -169,32 +170,70 @@ def test_bad_files(tmp_path):
         open_document(make_pdf(1), dpi=0)
 
 
-def test_detect_kind_signatures():
-    assert detect_kind(b"junk\n%PDF-1.4 ...") == "pdf"
-    assert detect_kind(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "webp"
-    assert detect_kind(b"MM\x00*rest") == "tiff"
-    with pytest.raises(UnsupportedType):
-        detect_kind(b"RIFF\x00\x00\x00\x00WAVE")
+@pytest.mark.parametrize("data, kind", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "png"),
+    (b"\xff\xd8\xff\xe0", "jpeg"),
+    (b"GIF87a\x01\x00", "gif"),
+    (b"GIF89a\x01\x00", "gif"),
+    (b"II*\x00\x08\x00", "tiff"),
+    (b"MM\x00*\x00\x00", "tiff"),
+    (b"II+\x00\x08\x00", "tiff"),  # BigTIFF
+    (b"BM\x36\x00", "bmp"),
+    (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "webp"),
+    (b"%PDF-1.7\n", "pdf"),
+    (b"x" * 1019 + b"%PDF-1.4", "pdf"),  # the header may follow junk, ending within the first kilobyte
+    (b"\x89PNG\r\n\x1a\n tEXt %PDF-1.4", "png"),  # an image's own bytes may contain a PDF header
+])
+def test_kinds_are_told_by_their_leading_bytes(data, kind):
+    assert detect_kind(data) == kind
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "the file is empty"),
+    (b"RIFF\x00\x00\x00\x00WAVE", r"not a PDF or a supported image \(PNG, JPEG, WebP, BMP, GIF, TIFF\); "
+                                    r"it starts with b'RIFF\\x00\\x00\\x00\\x00'"),
+    (b"x" * 1020 + b"%PDF-1.4", "not a PDF"),  # a header ending past the first kilobyte
+])
+def test_other_bytes_are_refused_by_name(data, message):
+    with pytest.raises(UnsupportedType, match=f"^{message}"):
+        detect_kind(data)
 
 
 @pytest.mark.parametrize("spec,count,expected", [
-    (None, 3, [1, 2, 3]), ("all", 2, [1, 2]), ("2", 3, [2]), ("1-3,7", 9, [1, 2, 3, 7]),
-    ("3-", 5, [3, 4, 5]), ("-2", 5, [1, 2]), (" 2 , 1 ", 3, [2, 1]), ("1-2,2-3", 4, [1, 2, 3]),
+    (None, 3, [1, 2, 3]), ("all", 2, [1, 2]), (" ALL ", 2, [1, 2]), ("", 2, [1, 2]), ("2", 3, [2]),
+    ("1-3,7", 9, [1, 2, 3, 7]), ("3-", 5, [3, 4, 5]), ("-2", 5, [1, 2]), (" 2 , 1 ", 3, [2, 1]),
+    ("1-2,2-3", 4, [1, 2, 3]), ("3, 1-3", 3, [3, 1, 2]),
 ])
 def test_page_spec(spec, count, expected):
     assert parse_page_spec(spec, count) == expected
 
 
-@pytest.mark.parametrize("spec,error", [("0", UsageError), ("3-1", UsageError), ("a", UsageError),
-                                        ("1-x", UsageError), ("4", PageOutOfRange), ("2-9", PageOutOfRange)])
-def test_bad_page_spec(spec, error):
-    with pytest.raises(error):
-        parse_page_spec(spec, 3)
+@pytest.mark.parametrize("spec,count,error,message", [
+    ("0", 3, UsageError, "bad page range '0': pages are numbered from 1"),
+    ("3-1", 3, UsageError, "bad page range '3-1': 3-1 is empty"),
+    ("a", 3, UsageError, "bad page range 'a': use 1-based numbers like '1-3,7'"),
+    ("1-x", 3, UsageError, "bad page range '1-x': use 1-based numbers like '1-3,7'"),
+    ("1-2-3", 3, UsageError, "bad page range '1-2-3': use 1-based numbers like '1-3,7'"),
+    ("4", 3, PageOutOfRange, "page 4 is out of range: the document has 3 pages"),
+    ("1,2-9", 3, PageOutOfRange, "page 9 is out of range: the document has 3 pages"),
+    ("2", 1, PageOutOfRange, "page 2 is out of range: the document has 1 page"),
+])
+def test_bad_page_spec(spec, count, error, message):
+    with pytest.raises(error) as caught:
+        parse_page_spec(spec, count)
+    assert str(caught.value) == message
 
 
-def test_render_of_missing_page_is_out_of_range():
-    with open_document(make_pdf(2)) as doc, pytest.raises(PageOutOfRange):
-        doc.render(3)
+@pytest.mark.parametrize("make", [lambda: make_pdf(2), lambda: make_tiff([(40, 30), (30, 40)])])
+def test_pages_outside_the_document_are_out_of_range(make):
+    from qzoom_cli.zoom.geometry import Box
+
+    with open_document(make()) as doc:
+        reads = (doc.render, doc.page_size, lambda n: doc.render_region(n, Box(0, 0, 10, 10), (10, 10)))
+        for read, number in itertools.product(reads, (0, 3)):
+            with pytest.raises(PageOutOfRange, match=f"^page {number} is out of range: the document has 2 pages$"):
+                read(number)
+        assert [read(number) is not None for read in reads for number in (1, 2)] == [True] * 6
 
 
 def test_thumbnail_is_small_and_keeps_aspect():
