@@ -106,11 +106,11 @@ def parse_page_spec(spec: str | None, page_count: int) -> list[int]:
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB with transparency (alpha, a transparent palette entry or colour key) flattened onto white:
     a transparent PNG must not turn black."""
+    if image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit grey: scaled, not clipped, to 8 bits
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
     if image.has_transparency_data:
-        background = Image.new("RGBA", image.size, "white")
+        background = Image.new("RGBA", image.size, "white")  # pragma: no mutate (colour names ignore case)
         return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = image.point(lambda v: v / 256).convert("L")
     return image.convert("RGB")
 
 

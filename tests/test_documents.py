@@ -130,11 +130,23 @@ def test_transparent_pngs_are_flattened_on_white(make):
         assert page.crop((10, 10, 100, 30)).convert("L").getextrema()[0] < 100  # the text drawn on it
 
 
-def test_sixteen_bit_grayscale_png():
+def _grey_image(fmt: str, array) -> bytes:
     buffer = io.BytesIO()
-    Image.new("I;16", (64, 32), 65535).save(buffer, format="PNG")
-    with open_document(buffer.getvalue()) as doc:
-        assert doc.render(1).getpixel((0, 0)) == (255, 255, 255)
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt, dtype, mode", [
+    ("PNG", "<u2", "I;16"), ("TIFF", "<u2", "I;16"), ("TIFF", ">u2", "I;16B"), ("TIFF", "<i4", "I"),
+])
+def test_sixteen_bit_grey_is_scaled_to_eight_bits(fmt, dtype, mode):
+    import numpy as np
+
+    levels = np.array([[0, 256, 40000, 65535]], dtype=dtype)
+    data = _grey_image(fmt, levels)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    with open_document(data) as doc:
+        assert [doc.render(1).getpixel((x, 0)) for x in range(4)] == [(v,) * 3 for v in (0, 1, 156, 255)]
 
 
 def test_exif_orientation_is_applied():
