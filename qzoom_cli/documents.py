@@ -93,7 +93,7 @@ def parse_page_spec(spec: str | None, page_count: int) -> list[int]:
                 lo = hi = int(part)
         except ValueError:
             raise UsageError(f"bad page range {spec!r}: use 1-based numbers like '1-3,7'") from None
-        if lo < 1:
+        if lo < 1 or hi < 1:
             raise UsageError(f"bad page range {spec!r}: pages are numbered from 1")
         if lo > hi:
             raise UsageError(f"bad page range {spec!r}: {lo}-{hi} is empty")
@@ -107,7 +107,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB with transparency (alpha, a transparent palette entry or colour key) flattened onto white:
     a transparent PNG must not turn black."""
     if image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit grey: scaled, not clipped, to 8 bits
-        image = image.convert("I").point(lambda v: v / 256).convert("L")
+        image = image.convert("I").point(lambda v: v / 256)
     if image.has_transparency_data:
         background = Image.new("RGBA", image.size, "white")  # pragma: no mutate (colour names ignore case)
         return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")

@@ -222,6 +222,8 @@ def test_page_spec(spec, count, expected):
 
 @pytest.mark.parametrize("spec,count,error,message", [
     ("0", 3, UsageError, "bad page range '0': pages are numbered from 1"),
+    ("1--3", 3, UsageError, "bad page range '1--3': pages are numbered from 1"),
+    ("2-0", 3, UsageError, "bad page range '2-0': pages are numbered from 1"),
     ("3-1", 3, UsageError, "bad page range '3-1': 3-1 is empty"),
     ("a", 3, UsageError, "bad page range 'a': use 1-based numbers like '1-3,7'"),
     ("1-x", 3, UsageError, "bad page range '1-x': use 1-based numbers like '1-3,7'"),
@@ -273,6 +275,43 @@ def test_pages_rendered_ahead_are_the_same_pages(pdf_path, monkeypatch):
         assert not doc._ahead
         doc.render_ahead(2)
     assert not doc._ahead  # closing drops what was never collected
+
+
+def test_closing_waits_for_the_page_being_rendered_and_cancels_the_rest(pdf_path, monkeypatch):
+    """A document closed mid-read-ahead frees nothing under a running render and starts no other."""
+    import threading
+    import time
+
+    from qzoom_cli.documents import Document
+
+    started, finished, original = [], [], Document._render
+
+    def slow_render(self, number):
+        started.append(number)
+        time.sleep(0.3)
+        image = original(self, number)
+        finished.append(number)
+        return image
+
+    monkeypatch.setattr(Document, "_render", slow_render)
+    doc = open_document(pdf_path, dpi=72)
+    for number in (1, 2, 3):
+        doc.render_ahead(number)
+    while not started:
+        time.sleep(0.01)
+    doc.close()
+    assert started == finished == [1]
+    assert [t for t in threading.enumerate() if t.name.startswith("qzoom-render")] == []
+
+
+def test_a_frame_too_large_to_decode_is_refused_by_page(monkeypatch):
+    import qzoom_cli.documents as documents
+
+    monkeypatch.setattr(documents, "MAX_RENDER_PIXELS", 5000)
+    with open_document(make_tiff([(40, 30), (100, 90)])) as doc:
+        assert doc.render(1).size == (40, 30)
+        with pytest.raises(ImageCorrupt, match=r"^page 2 of <bytes> is 100x90 pixels, too large to decode safely$"):
+            doc.render(2)
 
 
 def test_an_image_holding_pdf_bytes_is_still_an_image(tmp_path):
