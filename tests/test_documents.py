@@ -178,8 +178,23 @@ def test_bad_files(tmp_path):
         open_document(tmp_path / "notes.txt")
     with pytest.raises(ImageCorrupt):
         open_document(make_image("PNG")[:60])
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="^--dpi must be positive$"):
         open_document(make_pdf(1), dpi=0)
+    with open_document(make_pdf(1), dpi=1) as doc:  # the least resolution there is
+        assert doc.render(1).size == doc.page_size(1) == (9, 12)
+
+
+def test_an_unreadable_file_is_named(tmp_path, monkeypatch):
+    import qzoom_cli.documents as documents
+    from qzoom_cli.errors import InputError
+
+    def refuse(path, mode):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    (tmp_path / "secret.pdf").write_bytes(make_pdf(1))
+    monkeypatch.setattr(documents, "open", refuse, raising=False)  # root reads any file: refuse it here
+    with pytest.raises(InputError, match=f"^permission denied: {tmp_path / 'secret.pdf'}$"):
+        open_document(tmp_path / "secret.pdf")
 
 
 @pytest.mark.parametrize("data, kind", [
