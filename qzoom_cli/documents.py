@@ -283,7 +283,7 @@ def open_document(source: str | Path | bytes, *, password: str | None = None, dp
         return Document(name, kind, digest, pdf.page_count, dpi, notes, _pdf=pdf)
     image = _open_image(name, data)
     try:
-        frames = getattr(image, "n_frames", 1) if kind == "tiff" else 1
+        frames = image.n_frames if kind == "tiff" else 1
     except Exception as exc:  # PIL walks every frame's header to count them
         raise ImageCorrupt(f"cannot count the pages of {name}: {exc}") from exc
     return Document(name, kind, digest, frames, None, _image=image)

@@ -117,6 +117,17 @@ def _palette_png_with_a_transparent_entry() -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+def test_an_animated_image_is_one_page_its_first_frame(fmt):
+    """Only TIFF frames are pages; an animation (GIF, WebP, APNG) is read as its first picture."""
+    frames = [Image.new("RGB", (40, 30), color) for color in ((250, 250, 250), (0, 0, 0), (250, 0, 0))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:], duration=100)
+    assert Image.open(io.BytesIO(buffer.getvalue())).n_frames == 3
+    with open_document(buffer.getvalue()) as doc:
+        assert doc.page_count == 1 and doc.render(1).getpixel((0, 0)) == (250, 250, 250)
+
+
 @pytest.mark.parametrize("make", [
     lambda: make_image("PNG", mode="RGBA", color=(0, 0, 0, 0)),
     lambda: make_image("PNG", mode="LA", color=(0, 0)),
