@@ -330,6 +330,17 @@ def test_closing_waits_for_the_page_being_rendered_and_cancels_the_rest(pdf_path
     assert [t for t in threading.enumerate() if t.name.startswith("qzoom-render")] == []
 
 
+def test_a_tiff_whose_frame_chain_is_broken_is_named():
+    import struct
+
+    data = bytearray(make_tiff([(20, 10), (20, 10)]))
+    directory = struct.unpack_from("<I", data, 4)[0]
+    next_pointer = directory + 2 + 12 * struct.unpack_from("<H", data, directory)[0]
+    struct.pack_into("<I", data, next_pointer, len(data) + 1000)  # the second frame lies past the end
+    with pytest.raises(ImageCorrupt, match="^cannot count the pages of <bytes>: "):
+        open_document(bytes(data))
+
+
 def test_a_frame_too_large_to_decode_is_refused_by_page(monkeypatch):
     import qzoom_cli.documents as documents
 
