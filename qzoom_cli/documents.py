@@ -130,6 +130,7 @@ class Document:
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _renderer: ThreadPoolExecutor | None = field(default=None, repr=False)
     _ahead: dict[int, Future] = field(default_factory=dict, repr=False)
+    _damaged: dict[int, QZoomError] = field(default_factory=dict, repr=False)
 
     def _check(self, number: int) -> None:
         if not 1 <= number <= self.page_count:
@@ -138,15 +139,19 @@ class Document:
     @contextmanager
     def _reading(self, number: int) -> Iterator[None]:
         """Hold the lock while reading the source, and name a damaged page as such: MuPDF raises
-        its own error types, PIL anything from OSError to TypeError on broken TIFF frames."""
+        its own error types, PIL anything from OSError to TypeError on broken TIFF frames. A page
+        that failed once fails again: PIL would hand back the half-decoded frame the second time."""
         with self._lock:
+            if number in self._damaged:
+                raise self._damaged[number]
             try:
                 yield
             except QZoomError:
                 raise
             except Exception as exc:
-                error = PdfCorrupt if self._pdf is not None else ImageCorrupt
-                raise error(f"cannot read page {number} of {self.source}: {exc}") from exc
+                kind = PdfCorrupt if self._pdf is not None else ImageCorrupt
+                self._damaged[number] = kind(f"cannot read page {number} of {self.source}: {exc}")
+                raise self._damaged[number] from exc
 
     def page_size(self, number: int) -> tuple[int, int]:
         """(width, height) in page pixels: the coordinate space every box qzoom reports lives in."""
@@ -229,7 +234,7 @@ class Document:
 
     def close(self) -> None:
         if self._renderer is not None:
-            self._renderer.shutdown(wait=True, cancel_futures=True)
+            self._renderer.shutdown(cancel_futures=True)  # and waits for the page being rendered
             self._ahead.clear()
         if self._pdf is not None:
             self._pdf.close()

@@ -330,6 +330,17 @@ def test_closing_waits_for_the_page_being_rendered_and_cancels_the_rest(pdf_path
     assert [t for t in threading.enumerate() if t.name.startswith("qzoom-render")] == []
 
 
+def test_a_pdf_page_too_large_at_the_dpi_asks_for_a_lower_dpi(monkeypatch):
+    import qzoom_cli.documents as documents
+
+    monkeypatch.setattr(documents, "MAX_RENDER_PIXELS", 595 * 842)
+    with open_document(make_pdf(1), dpi=72) as doc:
+        assert doc.render(1).size == (595, 842)  # exactly at the limit
+    with open_document(make_pdf(1), dpi=73) as doc, pytest.raises(
+            UsageError, match=r"^page 1 at 73 dpi would be 604x854 pixels; lower --dpi$"):
+        doc.render(1)
+
+
 def test_a_tiff_whose_frame_chain_is_broken_is_named():
     import struct
 
@@ -344,9 +355,9 @@ def test_a_tiff_whose_frame_chain_is_broken_is_named():
 def test_a_frame_too_large_to_decode_is_refused_by_page(monkeypatch):
     import qzoom_cli.documents as documents
 
-    monkeypatch.setattr(documents, "MAX_RENDER_PIXELS", 5000)
+    monkeypatch.setattr(documents, "MAX_RENDER_PIXELS", 40 * 30)
     with open_document(make_tiff([(40, 30), (100, 90)])) as doc:
-        assert doc.render(1).size == (40, 30)
+        assert doc.render(1).size == (40, 30)  # exactly at the limit
         with pytest.raises(ImageCorrupt, match=r"^page 2 of <bytes> is 100x90 pixels, too large to decode safely$"):
             doc.render(2)
 
@@ -444,8 +455,9 @@ def test_thumbnails_are_the_page_itself_scaled_to_fit(make, kind):
 
 
 def test_a_frame_that_does_not_decode_is_named_by_its_page():
-    """A TIFF whose second frame's compressed data is damaged: reading that page's size (which
-    decodes the upright frame) is an input error naming page 2; page 1 still reads."""
+    """A TIFF whose second frame's compressed data is damaged: rendering it or reading its size
+    (which decodes the upright frame) is an input error naming page 2, every time (PIL would hand
+    back the half-decoded frame on a second read); page 1 still reads."""
     frames = [Image.effect_noise((64, 64), 40).convert("RGB") for _ in range(2)]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="TIFF", save_all=True, append_images=frames[1:], compression="tiff_deflate")
@@ -456,5 +468,7 @@ def test_a_frame_that_does_not_decode_is_named_by_its_page():
     data[start + 2:start + length - 2] = b"\xab" * (length - 4)
     with open_document(bytes(data)) as doc:
         assert doc.page_size(1) == (64, 64)
-        with pytest.raises(ImageCorrupt, match=r"^cannot read page 2 of <bytes>: "):
-            doc.page_size(2)
+        for read in (doc.render, doc.page_size, doc.render):
+            with pytest.raises(ImageCorrupt, match=r"^cannot read page 2 of <bytes>: decoder error"):
+                read(2)
+        assert doc.render(1).size == (64, 64)

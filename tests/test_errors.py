@@ -70,15 +70,23 @@ def test_a_folder_without_both_adapter_files_is_not_an_adapter(qz, saved_adapter
 
 
 @pytest.mark.parametrize("config, message", [
-    (AdapterConfig(branch_layer=2, depth=2, family="qwen3_vl"), "adapter is for qwen3_vl models"),
-    (AdapterConfig(branch_layer=1, depth=1, hidden_size=999), "hidden size 999"),
-    (AdapterConfig(branch_layer=3, depth=2), "does not fit a 4-layer model"),
+    (AdapterConfig(branch_layer=2, depth=2, family="qwen3_vl"), "^adapter is for qwen3_vl models, the base model is qwen2_5_vl$"),
+    (AdapterConfig(branch_layer=1, depth=1, hidden_size=999), "^adapter expects hidden size 999, the base model has 64$"),
+    (AdapterConfig(branch_layer=3, depth=2), "^branch after layer 3 with 2 layers does not fit a 4-layer model$"),
+    (AdapterConfig(branch_layer=4, depth=1), "does not fit"),
     (AdapterConfig(branch_layer=0, depth=2), "does not fit"),
     (AdapterConfig(branch_layer=2, depth=0), "does not fit"),
 ])
 def test_adapters_that_do_not_fit_the_model_are_refused(qz, config, message):
     with pytest.raises(AdapterMismatch, match=message):
         ZoomAdapter(config, qz.backbone)
+
+
+@pytest.mark.parametrize("branch_layer, depth", [(1, 1), (1, 3), (3, 1)])
+def test_adapters_that_fit_the_model_are_built(qz, branch_layer, depth):
+    adapter = ZoomAdapter(AdapterConfig(branch_layer=branch_layer, depth=depth, hidden_size=qz.backbone.hidden_size,
+                                        family=qz.backbone.family), qz.backbone)
+    assert len(adapter.twig_layers) == len(adapter.high_res_layers) == depth
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -178,8 +178,7 @@ def check_attachment(config: AdapterConfig, backbone: Backbone) -> None:
         raise AdapterMismatch(f"adapter is for {config.family} models, the base model is {backbone.family}")
     if config.hidden_size is not None and config.hidden_size != backbone.hidden_size:
         raise AdapterMismatch(f"adapter expects hidden size {config.hidden_size}, the base model has {backbone.hidden_size}")
-    if not 0 < config.branch_layer < backbone.num_layers or config.depth < 1 \
-            or config.branch_layer + config.depth > backbone.num_layers:
+    if config.branch_layer < 1 or config.depth < 1 or config.branch_layer + config.depth > backbone.num_layers:
         raise AdapterMismatch(f"branch after layer {config.branch_layer} with {config.depth} layers does not fit a "
                          f"{backbone.num_layers}-layer model")
     if config.reuse_src_pos and backbone.layout.spatial_rows is None:
