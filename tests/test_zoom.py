@@ -369,3 +369,20 @@ def test_an_adapter_config_that_is_not_one_says_so(tmp_path, content, message):
     with pytest.raises(ModelError) as refused:
         AdapterConfig.from_file(path)
     assert refused.value.message.startswith(str(path)) and message in refused.value.message
+
+
+def test_a_stage_clock_splits_each_block_evenly_among_the_rows_taking_part():
+    """A batch's stage times are shared out, so summing a stage over its rows gives the wall time."""
+    from qzoom_cli.results import Timings
+    from qzoom_cli.zoom.pipeline import _Clock
+
+    ticks = iter([10.0, 13.0, 20.0, 21.0, 30.0, 32.0])
+    timings = [Timings() for _ in range(3)]
+    clock = _Clock(timings, torch.device("cpu"), now=lambda: next(ticks))
+    with clock("coarse_prefill_s", [0, 2]):
+        pass
+    with clock("coarse_prefill_s", [0]):
+        pass
+    with clock("gate_s", [0, 1]):
+        pass
+    assert [(t.coarse_prefill_s, t.gate_s) for t in timings] == [(2.5, 1.0), (0.0, 1.0), (1.5, 0.0)]

@@ -364,7 +364,7 @@ def _keep(answers: list[PageAnswer], rows: list[int], generations: list[Generati
     """Each row's generation into its answer, with its decode time."""
     for i, generation in zip(rows, generations, strict=True):
         answers[i].generation = generation
-        answers[i].time.decode_s += generation.decode_s
+        answers[i].time.decode_s = generation.decode_s
 
 
 def _rows(mask: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
@@ -381,15 +381,16 @@ def _pick(value: float | None, default: float) -> float:
 class _Clock:
     """Adds the wall time of a block (GPU work included), split evenly, to the rows taking part."""
 
-    def __init__(self, timings: list[Timings], device: torch.device):
+    def __init__(self, timings: list[Timings], device: torch.device, now: Callable[[], float] = time.perf_counter):
         self.timings = timings
         self.device = device
+        self.now = now
 
     @contextmanager
     def __call__(self, name: str, rows: list[int]):
-        start = time.perf_counter()
+        start = self.now()
         yield
         synchronize(self.device)
-        share = (time.perf_counter() - start) / len(rows)
+        share = (self.now() - start) / len(rows)
         for i in rows:
             setattr(self.timings[i], name, getattr(self.timings[i], name) + share)
