@@ -386,3 +386,23 @@ def test_a_stage_clock_splits_each_block_evenly_among_the_rows_taking_part():
     with clock("gate_s", [0, 1]):
         pass
     assert [(t.coarse_prefill_s, t.gate_s) for t in timings] == [(2.5, 1.0), (0.0, 1.0), (1.5, 0.0)]
+
+
+@pytest.mark.parametrize("modules, gate_default, roi_default, head", [
+    (None, "LIFT_THRESHOLD", "RELATIVE_ROI_THRESHOLD", "base_layers"),
+    ({"gate": True, "region_head": True}, "TRAINED_GATE_THRESHOLD", "TRAINED_ROI_THRESHOLD", "trained"),
+    ({"gate": True, "region_head": False}, "TRAINED_GATE_THRESHOLD", "RELATIVE_ROI_THRESHOLD", "base_layers"),
+    ({"gate": False, "region_head": True}, "LIFT_THRESHOLD", "TRAINED_ROI_THRESHOLD", "trained"),
+])
+def test_default_thresholds_follow_the_modules_the_adapter_has(qz, modules, gate_default, roi_default, head):
+    """A trained gate's probability and a trained head's sigmoid map have their own scales; without
+    them the lift and the relative map have theirs. Thresholds given explicitly always win."""
+    from qzoom_cli import options
+
+    adapter = trained_adapter(qz.backbone, **modules) if modules else None
+    engine = ZoomEngine(qz.backbone, 2, 2, adapter=adapter)
+    assert (engine.gate_threshold, engine.roi_threshold, engine.region_head) == \
+        (getattr(options, gate_default), getattr(options, roi_default), head)
+    assert engine.has_gate == bool(modules and modules["gate"])
+    chosen = ZoomEngine(qz.backbone, 2, 2, adapter=adapter, gate_threshold=0.3, roi_threshold=0.7)
+    assert (chosen.gate_threshold, chosen.roi_threshold) == (0.3, 0.7)
