@@ -192,12 +192,12 @@ def check_attachment(config: AdapterConfig, backbone: Backbone) -> None:
 def official_adapter_config(backbone: Backbone) -> AdapterConfig | None:
     """AdapterConfig from the Q-Zoom keys of a checkpoint's config.json (None if it has none)."""
     setting = backbone.checkpoint_setting
-    if not setting("enable_twig", False):
+    if not setting("enable_twig"):
         return None
     k, t = setting("twig_K"), setting("twig_T")
     if not isinstance(k, int) or not isinstance(t, int):
         raise AdapterMismatch(f"{backbone.model_id} sets enable_twig but not integer twig_K/twig_T")
-    gate = bool(setting("enable_high_res", False))
+    gate = bool(setting("enable_high_res"))
     if gate and (setting("high_res_K", k), setting("high_res_T", t)) != (k, t):
         raise AdapterMismatch(f"{backbone.model_id}: a gate branching apart from the region head is not supported")
     return AdapterConfig(branch_layer=k, depth=t, region_head=True, gate=gate,
