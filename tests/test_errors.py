@@ -70,8 +70,10 @@ def test_a_folder_without_both_adapter_files_is_not_an_adapter(qz, saved_adapter
 
 
 @pytest.mark.parametrize("config, message", [
-    (AdapterConfig(branch_layer=2, depth=2, family="qwen3_vl"), "^adapter is for qwen3_vl models, the base model is qwen2_5_vl$"),
-    (AdapterConfig(branch_layer=1, depth=1, hidden_size=999), "^adapter expects hidden size 999, the base model has 64$"),
+    (AdapterConfig(branch_layer=2, depth=2, family="qwen3_vl"),
+     "^adapter is for qwen3_vl models, the base model is qwen2_5_vl$"),
+    (AdapterConfig(branch_layer=1, depth=1, hidden_size=999),
+     "^adapter expects hidden size 999, the base model has 64$"),
     (AdapterConfig(branch_layer=3, depth=2), "^branch after layer 3 with 2 layers does not fit a 4-layer model$"),
     (AdapterConfig(branch_layer=4, depth=1), "does not fit"),
     (AdapterConfig(branch_layer=0, depth=2), "does not fit"),
@@ -89,16 +91,44 @@ def test_adapters_that_fit_the_model_are_built(qz, branch_layer, depth):
     assert len(adapter.twig_layers) == len(adapter.high_res_layers) == depth
 
 
+def _official_backbone(settings):
+    return SimpleNamespace(model_id="someone/q-zoom", family="qwen2_5_vl", hidden_size=64,
+                           checkpoint_setting=lambda name, default=None: settings.get(name, default))
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({}, None),
+    ({"enable_twig": False, "twig_K": 2, "twig_T": 3}, None),
+    ({"enable_twig": True, "twig_K": 2, "twig_T": 3}, {}),
+    ({"enable_twig": True, "twig_K": 2, "twig_T": 3, "enable_high_res": True, "high_res_thresh": 0.3,
+      "reuse_src_pos": True}, {"gate": True, "gate_threshold": 0.3, "reuse_src_pos": True}),
+    ({"enable_twig": True, "twig_K": 2, "twig_T": 3, "enable_high_res": True, "high_res_K": 2, "high_res_T": 3},
+     {"gate": True}),
+])
+def test_the_official_checkpoint_keys_become_an_adapter_config(settings, expected):
+    """Released checkpoints say in config.json where the branch is, whether a gate is there, its
+    threshold, and whether region positions are aligned; the modules' shapes come from the model."""
+    config = official_adapter_config(_official_backbone(settings))
+    if expected is None:
+        assert config is None
+    else:
+        assert config == AdapterConfig(branch_layer=2, depth=3, **{"gate": False, **expected}, family="qwen2_5_vl",
+                                       hidden_size=64, base_model="someone/q-zoom")
+        assert config.region_head
+
+
 @pytest.mark.parametrize("settings, message", [
-    ({"enable_twig": True, "twig_K": "2", "twig_T": 2}, "not integer twig_K/twig_T"),
+    ({"enable_twig": True, "twig_K": "2", "twig_T": 2},
+     "^someone/q-zoom sets enable_twig but not integer twig_K/twig_T$"),
+    ({"enable_twig": True, "twig_K": 2, "twig_T": None}, "not integer twig_K/twig_T"),
     ({"enable_twig": True, "twig_K": 2, "twig_T": 2, "enable_high_res": True, "high_res_K": 1},
+     "^someone/q-zoom: a gate branching apart from the region head is not supported$"),
+    ({"enable_twig": True, "twig_K": 2, "twig_T": 2, "enable_high_res": True, "high_res_T": 1},
      "a gate branching apart"),
 ])
 def test_official_zoom_settings_that_cannot_be_honoured_are_refused(settings, message):
-    backbone = SimpleNamespace(model_id="someone/q-zoom", checkpoint_setting=lambda name, default=None:
-                               settings.get(name, default))
     with pytest.raises(AdapterMismatch, match=message):
-        official_adapter_config(backbone)
+        official_adapter_config(_official_backbone(settings))
 
 
 def test_an_unknown_adapter_config_key_is_a_model_error(qz, saved_adapter):
