@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 from docmaker import make_pdf
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from zoomkit import assert_region_maps_of_a_padded_batch_equal_each_alone, trained_adapter, write_official_checkpoint
 
@@ -196,11 +197,14 @@ def test_official_layout_and_adapter_layout_give_identical_outputs(qz, tiny_dir,
 def test_adapter_round_trip_and_strict_loading(qz, tmp_path):
     bb = qz.backbone
     adapter = trained_adapter(bb)
-    adapter.save_pretrained(tmp_path / "a")
-    config = json.loads((tmp_path / "a" / "qzoom_config.json").read_text())
+    adapter.save_pretrained(tmp_path / "runs" / "new" / "a")  # folders made as needed
+    config = json.loads((tmp_path / "runs" / "new" / "a" / "qzoom_config.json").read_text())
     assert config["format"] == "qzoom.adapter/v1" and config["branch_layer"] == 2 and config["depth"] == 2
-    again = ZoomAdapter.from_pretrained(tmp_path / "a", bb)
+    with safe_open(tmp_path / "runs" / "new" / "a" / ADAPTER_WEIGHTS, framework="pt") as weights:
+        assert weights.metadata() == {"format": "qzoom.adapter/v1"}  # the weights say what they are too
+    again = ZoomAdapter.from_pretrained(tmp_path / "runs" / "new" / "a", bb)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in adapter.state_dict().items())
+    adapter.save_pretrained(tmp_path / "a")
 
     weights = load_file(tmp_path / "a" / ADAPTER_WEIGHTS)
     weights.pop("high_res_head.bias")

@@ -201,7 +201,7 @@ def official_adapter_config(backbone: Backbone) -> AdapterConfig | None:
     if gate and (setting("high_res_K", k), setting("high_res_T", t)) != (k, t):
         raise AdapterMismatch(f"{backbone.model_id}: a gate branching apart from the region head is not supported")
     return AdapterConfig(branch_layer=k, depth=t, gate=gate,
-                         reuse_src_pos=bool(setting("reuse_src_pos", False)),
+                         reuse_src_pos=bool(setting("reuse_src_pos")),
                          gate_threshold=setting("high_res_thresh"), family=backbone.family,
                          hidden_size=backbone.hidden_size, base_model=backbone.model_id)
 
