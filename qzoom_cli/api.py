@@ -160,8 +160,8 @@ class QZoom:
         if adapter is None and (own / ADAPTER_CONFIG).is_file():  # a checkpoint with its adapter beside it
             adapter = own
         if adapter is not None:
+            load_lora(backbone, adapter, merge=merge_lora)  # first: the zoom modules record the decoder they fit
             zoom_modules = ZoomAdapter.from_pretrained(adapter, backbone)
-            load_lora(backbone, adapter, merge=merge_lora)
         elif official_adapter_config(backbone) is not None:
             zoom_modules = ZoomAdapter.from_official_checkpoint(backbone, checkpoint_files(backbone.model_id, revision))
         else:

@@ -118,3 +118,13 @@ def test_without_peft_lora_weights_are_an_environment_problem(monkeypatch):
     with pytest.raises(EnvironmentProblem, match=hint) as caught:
         import_peft()
     assert caught.value.exit_code == EXIT_MODEL
+
+
+def test_an_adapter_on_a_tuned_decoder_saves_its_lora_along(tiny_dir, tuned, tmp_path):
+    """Zoom modules learned on a LoRA-tuned decoder only fit that decoder: their folder carries it."""
+    folder, image, _, peft_logits = tuned
+    qz = QZoom.from_pretrained(str(tiny_dir), adapter=str(folder), device="cpu")
+    for _ in range(2):  # a later checkpoint saved over the first
+        qz.adapter.save_pretrained(tmp_path / "copy")
+    again = QZoom.from_pretrained(str(tiny_dir), adapter=str(tmp_path / "copy"), device="cpu")
+    assert torch.allclose(_logits(again, image), peft_logits, atol=1e-5)

@@ -198,7 +198,9 @@ def test_adapter_round_trip_and_strict_loading(qz, tmp_path):
     bb = qz.backbone
     adapter = trained_adapter(bb)
     adapter.save_pretrained(tmp_path / "runs" / "new" / "a")  # folders made as needed
-    config = json.loads((tmp_path / "runs" / "new" / "a" / "qzoom_config.json").read_text())
+    text = (tmp_path / "runs" / "new" / "a" / "qzoom_config.json").read_text()
+    assert text.startswith('{\n  "format": "qzoom.adapter/v1",\n  "branch_layer": 2,\n')  # for people to read
+    config = json.loads(text)
     assert config["format"] == "qzoom.adapter/v1" and config["branch_layer"] == 2 and config["depth"] == 2
     with safe_open(tmp_path / "runs" / "new" / "a" / ADAPTER_WEIGHTS, framework="pt") as weights:
         assert weights.metadata() == {"format": "qzoom.adapter/v1"}  # the weights say what they are too
