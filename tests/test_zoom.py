@@ -420,6 +420,7 @@ def test_an_adapter_is_built_like_the_base_layers_it_branches_from(qz, tiny_dir,
     adapter = trained_adapter(qz.backbone, branch_layer=1, depth=2)
     for layers in (adapter.twig_layers, adapter.high_res_layers):
         assert [layer.self_attn.layer_idx for layer in layers] == [1, 2]
+    assert adapter.high_res_head.weight.shape == (1, qz.backbone.hidden_size)  # one logit, as released checkpoints
     adapter.save_pretrained(tmp_path / "a")
     half = QZoom.from_pretrained(str(tiny_dir), adapter=str(tmp_path / "a"), device="cpu", dtype="bf16")
     assert {p.dtype for p in half.adapter.parameters()} == {torch.bfloat16}
