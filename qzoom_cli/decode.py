@@ -62,7 +62,7 @@ def prefill(backbone: Backbone, embeds: torch.Tensor, positions: torch.Tensor, c
             attention_mask: torch.Tensor | None = None, additions: VisualAdditions | None = None) -> torch.Tensor:
     """Run the whole prompt through every layer, filling `cache`; returns next-token logits [batch, vocab]."""
     hidden = backbone.run_layers(embeds, positions, cache, 0, backbone.num_layers, attention_mask, additions)
-    return backbone.logits(hidden[:, -1:])[:, -1]
+    return backbone.next_token_logits(hidden)
 
 
 @torch.inference_mode()
@@ -91,7 +91,7 @@ def greedy_decode_batch(backbone: Backbone, first_logits: torch.Tensor, cache: C
         embeds = backbone.embed_tokens(tokens[:, None])
         hidden = backbone.run_layers(embeds, backbone.next_position_ids(positions, step), cache, 0,
                                      backbone.num_layers, attention_mask)
-        logits = backbone.logits(hidden)[:, -1]
+        logits = backbone.next_token_logits(hidden)
     synchronize(device)
     elapsed = (time.perf_counter() - start) / batch
     for out in outs:

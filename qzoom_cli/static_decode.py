@@ -181,7 +181,7 @@ class StaticDecoder:
         session.visible.index_fill_(1, session.cursor.view(1), True)
         hidden = bb.run_layers(bb.embed_tokens(session.tokens[:, None]), session.positions, session.cache, 0,
                                bb.num_layers, session.visible[:, None, None, :])
-        token, logprob = pick_tokens(bb.logits(hidden)[:, -1])
+        token, logprob = pick_tokens(bb.next_token_logits(hidden))
         self._record(session, token, logprob)
         session.positions.add_(1)
 

@@ -729,3 +729,30 @@ def test_teacher_labels_are_the_teachers_maps_of_the_question_as_asked(qz, tmp_p
             assert torch.equal(tensors["grounding"], maps.grounding) and torch.equal(tensors["sink"], maps.sink)
             compared += 1
     assert compared  # at least one answer was long enough for a map
+
+
+@pytest.mark.parametrize("values", [
+    {"rank": 1}, {"alpha": 0.5}, {"dropout": 0.0}, {"dropout": 0.99}, {"targets": ("q_proj",)},
+])
+def test_lora_settings_at_their_bounds_are_accepted(values):
+    from qzoom_cli.training.settings import LoraSettings
+
+    assert {k: getattr(LoraSettings(**values), k) for k in values} == values
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"rank": 0}, "--lora-rank must be at least 1, --lora-alpha positive and --lora-dropout in [0, 1)"),
+    ({"alpha": 0}, "--lora-rank must be at least 1, --lora-alpha positive and --lora-dropout in [0, 1)"),
+    ({"dropout": 1.0}, "--lora-rank must be at least 1, --lora-alpha positive and --lora-dropout in [0, 1)"),
+    ({"dropout": -0.1}, "--lora-rank must be at least 1, --lora-alpha positive and --lora-dropout in [0, 1)"),
+    ({"targets": ()}, "--lora-targets takes names among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                      "down_proj"),
+    ({"targets": ("q_proj", "lm_head", "embed")}, "--lora-targets takes names among q_proj, k_proj, v_proj, "
+                                                   "o_proj, gate_proj, up_proj, down_proj (not embed, lm_head)"),
+])
+def test_lora_settings_out_of_bounds_are_usage_errors(values, message):
+    from qzoom_cli.training.settings import LoraSettings
+
+    with pytest.raises(UsageError) as caught:
+        LoraSettings(**values)
+    assert str(caught.value) == message

@@ -263,6 +263,10 @@ class Backbone(ABC):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head."""
 
+    def next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, vocab] of the token after each sequence: the head on the last position only."""
+        return self.logits(hidden[:, -1])
+
     @abstractmethod
     def memory_per_token(self) -> int:
         """Device bytes one prompt token costs in a batch: its keys and values in every layer (twice:

@@ -301,7 +301,7 @@ class ZoomEngine:
         with clock("coarse_prefill_s", group.rows):
             hidden = bb.run_layers(group.hidden_k, group.positions, group.cache, self.branch_layer, bb.num_layers,
                                    group.mask, group.additions)
-            logits = bb.logits(hidden[:, -1:])[:, -1]
+            logits = bb.next_token_logits(hidden)
         return self.decode(logits, group.cache, group.positions, max_new_tokens, group.mask)
 
     def _zoom(self, group: _Group, batch: PaddedBatch, items, prompts, answers: list[PageAnswer],
@@ -357,7 +357,7 @@ class ZoomEngine:
             prefix = coarse_additions.tokens(0, prefix_end) if coarse_additions is not None else None
             upper = VisualAdditions.concat([(prefix, prefix_end), (suffix.additions, suffix.embeds.shape[1])])
         hidden = bb.run_layers(hidden, positions, cache, self.branch_layer, bb.num_layers, mask, upper)
-        return bb.logits(hidden[:, -1:])[:, -1], positions, mask
+        return bb.next_token_logits(hidden), positions, mask
 
 
 def _keep(answers: list[PageAnswer], rows: list[int], generations: list[Generation]) -> None:
