@@ -106,7 +106,7 @@ def parse_page_spec(spec: str | None, page_count: int) -> list[int]:
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB with transparency (alpha, a transparent palette entry or colour key) flattened onto white:
     a transparent PNG must not turn black."""
-    if image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit grey: scaled, not clipped, to 8 bits
+    if image.mode == "I" or image.mode.startswith("I;16"):  # 16- or 32-bit grey: scaled, not clipped, to 8 bits
         image = image.convert("I").point(lambda v: v / 256)
     if image.has_transparency_data:
         background = Image.new("RGBA", image.size, "white")  # pragma: no mutate (colour names ignore case)

@@ -92,7 +92,7 @@ class ZoomAdapter(nn.Module):
         if config.gate:
             self.high_res_layers = nn.ModuleList([backbone.new_decoder_layer(k + i) for i in range(t)])
             self.high_res_head = nn.Linear(backbone.hidden_size, 1, dtype=backbone.dtype,
-                                           device=backbone.device)  # pragma: no mutate (tests run on the default)
+                                           device=backbone.device)  # pragma: no mutate (tests run on the default device)
         self.eval()
 
     def region(self) -> RegionHead:
