@@ -347,8 +347,7 @@ class ZoomEngine:
         suffix = pad_segments([[f.suffix] for f in fused])
         mask = torch.cat([prefix_mask, suffix.attention_mask], dim=1)
         mask = None if bool(mask.all()) else mask
-        dtype = torch.float32 if suffix.positions.is_floating_point() else coarse_positions.dtype
-        positions = torch.cat([coarse_positions[..., :prefix_end].to(dtype), suffix.positions.to(dtype)], dim=2)
+        positions = torch.cat([coarse_positions[..., :prefix_end], suffix.positions], dim=2)  # float if aligned
         truncate_cache(cache, prefix_end, range(self.branch_layer))
         replay = bb.run_layers(suffix.embeds, suffix.positions, cache, 0, self.branch_layer, mask, suffix.additions)
         hidden = torch.cat([hidden_k[:, :prefix_end], replay], dim=1)
