@@ -130,6 +130,26 @@ def test_fused_prefill_with_cache_reuse_equals_prefill_from_scratch(qz3, page, p
         greedy_decode(bb, scratch, fresh, fused.inputs.positions, 5).token_ids
 
 
+def test_the_engine_keeps_the_deepstack_additions_above_a_low_branch(qz3, page):
+    """Branched below the layers that add the vision tower's deepstack features (K=1 < 3), the
+    direct path's upper layers still add them (a skipped zoom is the plain answer), and the zoom
+    path hands the page's additions to the fused prefill (its logits are the fused prompt's own)."""
+    bb = qz3.backbone
+    engine = ZoomEngine(bb, 1, 1)
+    never = engine.answer(page, QUESTION, ZoomSettings("never"), 4).generation
+    skipped = engine.answer(page, QUESTION, ZoomSettings("auto", gate_threshold=1e9), 4)
+    assert not skipped.trace.zoomed and skipped.generation.token_ids == never.token_ids
+    assert skipped.generation.logprobs == pytest.approx(never.logprobs, abs=1e-4)
+
+    seen, fused_prefill = [], engine.fused_prefill
+    engine.fused_prefill = lambda fused, *rest: seen.append((fused, fused_prefill(fused, *rest))) or seen[-1][1]
+    zoomed = engine.answer(page, QUESTION, ZoomSettings("always", roi_threshold=0.0), 4)
+    [([fused], (reused, _, _))] = seen
+    scratch = prefill(bb, fused.inputs.embeds, fused.inputs.positions, bb.new_cache(), None, fused.inputs.additions)
+    assert zoomed.trace.zoomed
+    torch.testing.assert_close(reused, scratch, atol=1e-4, rtol=1e-4)
+
+
 def _rms(x, norm):
     return norm.weight.float() * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
 

@@ -299,7 +299,8 @@ class ZoomEngine:
         """Finish the coarse prefill through the upper layers with the same cache, then decode."""
         bb = self.backbone
         with clock("coarse_prefill_s", group.rows):
-            hidden = bb.run_layers(group.hidden_k, group.positions, group.cache, self.branch_layer, bb.num_layers,
+            hidden = bb.run_layers(group.hidden_k, group.positions, group.cache, self.branch_layer,
+                                   bb.num_layers,  # pragma: no mutate (a stop of None runs to the top too)
                                    group.mask, group.additions)
             logits = bb.next_token_logits(hidden)
         return self.decode(logits, group.cache, group.positions, max_new_tokens, group.mask)
@@ -355,7 +356,9 @@ class ZoomEngine:
         if self.branch_layer < bb.layout.addition_layers:
             prefix = coarse_additions.tokens(0, prefix_end) if coarse_additions is not None else None
             upper = VisualAdditions.concat([(prefix, prefix_end), (suffix.additions, suffix.embeds.shape[1])])
-        hidden = bb.run_layers(hidden, positions, cache, self.branch_layer, bb.num_layers, mask, upper)
+        hidden = bb.run_layers(hidden, positions, cache, self.branch_layer,
+                               bb.num_layers,  # pragma: no mutate (a stop of None runs to the top too)
+                               mask, upper)
         return bb.next_token_logits(hidden), positions, mask
 
 
