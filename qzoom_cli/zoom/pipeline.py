@@ -353,7 +353,7 @@ class ZoomEngine:
         replay = bb.run_layers(suffix.embeds, suffix.positions, cache, 0, self.branch_layer, mask, suffix.additions)
         hidden = torch.cat([hidden_k[:, :prefix_end], replay], dim=1)
         upper = None
-        if self.branch_layer < bb.layout.addition_layers:
+        if self.branch_layer < bb.layout.addition_layers:  # pragma: no mutate (at K itself: no layer adds; speed)
             prefix = coarse_additions.tokens(0, prefix_end) if coarse_additions is not None else None
             upper = VisualAdditions.concat([(prefix, prefix_end), (suffix.additions, suffix.embeds.shape[1])])
         hidden = bb.run_layers(hidden, positions, cache, self.branch_layer,
@@ -364,7 +364,7 @@ class ZoomEngine:
 
 def _keep(answers: list[PageAnswer], rows: list[int], generations: list[Generation]) -> None:
     """Each row's generation into its answer, with its decode time."""
-    for i, generation in zip(rows, generations, strict=True):
+    for i, generation in zip(rows, generations, strict=True):  # pragma: no mutate (one generation per row, always)
         answers[i].generation = generation
         answers[i].time.decode_s = generation.decode_s
 
@@ -373,7 +373,7 @@ def _rows(mask: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
     if mask is None:
         return None
     picked = mask[rows]
-    return None if bool(picked.all()) else picked
+    return None if bool(picked.all()) else picked  # pragma: no mutate (None only spares an all-true mask's work)
 
 
 def _pick(value: float | None, default: float) -> float:
