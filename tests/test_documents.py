@@ -1,5 +1,6 @@
 import io
 import itertools
+import struct
 import sys
 
 import pymupdf
@@ -339,12 +340,16 @@ def test_a_pdf_page_too_large_at_the_dpi_asks_for_a_lower_dpi(monkeypatch):
         doc.render(1)
 
 
-def test_a_tiff_whose_frame_chain_is_broken_is_named():
-    import struct
-
-    data = bytearray(make_tiff([(20, 10), (20, 10)]))
+def _first_tiff_directory(data: bytes) -> tuple[list[int], int]:
+    """Byte offsets of a little-endian TIFF's first directory entries, and of its next-directory pointer."""
     directory = struct.unpack_from("<I", data, 4)[0]
-    next_pointer = directory + 2 + 12 * struct.unpack_from("<H", data, directory)[0]
+    end = directory + 2 + 12 * struct.unpack_from("<H", data, directory)[0]
+    return list(range(directory + 2, end, 12)), end
+
+
+def test_a_tiff_whose_frame_chain_is_broken_is_named():
+    data = bytearray(make_tiff([(20, 10), (20, 10)]))
+    _, next_pointer = _first_tiff_directory(data)
     struct.pack_into("<I", data, next_pointer, len(data) + 1000)  # the second frame lies past the end
     with pytest.raises(ImageCorrupt, match="^cannot count the pages of <bytes>: "):
         open_document(bytes(data))
@@ -415,15 +420,12 @@ def test_decompression_bombs_are_refused(monkeypatch, size):
 
 def test_a_tiff_whose_metadata_is_damaged_still_opens():
     """Pillow warns and skips a tag whose data lies past the end of the file; only bombs are refused."""
-    import struct
-
     from PIL import TiffImagePlugin
 
     tags = TiffImagePlugin.ImageFileDirectory_v2()
     tags[270] = "x" * 100  # an image description long enough to be stored out of line
     data = bytearray(make_image("TIFF", tiffinfo=tags))
-    directory = struct.unpack_from("<I", data, 4)[0]
-    for entry in range(directory + 2, directory + 2 + 12 * struct.unpack_from("<H", data, directory)[0], 12):
+    for entry in _first_tiff_directory(data)[0]:
         if struct.unpack_from("<H", data, entry)[0] == 270:
             struct.pack_into("<I", data, entry + 4, 10**6)  # its length now runs past the file
     with pytest.warns(UserWarning, match="Tag data larger than file"):

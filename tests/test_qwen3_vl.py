@@ -142,7 +142,12 @@ def test_the_engine_keeps_the_deepstack_additions_above_a_low_branch(qz3, page):
     assert skipped.generation.logprobs == pytest.approx(never.logprobs, abs=1e-4)
 
     seen, fused_prefill = [], engine.fused_prefill
-    engine.fused_prefill = lambda fused, *rest: seen.append((fused, fused_prefill(fused, *rest))) or seen[-1][1]
+
+    def recorded(fused, *rest):
+        seen.append((fused, fused_prefill(fused, *rest)))
+        return seen[-1][1]
+
+    engine.fused_prefill = recorded
     zoomed = engine.answer(page, QUESTION, ZoomSettings("always", roi_threshold=0.0), 4)
     [([fused], (reused, _, _))] = seen
     scratch = prefill(bb, fused.inputs.embeds, fused.inputs.positions, bb.new_cache(), None, fused.inputs.additions)

@@ -197,27 +197,27 @@ def test_official_layout_and_adapter_layout_give_identical_outputs(qz, tiny_dir,
 def test_adapter_round_trip_and_strict_loading(qz, tmp_path):
     bb = qz.backbone
     adapter = trained_adapter(bb)
-    adapter.save_pretrained(tmp_path / "runs" / "new" / "a")  # folders made as needed
-    text = (tmp_path / "runs" / "new" / "a" / "qzoom_config.json").read_text()
+    folder = tmp_path / "runs" / "new" / "a"
+    adapter.save_pretrained(folder)  # folders made as needed
+    text = (folder / "qzoom_config.json").read_text()
     assert text.startswith('{\n  "format": "qzoom.adapter/v1",\n  "branch_layer": 2,\n')  # for people to read
     config = json.loads(text)
     assert config["format"] == "qzoom.adapter/v1" and config["branch_layer"] == 2 and config["depth"] == 2
-    with safe_open(tmp_path / "runs" / "new" / "a" / ADAPTER_WEIGHTS, framework="pt") as weights:
+    with safe_open(folder / ADAPTER_WEIGHTS, framework="pt") as weights:
         assert weights.metadata() == {"format": "qzoom.adapter/v1"}  # the weights say what they are too
-    again = ZoomAdapter.from_pretrained(tmp_path / "runs" / "new" / "a", bb)
+    again = ZoomAdapter.from_pretrained(folder, bb)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in adapter.state_dict().items())
-    adapter.save_pretrained(tmp_path / "a")
 
-    weights = load_file(tmp_path / "a" / ADAPTER_WEIGHTS)
+    weights = load_file(folder / ADAPTER_WEIGHTS)
     weights.pop("high_res_head.bias")
-    save_file(weights, tmp_path / "a" / ADAPTER_WEIGHTS)
+    save_file(weights, folder / ADAPTER_WEIGHTS)
     with pytest.raises(ModelError, match="missing 1"):
-        ZoomAdapter.from_pretrained(tmp_path / "a", bb)
+        ZoomAdapter.from_pretrained(folder, bb)
     weights["high_res_head.bias"] = torch.zeros(1)
     weights["twig_layers.7.mlp.up_proj.weight"] = torch.zeros(1)
-    save_file(weights, tmp_path / "a" / ADAPTER_WEIGHTS)
+    save_file(weights, folder / ADAPTER_WEIGHTS)
     with pytest.raises(ModelError, match="unexpected 1"):
-        ZoomAdapter.from_pretrained(tmp_path / "a", bb)
+        ZoomAdapter.from_pretrained(folder, bb)
     with pytest.raises(ModelError, match="does not fit"):
         ZoomAdapter(AdapterConfig(branch_layer=3, depth=2), bb)
     with pytest.raises(ModelError, match="hidden size"):
