@@ -28,6 +28,7 @@ def test_each_pair_is_a_regression_an_improvement_or_neither(plain_right, zoomed
     ("net 30 days", ["net 60"], "anls", False),
     ("42", ["42"] * 3 + ["41"] * 7, "vqa", True),         # three annotators agree: (nearly) full credit
     ("42", ["42"] + ["41"] * 9, "vqa", False),            # one of ten: 0.3
+    ("42", ["42", "42", "41", "41"], "vqa", True),        # exactly 0.5: right
     ("Paris", ["paris."], "exact", True),
 ])
 def test_right_means_what_eval_scores_as_right(prediction, references, metric, right):
@@ -187,3 +188,77 @@ def test_each_process_mines_its_share_then_reads_every_pair(qz, tmp_path, monkey
     mined = mining.mine(qz, samples, _settings(), store, on_sample=seen.append, shard=Shard(0, 2))
     assert answered == [s.key for s in samples.samples[0::2]] and seen == samples.samples[0::2]
     assert [m.kind for m in mined] == ["improvement", "regression"] * 2
+
+
+def test_each_pair_is_asked_on_its_page_with_the_mining_settings(tmp_path):
+    """Plain, zoomed, pseudo-reference and judge reads all go to the sample's own page of its
+    (here encrypted) document at the mining dpi, with the settings' budgets, instruction and
+    answer length; the settings' metric decides right and wrong for both answers."""
+    from types import SimpleNamespace
+
+    from docmaker import make_encrypted_pdf
+
+    from qzoom_cli.budget import VisualBudget
+    from qzoom_cli.results import ZoomInfo
+    from qzoom_cli.training.data import ArtefactStore, SampleSet, TrainSample
+    from qzoom_cli.training.mining import JUDGE_REPLY_TOKENS, MiningSettings, mine
+    from qzoom_cli.training.rpn import answer_instruction
+
+    pdf = tmp_path / "locked.pdf"
+    pdf.write_bytes(make_encrypted_pdf("pw"))
+    settings = MiningSettings(budget=VisualBudget(16, 36), pseudo_budget=VisualBudget(64, 64), max_new_tokens=5,
+                              dpi=50, metric="relaxed", free_answers=True)
+
+    class Recorder:
+        def __init__(self, answers):
+            self.answers, self.calls = answers, []
+
+        def ask(self, document, question, **options):
+            self.calls.append({"page_count": document.page_count, "dpi": document.dpi, "question": question,
+                               **options})
+            zoomed = options["zoom"] == "always"
+            zoom = ZoomInfo(zoomed=zoomed, roi={"grid_box": [1, 2, 3, 4]} if zoomed else None)
+            return [SimpleNamespace(answer=self.answers[len(self.calls) - 1], zoom=zoom)]
+
+    def sample(answers):
+        return TrainSample("s", str(pdf), "pw", 2, "Total?", "sha", answers)
+
+    qz = Recorder(["total $1,200 usd", "about 1,250 eur", "1234.5"])  # plain, zoomed, pseudo-reference
+    [pair] = mine(qz, SampleSet([sample(())]), settings, ArtefactStore(tmp_path / "a"))
+    common = {"page_count": 2, "dpi": 50, "question": "Total?", "pages": "2", "max_new_tokens": 5,
+              "instruction": answer_instruction(True)}
+    assert qz.calls == [{**common, "zoom": "never", "budget": settings.budget},
+                        {**common, "zoom": "always", "budget": settings.budget},
+                        {**common, "zoom": "never", "budget": settings.pseudo_budget}]
+    assert (pair.plain, pair.zoomed, pair.references, pair.box) == ("total $1,200 usd", "about 1,250 eur",
+                                                                    ("1234.5",), (1, 2, 3, 4))
+    assert pair.kind == "both right"  # within 5% by the relaxed metric asked for (ANLS would call both wrong)
+
+    judge = Recorder(["A: No\nB: Yes"])
+    [judged] = mine(Recorder(["41", "42"]), SampleSet([sample(("42", "forty-two"))]), settings,
+                    ArtefactStore(tmp_path / "b"), judge=judge)
+    [call] = judge.calls
+    assert (call["page_count"], call["dpi"], call["pages"], call["max_new_tokens"]) == (2, 50, "2", JUDGE_REPLY_TOKENS)
+    assert call["question"] == JUDGE_REQUEST.format(question="Total?", reference="42 / forty-two", plain="41",
+                                                    zoomed="42")
+    assert judged.kind == "improvement" and judged.judged_by == "judge"
+
+
+def test_a_pair_whose_zoomed_read_found_no_region_is_left_out(tmp_path):
+    from types import SimpleNamespace
+
+    from docmaker import make_image
+
+    from qzoom_cli.results import ZoomInfo
+    from qzoom_cli.training.data import ArtefactStore, SampleSet, TrainSample
+    from qzoom_cli.training.mining import mine
+
+    image = tmp_path / "page.png"
+    image.write_bytes(make_image("PNG"))
+
+    class Skips:
+        def ask(self, document, question, **options):
+            return [SimpleNamespace(answer="42", zoom=ZoomInfo(mode=options["zoom"], skipped_reason="no region"))]
+
+    samples = SampleSet([TrainSample("s", str(image), None, 1, "Total?", "sha", ("42",))])
+    assert mine(Skips(), samples, _settings(), ArtefactStore(tmp_path / "mined")) == []

@@ -5,6 +5,7 @@ runs for real and fast."""
 
 import json
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -116,8 +117,6 @@ def test_train_all_resumes_an_interrupted_stage_to_the_uninterrupted_result(unin
 
 
 def test_train_all_refuses_to_resume_with_other_settings(uninterrupted, tiny_dir):
-    from dataclasses import replace
-
     from qzoom_cli.errors import ResumeMismatch
 
     out = uninterrupted[0]
@@ -202,3 +201,128 @@ def test_train_rpn_again_starts_from_the_tuned_adapters_region_head_and_keeps_it
         (tuned / "lora" / "adapter_model.safetensors").read_bytes()
     other = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "other"), "--branch-layer", "1"])
     assert other.exit_code == EXIT_USAGE and "K=2" in other.stderr
+
+
+class StageRecorder:
+    """Stands in for the stages' own training: records what each is handed, leaves an adapter in
+    its folder, reports its name. `load` hands out the model with a marker of the adapter folder."""
+
+    def __init__(self, qz, monkeypatch):
+        import qzoom_cli.training.recipe as recipe
+
+        self.qz, self.calls, self.loads, self.shown, self.items = qz, [], [], [], 0
+        for name in ("train_rpn", "fine_tune", "train_gate"):
+            monkeypatch.setattr(recipe, name, self._stage(name))
+
+    def _stage(self, name):
+        def run(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            folder = next(arg for arg in args if isinstance(arg, Path) and arg.parent.name == "stages")
+            folder.mkdir(parents=True, exist_ok=True)
+            for file in ("qzoom_adapter.safetensors", "qzoom_config.json"):
+                (folder / file).write_text(f"{name} {file}")
+            return None, {"ran": name}
+        return run
+
+    def load(self, folder):
+        from types import SimpleNamespace
+
+        self.loads.append(folder)
+        qz = self.qz
+        return SimpleNamespace(backbone=qz.backbone, engine=qz.engine, card=qz.card, adapter=f"adapter of {folder}",
+                               resolve_budget=qz.resolve_budget)
+
+    @contextmanager
+    def display(self, description, total):
+        self.shown.append((description, total))
+
+        def on_item(*args):
+            self.items += 1
+
+        yield on_item, "on_step"
+
+
+def test_each_stage_is_handed_the_recipes_settings_and_the_previous_stages_model(qz, tmp_path, monkeypatch):
+    from qzoom_cli.training.gate import GateSettings
+    from qzoom_cli.training.rpn import rpn_settings
+    from qzoom_cli.training.settings import view_side
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    manifest, _ = red_square_pages(docs, 5, seed=5)
+    elsewhere = tmp_path / "manifests" / "train.jsonl"  # rows name their files relative to --root
+    elsewhere.parent.mkdir()
+    manifest.rename(elsewhere)
+    recipe = replace(RECIPE, free_answers=True, dpi=90, max_samples=3, gate_threshold=0.3, view_tokens=36,
+                     ladder=(16, 36, 64))
+    options = replace(OPTIONS, seed=7)
+    stages = StageRecorder(qz, monkeypatch)
+
+    def judge(model):
+        raise AssertionError("only handed on")
+
+    report = train_all(elsewhere, tmp_path / "out", recipe, options, stages.load, stages.display, root=str(docs),
+                       load_judge=judge)
+    out = tmp_path / "out" / "stages"
+    assert report["stages"] == {"questions": {"stage": "questions", "manifest": str(elsewhere), "written": 0},
+                                "rpn": {"ran": "train_rpn"}, "sft": {"ran": "fine_tune"},
+                                "rpn_again": {"ran": "train_rpn"}, "gate": {"ran": "train_gate"}}
+    assert stages.loads == [None, out / "rpn", out / "sft", out / "rpn_again"]
+    assert stages.shown == [("rpn: teacher labels", 3), ("sft: mining", 3), ("rpn again: teacher labels", 3),
+                            ("gate: answer ladders", 3)]
+    assert (tmp_path / "out" / "qzoom_config.json").read_text() == "train_gate qzoom_config.json"  # published
+
+    (_, rpn, rpn_kw), (_, sft, sft_kw), (_, again, again_kw), (_, gate, gate_kw) = stages.calls
+    samples = rpn[1]
+    assert [(s.id, Path(s.file).parent) for s in samples.samples] == [(f"s{i}", docs) for i in range(3)]
+    region = rpn_settings(qz, 2, 2, view_side=view_side(36), free_answers=True, labels=recipe.labels, dpi=90)
+    assert rpn == (qz.backbone, samples, region, options, out / "rpn", rpn[5], "on_step") and rpn_kw == {}
+    assert sft[1:] == (samples, replace(TUNE, free_answers=True, dpi=90), options, out / "sft", judge, sft[6],
+                       "on_step") and sft_kw == {}
+    assert again == (qz.backbone, samples, region, options, out / "rpn_again", again[5], "on_step")
+    assert again_kw == {"start": f"adapter of {out / 'sft'}"}
+    assert gate == (qz.backbone, f"adapter of {out / 'rpn_again'}", samples,
+                    GateSettings(ladder=(16, 36, 64), free_answers=True, dpi=90, seed=7, gate_threshold=0.3), options,
+                    out / "gate", qz.engine.branch_layer, qz.engine.depth, gate[8], "on_step") and gate_kw == {}
+
+
+def test_the_questions_stage_reads_each_page_plainly_and_counts_it(qz, tmp_path, monkeypatch):
+    import qzoom_cli.training.recipe as recipe_module
+    from qzoom_cli.errors import UsageError
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    asked = []
+
+    def write_questions(model, folder, manifest, **options):
+        asked.append((folder, manifest, options))
+        for page in (1, 2):
+            options["on_page"](folder / "a.pdf", page, 1)
+        return written, skipped
+
+    monkeypatch.setattr(recipe_module, "write_questions", write_questions)
+    stages = StageRecorder(qz, monkeypatch)
+    recipe = replace(RECIPE, questions_per_page=2, dpi=90)
+    written, skipped = 0, {"a.pdf": "encrypted", "b.png": "damaged"}
+    with pytest.raises(UsageError) as error:
+        train_all(docs, tmp_path / "out", recipe, OPTIONS, stages.load,
+                  stages.display)
+    assert str(error.value) == (f"the model wrote no usable question about the documents under {docs} (2 documents "
+                                "unreadable): give a manifest of questions instead")
+    skipped = {}
+    with pytest.raises(UsageError) as error:
+        train_all(docs, tmp_path / "out", recipe, OPTIONS, stages.load,
+                  stages.display)
+    assert str(error.value).endswith(f"under {docs}: give a manifest of questions instead")
+    manifest = tmp_path / "out" / "stages" / "questions.jsonl"
+    assert [(folder, path, options["dpi"], options["per_page"], options["budget"]) for folder, path, options in asked] \
+        == [(docs, manifest, 90, 2, qz.resolve_budget(zoom_mode="never"))] * 2
+    assert stages.loads == [None, None] and stages.shown == [("questions: pages", None)] * 2 and stages.items == 4
+
+    written, skipped = 1, {"b.png": "damaged"}
+    manifest.write_text(json.dumps({"id": "q", "file": str(docs / "missing.png"), "question": QUESTION}) + "\n")
+    train_all(docs, tmp_path / "out", recipe, OPTIONS, stages.load,
+              stages.display)
+    progress = json.loads((tmp_path / "out" / "stages" / "progress.json").read_text())
+    assert progress["stages"]["questions"] == {"stage": "questions", "manifest": str(manifest), "written": 1,
+                                               "skipped": {"b.png": "damaged"}}

@@ -137,6 +137,10 @@ class VisualAdditions:
         hidden[mask] = hidden[mask] + self.values[level].to(hidden.device, hidden.dtype)
         return hidden
 
+    def then(self, other: VisualAdditions) -> VisualAdditions:
+        """These additions followed, along the sequence, by `other`'s (same batch)."""
+        return VisualAdditions.concat([(self, self.mask.shape[1]), (other, other.mask.shape[1])])
+
     @staticmethod
     def concat(parts: list[tuple[VisualAdditions | None, int]]) -> VisualAdditions | None:
         """Sequences side by side (same batch): `parts` are (additions or None, sequence length)."""

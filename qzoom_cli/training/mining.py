@@ -35,6 +35,7 @@ JUDGE_REQUEST = (
     "the same thing in other words, or differs only in formatting (case, units, punctuation, number "
     "style); count it as wrong when it contradicts the ground truth or misses it. Reply with exactly two "
     "lines:\nA: Yes or No\nB: Yes or No")
+JUDGE_REPLY_TOKENS = 16  # room for the two "X: Yes" lines the judge is asked for
 _VERDICT = re.compile(r"^\s*([AB])\s*:\s*\[?\s*(yes|no)\b", re.IGNORECASE | re.MULTILINE)
 
 
@@ -144,7 +145,7 @@ def _answer_both(qz: QZoom, sample: TrainSample, settings: MiningSettings, judge
             request = JUDGE_REQUEST.format(question=sample.question, reference=" / ".join(references),
                                            plain=plain.answer, zoomed=zoomed.answer)
             reply = judge.ask(doc, request, pages=str(sample.page), instruction="", zoom="never",
-                              max_new_tokens=16)[0].answer
+                              max_new_tokens=JUDGE_REPLY_TOKENS)[0].answer
             verdicts, judged_by = judge_verdicts(reply), "judge"
         else:
             verdicts = (is_right(plain.answer, references, settings.metric),

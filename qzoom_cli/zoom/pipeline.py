@@ -354,8 +354,9 @@ class ZoomEngine:
         hidden = torch.cat([hidden_k[:, :prefix_end], replay], dim=1)
         upper = None
         if self.branch_layer < bb.layout.addition_layers:  # pragma: no mutate (at K itself: no layer adds; speed)
-            prefix = coarse_additions.tokens(0, prefix_end) if coarse_additions is not None else None
-            upper = VisualAdditions.concat([(prefix, prefix_end), (suffix.additions, suffix.embeds.shape[1])])
+            # Page and region both hold image tokens, so a family that adds at these layers has both.
+            upper = coarse_additions.tokens(0, prefix_end).then(  # pragma: no mutate (a slice from None starts at 0)
+                suffix.additions)
         hidden = bb.run_layers(hidden, positions, cache, self.branch_layer,
                                bb.num_layers,  # pragma: no mutate (a stop of None runs to the top too)
                                mask, upper)
