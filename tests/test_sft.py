@@ -311,8 +311,11 @@ def test_the_report_says_when_no_label_was_used_and_when_nothing_can_be_learned(
         report["notes"][0]
     assert "not measured" in report["notes"][1]
     samples = seed_mined(manifest, tmp_path / "none" / "mined", "top left", "bottom", kind="both wrong")
-    with pytest.raises(UsageError, match="3 both wrong.*--mix"):
+    with pytest.raises(UsageError) as error:
         _fine_tune(tiny_dir, region_adapter, samples, tmp_path / "none", options)
+    assert str(error.value) == ("nothing to fine-tune on: 3 pairs mined (0 regression, 0 improvement, 0 both right, "
+                                "3 both wrong); the zoomed read answered no pair worse than the plain one (--mix also "
+                                "trains on improvements)")
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -551,6 +551,7 @@ def test_training_samples_are_pages_and_what_cannot_be_read_is_counted(tmp_path)
         json.dumps({"id": "one", "file": "a.pdf", "question": "q1?", "pages": "2", "answers": ["x"]}),
         "{not json",
         json.dumps({"id": "gone", "file": "gone.pdf", "question": "q2?"}),
+        json.dumps({"id": "also gone", "file": "gone.png", "question": "q2?"}),
         json.dumps({"id": "bad", "file": "broken.pdf", "question": "q3?"}),
         json.dumps({"id": "all", "file": "a.pdf", "question": "q4?"}),
     ]) + "\n")
@@ -558,7 +559,7 @@ def test_training_samples_are_pages_and_what_cannot_be_read_is_counted(tmp_path)
     samples = expand_samples(rows, dpi=72)
     assert [(s.id, s.page, s.question, s.answers) for s in samples.samples] == [
         ("one", 2, "q1?", ("x",)), ("all#p1", 1, "q4?", ()), ("all#p2", 2, "q4?", ()), ("all#p3", 3, "q4?", ())]
-    assert samples.skipped == {"bad manifest row (bad_row)": 1, "unreadable document (file_not_found)": 1,
+    assert samples.skipped == {"bad manifest row (bad_row)": 1, "unreadable document (file_not_found)": 2,
                                "unreadable document (pdf_corrupt)": 1}
     assert [s.id for s in expand_samples(rows, max_samples=2, dpi=72).samples] == ["one", "all#p1"]
 
@@ -756,3 +757,45 @@ def test_lora_settings_out_of_bounds_are_usage_errors(values, message):
     with pytest.raises(UsageError) as caught:
         LoraSettings(**values)
     assert str(caught.value) == message
+
+
+TRAIN_BOUNDS = ("--epochs, --batch-size, --grad-accum and --max-samples must be at least 1, --save-every at least 0 "
+                "and --lr positive")
+TUNE_BOUNDS = "--mix must be at least 0, --held-out in [0, 1) and --box-noise in [0, 1]"
+
+
+@pytest.mark.parametrize("settings, values, message", [
+    ("train", {"epochs": 1, "batch_size": 1, "grad_accum": 1, "lr": 1e-12, "save_every": 0, "max_samples": 1}, None),
+    ("train", {"epochs": 0}, TRAIN_BOUNDS), ("train", {"batch_size": 0}, TRAIN_BOUNDS),
+    ("train", {"grad_accum": 0}, TRAIN_BOUNDS), ("train", {"lr": 0.0}, TRAIN_BOUNDS),
+    ("train", {"save_every": -1}, TRAIN_BOUNDS), ("train", {"max_samples": 0}, TRAIN_BOUNDS),
+    ("tune", {"mix": 0.0, "held_out": 0.0, "box_noise": 0.0, "pseudo_reference_tokens": 1}, None),
+    ("tune", {"held_out": 0.99, "box_noise": 1.0}, None),
+    ("tune", {"mix": -0.1}, TUNE_BOUNDS), ("tune", {"held_out": 1.0}, TUNE_BOUNDS),
+    ("tune", {"held_out": -0.1}, TUNE_BOUNDS), ("tune", {"box_noise": 1.01}, TUNE_BOUNDS),
+    ("tune", {"box_noise": -0.1}, TUNE_BOUNDS),
+    ("tune", {"pseudo_reference_tokens": 0}, "--pseudo-reference-tokens must be at least 1"),
+    ("tune", {"min_visual_tokens": 0}, "--min-visual-tokens must be positive"),
+])
+def test_training_settings_are_checked_at_their_bounds(settings, values, message):
+    from qzoom_cli.training.settings import FineTuneSettings, TrainOptions
+
+    make = {"train": TrainOptions, "tune": FineTuneSettings}[settings]
+    if message is None:
+        assert {k: getattr(make(**values), k) for k in values} == values
+    else:
+        with pytest.raises(UsageError) as caught:
+            make(**values)
+        assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("tokens, side", [(4, 2), (576, 24), (1, None), (0, None), (575, None), (-4, None)])
+def test_the_view_is_a_square_grid_of_at_least_two_by_two(tokens, side):
+    from qzoom_cli.training.settings import view_side
+
+    if side is not None:
+        assert view_side(tokens) == side
+    else:
+        with pytest.raises(UsageError) as caught:
+            view_side(tokens)
+        assert str(caught.value) == f"--view-tokens must be a square number like 576 (24 x 24), got {tokens}"
