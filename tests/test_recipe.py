@@ -121,8 +121,15 @@ def test_train_all_refuses_to_resume_with_other_settings(uninterrupted, tiny_dir
 
     out = uninterrupted[0]
     manifest = out.parent / "train.jsonl"
-    with pytest.raises(ResumeMismatch, match="ladder"):
-        train_all(manifest, out, replace(RECIPE, ladder=(16, 36, 64)), OPTIONS, loader(tiny_dir), display())
+    with pytest.raises(ResumeMismatch) as refused:
+        train_all(manifest, out, replace(RECIPE, ladder=(16, 36, 64), dpi=80), OPTIONS, loader(tiny_dir), display())
+    assert str(refused.value) == (f"{out} was trained with other settings (dpi, ladder): rerun with the same options, "
+                                  "or write to another --out")
+    copy = out.parent / "copy" / "train.jsonl"  # the same rows read from elsewhere: other files
+    copy.parent.mkdir()
+    copy.write_bytes(manifest.read_bytes())
+    with pytest.raises(ResumeMismatch, match=r"other settings \(source\)"):
+        train_all(copy, out, RECIPE, OPTIONS, loader(tiny_dir), display())
     again = train_all(manifest, out, RECIPE, replace(OPTIONS, save_every=0), loader(tiny_dir), display())
     assert again["stages"] == uninterrupted[1]["stages"]  # nothing left to do; save_every changes no result
 
@@ -244,6 +251,7 @@ class StageRecorder:
 
 def test_each_stage_is_handed_the_recipes_settings_and_the_previous_stages_model(qz, tmp_path, monkeypatch):
     from qzoom_cli.training.gate import GateSettings
+    from qzoom_cli.training.pseudo_labels import LabelSettings
     from qzoom_cli.training.rpn import rpn_settings
     from qzoom_cli.training.settings import view_side
 
@@ -254,7 +262,7 @@ def test_each_stage_is_handed_the_recipes_settings_and_the_previous_stages_model
     elsewhere.parent.mkdir()
     manifest.rename(elsewhere)
     recipe = replace(RECIPE, free_answers=True, dpi=90, max_samples=3, gate_threshold=0.3, view_tokens=36,
-                     ladder=(16, 36, 64))
+                     ladder=(16, 36, 64), labels=LabelSettings(fg_ratio=0.3))
     options = replace(OPTIONS, seed=7)
     stages = StageRecorder(qz, monkeypatch)
 
@@ -264,6 +272,7 @@ def test_each_stage_is_handed_the_recipes_settings_and_the_previous_stages_model
     report = train_all(elsewhere, tmp_path / "out", recipe, options, stages.load, stages.display, root=str(docs),
                        load_judge=judge)
     out = tmp_path / "out" / "stages"
+    assert report["adapter"] == str(tmp_path / "out")
     assert report["stages"] == {"questions": {"stage": "questions", "manifest": str(elsewhere), "written": 0},
                                 "rpn": {"ran": "train_rpn"}, "sft": {"ran": "fine_tune"},
                                 "rpn_again": {"ran": "train_rpn"}, "gate": {"ran": "train_gate"}}

@@ -556,12 +556,12 @@ def test_training_samples_are_pages_and_what_cannot_be_read_is_counted(tmp_path)
         json.dumps({"id": "all", "file": "a.pdf", "question": "q4?"}),
     ]) + "\n")
     rows = read_manifest(str(manifest))
-    samples = expand_samples(rows, dpi=72)
+    samples = expand_samples(rows)
     assert [(s.id, s.page, s.question, s.answers) for s in samples.samples] == [
         ("one", 2, "q1?", ("x",)), ("all#p1", 1, "q4?", ()), ("all#p2", 2, "q4?", ()), ("all#p3", 3, "q4?", ())]
     assert samples.skipped == {"bad manifest row (bad_row)": 1, "unreadable document (file_not_found)": 2,
                                "unreadable document (pdf_corrupt)": 1}
-    assert [s.id for s in expand_samples(rows, max_samples=2, dpi=72).samples] == ["one", "all#p1"]
+    assert [s.id for s in expand_samples(rows, max_samples=2).samples] == ["one", "all#p1"]
 
 
 @pytest.mark.parametrize("text, rungs", [("64,256,1024", (64, 256, 1024)), (" 16, 36,64,100 ", (16, 36, 64, 100)),

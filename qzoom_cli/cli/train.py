@@ -215,7 +215,7 @@ def train_rpn_command(
 
     configure_logging(verbose, quiet)
     qz = load_model(model, adapter, revision, device, dtype, attn)
-    samples = expand_samples(rows, max_samples, dpi)
+    samples = expand_samples(rows, max_samples)
     settings = rpn_settings(qz, branch_layer, depth, view_side=side, free_answers=free_answers, labels=labels,
                             dpi=dpi)
     with _training_progress(quiet, "teacher labels", len(samples.samples)) as (on_item, on_step):
@@ -269,7 +269,7 @@ def train_gate_command(
 
     configure_logging(verbose, quiet)
     qz = load_model(model, adapter, revision, device, dtype, attn)
-    samples = expand_samples(rows, max_samples, dpi)
+    samples = expand_samples(rows, max_samples)
     settings = GateSettings(ladder=rungs, free_answers=free_answers, dpi=dpi, seed=seed,
                             gate_threshold=gate_threshold)
     target = Path(out or adapter)
@@ -397,7 +397,7 @@ def train_sft_command(
 
     configure_logging(verbose, quiet)
     qz = load_model(model, adapter, revision, device, dtype, attn)
-    samples = expand_samples(rows, max_samples, dpi)
+    samples = expand_samples(rows, max_samples)
     with _training_progress(quiet, "mining", len(samples.samples)) as (on_item, on_step):
         _, report = fine_tune(qz, samples, settings, options, Path(out), _judge_loader(revision, device, dtype, attn),
                               on_item, on_step)

@@ -53,14 +53,14 @@ class SampleSet:
         return digest.hexdigest()
 
 
-def expand_samples(rows: list[ManifestRow | RowError], max_samples: int | None = None, dpi: int = 200) -> SampleSet:
+def expand_samples(rows: list[ManifestRow | RowError], max_samples: int | None = None) -> SampleSet:
     out = SampleSet([])
     for row in rows:
         if isinstance(row, RowError):
             out.skip(f"bad manifest row ({row.code})")
             continue
         try:
-            with open_document(row.file, password=row.password, dpi=dpi) as doc:
+            with open_document(row.file, password=row.password) as doc:
                 pages = parse_page_spec(row.pages, doc.page_count)
                 digest = doc.sha256
         except QZoomError as exc:

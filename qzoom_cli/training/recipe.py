@@ -129,7 +129,7 @@ def _samples(manifest: Path, recipe: Recipe, root: str | None) -> SampleSet:
     """Each stage's own sample set (stages count what they skip in it)."""
     from ..manifest import read_manifest
 
-    return expand_samples(read_manifest(str(manifest), root), recipe.max_samples, recipe.dpi)
+    return expand_samples(read_manifest(str(manifest), root), recipe.max_samples)
 
 
 def _publish(folder: Path, out_dir: Path) -> None:
@@ -159,6 +159,6 @@ class _Progress:
     def finish(self, stage: str, report: dict) -> None:
         self.done[stage] = report
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
+        temporary = self.path.with_suffix(".tmp")  # pragma: no mutate (its name is never seen)
         temporary.write_text(json.dumps({"settings": self.settings, "stages": self.done}, indent=2), encoding="utf-8")
         temporary.replace(self.path)
