@@ -799,3 +799,21 @@ def test_the_view_is_a_square_grid_of_at_least_two_by_two(tokens, side):
         with pytest.raises(UsageError) as caught:
             view_side(tokens)
         assert str(caught.value) == f"--view-tokens must be a square number like 576 (24 x 24), got {tokens}"
+
+
+def test_a_fixed_grid_family_climbs_only_the_rungs_its_grid_holds(caplog):
+    from types import SimpleNamespace
+
+    from qzoom_cli.training.gate import ladder_for
+
+    fixed = SimpleNamespace(family="llava", layout=SimpleNamespace(fixed_grid=(8, 12)))  # 96 tokens
+    free = SimpleNamespace(family="qwen2_5_vl", layout=SimpleNamespace(fixed_grid=None))
+    assert ladder_for(free, (16, 64, 1024)) == (16, 64, 1024)
+    with caplog.at_level("WARNING", logger="qzoom"):
+        assert ladder_for(fixed, (16, 36, 64, 96)) == (16, 36, 64, 96) and not caplog.records
+        assert ladder_for(fixed, (16, 36, 96, 144, 576)) == (16, 36, 96)
+    assert caplog.messages == ["llava reads at most 96 tokens of detail: the ladder is 16,36,96"]
+    with pytest.raises(UsageError) as refused:
+        ladder_for(fixed, (16, 64, 144, 256))
+    assert str(refused.value) == ("llava reads at most 96 tokens of detail: give --ladder at least three budgets up "
+                                  "to that, e.g. 64,144,256,400,576")

@@ -174,7 +174,7 @@ _FREE_ON_RESUME = ("save_every", "gradient_checkpointing", "epochs")
 
 
 def _rng_state() -> dict:
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}  # no GPU: an empty list
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
