@@ -1,6 +1,7 @@
 """Training the zoom adapter: pseudo labels, teacher capture, the student, the gate, the commands."""
 
 import json
+import math
 import random
 import re
 
@@ -817,3 +818,57 @@ def test_a_fixed_grid_family_climbs_only_the_rungs_its_grid_holds(caplog):
         ladder_for(fixed, (16, 64, 144, 256))
     assert str(refused.value) == ("llava reads at most 96 tokens of detail: give --ladder at least three budgets up "
                                   "to that, e.g. 64,144,256,400,576")
+
+
+# --- the trainer: accumulation, schedule, optimiser -------------------------------------------------
+
+def _fit(tmp_path, name, items, **options):
+    """A 2-weight linear model fitted to y = 3x by the Trainer; returns (weights, step losses, trainer)."""
+    from torch import nn
+
+    from qzoom_cli.training.loop import Trainer
+    from qzoom_cli.training.settings import TrainOptions
+
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1)
+
+    def loss_fn(module, batch, epoch):
+        x = torch.tensor([[float(i)] for i in batch])
+        return (module(x) - 3 * x).pow(2).mean()
+
+    trainer = Trainer(model, TrainOptions(**{"lr": 0.1, **options}), tmp_path / name, lambda folder: None,
+                      torch.float32)
+    losses = trainer.train(items, loss_fn)
+    return torch.cat([model.weight.detach().flatten(), model.bias.detach()]), losses, trainer
+
+
+def test_accumulated_micro_batches_step_as_one_batch_and_a_short_last_window_still_steps(tmp_path):
+    items = [1, 2, 3, 4, 5, 6, 7]
+    whole, whole_losses, _ = _fit(tmp_path, "whole", items, batch_size=2, max_grad_norm=1e9)
+    accumulated, accumulated_losses, _ = _fit(tmp_path, "accumulated", items, batch_size=1, grad_accum=2,
+                                              max_grad_norm=1e9)
+    assert torch.allclose(whole, accumulated, atol=1e-6)  # the same pairs, in the same shuffled order
+    assert len(whole_losses) == len(accumulated_losses) == 4
+    assert accumulated_losses == pytest.approx(whole_losses, rel=1e-5)
+    start, _, _ = _fit(tmp_path, "none", items, batch_size=2, lr=1e-30)
+    one, losses, _ = _fit(tmp_path, "one", items[:3], batch_size=2, grad_accum=4)  # 2 micro-batches, window of 4
+    assert len(losses) == 1 and not torch.equal(one, start)
+
+
+def test_the_optimiser_and_schedule_are_the_reference_recipe(tmp_path):
+    from qzoom_cli.training.loop import cosine_with_warmup
+
+    _, _, trainer = _fit(tmp_path, "adamw", [1], weight_decay=0.01)
+    [group] = trainer.optimizer.param_groups
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.999), 1e-8, 0.01)
+    factor = cosine_with_warmup(100, 0.03)  # 3 warm-up steps, then cosine from 1 to 0 over the other 97
+    assert [factor(step) for step in (0, 1, 2, 3)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    assert factor(3 + 97 // 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 48 / 97)))
+    assert factor(100) == pytest.approx(0.0) and factor(130) == pytest.approx(0.0)
+    assert [cosine_with_warmup(10, 0.0)(step) for step in (0, 5)] == pytest.approx([1.0, 0.5])  # no warm-up
+
+
+def test_gradients_are_clipped_at_the_given_norm(tmp_path):
+    clipped, _, _ = _fit(tmp_path, "clipped", [50, 1, 2], batch_size=1, epochs=2, max_grad_norm=1.0)
+    loose, _, _ = _fit(tmp_path, "loose", [50, 1, 2], batch_size=1, epochs=2, max_grad_norm=1e9)
+    assert not torch.allclose(clipped, loose)

@@ -13,6 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -42,7 +43,7 @@ def enable_gradient_checkpointing(layers: nn.ModuleList) -> None:
 
 
 def cosine_with_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
-    warmup = max(1, math.ceil(total_steps * warmup_ratio))
+    warmup = math.ceil(total_steps * warmup_ratio)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -76,8 +77,7 @@ class Trainer:
         self.settings = json.loads(json.dumps(settings or {}))
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(base_dtype, "no")
         on_gpu = torch.cuda.is_available()
-        self.accelerator = Accelerator(gradient_accumulation_steps=options.grad_accum, cpu=not on_gpu,
-                                       mixed_precision=precision if on_gpu else "no")
+        self.accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision if on_gpu else "no")
         for parameter in module.parameters():  # only what is learned: a frozen base keeps its dtype
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
@@ -95,11 +95,13 @@ class Trainer:
     def train(self, items: list, loss_fn: Callable[[nn.Module, list, int], torch.Tensor],
               on_step: Callable[[StepReport], None] = lambda report: None) -> list[float]:
         """`loss_fn(module, batch, epoch)`; returns the loss of every optimiser step (averaged over
-        its micro-batches)."""
+        its micro-batches). Every `grad_accum` micro-batches make a step, and so do the last few
+        when fewer are left (a run with fewer micro-batches than `grad_accum` still takes one)."""
         options, accelerator = self.options, self.accelerator
         world, rank = accelerator.num_processes, accelerator.process_index
         per_epoch = math.ceil(len(items) / options.batch_size / world)
-        total = max(1, math.ceil(per_epoch * options.epochs / options.grad_accum))
+        total = math.ceil(per_epoch * options.epochs / options.grad_accum)
+        micro_batches = len(range(rank, math.ceil(len(items) / options.batch_size), world)) * options.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(total, options.warmup_ratio))
         self.plan = {**{k: v for k, v in options_dict(options).items() if k not in _FREE_ON_RESUME},
                      "samples": len(items), "processes": world, **self.settings}
@@ -113,18 +115,19 @@ class Trainer:
                 micro += 1
                 if micro <= start_step * options.grad_accum:
                     continue  # already done before the checkpoint we resumed from
-                with accelerator.accumulate(self.module):
+                window_start = (micro - 1) // options.grad_accum * options.grad_accum
+                window_size = min(options.grad_accum, micro_batches - window_start)
+                steps_now = micro == window_start + window_size
+                with nullcontext() if steps_now else accelerator.no_sync(self.module):  # gradients averaged once
                     loss = loss_fn(self.module, batch, epoch)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(self.module.parameters(), options.max_grad_norm)
-                    self.optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    self.optimizer.zero_grad()
+                    accelerator.backward(loss / window_size)
                 window.append(float(loss.detach()))
                 seen += len(batch)
-                if accelerator.sync_gradients:
+                if steps_now:
+                    accelerator.clip_grad_norm_(self.module.parameters(), options.max_grad_norm)
+                    self.optimizer.step()
+                    scheduler.step()
+                    self.optimizer.zero_grad()
                     self.step += 1
                     self.losses.append(sum(window) / len(window))
                     window = []
