@@ -872,3 +872,56 @@ def test_gradients_are_clipped_at_the_given_norm(tmp_path):
     clipped, _, _ = _fit(tmp_path, "clipped", [50, 1, 2], batch_size=1, epochs=2, max_grad_norm=1.0)
     loose, _, _ = _fit(tmp_path, "loose", [50, 1, 2], batch_size=1, epochs=2, max_grad_norm=1e9)
     assert not torch.allclose(clipped, loose)
+
+
+@pytest.mark.parametrize("rank, expected", [(0, [[3, 2], [4]]), (1, [[1, 5], [3, 2]])])
+def test_each_process_takes_every_world_size_th_batch_and_all_take_the_same_steps(tmp_path, monkeypatch, rank,
+                                                                                 expected):
+    """Five samples in batches of two make three batches per epoch: with two processes the second
+    is one short and takes the epoch's first batch again, so both take two optimiser steps."""
+    from accelerate import Accelerator
+    from torch import nn
+
+    from qzoom_cli.training.loop import Trainer, batches
+    from qzoom_cli.training.settings import TrainOptions
+
+    items = [1, 2, 3, 4, 5]
+    assert list(batches(items, 2, 0, 0)) == [[3, 2], [1, 5], [4]]
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(Accelerator, "process_index", property(lambda self: rank))
+    seen = []
+
+    def loss_fn(module, batch, epoch):
+        seen.append(batch)
+        return module(torch.tensor([[float(i)] for i in batch])).pow(2).mean()
+
+    trainer = Trainer(nn.Linear(1, 1), TrainOptions(batch_size=2), tmp_path, lambda folder: None, torch.float32)
+    assert len(trainer.train(items, loss_fn)) == 2 and seen == expected
+
+
+def test_the_gate_answers_missing_ladders_with_its_model_and_learns_from_the_question_as_asked(qz, tmp_path,
+                                                                                              monkeypatch):
+    import qzoom_cli.training.gate as gate
+    from qzoom_cli.training.rpn import prompt_text
+
+    manifest, _ = red_square_pages(tmp_path, 2, seed=8)
+    samples = expand_samples(read_manifest(manifest))
+    answered, read, seen = [], [], []
+
+    def answer_ladder(backbone, image, text, ladder, max_new_tokens):
+        answered.append((backbone, text, ladder, max_new_tokens))
+        return ["?", "red", "red"]  # a transition: the gate has something to learn
+
+    def gate_inputs(backbone, branch_layer, views, texts):
+        read.extend(texts)
+        return real_inputs(backbone, branch_layer, views, texts)
+
+    real_inputs = gate.gate_inputs
+    monkeypatch.setattr(gate, "answer_ladder", answer_ladder)
+    monkeypatch.setattr(gate, "gate_inputs", gate_inputs)
+    settings = GateSettings(ladder=(16, 36, 64), free_answers=True, max_new_tokens=5, dpi=72)
+    train_gate(qz.backbone, None, samples, settings, TrainOptions(batch_size=2), tmp_path / "gate", 2, 2,
+               on_ladder=seen.append)
+    text = prompt_text("Where is the red square?", True)
+    assert answered == [(qz.backbone, text, (16, 36, 64), 5)] * 2 and seen == samples.samples
+    assert read == [text] * 2

@@ -262,7 +262,7 @@ def train_gate(backbone: Backbone, adapter: ZoomAdapter | None, samples: SampleS
     kinds = Counter(classify(*ladders[k]) for k in kept)
     report = {"stage": "gate", "samples": len(samples.samples), "kept": len(kept), "transitions": kinds["transition"],
               "easy": kinds["easy"], "dropped": dict(dropped), "skipped": samples.skipped, "steps": len(losses),
-              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+              "first_loss": losses[0], "last_loss": losses[-1],
               "reference_answers": any(s.answers for s in samples.samples)}
     gated.config.gate_threshold = settings.gate_threshold
     gated.config.training = {**gated.config.training, "gate": {**report, "data_fingerprint": samples.fingerprint(),

@@ -3,7 +3,8 @@
 Optimiser and schedule follow the reference scripts: AdamW (betas 0.9/0.999, eps 1e-8, no
 weight decay), peak learning rate with 3% linear warm-up then cosine decay to 0, gradients
 clipped at norm 1. Runs under `accelerate` so `accelerate launch` trains on several GPUs
-(data parallel: each process takes every world-size-th batch, gradients are averaged).
+(data parallel: each process takes every world-size-th batch, and one short of batches takes the
+epoch's first ones again so that all take the same steps; gradients are averaged).
 """
 
 from __future__ import annotations
@@ -99,9 +100,9 @@ class Trainer:
         when fewer are left (a run with fewer micro-batches than `grad_accum` still takes one)."""
         options, accelerator = self.options, self.accelerator
         world, rank = accelerator.num_processes, accelerator.process_index
-        per_epoch = math.ceil(len(items) / options.batch_size / world)
+        per_epoch = math.ceil(len(items) / options.batch_size / world)  # every process alike (collectives match)
         total = math.ceil(per_epoch * options.epochs / options.grad_accum)
-        micro_batches = len(range(rank, math.ceil(len(items) / options.batch_size), world)) * options.epochs
+        micro_batches = per_epoch * options.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(total, options.warmup_ratio))
         self.plan = {**{k: v for k, v in options_dict(options).items() if k not in _FREE_ON_RESUME},
                      "samples": len(items), "processes": world, **self.settings}
@@ -109,9 +110,9 @@ class Trainer:
         micro, window, seen, clock = 0, [], 0, time.perf_counter()
         self.module.train()
         for epoch in range(options.epochs):
-            for index, batch in enumerate(batches(items, options.batch_size, epoch, options.seed)):
-                if index % world != rank:
-                    continue
+            shuffled = list(batches(items, options.batch_size, epoch, options.seed))
+            for k in range(per_epoch):
+                batch = shuffled[(k * world + rank) % len(shuffled)]  # short: the epoch's first again
                 micro += 1
                 if micro <= start_step * options.grad_accum:
                     continue  # already done before the checkpoint we resumed from

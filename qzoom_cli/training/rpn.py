@@ -266,7 +266,7 @@ def train_rpn(backbone: Backbone, samples: SampleSet, settings: RpnSettings, opt
     stage = "rpn" if start is None else "rpn_again"
     report = {"stage": stage, "samples": len(samples.samples), "usable": len(usable), "trained_on": len(train),
               "held_out": len(held), "skipped": samples.skipped, "steps": len(losses),
-              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+              "first_loss": losses[0], "last_loss": losses[-1],
               "held_out_auc_before": auc_before, "held_out_auc_after": auc_after}
     adapter.config.training = {**adapter.config.training, stage: {
         **report, "data_fingerprint": samples.fingerprint(), "heads": settings.heads.to_dict(),

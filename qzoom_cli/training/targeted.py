@@ -75,7 +75,7 @@ def fine_tune(qz: QZoom, samples: SampleSet, settings: FineTuneSettings, options
     after = held_out_accuracy(qz, held, by_key, sft, settings.max_new_tokens, settings.metric)
     report = {"stage": "sft", "samples": len(samples.samples), "skipped": samples.skipped, "mining": mining,
               "trained_on": len(train), "held_out": len(held), "steps": len(losses),
-              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+              "first_loss": losses[0], "last_loss": losses[-1],
               "held_out_accuracy_before": before, "held_out_accuracy_after": after,
               "held_out_metric": f"{settings.metric}: a score of at least {RIGHT_AT} against the pair's references "
                                  "counts as right (as `qzoom eval` scores)",
