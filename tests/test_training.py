@@ -264,6 +264,37 @@ def test_label_draws():
     assert draw_label(["x", "x"], [], rng) == (IGNORE, 0)                 # nothing below the top two
 
 
+class FixedDraw:
+    """A label draw whose coin lands at `coin` and whose choice takes the first option."""
+
+    def __init__(self, coin):
+        self.coin = coin
+
+    def random(self):
+        return self.coin
+
+    def choice(self, options):
+        return options[0]
+
+
+@pytest.mark.parametrize("answers, references, coin, drawn", [
+    (["?", "??", "net 30", "net 30"], ["Net 30 days"], 0.5, (1, 0)),  # a reference the consensus matches: learned
+    (["?", "??", "net 30", "net 30"], ["net 60"], 0.5, (IGNORE, 0)),   # contradicted: not learned from
+    (["?", "net 30", "net 30", "net 30"], [], 0.95, (0, 1)),          # a right rung below the top two
+    (["?", "??", "net 30", "net 30"], [], 0.95, (IGNORE, 0)),         # none: nothing to learn at label 0
+])
+def test_a_transitions_label_follows_its_coin_and_references(answers, references, coin, drawn):
+    assert draw_label(answers, references, FixedDraw(coin)) == drawn
+
+
+@pytest.mark.parametrize("answers, agreed", [(["7", "42", "$42."], "42"), (["42", "$42"], "42"), (["42", "43"], None),
+                                             (["42"], None), (["a", "b", "B!"], "b")])
+def test_the_consensus_is_the_top_two_rungs_normalised_answer(answers, agreed):
+    from qzoom_cli.training.gate import consensus
+
+    assert consensus(answers) == agreed
+
+
 def test_gate_bce_guards_all_ignored_batches():
     logits = torch.tensor([0.3, -1.0], requires_grad=True)
     assert gate_bce(logits, torch.tensor([IGNORE, IGNORE])).item() == 0.0

@@ -65,8 +65,8 @@ def match(a: str, b: str) -> bool:
 
 def consensus(answers: list[str]) -> str | None:
     """The answer the two highest rungs agree on, or None."""
-    top = [normalize(a) for a in answers[-TOP_RUNGS:]]
-    return top[-1] if len(set(top)) == 1 and len(top) == TOP_RUNGS else None
+    top = {normalize(a) for a in answers[-TOP_RUNGS:]}
+    return top.pop() if len(top) == 1 and len(answers) >= TOP_RUNGS else None
 
 
 def classify(answers: list[str], references: list[str]) -> str:
