@@ -390,3 +390,62 @@ def test_only_the_decoders_lora_weights_learn(tiny_dir, tmp_path):
     assert all(torch.equal(v, branches[k]) for k, v in adapter.state_dict().items())
     lora_b = [v for k, v in qz.backbone.model.state_dict().items() if "lora_B" in k]
     assert lora_b and all(bool(v.abs().sum() > 0) for v in lora_b)  # every B moved off its zero start
+
+
+def test_held_out_pairs_are_asked_on_their_page_with_the_training_settings_and_metric(tmp_path):
+    from types import SimpleNamespace
+
+    from docmaker import make_encrypted_pdf
+
+    from qzoom_cli.training.data import TrainSample
+    from qzoom_cli.training.mining import Mined
+    from qzoom_cli.training.rpn import answer_instruction
+    from qzoom_cli.training.sft import SftSettings, held_out_accuracy
+
+    pdf = tmp_path / "locked.pdf"
+    pdf.write_bytes(make_encrypted_pdf("pw"))
+    samples = {"a": TrainSample("a", str(pdf), "pw", 2, "Total?", "sha"),
+               "b": TrainSample("b", str(pdf), "pw", 1, "Due?", "sha")}
+    asked = []
+
+    class Recorder:
+        def ask(self, file, question, **options):
+            asked.append((file, question, options))
+            return [SimpleNamespace(answer="total $1,200 usd")]  # within 5% of 1234.5; far from it as text
+
+    pairs = [Mined("a", "Total?", "p", "z", ("1234.5",), "references", "regression"),
+             Mined("b", "Due?", "p", "z", ("2000",), "references", "regression")]
+    settings = SftSettings(budget=VisualBudget(16, 36), free_answers=True, dpi=90)
+    assert held_out_accuracy(Recorder(), pairs, samples, settings, max_new_tokens=4, metric="relaxed") == 0.5
+    common = {"password": "pw", "dpi": 90, "zoom": "always", "budget": settings.budget, "max_new_tokens": 4,
+              "instruction": answer_instruction(True)}
+    assert asked == [(str(pdf), "Total?", {"pages": "2", **common}), (str(pdf), "Due?", {"pages": "1", **common})]
+
+
+def test_the_fine_tuning_reads_and_trains_with_its_settings():
+    from qzoom_cli.training.settings import FineTuneSettings, LoraSettings
+    from qzoom_cli.training.sft import SftSettings
+    from qzoom_cli.training.targeted import sft_settings
+
+    lora = LoraSettings(rank=4)
+    settings = FineTuneSettings(lora=lora, box_noise=0.3, free_answers=True, dpi=90, seed=7)
+    budget = VisualBudget(16, 36)
+    assert sft_settings(settings, budget) == SftSettings(budget, lora=lora, box_noise=0.3, free_answers=True, dpi=90,
+                                                         seed=7)
+
+
+@pytest.mark.parametrize("label_free, judge, before, after, notes", [
+    (False, None, 0.5, 0.75, []),
+    (False, None, 0.5, 0.5, ["held-out accuracy did not rise (0.500 before, 0.500 after)"]),
+    (False, None, None, None, ["no pair was held out (too few were mined): held-out accuracy was not measured"]),
+    (True, "judge-model", 0.5, 0.75, [
+        "label-free: without reference answers, right and wrong were judged against the model's own answer at 64 "
+        "visual tokens (pseudo-reference), and held-out accuracy measures agreement with it",
+        "pairs were classified by the judge judge-model; held-out accuracy uses the metric"]),
+])
+def test_the_fine_tuning_report_notes_what_the_numbers_do_not_say(label_free, judge, before, after, notes):
+    from qzoom_cli.training.settings import FineTuneSettings
+    from qzoom_cli.training.targeted import _notes
+
+    settings = FineTuneSettings(judge=judge)
+    assert _notes({"label_free": label_free}, settings, VisualBudget(64, 64), before, after) == notes

@@ -956,3 +956,25 @@ def test_the_gate_answers_missing_ladders_with_its_model_and_learns_from_the_que
     text = prompt_text("Where is the red square?", True)
     assert answered == [(qz.backbone, text, (16, 36, 64), 5)] * 2 and seen == samples.samples
     assert read == [text] * 2
+
+
+def test_region_settings_follow_the_card_and_a_fixed_grid_familys_view():
+    from types import SimpleNamespace
+
+    from qzoom_cli.training.rpn import rpn_settings
+    from qzoom_cli.training.teacher import fallback_heads
+
+    def model(grid=None, card=None):
+        backbone = SimpleNamespace(family="llava", layout=SimpleNamespace(fixed_grid=grid), num_attention_heads=4)
+        return SimpleNamespace(backbone=backbone, engine=SimpleNamespace(branch_layer=3, depth=2), card=card)
+
+    published = SimpleNamespace(training={"heads": {"grounding": {"1": [0, 2]}}})
+    assert rpn_settings(model(card=published)).heads == HeadTable({1: [0, 2]})
+    settings = rpn_settings(model(), 2, 1, view_side=8)
+    assert (settings.branch_layer, settings.depth, settings.view_side) == (2, 1, 8)
+    assert settings.heads == fallback_heads(2, 4)
+    assert rpn_settings(model(grid=(24, 24))).view_side == 24  # the default view is LLaVA's grid
+    with pytest.raises(UsageError) as refused:
+        rpn_settings(model(grid=(24, 24)), view_side=16)
+    assert str(refused.value) == ("llava reads every page as its fixed 24x24 grid: train the region head on that view "
+                                  "(--view-tokens 576)")

@@ -15,6 +15,7 @@ foreground from background cells, on held-out samples, before and after training
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -61,9 +62,10 @@ def rpn_settings(qz: QZoom, branch_layer: int | None = None, depth: int | None =
     """Settings for `qz`: K and T as given, else the adapter's or the model card's; the teacher
     heads of the card's published table, else the fallback."""
     grid = qz.backbone.layout.fixed_grid
-    if grid is not None and settings.get("view_side", RpnSettings.view_side) != grid[0]:
+    side = settings.get("view_side", RpnSettings.view_side)
+    if grid is not None and (side, side) != grid:
         raise UsageError(f"{qz.backbone.family} reads every page as its fixed {grid[0]}x{grid[1]} grid: train the "
-                         f"region head on that view (--view-tokens {grid[0] * grid[1]})")
+                         f"region head on that view (--view-tokens {math.prod(grid)})")
     k = branch_layer or qz.engine.branch_layer
     heads = teacher_heads(qz.card.training if qz.card else None, k, qz.backbone.num_attention_heads)
     return RpnSettings(branch_layer=k, depth=depth or qz.engine.depth, heads=heads, **settings)
