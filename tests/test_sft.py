@@ -449,3 +449,12 @@ def test_the_fine_tuning_report_notes_what_the_numbers_do_not_say(label_free, ju
 
     settings = FineTuneSettings(judge=judge)
     assert _notes({"label_free": label_free}, settings, VisualBudget(64, 64), before, after) == notes
+
+
+def test_pairs_are_mined_at_the_given_coarse_budget_and_judged_at_the_models_plain_one(qz):
+    from qzoom_cli.training.settings import FineTuneSettings
+    from qzoom_cli.training.targeted import budgets
+
+    assert budgets(FineTuneSettings(), qz) == (qz.default_budget("auto"), qz.default_budget("never"))
+    given = FineTuneSettings(min_visual_tokens=16, max_visual_tokens=36, pseudo_reference_tokens=64)
+    assert budgets(given, qz) == (VisualBudget(16, 36), VisualBudget(64, 64))

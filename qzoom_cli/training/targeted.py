@@ -25,7 +25,7 @@ from .sft import SftSettings, held_out_accuracy, split_held_out, train_sft
 def budgets(settings: FineTuneSettings, qz: QZoom) -> tuple[VisualBudget, VisualBudget]:
     """(the coarse page's budget, the pseudo-reference's): the model's own unless set."""
     tokens = settings.pseudo_reference_tokens
-    return (qz.resolve_budget(settings.min_visual_tokens, settings.max_visual_tokens, "auto"),
+    return (qz.resolve_budget(settings.min_visual_tokens, settings.max_visual_tokens),  # the zoom's coarse read
             qz.default_budget("never") if tokens is None else VisualBudget(tokens, tokens))
 
 
