@@ -423,15 +423,19 @@ def test_held_out_pairs_are_asked_on_their_page_with_the_training_settings_and_m
 
 
 def test_the_fine_tuning_reads_and_trains_with_its_settings():
+    from qzoom_cli.training.mining import MiningSettings
     from qzoom_cli.training.settings import FineTuneSettings, LoraSettings
     from qzoom_cli.training.sft import SftSettings
-    from qzoom_cli.training.targeted import sft_settings
+    from qzoom_cli.training.targeted import mining_settings, sft_settings
 
     lora = LoraSettings(rank=4)
-    settings = FineTuneSettings(lora=lora, box_noise=0.3, free_answers=True, dpi=90, seed=7)
-    budget = VisualBudget(16, 36)
+    settings = FineTuneSettings(lora=lora, box_noise=0.3, free_answers=True, dpi=90, seed=7, max_new_tokens=9,
+                                metric="relaxed")
+    budget, pseudo = VisualBudget(16, 36), VisualBudget(64, 64)
     assert sft_settings(settings, budget) == SftSettings(budget, lora=lora, box_noise=0.3, free_answers=True, dpi=90,
                                                          seed=7)
+    assert mining_settings(settings, budget, pseudo) == MiningSettings(budget, pseudo, max_new_tokens=9, dpi=90,
+                                                                       metric="relaxed", free_answers=True)
 
 
 @pytest.mark.parametrize("label_free, judge, before, after, notes", [
