@@ -103,6 +103,33 @@ def test_skips_large_regions_and_weak_peaks():
                          settings=LabelSettings(peak_floor=1e-3)).valid
 
 
+def test_every_threshold_is_inclusive_on_the_side_the_algorithm_says():
+    """Values exactly at a threshold (powers of two: no rounding): a sink at the sink threshold is a
+    sink, foreground needs more than fg_ratio of the peak, background less than bg_ratio of it, a
+    box of exactly max_area is too large, and a peak exactly at the floor is enough."""
+    at = LabelSettings(sink_threshold=0.5, fg_ratio=0.25, bg_ratio=0.25, max_area=0.5, peak_floor=0.5)
+    grounding = blob(value=0.5, floor=0.0)
+    grounding[4, 6] = 0.125                     # exactly fg_ratio * peak: not foreground (inside the box)
+    grounding[0, 0] = 0.125                     # exactly bg_ratio * peak outside the box: not background
+    grounding[9, 9] = 1.0                       # the brightest cell, but a sink exactly at the threshold
+    sink = torch.zeros(10, 10)
+    sink[9, 9] = 0.5
+    out = pseudo_labels(grounding, sink, settings=at)
+    assert out.valid and (out.box.x0, out.box.y0, out.box.x1, out.box.y1) == (3, 3, 7, 7)
+    assert out.labels[4, 6] == IGNORE and out.labels[0, 0] == IGNORE and out.labels[9, 9] == 0
+    assert out.labels[4:6, 4:6].eq(1).all() and out.labels[0, 1] == 0
+    wide = pseudo_labels(blob(cells=[(r, c) for r in range(1, 4) for c in range(1, 9)], value=0.5), sink, settings=at)
+    assert (wide.box.x1 - wide.box.x0) * (wide.box.y1 - wide.box.y0) == 50
+    assert wide.skipped == "region covers too much of the page"
+
+
+def test_attention_only_on_sinks_leaves_no_box_and_no_label():
+    sink = torch.full((8, 10), 0.02)
+    out = pseudo_labels(blob(rows=8), sink)
+    assert (out.box.x0, out.box.y0, out.box.x1, out.box.y1) == (0, 0, 10, 8) and out.labels.eq(IGNORE).all()
+    assert out.skipped == "region covers too much of the page"
+
+
 # --- teacher capture --------------------------------------------------------------------------------
 
 def test_teacher_capture_equals_eager_attention(qz, tiny_dir, tmp_path):
