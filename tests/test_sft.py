@@ -462,3 +462,29 @@ def test_pairs_are_mined_at_the_given_coarse_budget_and_judged_at_the_models_pla
     assert budgets(FineTuneSettings(), qz) == (qz.default_budget("auto"), qz.default_budget("never"))
     given = FineTuneSettings(min_visual_tokens=16, max_visual_tokens=36, pseudo_reference_tokens=64)
     assert budgets(given, qz) == (VisualBudget(16, 36), VisualBudget(64, 64))
+
+
+def test_fine_tuning_refuses_what_it_cannot_tune_before_any_work(tmp_path):
+    from types import SimpleNamespace
+
+    from qzoom_cli.errors import UsageError
+    from qzoom_cli.training.data import SampleSet
+    from qzoom_cli.training.loop import TrainOptions
+    from qzoom_cli.training.settings import FineTuneSettings
+    from qzoom_cli.training.targeted import fine_tune
+
+    def model(adapter, spatial_rows=None):
+        layout = SimpleNamespace(spatial_rows=spatial_rows)
+        return SimpleNamespace(adapter=adapter, backbone=SimpleNamespace(family="llava", lora_dir=None, layout=layout))
+
+    def refusal(qz, settings=FineTuneSettings()):
+        with pytest.raises(UsageError) as refused:
+            fine_tune(qz, SampleSet([]), settings, TrainOptions(), tmp_path)
+        return str(refused.value)
+
+    no_head = ("targeted fine-tuning zooms with a trained region head: give the adapter `qzoom train rpn` wrote")
+    assert refusal(model(None)) == no_head
+    assert refusal(model(SimpleNamespace(config=SimpleNamespace(region_head=False)))) == no_head
+    region = SimpleNamespace(config=SimpleNamespace(region_head=True))
+    assert refusal(model(region), FineTuneSettings(aligned=True)) == (
+        "llava has 1-D positions: its region cannot be aligned inside the page's grid (--second-image)")

@@ -383,6 +383,8 @@ def test_gate_training_reduces_the_loss(qz, tmp_path):
     config = json.loads((tmp_path / "gate" / "qzoom_config.json").read_text())
     assert config["gate"] and not config["region_head"] and config["gate_threshold"] == 0.05
     assert config["training"]["gate"]["ladder"] == list(ladder)
+    assert config["training"]["gate"]["data_fingerprint"] == samples.fingerprint()
+    assert config["training"]["gate"]["options"]["epochs"] == 8
 
 
 # --- the commands ----------------------------------------------------------------------------------------
