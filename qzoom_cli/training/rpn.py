@@ -64,8 +64,8 @@ def rpn_settings(qz: QZoom, branch_layer: int | None = None, depth: int | None =
     grid = qz.backbone.layout.fixed_grid
     side = settings.get("view_side", RpnSettings.view_side)
     if grid is not None and (side, side) != grid:
-        raise UsageError(f"{qz.backbone.family} reads every page as its fixed {'x'.join(map(str, grid))} grid: train the "
-                         f"region head on that view (--view-tokens {math.prod(grid)})")
+        raise UsageError(f"{qz.backbone.family} reads every page as its fixed {'x'.join(map(str, grid))} grid: "
+                         f"train the region head on that view (--view-tokens {math.prod(grid)})")
     k = branch_layer or qz.engine.branch_layer
     heads = teacher_heads(qz.card.training if qz.card else None, k, qz.backbone.num_attention_heads)
     return RpnSettings(branch_layer=k, depth=depth or qz.engine.depth, heads=heads, **settings)
