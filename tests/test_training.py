@@ -11,7 +11,7 @@ from trainkit import SIDE, red_square_pages, seed_ladders, seed_teacher_labels
 from typer.testing import CliRunner
 
 from qzoom_cli import QZoom, cli
-from qzoom_cli.budget import VisualBudget
+from qzoom_cli.budget import Canvas, VisualBudget
 from qzoom_cli.errors import EXIT_USAGE, ResumeMismatch, UsageError
 from qzoom_cli.manifest import read_manifest
 from qzoom_cli.training.data import ArtefactStore, Shard, expand_samples
@@ -99,6 +99,7 @@ def test_skips_large_regions_and_weak_peaks():
     assert out.skipped == "region covers too much of the page" and out.labels.eq(IGNORE).all()
     weak = pseudo_labels(blob(value=0.004, floor=0.0001), torch.zeros(10, 10))
     assert weak.skipped == "attention peak below the floor" and weak.labels.eq(IGNORE).all()
+    assert (weak.box.x0, weak.box.y0, weak.box.x1, weak.box.y1) == (3, 3, 7, 7) and weak.labels.dtype == torch.long
     assert pseudo_labels(blob(value=0.004, floor=0.0001), torch.zeros(10, 10),
                          settings=LabelSettings(peak_floor=1e-3)).valid
 
@@ -128,6 +129,21 @@ def test_attention_only_on_sinks_leaves_no_box_and_no_label():
     out = pseudo_labels(blob(rows=8), sink)
     assert (out.box.x0, out.box.y0, out.box.x1, out.box.y1) == (0, 0, 10, 8) and out.labels.eq(IGNORE).all()
     assert out.skipped == "region covers too much of the page"
+
+
+@pytest.mark.parametrize("canvas, padding", [(Canvas(), (127, 127, 127)),
+                                             (Canvas(square=True, centred=True, fill=(10, 20, 30)), (10, 20, 30))])
+def test_the_teachers_square_view_pads_with_the_familys_colour_or_grey(canvas, padding):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    def grid_pixels(grid):
+        return grid[1] * 4, grid[0] * 4
+
+    backbone = SimpleNamespace(layout=SimpleNamespace(canvas=canvas), grid_pixels=grid_pixels)
+    view = square_view(backbone, Image.new("RGB", (40, 20), (200, 0, 0)), 4)
+    assert view.size == (16, 16) and view.getpixel((8, 0)) == padding and view.getpixel((8, 8)) == (200, 0, 0)
 
 
 # --- teacher capture --------------------------------------------------------------------------------
@@ -1007,3 +1023,38 @@ def test_region_settings_follow_the_card_and_a_fixed_grid_familys_view():
         rpn_settings(model(grid=(24, 24)), view_side=16)
     assert str(refused.value) == ("llava reads every page as its fixed 24x24 grid: train the region head on that view "
                                   "(--view-tokens 576)")
+
+
+@pytest.mark.parametrize("world, rank", [(None, 0), ("1", 0), ("2", 1)])
+def test_a_process_knows_its_share_from_the_launcher(monkeypatch, world, rank):
+    """One process (WORLD_SIZE unset or 1) owns every sample without asking accelerate; under
+    `accelerate launch` the shared state says which share is this process's."""
+    import accelerate
+
+    from qzoom_cli.training.data import Shard
+
+    made = []
+
+    class State:
+        process_index, num_processes = 1, 2
+
+        def __init__(self, **options):
+            made.append(options)
+
+    monkeypatch.setattr(accelerate, "PartialState", State)
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    shard = Shard.current()
+    assert (shard.rank, shard.world) == ((1, 2) if made else (0, 1)) and shard.rank == rank
+    assert made == ([{"cpu": not torch.cuda.is_available()}] if world == "2" else [])
+
+
+def test_a_cache_made_with_other_settings_is_refused_naming_them(tmp_path):
+    ArtefactStore(tmp_path / "cache", {"ladder": [1, 2, 3], "dpi": 72, "model": "m"})
+    ArtefactStore(tmp_path / "cache", {"ladder": [1, 2, 3], "dpi": 72, "model": "m"})  # the same: accepted
+    with pytest.raises(ResumeMismatch) as refused:
+        ArtefactStore(tmp_path / "cache", {"ladder": [1, 2], "dpi": 96, "model": "m"})
+    assert str(refused.value) == (f"{tmp_path / 'cache'} holds work done with other settings (dpi, ladder): rerun "
+                                  "with the same options, or write to another --out")

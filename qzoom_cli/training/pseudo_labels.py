@@ -49,7 +49,7 @@ def pseudo_labels(grounding: torch.Tensor, sink: torch.Tensor, padding: torch.Te
                   settings: LabelSettings = LabelSettings()) -> PseudoLabels:
     a = grounding.double()
     rows, cols = a.shape
-    pad = padding if padding is not None else torch.zeros(rows, cols, dtype=torch.bool)
+    pad = padding if padding is not None else torch.zeros_like(a, dtype=torch.bool)
     sinks = (sink.double() >= settings.sink_threshold) | pad
     g = a * ~sinks
     peak = float(g.max())
@@ -65,7 +65,7 @@ def pseudo_labels(grounding: torch.Tensor, sink: torch.Tensor, padding: torch.Te
     outside[box.y0:box.y1, box.x0:box.x1] = False
     sink_free = a * (sink.double() < settings.sink_threshold)
     background = (outside & (sink_free < settings.bg_ratio * peak)) | pad
-    labels = torch.full((rows, cols), IGNORE, dtype=torch.long)
+    labels = torch.full((rows, cols), IGNORE)  # an int fill: long
     if box.area >= settings.max_area * rows * cols:
         return PseudoLabels(labels, box, "region covers too much of the page")
     if peak < settings.peak_floor:
