@@ -1039,7 +1039,8 @@ def test_a_process_knows_its_share_from_the_launcher(monkeypatch, world, rank):
         process_index, num_processes = 1, 2
 
         def __init__(self, **options):
-            made.append(options)
+            self.options = options
+            made.append(self)
 
     monkeypatch.setattr(accelerate, "PartialState", State)
     if world is None:
@@ -1048,7 +1049,8 @@ def test_a_process_knows_its_share_from_the_launcher(monkeypatch, world, rank):
         monkeypatch.setenv("WORLD_SIZE", world)
     shard = Shard.current()
     assert (shard.rank, shard.world) == ((1, 2) if made else (0, 1)) and shard.rank == rank
-    assert made == ([{"cpu": not torch.cuda.is_available()}] if world == "2" else [])
+    assert [state.options for state in made] == ([{"cpu": not torch.cuda.is_available()}] if world == "2" else [])
+    assert shard.state is (made[0] if made else None)  # the barrier waits on the launcher's processes
 
 
 def test_a_cache_made_with_other_settings_is_refused_naming_them(tmp_path):
