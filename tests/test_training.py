@@ -619,10 +619,11 @@ def test_the_gate_trains_on_what_it_reads_at_inference(qz, tmp_path):
 
 
 def test_training_samples_are_pages_and_what_cannot_be_read_is_counted(tmp_path):
-    from docmaker import make_pdf
+    from docmaker import make_encrypted_pdf, make_pdf
 
     (tmp_path / "a.pdf").write_bytes(make_pdf(3))
     (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.7 not really")
+    (tmp_path / "locked.pdf").write_bytes(make_encrypted_pdf("pw"))
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\n".join([
         json.dumps({"id": "one", "file": "a.pdf", "question": "q1?", "pages": "2", "answers": ["x"]}),
@@ -631,14 +632,18 @@ def test_training_samples_are_pages_and_what_cannot_be_read_is_counted(tmp_path)
         json.dumps({"id": "also gone", "file": "gone.png", "question": "q2?"}),
         json.dumps({"id": "bad", "file": "broken.pdf", "question": "q3?"}),
         json.dumps({"id": "all", "file": "a.pdf", "question": "q4?"}),
+        json.dumps({"id": "locked", "file": "locked.pdf", "password": "pw", "question": "q5?", "pages": "2"}),
     ]) + "\n")
     rows = read_manifest(str(manifest))
     samples = expand_samples(rows)
-    assert [(s.id, s.page, s.question, s.answers) for s in samples.samples] == [
-        ("one", 2, "q1?", ("x",)), ("all#p1", 1, "q4?", ()), ("all#p2", 2, "q4?", ()), ("all#p3", 3, "q4?", ())]
+    assert [(s.id, s.page, s.question, s.answers, s.password) for s in samples.samples] == [
+        ("one", 2, "q1?", ("x",), None), ("all#p1", 1, "q4?", (), None), ("all#p2", 2, "q4?", (), None),
+        ("all#p3", 3, "q4?", (), None), ("locked", 2, "q5?", (), "pw")]
     assert samples.skipped == {"bad manifest row (bad_row)": 1, "unreadable document (file_not_found)": 2,
                                "unreadable document (pdf_corrupt)": 1}
     assert [s.id for s in expand_samples(rows, max_samples=2).samples] == ["one", "all#p1"]
+    first = expand_samples(rows, max_samples=1)  # enough samples: the rows after are not even read
+    assert [s.id for s in first.samples] == ["one"] and first.skipped == {}
 
 
 @pytest.mark.parametrize("text, rungs", [("64,256,1024", (64, 256, 1024)), (" 16, 36,64,100 ", (16, 36, 64, 100)),
