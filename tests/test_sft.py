@@ -488,3 +488,50 @@ def test_fine_tuning_refuses_what_it_cannot_tune_before_any_work(tmp_path):
     region = SimpleNamespace(config=SimpleNamespace(region_head=True))
     assert refusal(model(region), FineTuneSettings(aligned=True)) == (
         "llava has 1-D positions: its region cannot be aligned inside the page's grid (--second-image)")
+
+
+def test_the_judge_is_loaded_only_for_pairs_left_to_judge_and_let_go_before_training(tmp_path, monkeypatch):
+    import weakref
+    from types import SimpleNamespace
+
+    import qzoom_cli.training.targeted as targeted
+    from qzoom_cli.errors import ResumeMismatch
+    from qzoom_cli.training.data import SampleSet, Shard, TrainSample
+    from qzoom_cli.training.mining import JUDGE_SYSTEM, MiningSettings
+    from qzoom_cli.training.settings import FineTuneSettings
+
+    class Judge:
+        backbone = SimpleNamespace(system_prompt=None)
+
+    judges, mined, released = [], [], []
+
+    def load_judge(name):
+        judge = Judge()
+        judges.append((name, weakref.ref(judge)))
+        return judge
+
+    def mine(qz, samples, settings, store, judge, on_pair, shard):
+        mined.append((judge is not None and judge.backbone.system_prompt, shard))
+        return []
+
+    monkeypatch.setattr(targeted, "mine", mine)
+    monkeypatch.setattr(targeted, "release_memory", lambda: released.append([ref() for _, ref in judges]))
+    qz = SimpleNamespace(backbone=SimpleNamespace(model_id="base"))
+    samples = SampleSet([TrainSample("a", "a.png", None, 1, "Total?", "sha")])
+    mining = MiningSettings(VisualBudget(16, 36), VisualBudget(64, 64))
+    judged = FineTuneSettings(judge="judge-model")
+
+    assert targeted._mine(qz, samples, judged, mining, tmp_path / "a", load_judge, print) == []
+    assert [name for name, _ in judges] == ["judge-model"] and mined == [(JUDGE_SYSTEM, Shard())]
+    assert released == [[None]]  # released once, with the judge already gone
+    targeted._mine(qz, samples, FineTuneSettings(), mining, tmp_path / "b", load_judge, print)
+    assert len(judges) == 1 and mined[-1] == (False, Shard()) and len(released) == 1  # no judge: nothing to free
+    with pytest.raises(ValueError, match="^a judge is named but no way to load it was given$"):
+        targeted._mine(qz, samples, judged, mining, tmp_path / "c", None, print)
+
+    for changed, named in [(SimpleNamespace(backbone=SimpleNamespace(model_id="other")), "model"),
+                           (FineTuneSettings(judge="judge-model", aligned=True), "aligned"),
+                           (FineTuneSettings(judge="another judge"), "judge")]:
+        model, settings = (changed, judged) if named == "model" else (qz, changed)
+        with pytest.raises(ResumeMismatch, match=rf"other settings \({named}\)"):
+            targeted._mine(model, samples, settings, mining, tmp_path / "a", load_judge, print)
