@@ -70,8 +70,6 @@ def test_the_training_set_is_every_regression_and_mix_improvements_per_regressio
     assert [m.kind for m in half] == ["regression"] * 4 + ["improvement"] * 2
     assert half == training_set(mined, 0.5, seed=1) and half != training_set(mined, 0.5, seed=2)
     assert len(training_set(mined, 5.0, seed=1)) == 4 + 10  # no more improvements than there are
-    with pytest.raises(ValueError):
-        training_set(mined, -1, seed=1)
     report = mining_report(mined, half)
     assert report == {"pairs": 19, "by_kind": {"regression": 4, "improvement": 10, "both right": 3, "both wrong": 2},
                       "judged_by": {"references": 19}, "training_samples": 6, "label_free": False}

@@ -117,8 +117,6 @@ def test_held_out_pairs_are_drawn_once_and_measured_as_ask_answers_them(qz, tmp_
     assert {m.key for m in train} | {m.key for m in held} == {m.key for m in many}
     assert (train, held) == split_held_out(many, 0.2, seed=3) and held != split_held_out(many, 0.2, seed=4)[1]
     assert split_held_out(many, 0.0, seed=3) == (sorted(many, key=lambda m: m.key), [])
-    with pytest.raises(ValueError):
-        split_held_out(many, 1.0, seed=3)
 
 
 # --- the whole stage and its command ---------------------------------------------------------------
@@ -535,3 +533,56 @@ def test_the_judge_is_loaded_only_for_pairs_left_to_judge_and_let_go_before_trai
         model, settings = (changed, judged) if named == "model" else (qz, changed)
         with pytest.raises(ResumeMismatch, match=rf"other settings \({named}\)"):
             targeted._mine(model, samples, settings, mining, tmp_path / "a", load_judge, print)
+
+
+def test_fine_tuning_mines_chooses_holds_out_and_trains_as_its_settings_say(tmp_path, monkeypatch):
+    """The stages of `fine_tune` replaced by recorders: what each is handed."""
+    from types import SimpleNamespace
+
+    import qzoom_cli.training.targeted as targeted
+    from qzoom_cli.errors import UsageError
+    from qzoom_cli.training.data import SampleSet, TrainSample
+    from qzoom_cli.training.loop import TrainOptions
+    from qzoom_cli.training.mining import Mined, training_set
+    from qzoom_cli.training.settings import FineTuneSettings
+    from qzoom_cli.training.sft import split_held_out
+
+    samples = SampleSet([TrainSample(f"s{i}", "a.png", None, 1, "Total?", f"sha{i}") for i in range(18)])
+    mined = [Mined(s.key, "Total?", "p", "z", ("p",), "references", "regression" if i < 8 else "improvement",
+                   (0, 0, 1, 1)) for i, s in enumerate(samples.samples[:16])]
+    calls = {}
+
+    def record(name, result):
+        def stage(*args):
+            calls.setdefault(name, []).append(args)
+            return result
+        return stage
+
+    monkeypatch.setattr(targeted, "_mine", record("mine", mined))
+    monkeypatch.setattr(targeted, "held_out_accuracy", record("accuracy", 0.5))
+    monkeypatch.setattr(targeted, "train_sft", record("train", (None, [0.9, 0.4])))
+    config = SimpleNamespace(region_head=True, reuse_src_pos=None, training={})
+    adapter = SimpleNamespace(config=config, save_config=lambda folder: None)
+    qz = SimpleNamespace(adapter=adapter, engine=SimpleNamespace(reuse_src_pos=None),
+                         backbone=SimpleNamespace(family="qwen2_5_vl", lora_dir=None,
+                                                  layout=SimpleNamespace(spatial_rows=(0, 1))),
+                         resolve_budget=lambda low, high: VisualBudget(low, high),
+                         default_budget=lambda mode: VisualBudget(1, 1))
+    settings = FineTuneSettings(min_visual_tokens=16, max_visual_tokens=36, pseudo_reference_tokens=64, aligned=False,
+                                mix=0.5, held_out=0.25, seed=7, max_new_tokens=9, metric="relaxed")
+    _, report = targeted.fine_tune(qz, samples, settings, TrainOptions(), tmp_path)
+
+    [(_, _, mined_with, mining, *_)] = calls["mine"]
+    assert mined_with.aligned is False and config.reuse_src_pos is False and qz.engine.reuse_src_pos is False
+    assert mining.pseudo_budget == VisualBudget(64, 64) and mining.budget == VisualBudget(16, 36)
+    train, held = split_held_out(training_set(mined, 0.5, 7), 0.25, 7)
+    [(_, _, _, trained, *_)] = calls["train"]
+    assert trained == train and [args[1] for args in calls["accuracy"]] == [held, held]
+    assert all(args[4:] == (9, "relaxed") for args in calls["accuracy"])
+    assert report["mining"]["left_out"] == 2 and (report["trained_on"], report["held_out"]) == (9, 3)
+
+    monkeypatch.setattr(targeted, "_mine", record("mine", mined[8:]))  # improvements only: no regression to learn
+    with pytest.raises(UsageError) as refused:
+        targeted.fine_tune(qz, samples, settings, TrainOptions(), tmp_path)
+    assert str(refused.value) == ("nothing to fine-tune on: 8 pairs mined (0 regression, 8 improvement, 0 both right, "
+                                  "0 both wrong); the zoomed read answered no pair worse than the plain one")

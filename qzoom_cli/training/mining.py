@@ -79,9 +79,8 @@ def judge_verdicts(reply: str) -> tuple[bool, bool] | None:
 
 
 def training_set(mined: list[Mined], mix: float, seed: int) -> list[Mined]:
-    """Every regression, and `mix` improvements per regression (at most all of them), drawn with `seed`."""
-    if mix < 0:
-        raise ValueError("mix must be at least 0")
+    """Every regression, and `mix` (at least 0: FineTuneSettings checks it) improvements per
+    regression (at most all of them), drawn with `seed`."""
     regressions = [m for m in mined if m.kind == "regression"]
     improvements = [m for m in mined if m.kind == "improvement"]
     wanted = min(len(improvements), round(mix * len(regressions)))

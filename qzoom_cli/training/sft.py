@@ -168,9 +168,8 @@ def train_sft(qz: QZoom, adapter: ZoomAdapter, samples: dict[str, TrainSample], 
 
 
 def split_held_out(mined: list[Mined], fraction: float, seed: int) -> tuple[list[Mined], list[Mined]]:
-    """(to train on, held out): a `fraction` of the pairs, drawn with `seed`, kept apart to measure."""
-    if not 0 <= fraction < 1:
-        raise ValueError("the held-out fraction must be in [0, 1)")
+    """(to train on, held out): a `fraction` of the pairs (in [0, 1): FineTuneSettings checks it),
+    drawn with `seed`, kept apart to measure."""
     shuffled = random.Random(seed).sample(mined, len(mined))
     cut = round(len(mined) * fraction)
     return sorted(shuffled[cut:], key=lambda m: m.key), sorted(shuffled[:cut], key=lambda m: m.key)
