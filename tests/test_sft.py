@@ -580,6 +580,7 @@ def test_fine_tuning_mines_chooses_holds_out_and_trains_as_its_settings_say(tmp_
     assert trained == train and [args[1] for args in calls["accuracy"]] == [held, held]
     assert all(args[4:] == (9, "relaxed") for args in calls["accuracy"])
     assert report["mining"]["left_out"] == 2 and (report["trained_on"], report["held_out"]) == (9, 3)
+    assert (report["stage"], report["samples"], report["steps"], report["last_loss"]) == ("sft", 18, 2, 0.4)
 
     monkeypatch.setattr(targeted, "_mine", record("mine", mined[8:]))  # improvements only: no regression to learn
     with pytest.raises(UsageError) as refused:
