@@ -543,7 +543,7 @@ def test_fine_tuning_mines_chooses_holds_out_and_trains_as_its_settings_say(tmp_
     from qzoom_cli.errors import UsageError
     from qzoom_cli.training.data import SampleSet, TrainSample
     from qzoom_cli.training.loop import TrainOptions
-    from qzoom_cli.training.mining import Mined, training_set
+    from qzoom_cli.training.mining import Mined, mining_report, training_set
     from qzoom_cli.training.settings import FineTuneSettings
     from qzoom_cli.training.sft import split_held_out
 
@@ -560,7 +560,7 @@ def test_fine_tuning_mines_chooses_holds_out_and_trains_as_its_settings_say(tmp_
 
     monkeypatch.setattr(targeted, "_mine", record("mine", mined))
     monkeypatch.setattr(targeted, "held_out_accuracy", record("accuracy", 0.5))
-    monkeypatch.setattr(targeted, "train_sft", record("train", (None, [0.9, 0.4])))
+    monkeypatch.setattr(targeted, "train_sft", record("train", (None, [0.9, 0.4, 0.2])))
     config = SimpleNamespace(region_head=True, reuse_src_pos=None, training={})
     adapter = SimpleNamespace(config=config, save_config=lambda folder: None)
     qz = SimpleNamespace(adapter=adapter, engine=SimpleNamespace(reuse_src_pos=None),
@@ -579,8 +579,13 @@ def test_fine_tuning_mines_chooses_holds_out_and_trains_as_its_settings_say(tmp_
     [(_, _, _, trained, *_)] = calls["train"]
     assert trained == train and [args[1] for args in calls["accuracy"]] == [held, held]
     assert all(args[4:] == (9, "relaxed") for args in calls["accuracy"])
-    assert report["mining"]["left_out"] == 2 and (report["trained_on"], report["held_out"]) == (9, 3)
-    assert (report["stage"], report["samples"], report["steps"], report["last_loss"]) == ("sft", 18, 2, 0.4)
+    assert report == {
+        "stage": "sft", "samples": 18, "skipped": {}, "trained_on": 9, "held_out": 3, "steps": 3,
+        "mining": {**mining_report(mined, training_set(mined, 0.5, 7)), "left_out": 2},
+        "first_loss": 0.9, "last_loss": 0.2, "held_out_accuracy_before": 0.5, "held_out_accuracy_after": 0.5,
+        "held_out_metric": "relaxed: a score of at least 0.5 against the pair's references counts as right (as "
+                           "`qzoom eval` scores)",
+        "label_free": False, "notes": ["held-out accuracy did not rise (0.500 before, 0.500 after)"]}
 
     monkeypatch.setattr(targeted, "_mine", record("mine", mined[8:]))  # improvements only: no regression to learn
     with pytest.raises(UsageError) as refused:
