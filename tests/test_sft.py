@@ -537,12 +537,13 @@ def test_the_judge_is_loaded_only_for_pairs_left_to_judge_and_let_go_before_trai
 
 def test_fine_tuning_mines_chooses_holds_out_and_trains_as_its_settings_say(tmp_path, monkeypatch):
     """The stages of `fine_tune` replaced by recorders: what each is handed."""
+    from dataclasses import asdict
     from types import SimpleNamespace
 
     import qzoom_cli.training.targeted as targeted
     from qzoom_cli.errors import UsageError
     from qzoom_cli.training.data import SampleSet, TrainSample
-    from qzoom_cli.training.loop import TrainOptions
+    from qzoom_cli.training.loop import TrainOptions, options_dict
     from qzoom_cli.training.mining import Mined, mining_report, training_set
     from qzoom_cli.training.settings import FineTuneSettings
     from qzoom_cli.training.sft import split_held_out
@@ -562,7 +563,8 @@ def test_fine_tuning_mines_chooses_holds_out_and_trains_as_its_settings_say(tmp_
     monkeypatch.setattr(targeted, "held_out_accuracy", record("accuracy", 0.5))
     monkeypatch.setattr(targeted, "train_sft", record("train", (None, [0.9, 0.4, 0.2])))
     config = SimpleNamespace(region_head=True, reuse_src_pos=None, training={})
-    adapter = SimpleNamespace(config=config, save_config=lambda folder: None)
+    saved = []
+    adapter = SimpleNamespace(config=config, save_config=saved.append)
     qz = SimpleNamespace(adapter=adapter, engine=SimpleNamespace(reuse_src_pos=None),
                          backbone=SimpleNamespace(family="qwen2_5_vl", lora_dir=None,
                                                   layout=SimpleNamespace(spatial_rows=(0, 1))),
@@ -586,6 +588,10 @@ def test_fine_tuning_mines_chooses_holds_out_and_trains_as_its_settings_say(tmp_
         "held_out_metric": "relaxed: a score of at least 0.5 against the pair's references counts as right (as "
                            "`qzoom eval` scores)",
         "label_free": False, "notes": ["held-out accuracy did not rise (0.500 before, 0.500 after)"]}
+    recorded = {**report, "data_fingerprint": samples.fingerprint(), "lora": asdict(settings.lora), "aligned": False,
+                "mix": 0.5, "box_noise": 0.0, "options": options_dict(TrainOptions())}
+    assert config.training == {"sft": recorded}
+    assert saved == [tmp_path]
 
     monkeypatch.setattr(targeted, "_mine", record("mine", mined[8:]))  # improvements only: no regression to learn
     with pytest.raises(UsageError) as refused:
