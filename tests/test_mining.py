@@ -254,9 +254,13 @@ def test_a_pair_whose_zoomed_read_found_no_region_is_left_out(tmp_path):
     image = tmp_path / "page.png"
     image.write_bytes(make_image("PNG"))
 
-    class Skips:
+    class SkipsTotals:
         def ask(self, document, question, **options):
-            return [SimpleNamespace(answer="42", zoom=ZoomInfo(mode=options["zoom"], skipped_reason="no region"))]
+            zoom = ZoomInfo(mode=options["zoom"], skipped_reason="no region") if question == "Total?" else \
+                ZoomInfo(mode=options["zoom"], zoomed=options["zoom"] == "always", roi={"grid_box": [0, 0, 1, 1]})
+            return [SimpleNamespace(answer="42", zoom=zoom)]
 
-    samples = SampleSet([TrainSample("s", str(image), None, 1, "Total?", "sha", ("42",))])
-    assert mine(Skips(), samples, _settings(), ArtefactStore(tmp_path / "mined")) == []
+    samples = SampleSet([TrainSample("s", str(image), None, 1, "Total?", "sha", ("42",)),
+                         TrainSample("t", str(image), None, 1, "Due?", "sha", ("42",))])
+    [pair] = mine(SkipsTotals(), samples, _settings(), ArtefactStore(tmp_path / "mined"))
+    assert (pair.key, pair.question, pair.kind) == (samples.samples[1].key, "Due?", "both right")

@@ -88,6 +88,8 @@ def test_box_noise_draws_boxes_of_a_tenth_to_six_tenths_of_the_grid_inside_it():
     assert min(b.height for b in drawn) == 2 and max(b.height for b in drawn) == 12      # 10% .. 60% of 20 rows
     assert min(b.width for b in drawn) == 3 and max(b.width for b in drawn) == 18        # 10% .. 60% of 30 columns
     assert {b.x0 for b in drawn} >= {0, 12} and max(b.x1 for b in drawn) == 30           # anywhere on the grid
+    assert {b.y0 for b in drawn} >= {0, 8} and max(b.y1 for b in drawn) == 20
+    assert {noisy_box(box, (4, 4), 1.0, rng).height for _ in range(200)} == {1, 2}      # at least one cell
     mixed = [noisy_box(box, (20, 30), 0.8, rng) == box for _ in range(1000)]
     assert 0.15 < sum(mixed) / len(mixed) < 0.25
 
