@@ -128,3 +128,20 @@ def test_an_adapter_on_a_tuned_decoder_saves_its_lora_along(tiny_dir, tuned, tmp
         qz.adapter.save_pretrained(tmp_path / "copy")
     again = QZoom.from_pretrained(str(tiny_dir), adapter=str(tmp_path / "copy"), device="cpu")
     assert torch.allclose(_logits(again, image), peft_logits, atol=1e-5)
+
+
+def test_lora_is_attached_with_the_settings_rank_alpha_and_dropout(tiny_dir):
+    qz = QZoom.from_pretrained(str(tiny_dir), device="cpu")  # its own model: attaching wraps it
+    config = attach_lora(qz.backbone, LoraSettings(rank=4, alpha=12, dropout=0.1)).peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 12, 0.1)
+
+
+def test_a_model_whose_decoder_layers_are_elsewhere_is_refused():
+    from types import SimpleNamespace
+
+    from qzoom_cli.errors import AdapterMismatch
+
+    backbone = SimpleNamespace(family="odd", model=torch.nn.Linear(1, 1), decoder_layers=torch.nn.ModuleList())
+    with pytest.raises(AdapterMismatch) as refused:
+        decoder_pattern(backbone, ("q_proj",))
+    assert str(refused.value) == "odd: the decoder layers are not part of the model"
