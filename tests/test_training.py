@@ -903,8 +903,9 @@ def test_a_fixed_grid_family_climbs_only_the_rungs_its_grid_holds(caplog):
 
 # --- the trainer: accumulation, schedule, optimiser -------------------------------------------------
 
-def _fit(tmp_path, name, items, **options):
-    """A 2-weight linear model fitted to y = 3x by the Trainer; returns (weights, step losses, trainer)."""
+def _fit(tmp_path, name, items, seen=None, **options):
+    """A 2-weight linear model fitted to y = 3x by the Trainer; returns (weights, step losses, trainer).
+    `seen` collects the batches the loss was computed on."""
     from torch import nn
 
     from qzoom_cli.training.loop import Trainer
@@ -914,6 +915,8 @@ def _fit(tmp_path, name, items, **options):
     model = nn.Linear(1, 1)
 
     def loss_fn(module, batch, epoch):
+        if seen is not None:
+            seen.append(batch)
         x = torch.tensor([[float(i)] for i in batch])
         return (module(x) - 3 * x).pow(2).mean()
 
@@ -961,23 +964,16 @@ def test_each_process_takes_every_world_size_th_batch_and_all_take_the_same_step
     """Five samples in batches of two make three batches per epoch: with two processes the second
     is one short and takes the epoch's first batch again, so both take two optimiser steps."""
     from accelerate import Accelerator
-    from torch import nn
 
-    from qzoom_cli.training.loop import Trainer, batches
-    from qzoom_cli.training.settings import TrainOptions
+    from qzoom_cli.training.loop import batches
 
     items = [1, 2, 3, 4, 5]
     assert list(batches(items, 2, 0, 0)) == [[3, 2], [1, 5], [4]]
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
     monkeypatch.setattr(Accelerator, "process_index", property(lambda self: rank))
     seen = []
-
-    def loss_fn(module, batch, epoch):
-        seen.append(batch)
-        return module(torch.tensor([[float(i)] for i in batch])).pow(2).mean()
-
-    trainer = Trainer(nn.Linear(1, 1), TrainOptions(batch_size=2), tmp_path, lambda folder: None, torch.float32)
-    assert len(trainer.train(items, loss_fn)) == 2 and seen == expected
+    _, losses, _ = _fit(tmp_path, "share", items, seen, batch_size=2)
+    assert len(losses) == 2 and seen == expected
 
 
 def test_the_gate_answers_missing_ladders_with_its_model_and_learns_from_the_question_as_asked(qz, tmp_path,

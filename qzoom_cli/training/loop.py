@@ -101,8 +101,8 @@ class Trainer:
         options, accelerator = self.options, self.accelerator
         world, rank = accelerator.num_processes, accelerator.process_index
         per_epoch = math.ceil(len(items) / options.batch_size / world)  # every process alike (collectives match)
-        total = math.ceil(per_epoch * options.epochs / options.grad_accum)
         micro_batches = per_epoch * options.epochs
+        total = math.ceil(micro_batches / options.grad_accum)
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(total, options.warmup_ratio))
         self.plan = {**{k: v for k, v in options_dict(options).items() if k not in _FREE_ON_RESUME},
                      "samples": len(items), "processes": world, **self.settings}

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..api import QZoom
-from ..backbones import Backbone, ModelInputs, VisualAdditions
+from ..backbones import Backbone, ModelInputs
 from ..budget import VisualBudget
 from ..errors import AdapterMismatch
 from ..zoom.adapter import ZoomAdapter
@@ -32,6 +32,7 @@ from .loop import StepReport, Trainer, TrainOptions, latest_checkpoint
 from .mining import Mined, is_right
 from .rpn import _Pages, answer_instruction, prompt_text
 from .settings import LoraSettings
+from .teacher import with_answer
 
 
 def decoder_pattern(backbone: Backbone, targets: tuple[str, ...]) -> str:
@@ -72,18 +73,6 @@ def fused_prompt(backbone: Backbone, page: PageView, text: str, box: Box, region
 def answer_token_ids(backbone: Backbone, answer: str) -> list[int]:
     """The answer as the model generates it: its text's tokens, then the end-of-answer token."""
     return backbone.tokenizer.encode(answer, add_special_tokens=False) + [backbone.eos_token_ids[0]]
-
-
-def with_answer(backbone: Backbone, prompt: ModelInputs, answer_ids: list[int]) -> ModelInputs:
-    """The prompt followed by the answer's tokens (teacher forcing), at the positions decoding
-    gives them."""
-    ids = torch.tensor([answer_ids], device=prompt.embeds.device)  # pragma: no mutate (CPU: every tensor is there)
-    embeds = backbone.embed_tokens(ids).to(prompt.embeds.dtype)  # pragma: no mutate (float32 on CPU either way)
-    positions = torch.cat([backbone.next_position_ids(prompt.positions, step) for step in range(len(answer_ids))],
-                          dim=2)  # the cat below promotes them to float when the prompt's are (aligned)
-    additions = VisualAdditions.concat([(prompt.additions, prompt.length), (None, len(answer_ids))])
-    return ModelInputs(torch.cat([prompt.embeds, embeds], dim=1), torch.cat([prompt.positions, positions], dim=2),
-                       additions)
 
 
 def answer_loss(backbone: Backbone, inputs: ModelInputs, answer_ids: list[int]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from ..backbones import Backbone, VisualAdditions
+from ..backbones import Backbone, ModelInputs, VisualAdditions
 from ..budget import Canvas, resize_canvas
 from ..decode import answer_plainly
 
@@ -103,6 +103,18 @@ def attention_to_image(backbone: Backbone, embeds: torch.Tensor, positions: torc
     return wanted
 
 
+def with_answer(backbone: Backbone, prompt: ModelInputs, answer_ids: list[int]) -> ModelInputs:
+    """The prompt followed by the answer's tokens (teacher forcing), at the positions decoding
+    gives them."""
+    ids = torch.tensor([answer_ids], device=prompt.embeds.device)  # pragma: no mutate (CPU: every tensor is there)
+    embeds = backbone.embed_tokens(ids).to(prompt.embeds.dtype)  # pragma: no mutate (float32 on CPU either way)
+    positions = torch.cat([backbone.next_position_ids(prompt.positions, step) for step in range(len(answer_ids))],
+                          dim=2)  # the cat below promotes them to float when the prompt's are (aligned)
+    additions = VisualAdditions.concat([(prompt.additions, prompt.length), (None, len(answer_ids))])
+    return ModelInputs(torch.cat([prompt.embeds, embeds], dim=1), torch.cat([prompt.positions, positions], dim=2),
+                       additions)
+
+
 @torch.inference_mode()
 def teacher_maps(backbone: Backbone, view: Image.Image, text: str, heads: HeadTable,
                  max_new_tokens: int) -> TeacherMaps:
@@ -111,21 +123,17 @@ def teacher_maps(backbone: Backbone, view: Image.Image, text: str, heads: HeadTa
     rows, cols = encoding.grid
     prompt = backbone.build_prompt(text, [encoding.grid])
     inputs = backbone.prepare_inputs(prompt, [encoding])
-    embeds, positions = inputs.embeds, inputs.positions
     generation = answer_plainly(backbone, inputs, max_new_tokens)
     fed = generation.token_ids[:-1]  # tokens fed back while decoding; the last one never was
     if not fed:
         return TeacherMaps(generation.token_ids, None, None, 0)
-    fed_ids = torch.tensor([fed], device=embeds.device)
-    full = torch.cat([embeds, backbone.embed_tokens(fed_ids)], dim=1)
-    steps = torch.cat([backbone.next_position_ids(positions, step) for step in range(len(fed))], dim=2)
-    all_positions = torch.cat([positions, steps.to(positions.dtype)], dim=2)
+    full = with_answer(backbone, inputs, fed)
     block = prompt.images[0]
     layers = {layer: sorted(set(heads.grounding.get(layer, [])) | set(heads.sink.get(layer, [])))
               for layer in heads.layers}
-    additions = VisualAdditions.concat([(inputs.additions, prompt.length), (None, len(fed))])
-    attention = attention_to_image(backbone, full, all_positions, range(prompt.length, prompt.length + len(fed)),
-                                   slice(block.start, block.stop), layers, additions)
+    attention = attention_to_image(backbone, full.embeds, full.positions,
+                                   range(prompt.length, prompt.length + len(fed)), slice(block.start, block.stop),
+                                   layers, full.additions)
 
     def average(table: dict[int, list[int]]) -> torch.Tensor | None:
         maps = [attention[(layer, head)].mean(dim=0) for layer, hs in table.items() for head in hs]
