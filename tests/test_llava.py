@@ -502,6 +502,56 @@ def test_targeted_fine_tuning_on_llava_reads_the_region_after_the_page(llava_dir
         fine_tune(again, samples, replace(settings, aligned=True), TrainOptions(), tmp_path / "aligned")
 
 
+def test_fine_tuning_input_scores_the_answer_as_decoding_reads_it(qzl, page):
+    from zoomkit import check_teacher_forcing
+
+    check_teacher_forcing(qzl, page, QUESTION, qzl.default_budget(), aligned=False, box=(8, 8, 12, 12))
+
+
+def test_fine_tuning_leaves_out_pairs_whose_region_is_the_squares_padding(llava_dir, tmp_path, monkeypatch):
+    """A wide page sits between padding rows on LLaVA's square: a pair mined at a box there reads
+    nothing of the page and is left out, while the others of its batch still learn (the loss is
+    the batch's mean, over every pair); a batch of only such pairs learns nothing, and the run
+    goes on."""
+    from dataclasses import replace
+
+    from trainkit import mined_pairs
+    from zoomkit import base_answer_loss, trained_adapter
+
+    import qzoom_cli.training.sft as sft
+    from qzoom_cli.training.loop import TrainOptions
+    from qzoom_cli.training.settings import LoraSettings
+    from qzoom_cli.training.sft import SftSettings, train_sft
+
+    for i in range(2):
+        Image.new("RGB", (224, 56), (255, 255, 255 - i)).save(tmp_path / f"wide{i}.png")
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"w{i}", "file": f"wide{i}.png", "question": "What is written?"})
+                                + "\n" for i in range(2)))
+    padding, content = (0, 0, 24, 3), (4, 10, 12, 14)  # the 24 x 24 grid's rows 9-14 hold the page
+    read, fused_prompt = [], sft.fused_prompt
+    monkeypatch.setattr(sft, "fused_prompt", lambda *args: read.append(fused_prompt(*args)) or read[-1])
+    settings = SftSettings(budget=VisualBudget(576, 576), dpi=72, lora=LoraSettings(rank=2, alpha=4, dropout=0.0))
+
+    def tune(boxes, out):
+        qz = QZoom.from_pretrained(str(llava_dir), device="cpu")
+        samples, mined = mined_pairs(manifest)
+        mined = [replace(pair, box=box) for pair, box in zip(mined, boxes, strict=True)]
+        expected = [base_answer_loss(qz, samples[p.key], p, settings.budget) for p in mined if p.box == content]
+        read.clear()
+        _, losses = train_sft(qz, trained_adapter(qz.backbone, gate=False), samples, mined, settings,
+                              TrainOptions(epochs=1, batch_size=2), tmp_path / out)
+        return qz, expected, losses
+
+    _, expected, losses = tune([padding, content], "mixed")
+    assert [fused is None for fused in read] == [True, False] and len(expected) == 1
+    assert losses == [pytest.approx(expected[0] / 2, rel=1e-5)]
+    qz, _, losses = tune([padding, padding], "none")
+    assert [fused is None for fused in read] == [True, True] and losses == [0.0]
+    lora_b = [v for k, v in qz.backbone.model.state_dict().items() if "lora_B" in k]
+    assert lora_b and all(not v.any() for v in lora_b)
+
+
 def test_conversion_failures_are_model_errors_not_bugs(llava_dir, sd_rpn, tmp_path):
     from zoomkit import write_original_llava
 

@@ -37,14 +37,11 @@ def test_a_box_off_the_page_gives_no_sample(qz):
 
 
 def test_fine_tuning_lowers_the_answer_loss_and_writes_an_adapter_ask_loads(tiny_dir, tmp_path):
-    from trainkit import red_square_pages
+    from trainkit import mined_pairs, red_square_pages
     from zoomkit import trained_adapter
 
     from qzoom_cli import QZoom
-    from qzoom_cli.manifest import read_manifest
-    from qzoom_cli.training.data import expand_samples
     from qzoom_cli.training.loop import TrainOptions
-    from qzoom_cli.training.mining import Mined
     from qzoom_cli.training.settings import LoraSettings
     from qzoom_cli.training.sft import SftSettings, train_sft
     from qzoom_cli.zoom.lora import LORA_FOLDER
@@ -52,9 +49,7 @@ def test_fine_tuning_lowers_the_answer_loss_and_writes_an_adapter_ask_loads(tiny
     qz = QZoom.from_pretrained(str(tiny_dir), device="cpu")  # its own: LoRA goes into the base model
     adapter = trained_adapter(qz.backbone, gate=False, reuse_src_pos=True)
     manifest, _ = red_square_pages(tmp_path, 4, seed=13)
-    samples = {s.key: s for s in expand_samples(read_manifest(manifest)).samples}
-    mined = [Mined(key, s.question, "top left", "bottom", ("top left",), "references", "regression", (1, 1, 3, 3))
-             for key, s in samples.items()]
+    samples, mined = mined_pairs(manifest)
     settings = SftSettings(budget=VisualBudget(16, 36), lora=LoraSettings(rank=4, alpha=8, dropout=0.0), dpi=72)
     model, losses = train_sft(qz, adapter, samples, mined, settings,
                               TrainOptions(epochs=6, lr=5e-3, batch_size=2, warmup_ratio=0.0), tmp_path / "tuned")
@@ -318,30 +313,31 @@ def test_the_report_says_when_no_label_was_used_and_when_nothing_can_be_learned(
                                 "trains on improvements)")
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_gradient_checkpointing_recomputes_the_decoder_layers_in_the_backward_pass(tiny_dir, tmp_path, checkpointing):
-    from trainkit import red_square_pages
+def test_gradient_checkpointing_recomputes_the_decoder_layers_and_takes_the_same_step(tiny_dir, tmp_path, recwarn):
+    """`--gradient-checkpointing` trades compute for memory and nothing else: the same LoRA step,
+    and no warning that gradients will be None (reentrant checkpointing's complaint about inputs,
+    the frozen embeddings, that need no gradient)."""
+    from trainkit import mined_pairs, red_square_pages
     from zoomkit import trained_adapter
 
     from qzoom_cli import QZoom
-    from qzoom_cli.manifest import read_manifest
-    from qzoom_cli.training.data import expand_samples
     from qzoom_cli.training.loop import TrainOptions
-    from qzoom_cli.training.mining import Mined
     from qzoom_cli.training.sft import SftSettings, train_sft
 
-    qz = QZoom.from_pretrained(str(tiny_dir), device="cpu")
-    manifest, _ = red_square_pages(tmp_path, 2, seed=25)
-    samples = {s.key: s for s in expand_samples(read_manifest(manifest)).samples}
-    mined = [Mined(key, s.question, "top left", "bottom", ("top left",), "references", "regression", (1, 1, 3, 3))
-             for key, s in samples.items()]
-    calls = []
-    attention = qz.backbone.decoder_layers[0].self_attn  # runs inside the checkpointed forward
-    attention.register_forward_pre_hook(lambda *args: calls.append(1))
-    options = TrainOptions(epochs=1, batch_size=2, gradient_checkpointing=checkpointing)
-    _, losses = train_sft(qz, trained_adapter(qz.backbone, gate=False), samples, mined,
-                          SftSettings(budget=VisualBudget(16, 36), dpi=72), options, tmp_path / "out")
-    assert len(losses) == 1 and len(calls) == (4 if checkpointing else 2)  # each sample's forward, then again
+    samples, mined = mined_pairs(red_square_pages(tmp_path, 2, seed=25)[0])
+    calls, lora = {}, {}
+    for checkpointing in (False, True):
+        qz = QZoom.from_pretrained(str(tiny_dir), device="cpu")
+        attention = qz.backbone.decoder_layers[0].self_attn  # runs inside the checkpointed forward
+        attention.register_forward_pre_hook(lambda *args, c=checkpointing: calls.setdefault(c, []).append(1))
+        options = TrainOptions(epochs=1, batch_size=2, gradient_checkpointing=checkpointing)
+        _, losses = train_sft(qz, trained_adapter(qz.backbone, gate=False), samples, mined,
+                              SftSettings(budget=VisualBudget(16, 36), dpi=72), options, tmp_path / str(checkpointing))
+        assert len(losses) == 1
+        lora[checkpointing] = {k: v for k, v in qz.backbone.model.state_dict().items() if "lora_B" in k}
+    assert len(calls[False]) == 2 and len(calls[True]) == 4  # each sample's forward, then again in the backward
+    assert lora[True] and all(v.any() and torch.allclose(v, lora[False][k], atol=1e-6) for k, v in lora[True].items())
+    assert not [w for w in recwarn if "requires_grad" in str(w.message)]
 
 
 def test_train_sft_asks_the_judge_model_given(tiny_dir, region_adapter, tmp_path):
@@ -363,22 +359,17 @@ def test_train_sft_asks_the_judge_model_given(tiny_dir, region_adapter, tmp_path
 def test_only_the_decoders_lora_weights_learn(tiny_dir, tmp_path):
     """Vision tower, embeddings, every base weight, the LM head and the zoom branches stay as they
     were; the LoRA weights of the decoder layers move."""
-    from trainkit import red_square_pages
+    from trainkit import mined_pairs, red_square_pages
     from zoomkit import trained_adapter
 
     from qzoom_cli import QZoom
-    from qzoom_cli.manifest import read_manifest
-    from qzoom_cli.training.data import expand_samples
     from qzoom_cli.training.loop import TrainOptions
-    from qzoom_cli.training.mining import Mined
     from qzoom_cli.training.sft import SftSettings, train_sft
 
     qz = QZoom.from_pretrained(str(tiny_dir), device="cpu")
     adapter = trained_adapter(qz.backbone, gate=True)
     manifest, _ = red_square_pages(tmp_path, 2, seed=27)
-    samples = {s.key: s for s in expand_samples(read_manifest(manifest)).samples}
-    mined = [Mined(key, s.question, "top left", "bottom", ("top left",), "references", "regression", (1, 1, 3, 3))
-             for key, s in samples.items()]
+    samples, mined = mined_pairs(manifest)
     base = {k: v.clone() for k, v in qz.backbone.model.state_dict().items()}
     branches = {k: v.clone() for k, v in adapter.state_dict().items()}
     model, _ = train_sft(qz, adapter, samples, mined, SftSettings(budget=VisualBudget(16, 36), dpi=72),
@@ -600,3 +591,53 @@ def test_fine_tuning_mines_chooses_holds_out_and_trains_as_its_settings_say(tmp_
         targeted.fine_tune(qz, samples, settings, TrainOptions(), tmp_path)
     assert str(refused.value) == ("nothing to fine-tune on: 8 pairs mined (0 regression, 8 improvement, 0 both right, "
                                   "0 both wrong); the zoomed read answered no pair worse than the plain one")
+
+
+def _tune(tiny_dir, samples, mined, out, aligned=False, options=None, **settings):
+    """train_sft on a fresh copy of the tiny model (the LoRA goes into its base model) with an
+    untrained region head; returns (the copy, the losses)."""
+    from zoomkit import trained_adapter
+
+    from qzoom_cli import QZoom
+    from qzoom_cli.training.loop import TrainOptions
+    from qzoom_cli.training.settings import LoraSettings
+    from qzoom_cli.training.sft import SftSettings, train_sft
+
+    qz = QZoom.from_pretrained(str(tiny_dir), device="cpu")
+    settings = SftSettings(**{"budget": VisualBudget(16, 36), "dpi": 72, "lora": LoraSettings(rank=2, alpha=4,
+                                                                                             dropout=0.0), **settings})
+    adapter = trained_adapter(qz.backbone, gate=False, reuse_src_pos=aligned)
+    return qz, train_sft(qz, adapter, samples, mined, settings, options or TrainOptions(epochs=1, batch_size=2), out)[1]
+
+
+@pytest.mark.parametrize("aligned, free_answers", [(True, False), (False, True)])
+def test_the_first_step_learns_each_pairs_answer_after_the_sequence_ask_reads(tiny_dir, qz, tmp_path, aligned,
+                                                                              free_answers):
+    """LoRA starts as the identity, so the first step's loss is the base model's answer loss
+    averaged over the batch, each pair read with the instruction its settings pick and the
+    region placed as the adapter places it."""
+    from trainkit import mined_pairs, red_square_pages
+    from zoomkit import base_answer_loss
+
+    samples, mined = mined_pairs(red_square_pages(tmp_path, 2, seed=28)[0], box=(1, 2, 4, 5))
+    budget = VisualBudget(16, 36)
+    expected = [base_answer_loss(qz, samples[p.key], p, budget, free_answers, aligned) for p in mined]
+    other = [base_answer_loss(qz, samples[p.key], p, budget, not free_answers, not aligned) for p in mined]
+    assert sum(other) != pytest.approx(sum(expected), rel=1e-3)  # the settings change what is read
+    _, losses = _tune(tiny_dir, samples, mined, tmp_path / "out", aligned=aligned, free_answers=free_answers)
+    assert losses == [pytest.approx(sum(expected) / 2, rel=1e-5)]
+
+
+def test_fine_tuning_resumes_only_with_the_settings_its_steps_depend_on(tiny_dir, tmp_path):
+    from trainkit import mined_pairs, red_square_pages
+
+    from qzoom_cli.errors import ResumeMismatch
+    from qzoom_cli.training.loop import TrainOptions
+
+    samples, mined = mined_pairs(red_square_pages(tmp_path, 2, seed=29)[0])
+    options, out = TrainOptions(epochs=1, batch_size=2, save_every=1), tmp_path / "out"
+    _tune(tiny_dir, samples, mined, out, options=options)
+    with pytest.raises(ResumeMismatch) as refused:
+        _tune(tiny_dir, samples, mined, out, aligned=True, options=options, box_noise=0.5, free_answers=True)
+    assert str(refused.value).startswith(f"{out / 'checkpoint-1'} was trained with other settings "
+                                         "(aligned, box_noise, free_answers): ")

@@ -4,6 +4,7 @@ import json
 import math
 import random
 import re
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -191,20 +192,30 @@ def test_selective_bce_and_auc():
     assert label_auc(torch.tensor([1.0, 1.0]), torch.tensor([1, 0])) == 0.5
 
 
-def test_student_learns_the_teacher_labels(qz, tmp_path):
-    """Held-out metric: ROC AUC of the cell scores separating labelled foreground from background."""
+def test_student_learns_the_teacher_labels(qz, tmp_path, monkeypatch):
+    """Held-out metric: ROC AUC of the cell scores separating labelled foreground from background.
+    The adapter written names the base it was trained on."""
     manifest, cells = red_square_pages(tmp_path, 32)
-    samples = seed_teacher_labels(manifest, cells, tmp_path / "out" / "labels")
+    out = tmp_path / "out"
+    samples = seed_teacher_labels(manifest, cells, out / "labels")
     settings = RpnSettings(branch_layer=2, depth=2, heads=HeadTable({1: [0]}), view_side=SIDE, held_out=0.25)
-    adapter, report = train_rpn(qz.backbone, samples, settings, TrainOptions(epochs=6, lr=1e-3, batch_size=4),
-                                tmp_path / "out")
+    monkeypatch.setattr(qz.backbone, "revision", "abc123")
+    labelled = []
+    options = TrainOptions(epochs=6, lr=1e-3, batch_size=4)
+    adapter, report = train_rpn(qz.backbone, samples, settings, options, out, on_label=lambda sample, skipped: labelled.append((sample.key, skipped)))
+    assert labelled == [(s.key, None) for s in samples.samples]
     assert report["usable"] == 32 and report["held_out"] == 8 and report["steps"] == 36
     assert report["last_loss"] < report["first_loss"] / 4
     assert 0.9 <= report["held_out_auc_after"] <= 1.0 and 0.0 <= report["held_out_auc_before"]  # means of AUCs
     assert report["held_out_auc_after"] > report["held_out_auc_before"] + 0.3
-    saved = json.loads((tmp_path / "out" / "qzoom_config.json").read_text())
-    assert saved["region_head"] and not saved["gate"] and saved["branch_layer"] == 2
-    assert len(saved["training"]["rpn"]["data_fingerprint"]) == 64
+    saved = json.loads((out / "qzoom_config.json").read_text())
+    assert saved["region_head"] and saved["gate"] is False and saved["branch_layer"] == 2
+    assert (saved["family"], saved["hidden_size"], saved["base_revision"]) == ("qwen2_5_vl", qz.backbone.hidden_size,
+                                                                               "abc123")
+    assert saved["training"] == {"rpn": json.loads(json.dumps({
+        **report, "data_fingerprint": samples.fingerprint(), "heads": settings.heads.to_dict(), "view_tokens": SIDE ** 2,
+        "labels": vars(settings.labels), "options": asdict(options)}))}
+    assert report["stage"] == "rpn" and len(samples.fingerprint()) == 64
 
 
 @pytest.mark.parametrize("stage", ["rpn", "gate"])
@@ -1061,3 +1072,131 @@ def test_a_cache_made_with_other_settings_is_refused_naming_them(tmp_path):
         ArtefactStore(tmp_path / "cache", {"ladder": [1, 2], "dpi": 96, "model": "m"})
     assert str(refused.value) == (f"{tmp_path / 'cache'} holds work done with other settings (dpi, ladder): rerun "
                                   "with the same options, or write to another --out")
+
+
+@pytest.mark.parametrize("count, fraction, held", [(1, 0.5, 0), (2, 0.1, 1), (3, 0.5, 1), (4, 0.1, 1), (8, 0.25, 2),
+                                                   (10, 0.5, 5)])
+def test_a_share_of_the_samples_at_least_one_is_held_out_unless_only_one_is_usable(count, fraction, held):
+    from qzoom_cli.training.rpn import held_out_samples
+
+    usable = [f"s{i}" for i in range(count)]
+    assert held_out_samples(usable, fraction) == (usable[held:], usable[:held])
+
+
+def _student_inputs(qz):
+    """Two views asked questions of different lengths, padded into one batch, and each alone."""
+    from PIL import Image
+
+    from qzoom_cli.training.rpn import branch_inputs
+
+    views = [Image.new("RGB", (SIDE * 28, SIDE * 28), colour) for colour in ("white", (200, 30, 30))]
+    texts = ["Where?", "Where on this page is the red square, and how large is it?"]
+    return (branch_inputs(qz.backbone, views, texts, 2),
+            [branch_inputs(qz.backbone, [view], [text], 2) for view, text in zip(views, texts, strict=True)])
+
+
+def test_the_student_scores_a_padded_batch_as_inference_scores_each_page(qz):
+    """With the adapter's own norm and scoring without rotary (SD-RPN's LLaVA head) too; and every
+    weight it trains gets a gradient (data parallelism requires it): the last layer lends only its
+    queries and keys."""
+    from zoomkit import trained_adapter
+
+    from qzoom_cli.training.rpn import RegionStudent
+    from qzoom_cli.zoom.region import region_logits
+
+    adapter = trained_adapter(qz.backbone, gate=False, region_norm=True, region_rotary=False)
+    student = RegionStudent(adapter, qz.backbone)
+    (hidden, positions, mask, blocks), alone = _student_inputs(qz)
+    assert mask is not None  # the shorter question is padded
+    together = student(hidden, positions, mask, blocks)
+    for logits, (h, p, m, b) in zip(together, alone, strict=True):
+        [inference] = region_logits(qz.backbone, adapter.region(), h, p, b, m)
+        assert torch.allclose(logits, inference.logits, atol=1e-5)
+    sum(logits.sum() for logits in together).backward()
+    trained = {name: p for name, p in student.named_parameters() if p.requires_grad}
+    assert trained and all(p.grad is not None for p in trained.values())
+    assert any(name.startswith("twig_norm.") for name in trained)
+
+
+def test_the_student_reads_each_sample_as_its_teacher_did(qz, tmp_path):
+    """The square view of the sample's page, its question with the instruction the settings pick,
+    run to the branch layer; the labels its teacher left."""
+    from PIL import Image
+
+    from qzoom_cli.training.rpn import RpnData, branch_inputs, prompt_text
+
+    manifest, cells = red_square_pages(tmp_path, 2, seed=6)
+    samples = seed_teacher_labels(manifest, cells, tmp_path / "labels")
+    store = ArtefactStore(tmp_path / "labels")
+    data = RpnData(qz.backbone, store, RpnSettings(1, 2, HeadTable({1: [0]}), view_side=SIDE, free_answers=True))
+    inputs, labels = data.batch(samples.samples)
+    views = [square_view(qz.backbone, Image.open(s.file), SIDE) for s in samples.samples]
+    expected = branch_inputs(qz.backbone, views, [prompt_text(s.question, True) for s in samples.samples], 1)
+    assert torch.equal(inputs[0], expected[0]) and inputs[3] == expected[3]
+    assert all(torch.equal(got, store.load(s.key)[0]["labels"]) for got, s in zip(labels, samples.samples, strict=True))
+
+
+def test_the_first_step_learns_the_labels_from_a_padded_batch_as_from_each_sample_alone(qz, tmp_path):
+    """The region head starts as base layers K..K+T-1, so the first loss is their pooled BCE on the
+    trained samples' labels, each page scored as if alone (its question's length padded away)."""
+    from qzoom_cli.training.rpn import RegionStudent, RpnData
+    from qzoom_cli.zoom.adapter import AdapterConfig, ZoomAdapter
+
+    manifest, cells = red_square_pages(tmp_path, 3, seed=7)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for row, question in zip(rows, ["Where?", "Where is the red square?", "Which cells does the red square cover?"],
+                             strict=True):
+        row["question"] = question
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    samples = seed_teacher_labels(manifest, cells, tmp_path / "out" / "labels")
+    settings = RpnSettings(branch_layer=2, depth=2, heads=HeadTable({1: [0]}), view_side=SIDE)
+    config = AdapterConfig(branch_layer=2, depth=2, gate=False, family=qz.backbone.family)
+    student = RegionStudent(ZoomAdapter.initialized_from_base(config, qz.backbone), qz.backbone)
+    data = RpnData(qz.backbone, ArtefactStore(tmp_path / "out" / "labels"), settings)
+    logits, labels = [], []
+    with torch.no_grad():
+        for sample in samples.samples[1:]:  # the first is held out
+            (hidden, positions, mask, blocks), [label] = data.batch([sample])
+            logits += student(hidden, positions, mask, blocks)
+            labels.append(label)
+    _, report = train_rpn(qz.backbone, samples, settings, TrainOptions(epochs=1, batch_size=2), tmp_path / "out")
+    assert (report["held_out"], report["trained_on"], report["steps"]) == (1, 2, 1)
+    assert report["first_loss"] == pytest.approx(selective_bce(logits, labels).item(), rel=1e-5)
+
+
+def test_training_the_region_head_again_keeps_the_adapters_position_scheme_threshold_and_history(qz, tmp_path):
+    from zoomkit import trained_adapter
+
+    manifest, cells = red_square_pages(tmp_path, 2, seed=8)
+    samples = seed_teacher_labels(manifest, cells, tmp_path / "again" / "labels")
+    settings = RpnSettings(2, 2, HeadTable({1: [0]}), view_side=SIDE)
+    start = trained_adapter(qz.backbone, gate=False, reuse_src_pos=True, roi_threshold=0.3,
+                            training={"rpn": {"steps": 9}})
+    adapter, report = train_rpn(qz.backbone, samples, settings, TrainOptions(epochs=1, batch_size=2),
+                                tmp_path / "again", start=start)
+    config = adapter.config
+    assert report["stage"] == "rpn_again" and (config.reuse_src_pos, config.roi_threshold) == (True, 0.3)
+    assert list(config.training) == ["rpn", "rpn_again"] and config.training["rpn"] == {"steps": 9}
+
+
+def test_region_training_refuses_an_adapter_without_a_head_and_pages_without_a_label(qz, tmp_path):
+    from zoomkit import trained_adapter
+
+    manifest, _ = red_square_pages(tmp_path, 2, seed=9)
+    samples = expand_samples(read_manifest(manifest))
+    settings = RpnSettings(2, 2, HeadTable({1: [0]}), view_side=SIDE, teacher_max_new_tokens=1)
+    with pytest.raises(UsageError) as refused:
+        train_rpn(qz.backbone, samples, settings, TrainOptions(), tmp_path / "gate", start=trained_adapter(
+            qz.backbone, region_head=False))
+    assert str(refused.value) == "the adapter has no region head to train again: give the one `train sft` wrote"
+    with pytest.raises(UsageError) as refused:
+        train_rpn(qz.backbone, samples, settings, TrainOptions(), tmp_path / "short")
+    assert str(refused.value) == "no usable training sample (skipped: 2 answer too short for a map)"
+
+
+def test_skipped_samples_are_counted_by_reason_in_words():
+    from qzoom_cli.training.data import skipped_text
+
+    assert skipped_text({}) == "none"
+    assert skipped_text({"answer too short for a map": 2, "unreadable document": 1}) == \
+        "2 answer too short for a map, 1 unreadable document"

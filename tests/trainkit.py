@@ -65,6 +65,16 @@ def seed_mined(manifest: Path, store_dir: Path, plain: str, zoomed: str, kind: s
     return samples
 
 
+def mined_pairs(manifest: Path, box=(1, 1, 3, 3)):
+    """(samples by key, their mined pairs): each a regression (plain 'top left' right, zoomed
+    'bottom' wrong) read at `box`, as fine-tuning takes them after mining."""
+    from qzoom_cli.training.mining import Mined
+
+    samples = {s.key: s for s in expand_samples(read_manifest(manifest)).samples}
+    return samples, [Mined(key, s.question, "top left", "bottom", ("top left",), "references", "regression", box)
+                     for key, s in samples.items()]
+
+
 def seed_ladders(manifest: Path, store_dir: Path, ladder, questions_answers: dict[str, list[str]]):
     """Answer ladders cached as the gate's ladder pass would cache them, by question."""
     samples = expand_samples(read_manifest(manifest))

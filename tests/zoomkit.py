@@ -81,7 +81,7 @@ def threshold_between(scores: list[float]) -> float:
     return (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def check_teacher_forcing(qz, page, text, budget, aligned: bool) -> None:
+def check_teacher_forcing(qz, page, text, budget, aligned: bool, box=(1, 1, 3, 4)) -> None:
     """Targeted fine-tuning's input scores every answer token exactly as inference reads it: the
     fused prompt prefilled into a cache, then the answer fed one token at a time at decoding's
     positions (deepstack additions included); its loss is the mean cross-entropy of those logits."""
@@ -92,10 +92,11 @@ def check_teacher_forcing(qz, page, text, budget, aligned: bool) -> None:
     from qzoom_cli.zoom.geometry import Box
 
     bb = qz.backbone
-    fused = fused_prompt(bb, page, text, Box(1, 1, 3, 4), budget, aligned)
+    fused = fused_prompt(bb, page, text, Box(*box), budget, aligned)
     assert fused.inputs.positions.is_floating_point() == aligned  # the adapter's position scheme
     answer = answer_token_ids(bb, "$100.00")
     assert answer[-1] == bb.eos_token_ids[0] and bb.decode_text(answer[:-1]) == "$100.00"
+    assert not set(answer[:-1]) & set(bb.tokenizer.all_special_ids)  # generation starts after the prompt: no BOS
     inputs = with_answer(bb, fused.inputs, answer)
     with torch.no_grad():
         hidden = bb.run_layers(inputs.embeds, inputs.positions, None, 0, bb.num_layers, None, inputs.additions)
@@ -174,3 +175,20 @@ def assert_region_maps_of_a_padded_batch_equal_each_alone(bb, page):
         maps = region_logits(bb, head, batch.embeds, batch.positions, moved, batch.attention_mask)
     for got, want in zip(maps, alone, strict=True):
         assert torch.allclose(got.logits, want.logits, atol=1e-4) and torch.equal(got.keep, want.keep)
+
+
+def base_answer_loss(qz, sample, pair, budget, free_answers: bool = False, aligned: bool = False) -> float:
+    """The model's loss on mined `pair`'s answer after the fused sequence `ask` reads for it (the
+    page of `sample` at `budget`, the pair's box as the region)."""
+    from qzoom_cli.documents import open_document
+    from qzoom_cli.training.rpn import prompt_text
+    from qzoom_cli.training.sft import answer_loss, answer_token_ids, fused_prompt, with_answer
+    from qzoom_cli.zoom.geometry import Box
+
+    bb = qz.backbone
+    with open_document(sample.file, dpi=72) as doc:
+        fused = fused_prompt(bb, qz.page_view(doc, sample.page, budget), prompt_text(sample.question, free_answers),
+                             Box(*pair.box), budget, aligned)
+    answer = answer_token_ids(bb, pair.target)
+    with torch.no_grad():
+        return answer_loss(bb, with_answer(bb, fused.inputs, answer), answer).item()

@@ -161,8 +161,10 @@ def _finish_training(adapter_dir, report: dict, quiet: bool) -> None:
         return
     print_json({"adapter": str(adapter_dir), **report})
     if not quiet:
-        skipped = ", ".join(f"{n} {reason}" for reason, n in (report.get("skipped") or {}).items()) or "none"
-        print(f"qzoom: adapter written to {adapter_dir} (skipped samples: {skipped})", file=sys.stderr)
+        from ..training.data import skipped_text
+
+        print(f"qzoom: adapter written to {adapter_dir} (skipped samples: {skipped_text(report.get('skipped') or {})})",
+              file=sys.stderr)
 
 
 @train_app.command("rpn")

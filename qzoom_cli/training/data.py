@@ -37,6 +37,11 @@ class TrainSample:
         return digest[:32]
 
 
+def skipped_text(skipped: dict[str, int]) -> str:
+    """'2 answer too short for a map, 1 unreadable document', or 'none'."""
+    return ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "none"
+
+
 @dataclass
 class SampleSet:
     samples: list[TrainSample]

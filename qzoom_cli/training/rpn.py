@@ -31,8 +31,8 @@ from ..errors import UsageError
 from ..options import SHORT_ANSWER_INSTRUCTION, with_instruction
 from ..padding import pad_segments
 from ..zoom.adapter import AdapterConfig, ZoomAdapter
-from ..zoom.region import RegionHead, region_logits
-from .data import ArtefactStore, SampleSet, Shard, TrainSample
+from ..zoom.region import region_logits
+from .data import ArtefactStore, SampleSet, Shard, TrainSample, skipped_text
 from .loop import (
     StepReport,
     Trainer,
@@ -145,9 +145,9 @@ class RegionStudent(nn.Module):
 
     def __init__(self, adapter: ZoomAdapter, backbone: Backbone):
         super().__init__()
+        self.head = adapter.region()
         self.twig_layers = adapter.twig_layers
-        self.twig_norm = getattr(adapter, "twig_norm", None)
-        self.rotary = adapter.config.region_rotary
+        self.twig_norm = self.head.norm
         self.__dict__["backbone"] = backbone
         last = self.twig_layers[-1]  # only lends its queries and keys: the rest gets no gradient
         last.requires_grad_(False)
@@ -155,8 +155,7 @@ class RegionStudent(nn.Module):
             module.requires_grad_(True)
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, mask, blocks: list[ImageBlock]):
-        head = RegionHead(list(self.twig_layers), self.twig_norm, self.rotary)
-        return [scores.logits for scores in region_logits(self.backbone, head, hidden, positions, blocks, mask)]
+        return [scores.logits for scores in region_logits(self.backbone, self.head, hidden, positions, blocks, mask)]
 
 
 @torch.no_grad()
@@ -235,14 +234,12 @@ def train_rpn(backbone: Backbone, samples: SampleSet, settings: RpnSettings, opt
     if start is not None and (start.config.branch_layer, start.config.depth) != (settings.branch_layer, settings.depth):
         raise UsageError(f"the adapter's region head branches at K={start.config.branch_layer} with "
                          f"T={start.config.depth} layers: train it again with those (or without an adapter)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store = ArtefactStore(out_dir / "labels")
+    store = ArtefactStore(out_dir / "labels")  # makes out_dir too
     usable = make_labels(backbone, samples, settings, store, Shard.current(), on_label)
     if not usable:
-        raise UsageError(f"no usable training sample (skipped: {samples.skipped})")
-    held = usable[:max(1, int(len(usable) * settings.held_out))] if len(usable) > 1 else []
-    train = usable[len(held):] or usable
-    config = AdapterConfig(branch_layer=settings.branch_layer, depth=settings.depth, region_head=True, gate=False,
+        raise UsageError(f"no usable training sample (skipped: {skipped_text(samples.skipped)})")
+    train, held = held_out_samples(usable, settings.held_out)
+    config = AdapterConfig(branch_layer=settings.branch_layer, depth=settings.depth, gate=False,
                            family=backbone.family, hidden_size=backbone.hidden_size, base_model=backbone.model_id,
                            base_revision=backbone.revision)
     if start is not None:
@@ -276,6 +273,15 @@ def train_rpn(backbone: Backbone, samples: SampleSet, settings: RpnSettings, opt
     if trainer.is_main:
         adapter.save_pretrained(out_dir)
     return adapter, report
+
+
+def held_out_samples(usable: list[TrainSample], fraction: float) -> tuple[list[TrainSample], list[TrainSample]]:
+    """(to train on, held out): the first `fraction` of the samples, at least one, kept apart to
+    measure; a lone sample is trained on and nothing is measured."""
+    if len(usable) < 2:
+        return usable, []
+    cut = max(1, int(len(usable) * fraction))
+    return usable[cut:], usable[:cut]
 
 
 def _before_training(out_dir: Path, measure: Callable[[], float | None]) -> float | None:

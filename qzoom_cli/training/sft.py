@@ -120,7 +120,8 @@ def train_sft(qz: QZoom, adapter: ZoomAdapter, samples: dict[str, TrainSample], 
     checkpoint = latest_checkpoint(out_dir)
     model = attach_lora(backbone, settings.lora, None if checkpoint is None else checkpoint / LORA_FOLDER)
     if options.gradient_checkpointing:
-        backbone.model.activation_checkpointing_enable({"use_reentrant": False})
+        backbone.model.activation_checkpointing_enable(
+            {"use_reentrant": False})  # pragma: no mutate (None: transformers 5's default is non-reentrant too)
     region_budget = settings.region_budget or settings.budget
     pages = _Pages(settings.dpi)
     by_key = {m.key: m for m in mined}
