@@ -216,7 +216,8 @@ def test_student_learns_the_teacher_labels(qz, tmp_path, monkeypatch):
     monkeypatch.setattr(qz.backbone, "revision", "abc123")
     labelled = []
     options = TrainOptions(epochs=6, lr=1e-3, batch_size=4)
-    adapter, report = train_rpn(qz.backbone, samples, settings, options, out, on_label=lambda sample, skipped: labelled.append((sample.key, skipped)))
+    adapter, report = train_rpn(qz.backbone, samples, settings, options, out,
+                                on_label=lambda sample, skipped: labelled.append((sample.key, skipped)))
     assert labelled == [(s.key, None) for s in samples.samples]
     assert report["usable"] == 32 and report["held_out"] == 8 and report["steps"] == 36
     assert report["last_loss"] < report["first_loss"] / 4
@@ -227,8 +228,8 @@ def test_student_learns_the_teacher_labels(qz, tmp_path, monkeypatch):
     assert (saved["family"], saved["hidden_size"], saved["base_revision"]) == ("qwen2_5_vl", qz.backbone.hidden_size,
                                                                                "abc123")
     assert saved["training"] == {"rpn": json.loads(json.dumps({
-        **report, "data_fingerprint": samples.fingerprint(), "heads": settings.heads.to_dict(), "view_tokens": SIDE ** 2,
-        "labels": vars(settings.labels), "options": asdict(options)}))}
+        **report, "data_fingerprint": samples.fingerprint(), "heads": settings.heads.to_dict(),
+        "view_tokens": SIDE ** 2, "labels": vars(settings.labels), "options": asdict(options)}))}
     assert report["stage"] == "rpn" and len(samples.fingerprint()) == 64
 
 
@@ -1272,6 +1273,14 @@ def test_each_step_reports_its_loss_learning_rate_and_samples_per_second(tmp_pat
     assert [report.samples_per_s for report in shared] == [4.0]  # each of two processes took a batch of two
 
 
+def _stop_at(step):
+    """An on_step that interrupts the run when it reports `step` (before that step's checkpoint)."""
+    def stop(report):
+        if report.step == step:
+            raise KeyboardInterrupt
+    return stop
+
+
 def test_a_resume_continues_where_the_accumulated_steps_stopped_and_refuses_other_samples_or_processes(
         tmp_path, monkeypatch):
     from accelerate import Accelerator
@@ -1279,17 +1288,59 @@ def test_a_resume_continues_where_the_accumulated_steps_stopped_and_refuses_othe
     items, options = [1, 2, 3, 4, 5, 6, 7, 8], {"batch_size": 1, "grad_accum": 2, "save_every": 1}
     whole, _, _ = _fit(tmp_path, "whole", items, **options)
 
-    def stop_at_second(report):
-        if report.step == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path, "resumed", items, on_step=stop_at_second, **options)
+        _fit(tmp_path, "resumed", items, on_step=_stop_at(2), **options)
     seen = []
     resumed, losses, _ = _fit(tmp_path, "resumed", items, seen, **options)
     assert len(losses) == 4 and len(seen) == 6 and torch.allclose(resumed, whole)  # from checkpoint-1: 3-8
-    with pytest.raises(ResumeMismatch, match=r"other settings \(samples\)"):
+    with pytest.raises(ResumeMismatch) as refused:
         _fit(tmp_path, "resumed", items[:6], **options)
+    assert str(refused.value) == (f"{tmp_path / 'resumed' / 'checkpoint-4'} was trained with other settings (samples): "
+                                  "rerun with the same options and samples, or write to another --out")
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
     with pytest.raises(ResumeMismatch, match=r"other settings \(processes\)"):
         _fit(tmp_path, "resumed", items, **options)
+
+
+def test_training_pages_stay_open_per_document_and_read_locked_pdfs_at_the_given_dpi(tmp_path):
+    """The trainers' page reader keeps the current document open across its samples' pages,
+    opens another (closing the first) when the document or its password changes, and can be
+    closed twice and used again."""
+    from dataclasses import replace
+
+    from docmaker import make_encrypted_pdf, make_image
+
+    from qzoom_cli.documents import open_document
+    from qzoom_cli.training.data import TrainSample
+    from qzoom_cli.training.rpn import _Pages
+
+    pdf, png = tmp_path / "locked.pdf", tmp_path / "page.png"
+    pdf.write_bytes(make_encrypted_pdf("pw"))
+    png.write_bytes(make_image("PNG"))
+    with open_document(pdf, password="pw", dpi=36) as document:
+        size = document.render(2).size
+    first, second = (TrainSample(f"p{n}", str(pdf), "pw", n, "Total?", "sha") for n in (1, 2))
+    picture = TrainSample("i", str(png), None, 1, "Total?", "sha")
+    pages = _Pages(dpi=36)
+    assert pages.render(second).size == size
+    locked = pages.document(first)
+    assert pages.document(second) is locked
+    image = pages.document(picture)
+    assert image is not locked and pages.document(replace(picture, password="other")) is not image
+    pages.close()
+    pages.close()
+    assert pages.render(second).size == size
+    pages.close()
+
+
+def test_a_checkpoint_from_before_plans_and_random_states_were_kept_still_resumes(tmp_path):
+    """Older checkpoints hold neither the run's plan nor its random state: they resume as they are."""
+    items, options = [1, 2, 3, 4], {"batch_size": 1, "save_every": 1}
+    whole, _, _ = _fit(tmp_path, "whole", items, **options)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, "old", items, on_step=_stop_at(2), **options)
+    state_file = tmp_path / "old" / "checkpoint-1" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k not in ("plan", "rng")}, state_file)
+    resumed, losses, _ = _fit(tmp_path, "old", items, **options)
+    assert len(losses) == 4 and torch.allclose(resumed, whole)

