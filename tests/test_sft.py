@@ -594,8 +594,8 @@ def test_fine_tuning_mines_chooses_holds_out_and_trains_as_its_settings_say(tmp_
 
 
 def _tune(tiny_dir, samples, mined, out, aligned=False, options=None, **settings):
-    """train_sft on a fresh copy of the tiny model (the LoRA goes into its base model) with an
-    untrained region head; returns (the copy, the losses)."""
+    """train_sft's step losses on a fresh copy of the tiny model (the LoRA goes into its base
+    model) with an untrained region head."""
     from zoomkit import trained_adapter
 
     from qzoom_cli import QZoom
@@ -607,7 +607,7 @@ def _tune(tiny_dir, samples, mined, out, aligned=False, options=None, **settings
     settings = SftSettings(**{"budget": VisualBudget(16, 36), "dpi": 72, "lora": LoraSettings(rank=2, alpha=4,
                                                                                              dropout=0.0), **settings})
     adapter = trained_adapter(qz.backbone, gate=False, reuse_src_pos=aligned)
-    return qz, train_sft(qz, adapter, samples, mined, settings, options or TrainOptions(epochs=1, batch_size=2), out)[1]
+    return train_sft(qz, adapter, samples, mined, settings, options or TrainOptions(epochs=1, batch_size=2), out)[1]
 
 
 @pytest.mark.parametrize("aligned, free_answers", [(True, False), (False, True)])
@@ -624,7 +624,7 @@ def test_the_first_step_learns_each_pairs_answer_after_the_sequence_ask_reads(ti
     expected = [base_answer_loss(qz, samples[p.key], p, budget, free_answers, aligned) for p in mined]
     other = [base_answer_loss(qz, samples[p.key], p, budget, not free_answers, not aligned) for p in mined]
     assert sum(other) != pytest.approx(sum(expected), rel=1e-3)  # the settings change what is read
-    _, losses = _tune(tiny_dir, samples, mined, tmp_path / "out", aligned=aligned, free_answers=free_answers)
+    losses = _tune(tiny_dir, samples, mined, tmp_path / "out", aligned=aligned, free_answers=free_answers)
     assert losses == [pytest.approx(sum(expected) / 2, rel=1e-5)]
 
 
