@@ -232,7 +232,7 @@ def test_an_interrupted_fine_tuning_resumes_to_the_uninterrupted_weights(tiny_di
     """Checkpoints keep the LoRA weights, the optimiser and the random state: dropout draws the same
     masks after a resume, so the result is the one an uninterrupted run gives."""
     from safetensors.torch import load_file
-    from trainkit import red_square_pages, seed_mined
+    from trainkit import red_square_pages, seed_mined, stop_at
 
     from qzoom_cli.training.loop import TrainOptions
     from qzoom_cli.training.settings import LoraSettings
@@ -244,13 +244,9 @@ def test_an_interrupted_fine_tuning_resumes_to_the_uninterrupted_weights(tiny_di
     for name in ("whole", "interrupted"):
         samples = seed_mined(manifest, tmp_path / name / "mined", plain="top left", zoomed="bottom")
 
-        def stop_at_third(report, name=name):
-            if name == "interrupted" and report.step == 3:
-                raise KeyboardInterrupt
-
         try:
-            _fine_tune(tiny_dir, region_adapter, samples, tmp_path / name, options, on_step=stop_at_third, lora=lora,
-                       held_out=0.0)
+            _fine_tune(tiny_dir, region_adapter, samples, tmp_path / name, options,
+                       on_step=stop_at(3) if name == "interrupted" else lambda report: None, lora=lora, held_out=0.0)
         except KeyboardInterrupt:
             report = _fine_tune(tiny_dir, region_adapter, samples, tmp_path / name, options, lora=lora, held_out=0.0)
             assert report["steps"] == 6

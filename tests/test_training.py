@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from trainkit import SIDE, red_square_pages, seed_ladders, seed_teacher_labels
+from trainkit import SIDE, red_square_pages, seed_ladders, seed_teacher_labels, stop_at
 from typer.testing import CliRunner
 
 from qzoom_cli import QZoom, cli
@@ -762,12 +762,8 @@ def test_gate_training_is_seeded_and_resumes_to_the_uninterrupted_weights(qz, tm
     assert set(report) == {"stage", "samples", "kept", "transitions", "easy", "dropped", "skipped", "steps",
                            "first_loss", "last_loss", "reference_answers"}
 
-    def stop_at_step_5(step):
-        if step.step == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train("resumed", save_every=1, on_step=stop_at_step_5)
+        train("resumed", save_every=1, on_step=stop_at(5))
     torch.manual_seed(1)  # a resumed run must not depend on the fresh initialisation it no longer uses
     runs["resumed"] = _gate_weights(train("resumed", save_every=1)[0])
     runs["other seed"] = _gate_weights(train("other seed", seed=8)[0])
@@ -1123,30 +1119,22 @@ def test_a_share_of_the_samples_at_least_one_is_held_out_unless_only_one_is_usab
     assert held_out_samples(usable, fraction) == (usable[held:], usable[:held])
 
 
-def _student_inputs(qz):
-    """Two views asked questions of different lengths, padded into one batch, and each alone."""
-    from PIL import Image
-
-    from qzoom_cli.training.rpn import branch_inputs
-
-    views = [Image.new("RGB", (SIDE * 28, SIDE * 28), colour) for colour in ("white", (200, 30, 30))]
-    texts = ["Where?", "Where on this page is the red square, and how large is it?"]
-    return (branch_inputs(qz.backbone, views, texts, 2),
-            [branch_inputs(qz.backbone, [view], [text], 2) for view, text in zip(views, texts, strict=True)])
-
-
 def test_the_student_scores_a_padded_batch_as_inference_scores_each_page(qz):
     """With the adapter's own norm and scoring without rotary (SD-RPN's LLaVA head) too; and every
     weight it trains gets a gradient (data parallelism requires it): the last layer lends only its
     queries and keys."""
+    from PIL import Image
     from zoomkit import trained_adapter
 
-    from qzoom_cli.training.rpn import RegionStudent
+    from qzoom_cli.training.rpn import RegionStudent, branch_inputs
     from qzoom_cli.zoom.region import region_logits
 
     adapter = trained_adapter(qz.backbone, gate=False, region_norm=True, region_rotary=False)
     student = RegionStudent(adapter, qz.backbone)
-    (hidden, positions, mask, blocks), alone = _student_inputs(qz)
+    views = [Image.new("RGB", (SIDE * 28, SIDE * 28), colour) for colour in ("white", (200, 30, 30))]
+    texts = ["Where?", "Where on this page is the red square, and how large is it?"]  # padded to one length
+    hidden, positions, mask, blocks = branch_inputs(qz.backbone, views, texts, 2)
+    alone = [branch_inputs(qz.backbone, [view], [text], 2) for view, text in zip(views, texts, strict=True)]
     assert mask is not None  # the shorter question is padded
     together = student(hidden, positions, mask, blocks)
     for logits, (h, p, m, b) in zip(together, alone, strict=True):
@@ -1273,14 +1261,6 @@ def test_each_step_reports_its_loss_learning_rate_and_samples_per_second(tmp_pat
     assert [report.samples_per_s for report in shared] == [4.0]  # each of two processes took a batch of two
 
 
-def _stop_at(step):
-    """An on_step that interrupts the run when it reports `step` (before that step's checkpoint)."""
-    def stop(report):
-        if report.step == step:
-            raise KeyboardInterrupt
-    return stop
-
-
 def test_a_resume_continues_where_the_accumulated_steps_stopped_and_refuses_other_samples_or_processes(
         tmp_path, monkeypatch):
     from accelerate import Accelerator
@@ -1289,7 +1269,7 @@ def test_a_resume_continues_where_the_accumulated_steps_stopped_and_refuses_othe
     whole, _, _ = _fit(tmp_path, "whole", items, **options)
 
     with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path, "resumed", items, on_step=_stop_at(2), **options)
+        _fit(tmp_path, "resumed", items, on_step=stop_at(2), **options)
     seen = []
     resumed, losses, _ = _fit(tmp_path, "resumed", items, seen, **options)
     assert len(losses) == 4 and len(seen) == 6 and torch.allclose(resumed, whole)  # from checkpoint-1: 3-8
@@ -1338,7 +1318,7 @@ def test_a_checkpoint_from_before_plans_and_random_states_were_kept_still_resume
     items, options = [1, 2, 3, 4], {"batch_size": 1, "save_every": 1}
     whole, _, _ = _fit(tmp_path, "whole", items, **options)
     with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path, "old", items, on_step=_stop_at(2), **options)
+        _fit(tmp_path, "old", items, on_step=stop_at(2), **options)
     state_file = tmp_path / "old" / "checkpoint-1" / "trainer_state.pt"
     state = torch.load(state_file, weights_only=True)
     torch.save({k: v for k, v in state.items() if k not in ("plan", "rng")}, state_file)

@@ -65,6 +65,14 @@ def seed_mined(manifest: Path, store_dir: Path, plain: str, zoomed: str, kind: s
     return samples
 
 
+def stop_at(step: int):
+    """An on_step that interrupts a run when it reports `step` (before that step's checkpoint)."""
+    def stop(report):
+        if report.step == step:
+            raise KeyboardInterrupt
+    return stop
+
+
 def mined_pairs(manifest: Path, box=(1, 1, 3, 3)):
     """(samples by key, their mined pairs): each a regression (plain 'top left' right, zoomed
     'bottom' wrong) read at `box`, as fine-tuning takes them after mining."""

@@ -145,7 +145,7 @@ class RegionStudent(nn.Module):
 
     def __init__(self, adapter: ZoomAdapter, backbone: Backbone):
         super().__init__()
-        self.head = adapter.region()
+        self.head = adapter.region()  # scores; the head's modules are registered below for the optimiser
         self.twig_layers = adapter.twig_layers
         self.twig_norm = self.head.norm
         self.__dict__["backbone"] = backbone
