@@ -41,6 +41,7 @@ from qzoom_cli.backbones import FAMILIES, Backbone
 from qzoom_cli.budget import VisualBudget
 from qzoom_cli.documents import open_document
 from qzoom_cli.runtime import Runtime, reset_peak_memory, resolve_runtime, synchronize
+from qzoom_cli.static_decode import StaticDecoder
 from qzoom_cli.testing import llava_config, make_llama_tokenizer, make_tokenizer, qwen2_5_vl_config, qwen3_vl_config
 from qzoom_cli.zoom.adapter import AdapterConfig, ZoomAdapter
 from qzoom_cli.zoom.pipeline import ZoomSettings
@@ -124,8 +125,8 @@ def build(arch: str, device: str, dtype: str, attn: str) -> tuple[Backbone, Runt
         part._attn_implementation = runtime.attn
     backbone_class = FAMILIES[family]
     torch.manual_seed(0)
-    with torch.device(runtime.device):
-        model = backbone_class.model_class(config).to(runtime.dtype).eval()
+    with torch.device(runtime.device), default_dtype(runtime.dtype):
+        model = backbone_class.model_class(config).eval()
     backbone = backbone_class(model, tokenizer, processor, model_id=f"random-{family}-{arch}", revision=None,
                               attn=runtime.attn)
     backbone._eos = [-1]  # never stop early: every answer has exactly --new-tokens tokens
@@ -135,12 +136,30 @@ def build(arch: str, device: str, dtype: str, attn: str) -> tuple[Backbone, Runt
     return backbone, runtime, adapter
 
 
-def engines(backbone, runtime: Runtime, adapter, fuse: bool) -> dict[str, QZoom]:
-    """The same model and adapter behind each decoder: eager loop, and the fast path of this device."""
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build weights directly in `dtype`: a 7B model built in float32 first needs twice the memory."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def engines(backbone, runtime: Runtime, adapter, fuse: bool, tune: bool = False) -> dict[str, QZoom]:
+    """The same model and adapter behind each decoder: eager loop, and the fast path of this device
+    (with `fuse`, also fused by inductor; with `tune`, also with the GEMV kernels' coordinate-descent
+    tuning, gpt-fast's setting, a candidate for `--compile max`)."""
     fast = "cuda_graphs" if runtime.device.type == "cuda" else "static_cache"
-    kinds = {"eager": "eager", "fast": fast, **({"fast+inductor": fast + "+inductor"} if fuse else {})}
-    return {name: QZoom(backbone, dataclasses.replace(runtime, decoder=kind), None, adapter)
-            for name, kind in kinds.items()}
+    kinds = {"eager": "eager", "fast": fast, **({"fast+inductor": fast + "+inductor"} if fuse else {}),
+             **({"fast+tuned": fast + "+inductor"} if tune else {})}
+    qzooms = {name: QZoom(backbone, dataclasses.replace(runtime, decoder=kind), None, adapter)
+              for name, kind in kinds.items()}
+    if tune:
+        qzooms["fast+tuned"].engine.decode = StaticDecoder(backbone, capture=fast == "cuda_graphs", fuse=True,
+                                                           inductor_options={"coordinate_descent_tuning": True})
+    return qzooms
 
 
 def weight_bytes(backbone) -> int:
@@ -246,13 +265,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fuse", action="store_true", help="also time the fast path with inductor-fused kernels")
+    parser.add_argument("--tune", action="store_true",
+                        help="also time it fused with coordinate-descent tuning of the kernels (slow to compile)")
     parser.add_argument("--cases", default="", help="only the cases whose name contains one of these (comma list)")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     args = parser.parse_args()
     transformers.utils.logging.set_verbosity_error()
 
     backbone, runtime, adapter = build(args.arch, args.device, args.dtype, args.attn)
-    qzooms = engines(backbone, runtime, adapter, args.fuse)
+    qzooms = engines(backbone, runtime, adapter, args.fuse, args.tune)
     wanted = [c for c in args.cases.split(",") if c]
 
     def chosen(case: str) -> bool:

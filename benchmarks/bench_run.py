@@ -82,34 +82,36 @@ def run_qzoom(qz, rows, options: RunOptions) -> float:
     return wall
 
 
+def left_padded(samples: list[dict], pad: int) -> dict:
+    """One batch of single-sample stock inputs: the per-token entries (ids, mask, token types) padded
+    on the left, the image entries stacked, whatever the family's processor returns."""
+    width = max(sample["input_ids"].shape[1] for sample in samples)
+    batch = {}
+    for key in samples[0]:
+        values = [sample[key] for sample in samples]
+        if values[0].shape != samples[0]["input_ids"].shape:
+            batch[key] = torch.cat(values)
+            continue
+        fill = pad if key == "input_ids" else 0
+        batch[key] = torch.stack([torch.nn.functional.pad(v[0], (width - v.shape[1], 0), value=fill) for v in values])
+    return batch
+
+
 def run_stock(backbone, rows, budget: VisualBudget, batch_size: int, new_tokens: int) -> float:
     """Every row through render, resize, the stock processor and one batched generate() per batch."""
     device = backbone.device
-    tokenizer = backbone.tokenizer
-    pad = tokenizer.pad_token_id
+    pad = backbone.tokenizer.pad_token_id
 
     def batch(chunk):
-        images, prompts = [], []
+        samples = []
         for row in chunk:
             with open_document(row.file) as doc:
                 image = backbone.fit_image(doc.render(1), budget)
-            grid = backbone.image_grid(image.size, budget)
-            images.append(image)
-            prompts.append(backbone.build_prompt(row.question, [grid]).input_ids[0])
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt):] = prompt
-            mask[i, width - len(prompt):] = 1
-        pixels = backbone.image_processor(images=images, do_resize=False, return_tensors="pt")
-        ids, mask = ids.to(device), mask.to(device)
+            prompt = backbone.build_prompt(row.question, [backbone.image_grid(image.size, budget)])
+            samples.append(backbone.stock_inputs(prompt, [image]))
         with torch.inference_mode():
-            backbone.model.generate(
-                input_ids=ids, attention_mask=mask, pixel_values=pixels["pixel_values"].to(device),
-                image_grid_thw=pixels["image_grid_thw"].to(device),
-                mm_token_type_ids=(ids == backbone.config.image_token_id).int(), max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+            backbone.model.generate(**left_padded(samples, pad), max_new_tokens=new_tokens,
+                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
 
     with stock_vision(backbone):
         batch(rows[:batch_size])  # warm-up

@@ -65,15 +65,16 @@ def bucket(length: int) -> int:
 class StaticDecoder:
     """Drop-in for `greedy_decode_batch` with a static cache and, on CUDA, graph replay."""
 
-    def __init__(self, backbone: Backbone, capture: bool, fuse: bool = False):
+    def __init__(self, backbone: Backbone, capture: bool, fuse: bool = False, inductor_options: dict | None = None):
         self.backbone = backbone
         self.capture = capture
         self.fuse = fuse
         self.sessions: OrderedDict[tuple, _Session] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         # inductor fuses the step's small element-wise kernels (norms, rotary, activations) before
-        # capture; shapes turn dynamic at the second bucket, so later buckets do not recompile
-        self._run_step = torch.compile(self._step) if fuse else self._step
+        # capture; shapes turn dynamic at the second bucket, so later buckets do not recompile.
+        # `inductor_options` (torch.compile's `options`) are for benchmarks comparing inductor settings
+        self._run_step = torch.compile(self._step, options=inductor_options) if fuse else self._step
 
     @property
     def name(self) -> str:

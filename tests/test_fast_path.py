@@ -81,6 +81,12 @@ def test_inductor_fused_step_equals_eager(qz, pages):
         _same(want, got)
 
 
+def test_inductor_options_reach_the_compiler(qz):
+    """The benchmarks' inductor settings are torch.compile's own: an unknown one is refused there."""
+    with pytest.raises(RuntimeError, match="Unexpected optimization option no_such_option"):
+        StaticDecoder(qz.backbone, capture=False, fuse=True, inductor_options={"no_such_option": 1})
+
+
 def test_samples_ending_at_different_steps(qz, pages, monkeypatch):
     """An end token that one sample produces early and another later (or never): each answer is cut
     at its own end, the rest keep decoding, and the loop stops once all have ended."""
