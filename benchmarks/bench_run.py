@@ -5,7 +5,7 @@ sample receipt scan), --per-doc questions each, one page per row. Random real-si
 (bench_engine.build), every answer forced to --new-tokens tokens, one warm-up batch first.
 
     stock        transformers' generate() on --batch-size rows at a time (left-padded prompts) at
-                 256-4096 visual tokens, the published baseline budget
+                 256-4096 visual tokens, the published baseline budget (`qzoom bench`'s stock mode)
     qzoom skip   `qzoom run` at the 256-576 coarse budget, the gate answering every row directly
     qzoom zoom   the same with every row zoomed (gate 0), the slowest case
     (each qzoom case with the eager loop and the fast decode path)
@@ -27,9 +27,9 @@ from bench_engine import build, engines, model_parser, stock_vision
 
 from qzoom_cli.batch import RunOptions, answer_rows
 from qzoom_cli.budget import VisualBudget
-from qzoom_cli.documents import open_document
 from qzoom_cli.manifest import ManifestRow
 from qzoom_cli.runtime import synchronize
+from qzoom_cli.stock import stock_rows
 from qzoom_cli.zoom.pipeline import ZoomSettings
 
 SAMPLES = Path(__file__).parent.parent / "samples"
@@ -68,59 +68,20 @@ def manifest(documents: list[Path], per_doc: int) -> list[ManifestRow]:
     return rows
 
 
-def run_qzoom(qz, rows, options: RunOptions) -> float:
+def run_rows(qz, rows, options: RunOptions, answer=answer_rows) -> float:
+    """Wall time of `answer` (qzoom's `answer_rows` or stock `generate()`'s `stock_rows`) over
+    every row, after a warm-up batch; a failed row stops the benchmark."""
     done = []
-    answer_rows(qz, rows[:options.batch_size], options, lambda index, result: None)  # warm-up
+    answer(qz, rows[:options.batch_size], options, lambda index, result: None)
     synchronize(qz.runtime.device)
     start = time.perf_counter()
-    answer_rows(qz, rows, options, lambda index, result: done.append(result))
+    answer(qz, rows, options, lambda index, result: done.append(result))
     synchronize(qz.runtime.device)
     wall = time.perf_counter() - start
     failed = [r for r in done if r.status == "error"]
     if failed:
         raise RuntimeError(f"{len(failed)} rows failed: {failed[0].error}")
     return wall
-
-
-def left_padded(samples: list[dict], pad: int) -> dict:
-    """One batch of single-sample stock inputs: the per-token entries (ids, mask, token types) padded
-    on the left, the image entries stacked, whatever the family's processor returns."""
-    width = max(sample["input_ids"].shape[1] for sample in samples)
-    batch = {}
-    for key in samples[0]:
-        values = [sample[key] for sample in samples]
-        if values[0].shape != samples[0]["input_ids"].shape:
-            batch[key] = torch.cat(values)
-            continue
-        fill = pad if key == "input_ids" else 0
-        batch[key] = torch.stack([torch.nn.functional.pad(v[0], (width - v.shape[1], 0), value=fill) for v in values])
-    return batch
-
-
-def run_stock(backbone, rows, budget: VisualBudget, batch_size: int, new_tokens: int) -> float:
-    """Every row through render, resize, the stock processor and one batched generate() per batch."""
-    device = backbone.device
-    pad = backbone.tokenizer.pad_token_id
-
-    def batch(chunk):
-        samples = []
-        for row in chunk:
-            with open_document(row.file) as doc:
-                image = backbone.fit_image(doc.render(1), budget)
-            prompt = backbone.build_prompt(row.question, [backbone.image_grid(image.size, budget)])
-            samples.append(backbone.stock_inputs(prompt, [image]))
-        with torch.inference_mode():
-            backbone.model.generate(**left_padded(samples, pad), max_new_tokens=new_tokens,
-                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-
-    with stock_vision(backbone):
-        batch(rows[:batch_size])  # warm-up
-        synchronize(device)
-        start = time.perf_counter()
-        for first in range(0, len(rows), batch_size):
-            batch(rows[first:first + batch_size])
-        synchronize(device)
-        return time.perf_counter() - start
 
 
 def main() -> None:
@@ -138,13 +99,16 @@ def main() -> None:
     report = {}
     with tempfile.TemporaryDirectory() as folder:
         rows = manifest(write_documents(Path(folder), args.docs), args.per_doc)
-        report["stock@4096"] = run_stock(backbone, rows, VisualBudget(256, 4096), args.batch_size, args.new_tokens)
+        baseline = RunOptions(zoom=ZoomSettings("never"), budget=VisualBudget(256, 4096),
+                              max_new_tokens=args.new_tokens, batch_size=args.batch_size)
+        with stock_vision(backbone):
+            report["stock@4096"] = run_rows(qzooms["eager"], rows, baseline, stock_rows)
         for path, settings in (("skip", ZoomSettings("auto", gate_threshold=1.01)),
                                ("zoom", ZoomSettings("auto", gate_threshold=0.0, roi_threshold=0.0))):
             for name, qz in qzooms.items():
                 options = RunOptions(zoom=settings, budget=VisualBudget(256, 576), max_new_tokens=args.new_tokens,
                                      batch_size=args.batch_size)
-                report[f"qzoom {path} {name}"] = run_qzoom(qz, rows, options)
+                report[f"qzoom {path} {name}"] = run_rows(qz, rows, options)
     meta = {"arch": args.arch, "device": str(runtime.device), "dtype": runtime.dtype_name, "rows": len(rows),
             "docs": args.docs, "batch_size": args.batch_size, "new_tokens": args.new_tokens,
             "torch": torch.__version__, "transformers": transformers.__version__}

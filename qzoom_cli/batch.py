@@ -103,7 +103,7 @@ def answer_rows(qz: QZoom | None, rows: list[ManifestRow | RowError], options: R
     for request, outcome in answers:
         page_rows = request.handle
         results = outcome if isinstance(outcome, list) else \
-            [error_result(r, *_error_fields(outcome, options.verbose)) for r in page_rows]
+            [error_result(r, *error_fields(outcome, options.verbose)) for r in page_rows]
         for row, result in zip(page_rows, results, strict=True):  # pragma: no mutate (one result per row, always)
             emit(row.index, result)
         open_asks[id(request.doc)] -= 1
@@ -111,7 +111,7 @@ def answer_rows(qz: QZoom | None, rows: list[ManifestRow | RowError], options: R
             request.doc.close()
 
 
-def _error_fields(exc: BaseException, verbose: bool) -> tuple[str, str]:
+def error_fields(exc: BaseException, verbose: bool) -> tuple[str, str]:
     """(code, message) of a request's failure; a bug on one document must not lose the rest of the batch."""
     if isinstance(exc, QZoomError):
         return exc.code, exc.message

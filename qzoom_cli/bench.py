@@ -4,6 +4,8 @@ Each run answers the rows under one zoom mode and one visual-token budget, timed
 clock with the device synchronised (the model is loaded and warmed up first), and scores the
 answers against the rows' references. The sweep draws the speed/accuracy trade-off the way the
 Q-Zoom paper does: samples per second across, accuracy up, one line per mode, a point per budget.
+Its `stock` mode answers the same rows with transformers' `generate()` (stock.py), the yardstick
+every point's time is compared with.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from .batch import RunOptions, answer_rows
 from .budget import VisualBudget
 from .evaluate import ModeSummary, choose_metric, score, summarize
 from .manifest import ManifestRow, RowError
-from .options import ZoomSettings
+from .options import STOCK, ZoomSettings
 from .results import Result, json_text
 from .runtime import synchronize
+from .stock import stock_rows
 
 log = logging.getLogger("qzoom")
 
@@ -45,19 +48,20 @@ def sweep_budget(max_tokens: int) -> VisualBudget:
     return VisualBudget(min(128 if max_tokens <= 256 else 256, max_tokens), max_tokens)
 
 
-def warm_up(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOptions) -> None:
+def warm_up(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOptions, answer=answer_rows) -> None:
     """Answer the first answerable row once, untimed: kernels, allocator and caches get ready."""
     first = next((r for r in rows if isinstance(r, ManifestRow)), None)
     if first is not None:
-        answer_rows(qz, [first], options, lambda index, result: None)
+        answer(qz, [first], options, lambda index, result: None)
 
 
 def run_scored(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOptions,
-               metric: str = "auto") -> tuple[ModeSummary, list[ScoredRow]]:
-    """Answer every row under `options`, timed, and score the rows that have references."""
+               metric: str = "auto", stock: bool = False) -> tuple[ModeSummary, list[ScoredRow]]:
+    """Answer every row under `options` (with stock `generate()` when `stock`), timed, and score
+    the rows that have references."""
     results: dict[int, Result] = {}
     start = time.perf_counter()
-    answer_rows(qz, rows, options, lambda index, result: results.__setitem__(index, result))
+    (stock_rows if stock else answer_rows)(qz, rows, options, lambda index, result: results.__setitem__(index, result))
     synchronize(qz.runtime.device)
     wall = time.perf_counter() - start
     scored = []
@@ -70,7 +74,7 @@ def run_scored(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOption
             score=score(chosen, result.answer, references) if chosen else None, zoomed=result.zoom.zoomed,
             visual_tokens=result.stats.visual_tokens if result.stats else None))
     ordered = [results[row.index] for row in rows]
-    return summarize(options.zoom.mode, ordered, [s.score for s in scored], wall), scored
+    return summarize(STOCK if stock else options.zoom.mode, ordered, [s.score for s in scored], wall), scored
 
 
 def compare_modes(qz: QZoom, rows: list[ManifestRow | RowError], options: dict[str, RunOptions], metric: str = "auto",
@@ -93,27 +97,36 @@ class BenchPoint:
     max_tokens: int
     summary: ModeSummary
 
+    time_vs_stock: float | None = None  # time per row over stock generate()'s at the sweep's largest budget
+
     def to_dict(self) -> dict:
         return {"mode": self.mode, "min_tokens": self.min_tokens, "max_tokens": self.max_tokens,
-                **asdict(self.summary)}
+                **asdict(self.summary), "time_vs_stock": self.time_vs_stock}
 
 
 def sweep(qz: QZoom, rows: list[ManifestRow | RowError], modes: list[str], budgets: list[int],
           options: RunOptions, metric: str = "auto", on_point=lambda point: None) -> list[BenchPoint]:
-    """Every (mode, budget) pair over the same rows, after one warm-up."""
+    """Every (mode, budget) pair over the same rows, after one warm-up of each engine. With the
+    `stock` mode (run first, largest budget first), each point reports its time against stock's
+    at the largest budget."""
     grid = qz.backbone.layout.fixed_grid
     if grid is not None and budgets != [grid[0] * grid[1]]:  # one read per mode is all there is to time
         log.warning(qz.fixed_grid_note("--budgets"))
         budgets = [grid[0] * grid[1]]
     warm_up(qz, rows, options)
-    points = []
+    if STOCK in modes:
+        warm_up(qz, rows, options, stock_rows)
+    modes = sorted(modes, key=lambda mode: mode != STOCK)  # the yardstick first
+    points, yardstick = [], None
     for mode in modes:
-        for max_tokens in budgets:
+        for max_tokens in sorted(budgets, reverse=mode == STOCK):
             budget = qz.backbone.read_budget(sweep_budget(max_tokens))
-            run = RunOptions(**{**vars(options), "zoom": ZoomSettings(**{**vars(options.zoom), "mode": mode}),
-                                "budget": budget})
-            summary, _ = run_scored(qz, rows, run, metric)
-            points.append(BenchPoint(mode, budget.min_tokens, budget.max_tokens, summary))
+            zoom = ZoomSettings(**{**vars(options.zoom), "mode": "never" if mode == STOCK else mode})
+            run = RunOptions(**{**vars(options), "zoom": zoom, "budget": budget})
+            summary, _ = run_scored(qz, rows, run, metric, stock=mode == STOCK)
+            yardstick = yardstick or (summary.samples_per_s if mode == STOCK else None)
+            ratio = yardstick / summary.samples_per_s if yardstick and summary.samples_per_s else None
+            points.append(BenchPoint(mode, budget.min_tokens, budget.max_tokens, summary, ratio))
             on_point(points[-1])
     return points
 
@@ -210,6 +223,7 @@ def pareto_png(points: list[BenchPoint], path: Path, title: str) -> Path:
             draw.text((px + 7, py - 7), str(point.max_tokens), fill=color, font=small, anchor="ld")
         legend_y = top + 12 + 22 * index
         draw.line([width - right - 170, legend_y, width - right - 140, legend_y], fill=color, width=3)
-        draw.text((width - right - 132, legend_y), f"zoom {mode}", fill="black", font=small, anchor="lm")
+        label = "stock generate()" if mode == STOCK else f"zoom {mode}"
+        draw.text((width - right - 132, legend_y), label, fill="black", font=small, anchor="lm")
     image.save(path)
     return path

@@ -34,6 +34,13 @@ class Generation:
         return sum(self.logprobs) / len(self.logprobs) if self.logprobs else float("-inf")
 
 
+def until_end(tokens: list[int], logprobs: list[float], eos: set[int], decode_s: float) -> Generation:
+    """A sample's tokens up to and including its first end token (a batch decodes past it)."""
+    end = next((i + 1 for i, token in enumerate(tokens) if token in eos), None)
+    stop = end or len(tokens)
+    return Generation(token_ids=tokens[:stop], logprobs=logprobs[:stop], finished=end is not None, decode_s=decode_s)
+
+
 def pick_tokens(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The greedy token of each row of `logits` [batch, vocab] and its log-probability (in float32)."""
     logprobs = torch.log_softmax(logits.float(), dim=1)

@@ -11,6 +11,7 @@ from .errors import UsageError
 
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 MODES = ("auto", "always", "never")
+STOCK = "stock"  # `qzoom bench --modes`: transformers' generate() on the same rows, the yardstick
 
 # Thresholds when neither the call, the adapter nor the model card sets one: a trained gate's
 # probability and sigmoid region map (the published values), and without them the attention
@@ -26,12 +27,12 @@ def with_instruction(question: str, instruction: str | None = SHORT_ANSWER_INSTR
     return f"{question}\n{instruction}" if instruction else question
 
 
-def parse_modes(text: str) -> list[str]:
+def parse_modes(text: str, allowed: tuple[str, ...] = MODES) -> list[str]:
     """'never,auto' -> ['never', 'auto'] (--compare, --modes)."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in allowed]
     if not modes or unknown:
-        raise UsageError(f"modes are a comma list of {', '.join(MODES)}; got {text!r}")
+        raise UsageError(f"modes are a comma list of {', '.join(allowed)}; got {text!r}")
     return modes
 
 

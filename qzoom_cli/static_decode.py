@@ -24,7 +24,7 @@ import torch
 from transformers import Cache
 
 from .backbones import Backbone
-from .decode import Decoder, EagerDecoder, Generation, pick_tokens
+from .decode import Decoder, EagerDecoder, Generation, pick_tokens, until_end
 from .runtime import synchronize
 
 log = logging.getLogger("qzoom")
@@ -109,7 +109,7 @@ class StaticDecoder:
         synchronize(first_logits.device)
         elapsed = (time.perf_counter() - start) / session.batch
         eos = set(self.backbone.eos_token_ids)
-        return [_generation(row, row_logprobs, eos, elapsed)
+        return [until_end(row, row_logprobs, eos, elapsed)
                 for row, row_logprobs in zip(tokens, logprobs, strict=True)]
 
     def _session(self, cache: Cache, positions: torch.Tensor, max_new_tokens: int) -> _Session:
@@ -226,13 +226,6 @@ class _AllDone:
         if self.event is not None:
             self.event.synchronize()
         return bool(self.host)
-
-
-def _generation(tokens: list[int], logprobs: list[float], eos: set[int], decode_s: float) -> Generation:
-    """A sample's tokens up to and including its first end token."""
-    end = next((i + 1 for i, token in enumerate(tokens) if token in eos), None)
-    stop = end or len(tokens)
-    return Generation(token_ids=tokens[:stop], logprobs=logprobs[:stop], finished=end is not None, decode_s=decode_s)
 
 
 def make_decoder(backbone: Backbone, kind: str) -> Decoder:

@@ -509,12 +509,12 @@ def test_a_resume_names_every_setting_that_changed():
 def test_failures_outside_the_library_become_named_record_errors():
     import torch
 
-    from qzoom_cli.batch import _error_fields
+    from qzoom_cli.batch import error_fields
     from qzoom_cli.errors import PageOutOfRange
 
-    assert _error_fields(PageOutOfRange("page 9 of 2"), False) == ("page_out_of_range", "page 9 of 2")
-    assert _error_fields(torch.OutOfMemoryError("CUDA out of memory"), False) == ("oom", "out of GPU memory")
-    assert _error_fields(KeyError("x"), False) == ("internal", "KeyError: 'x'")
+    assert error_fields(PageOutOfRange("page 9 of 2"), False) == ("page_out_of_range", "page 9 of 2")
+    assert error_fields(torch.OutOfMemoryError("CUDA out of memory"), False) == ("oom", "out of GPU memory")
+    assert error_fields(KeyError("x"), False) == ("internal", "KeyError: 'x'")
 
 
 def test_error_records_keep_the_question_and_say_why():
@@ -544,7 +544,7 @@ def test_result_files_round_trip_text_as_written_and_skip_what_is_not_a_record(t
 
 
 def test_a_verbose_run_prints_the_traceback_of_a_bug(capsys):
-    from qzoom_cli.batch import _error_fields
+    from qzoom_cli.batch import error_fields
 
     def broken():
         raise KeyError("x")
@@ -552,7 +552,7 @@ def test_a_verbose_run_prints_the_traceback_of_a_bug(capsys):
     try:
         broken()
     except KeyError as exc:
-        assert _error_fields(exc, True) == ("internal", "KeyError: 'x'")
+        assert error_fields(exc, True) == ("internal", "KeyError: 'x'")
     assert "in broken" in capsys.readouterr().err
 
 

@@ -121,7 +121,9 @@ def bench(
     manifest: Annotated[str, typer.Argument(help="Rows to time (and score, when they carry references).")],
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for bench.json and pareto.png.")] = "qzoom-bench",
     budgets: Annotated[str, typer.Option(help="Maximum visual tokens to sweep.")] = "256,576,1024,2048,4096",
-    modes: Annotated[str, typer.Option(help="Zoom modes to sweep (never is the baseline).")] = "never,auto",
+    modes: Annotated[str, typer.Option(help="Zoom modes to sweep (never is the baseline); stock adds transformers' "
+                                            "generate() on the same rows, and each point's time against it.")
+                     ] = "never,auto",
     limit: Annotated[int | None, typer.Option(help="Use only the first N rows.")] = None,
     metric: MetricOpt = "auto",
     model: ModelOpt = None,
@@ -146,9 +148,9 @@ def bench(
     from ..doctor import check_transformers
     from ..evaluate import check_metric
     from ..manifest import read_manifest
-    from ..options import parse_counts, parse_modes
+    from ..options import MODES, STOCK, parse_counts, parse_modes
 
-    chosen_modes = parse_modes(modes)
+    chosen_modes = parse_modes(modes, (*MODES, STOCK))
     check_metric(metric)
     settings = zoom_settings("auto", gate_threshold, roi_threshold, None)
     batch = check_request(batch_size, max_new_tokens)
@@ -170,9 +172,11 @@ def bench(
         if not quiet:
             s = point.summary
             accuracy = f"accuracy {s.accuracy:.3f}, " if s.accuracy is not None else ""
-            print(f"qzoom: zoom {point.mode:<6} max {point.max_tokens:>5} tokens: {accuracy}"
+            versus = f", {point.time_vs_stock:.3f}x stock's time" if point.time_vs_stock is not None else ""
+            name = "stock generate()" if point.mode == STOCK else f"zoom {point.mode}"
+            print(f"qzoom: {name:<16} max {point.max_tokens:>5} tokens: {accuracy}"
                   f"{s.samples_per_s:.3f} samples/s, {s.mean_visual_tokens:.0f} visual tokens, "
-                  f"zoom rate {s.zoom_rate:.0%}", file=sys.stderr)
+                  f"zoom rate {s.zoom_rate:.0%}{versus}", file=sys.stderr)
 
     points = sweep(qz, rows, chosen_modes, maxima, options, metric, on_point=report)
     folder = Path(out)
