@@ -104,6 +104,10 @@ class BenchPoint:
                 **asdict(self.summary), "time_vs_stock": self.time_vs_stock}
 
 
+def mode_label(mode: str) -> str:
+    return "stock generate()" if mode == STOCK else f"zoom {mode}"
+
+
 def sweep(qz: QZoom, rows: list[ManifestRow | RowError], modes: list[str], budgets: list[int],
           options: RunOptions, metric: str = "auto", on_point=lambda point: None) -> list[BenchPoint]:
     """Every (mode, budget) pair over the same rows, after one warm-up of each engine. With the
@@ -223,7 +227,6 @@ def pareto_png(points: list[BenchPoint], path: Path, title: str) -> Path:
             draw.text((px + 7, py - 7), str(point.max_tokens), fill=color, font=small, anchor="ld")
         legend_y = top + 12 + 22 * index
         draw.line([width - right - 170, legend_y, width - right - 140, legend_y], fill=color, width=3)
-        label = "stock generate()" if mode == STOCK else f"zoom {mode}"
-        draw.text((width - right - 132, legend_y), label, fill="black", font=small, anchor="lm")
+        draw.text((width - right - 132, legend_y), mode_label(mode), fill="black", font=small, anchor="lm")
     image.save(path)
     return path

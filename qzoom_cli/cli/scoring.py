@@ -161,7 +161,7 @@ def bench(
     rows = read_manifest(manifest, root)[:limit]
     check_transformers()
     from ..batch import RunOptions
-    from ..bench import bench_report, pareto_png, pareto_title, sweep
+    from ..bench import bench_report, mode_label, pareto_png, pareto_title, sweep
 
     configure_logging(verbose, quiet)
     qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge)
@@ -173,8 +173,7 @@ def bench(
             s = point.summary
             accuracy = f"accuracy {s.accuracy:.3f}, " if s.accuracy is not None else ""
             versus = f", {point.time_vs_stock:.3f}x stock's time" if point.time_vs_stock is not None else ""
-            name = "stock generate()" if point.mode == STOCK else f"zoom {point.mode}"
-            print(f"qzoom: {name:<16} max {point.max_tokens:>5} tokens: {accuracy}"
+            print(f"qzoom: {mode_label(point.mode):<16} max {point.max_tokens:>5} tokens: {accuracy}"
                   f"{s.samples_per_s:.3f} samples/s, {s.mean_visual_tokens:.0f} visual tokens, "
                   f"zoom rate {s.zoom_rate:.0%}{versus}", file=sys.stderr)
 
