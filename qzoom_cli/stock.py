@@ -29,7 +29,7 @@ from .errors import QZoomError
 from .manifest import ManifestRow, RowError
 from .options import with_instruction
 from .results import BudgetInfo, Candidate, InputInfo, Result, Stats, Timings, ZoomInfo
-from .runtime import peak_memory, synchronize
+from .runtime import peak_memory, reset_peak_memory, synchronize
 
 DECODER = "generate"
 
@@ -101,6 +101,7 @@ def stock_rows(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOption
     max_new_tokens = qz.default_max_new_tokens() if options.max_new_tokens is None else options.max_new_tokens
     batch_size = qz.resolve_batch_size(options.batch_size, budget, max_new_tokens, "never")
     queue: list[_Pair] = []
+    reset_peak_memory(qz.runtime.device)  # as `ask_many` does: each run reports its own peak
 
     def answer(pairs: list[_Pair]) -> None:
         try:
