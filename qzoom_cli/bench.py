@@ -48,11 +48,12 @@ def sweep_budget(max_tokens: int) -> VisualBudget:
     return VisualBudget(min(128 if max_tokens <= 256 else 256, max_tokens), max_tokens)
 
 
-def warm_up(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOptions, answer=answer_rows) -> None:
-    """Answer the first answerable row once, untimed: kernels, allocator and caches get ready."""
+def warm_up(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOptions, stock: bool = False) -> None:
+    """Answer the first answerable row once, untimed (with stock `generate()` when `stock`):
+    kernels, allocator and caches get ready."""
     first = next((r for r in rows if isinstance(r, ManifestRow)), None)
     if first is not None:
-        answer(qz, [first], options, lambda index, result: None)
+        (stock_rows if stock else answer_rows)(qz, [first], options, lambda index, result: None)
 
 
 def run_scored(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOptions,
@@ -119,7 +120,7 @@ def sweep(qz: QZoom, rows: list[ManifestRow | RowError], modes: list[str], budge
         budgets = [grid[0] * grid[1]]
     warm_up(qz, rows, options)
     if STOCK in modes:
-        warm_up(qz, rows, options, stock_rows)
+        warm_up(qz, rows, options, stock=True)
     modes = sorted(modes, key=lambda mode: mode != STOCK)  # the yardstick first
     points, yardstick = [], None
     for mode in modes:

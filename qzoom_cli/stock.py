@@ -103,18 +103,22 @@ def stock_rows(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOption
     queue: list[_Pair] = []
     reset_peak_memory(qz.runtime.device)  # as `ask_many` does: each run reports its own peak
 
-    def answer(pairs: list[_Pair]) -> None:
-        try:
-            answers = _generate(qz, pairs, max_new_tokens)
-        except Exception as exc:  # the rows of this batch fail with it; the rest carry on
-            code, message = error_fields(exc, options.verbose)
-            for state in {id(p.state): p.state for p in pairs}.values():
-                _fail(state, code, message, emit)
-            return
-        for pair, page_answer in zip(pairs, answers, strict=True):
-            pair.state.answers[pair.page] = page_answer
-            if len(pair.state.answers) == len(pair.state.info.pages):  # never, once a page has failed
-                emit(pair.state.row.index, _result(qz, pair.state, budget))
+    def answer_queued(keep: int) -> None:
+        """Answer batches of queued pairs until at most `keep` wait."""
+        while len(queue) > keep:
+            pairs = queue[:batch_size]
+            del queue[:batch_size]
+            try:
+                answers = _generate(qz, pairs, max_new_tokens)
+            except Exception as exc:  # the rows of this batch fail with it; the rest carry on
+                code, message = error_fields(exc, options.verbose)
+                for state in {id(p.state): p.state for p in pairs}.values():
+                    _fail(state, code, message, emit)
+                continue
+            for pair, page_answer in zip(pairs, answers, strict=True):
+                pair.state.answers[pair.page] = page_answer
+                if len(pair.state.answers) == len(pair.state.info.pages):  # never, once a page has failed
+                    emit(pair.state.row.index, _result(qz, pair.state, budget))
 
     for row in rows:
         if isinstance(row, RowError):
@@ -137,12 +141,8 @@ def stock_rows(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOption
                 except QZoomError as exc:
                     emit(row.index, error_result(row, exc.code, exc.message))
                     continue
-                while len(queue) >= batch_size:
-                    batch, queue = queue[:batch_size], queue[batch_size:]
-                    answer(batch)
-    while queue:
-        batch, queue = queue[:batch_size], queue[batch_size:]
-        answer(batch)
+                answer_queued(keep=batch_size - 1)
+    answer_queued(keep=0)
 
 
 def _fail(state: _Row, code: str, message: str, emit: Callable[[int, Result], None]) -> None:
