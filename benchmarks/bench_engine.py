@@ -19,7 +19,8 @@ weight bytes over the measured copy bandwidth) is printed beside the per-token t
     python benchmarks/bench_engine.py --arch qwen3vl-4b --device cuda
     python benchmarks/bench_engine.py --arch small --device cpu    # a CPU-sized stand-in (qwen3vl-small too)
 
-Writes a JSON report (--out) and prints a markdown table for benchmarks/RESULTS.md.
+Writes a JSON report (--out) and prints a markdown table for benchmarks/RESULTS.md. `--profile
+fast,fast+inductor` also breaks the skip case's decode step down kernel by kernel, per decoder.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
 
 from qzoom_cli.api import QZoom
 from qzoom_cli.backbones import FAMILIES, Backbone
@@ -212,6 +215,78 @@ def qzoom_case(qz: QZoom, doc, page: int, budget: VisualBudget, settings: ZoomSe
             "peak_mem_gib": result.stats.peak_mem_gib, "time": vars(t)}
 
 
+# Kernel kinds by name, first match wins: cuBLAS/CUTLASS/flash kernels and inductor's Triton ones on
+# CUDA, aten and inductor's C++ ops on CPU.
+KERNEL_KINDS = (
+    ("attention", ("attention", "fmha", "flash", "softmax")),
+    ("matmul", ("gemv", "gemm", "mm", "matmul", "linear", "cublas", "cutlass", "xmma")),
+    ("copy/index", ("copy", "cat", "index", "scatter", "gather", "memcpy", "memset", "fill", "clone")),
+    ("inductor fused", ("triton", "cpp_fused")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, words in KERNEL_KINDS if any(w in lowered for w in words)), "other")
+
+
+class ProfiledDecoder:
+    """A decoder run under torch.profiler, keeping (name, calls, self time in us) of every kernel
+    (CUDA) or op (CPU) its last call ran."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.kernels = inner, inner.name, []
+
+    def __call__(self, first_logits, *args, **kwargs):
+        cuda = first_logits.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as profile:
+            generations = self.inner(first_logits, *args, **kwargs)
+        kind = DeviceType.CUDA if cuda else DeviceType.CPU
+        self.kernels = [(e.key, e.count, e.self_device_time_total if cuda else e.self_cpu_time_total)
+                        for e in profile.key_averages() if e.device_type == kind]
+        return generations
+
+
+def profile_decode(qz: QZoom, doc, page: int, budget: VisualBudget, settings: ZoomSettings, new_tokens: int,
+                   top: int = 12) -> dict:
+    """Where the decode step's time goes: the step run uncaptured (the kernels a graph replay runs,
+    each launched and timed on its own) under torch.profiler; times per generated token."""
+    engine_decoder = qz.engine.decode
+    inner = engine_decoder
+    if isinstance(inner, StaticDecoder):
+        inner = StaticDecoder(qz.backbone, capture=False, fuse=inner.fuse, inductor_options=inner.inductor_options)
+    profiled = ProfiledDecoder(inner)
+    qz.engine.decode = profiled
+    try:
+        for _ in range(2):  # the first call compiles (inductor) and warms the allocator up
+            qz.ask(doc, QUESTION, pages=str(page), budget=budget, zoom=settings, max_new_tokens=new_tokens)
+    finally:
+        qz.engine.decode = engine_decoder
+    per_token = 1e3 * (new_tokens - 1)  # us -> ms per generated token
+    by_kind: dict[str, float] = {}
+    for name, _, micros in profiled.kernels:
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + micros / per_token
+    heaviest = sorted(profiled.kernels, key=lambda k: -k[2])[:top]
+    return {"decoder": inner.name, "kernel_ms_per_token": sum(by_kind.values()),
+            "by_kind_ms_per_token": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "top": [{"kernel": name, "calls_per_token": calls / (new_tokens - 1), "ms_per_token": micros / per_token}
+                    for name, calls, micros in heaviest]}
+
+
+def print_profile(case: str, profile: dict, timed_row: dict | None) -> None:
+    """The kernel breakdown beside the timed decode step: the difference is launch and idle time."""
+    timed_step = f"; timed: {timed_row['decode_per_token_s'] * 1e3:.2f} ms/token" if timed_row else ""
+    print(f"\n{case}, decode profile of {profile['decoder']} (each kernel launched and timed on its own): "
+          f"kernels {profile['kernel_ms_per_token']:.2f} ms/token{timed_step}\n")
+    print("| kind | ms/token |\n|---|---|")
+    for kind, ms in profile["by_kind_ms_per_token"].items():
+        print(f"| {kind} | {ms:.3f} |")
+    print("\n| kernel | calls/token | ms/token |\n|---|---|---|")
+    for row in profile["top"]:
+        print(f"| `{row['kernel'][:90]}` | {row['calls_per_token']:.1f} | {row['ms_per_token']:.3f} |")
+
+
 @contextmanager
 def stock_vision(backbone):
     """The vision tower's stock sdpa attention (qzoom swaps in its one-call windowed one on CUDA)."""
@@ -267,6 +342,9 @@ def main() -> None:
     parser.add_argument("--fuse", action="store_true", help="also time the fast path with inductor-fused kernels")
     parser.add_argument("--tune", action="store_true",
                         help="also time it fused with coordinate-descent tuning of the kernels (slow to compile)")
+    parser.add_argument("--profile", default="",
+                        help="decoders (comma list, e.g. fast,fast+inductor) whose decode step on the skip case "
+                             "is broken down kernel by kernel")
     parser.add_argument("--cases", default="", help="only the cases whose name contains one of these (comma list)")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     args = parser.parse_args()
@@ -274,6 +352,9 @@ def main() -> None:
 
     backbone, runtime, adapter = build(args.arch, args.device, args.dtype, args.attn)
     qzooms = engines(backbone, runtime, adapter, args.fuse, args.tune)
+    profiled = [name for name in args.profile.split(",") if name]
+    if unknown := sorted(set(profiled) - set(qzooms)):
+        parser.error(f"--profile: no decoder {', '.join(unknown)} in this run (there are {', '.join(qzooms)})")
     wanted = [c for c in args.cases.split(",") if c]
 
     def chosen(case: str) -> bool:
@@ -298,6 +379,8 @@ def main() -> None:
                 if chosen(f"{path} {name}"):
                     report[f"{path} {name}"] = qzoom_case(qz, doc, args.page_number, coarse, settings[path],
                                                           args.new_tokens, args.repeats)
+        profiles = {f"skip {name}": profile_decode(qzooms[name], doc, args.page_number, coarse, settings["skip"],
+                                                   args.new_tokens) for name in profiled}
     device = runtime.device
     bandwidth = copy_bandwidth(device)
     weights = weight_bytes(backbone)
@@ -312,7 +395,7 @@ def main() -> None:
     for row in report.values():
         row["vs_stock_4096"] = row["wall_s"] / base
     if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, "cases": report}, indent=2))
+        Path(args.out).write_text(json.dumps({"meta": meta, "cases": report, "profiles": profiles}, indent=2))
     print(f"{meta['arch']} on {meta['device_name']} ({meta['device']}, {meta['dtype']}, {meta['attn']}), "
           f"torch {meta['torch']}, transformers {meta['transformers']}; {meta['page']}, "
           f"{args.new_tokens} new tokens, median of {args.repeats}")
@@ -331,6 +414,8 @@ def main() -> None:
         print(f"| {case} | {row['visual_tokens']} | {row['prompt_tokens']} | {row['ttft_s'] * 1e3:.1f} | "
               f"{row['decode_per_token_s'] * 1e3:.2f} | {row['wall_s'] * 1e3:.1f} | {row['vs_stock_4096']:.3f} | "
               f"{peak} | {row['first_call_s']:.2f} | {stages} |")
+    for case, profile in profiles.items():
+        print_profile(case, profile, report.get(case))
 
 
 if __name__ == "__main__":

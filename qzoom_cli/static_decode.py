@@ -69,6 +69,7 @@ class StaticDecoder:
         self.backbone = backbone
         self.capture = capture
         self.fuse = fuse
+        self.inductor_options = inductor_options
         self.sessions: OrderedDict[tuple, _Session] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         # inductor fuses the step's small element-wise kernels (norms, rotary, activations) before
