@@ -30,6 +30,7 @@ import dataclasses
 import json
 import platform
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -363,24 +364,29 @@ def main() -> None:
     baseline, coarse = VisualBudget(256, 4096), VisualBudget(256, 576)
     settings = {"never": ZoomSettings("never"), "skip": ZoomSettings("auto", gate_threshold=1.01),
                 "zoom": ZoomSettings("auto", gate_threshold=0.0, roi_threshold=0.0)}
-    report = {}
+    report, profiles = {}, {}
+
+    def measure(case: str, run, *run_args) -> None:
+        """Time one case and save the report so far: a run stopped by a time limit keeps what it measured."""
+        if not chosen(case):
+            return
+        report[case] = run(*run_args, args.new_tokens, args.repeats)
+        print(f"{case}: {report[case]['wall_s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"partial": True, "cases": report}, indent=2))
+
     with open_document(args.page, dpi=args.dpi) as doc:
         doc_pages = doc.page_count
         for label, budget in (("4096", baseline), ("576", coarse)):
-            if chosen(f"stock@{label}"):
-                report[f"stock@{label}"] = stock_case(backbone, doc, args.page_number, budget, args.new_tokens,
-                                                      args.repeats)
+            measure(f"stock@{label}", stock_case, backbone, doc, args.page_number, budget)
             for name, qz in qzooms.items():
-                if chosen(f"never@{label} {name}"):
-                    report[f"never@{label} {name}"] = qzoom_case(qz, doc, args.page_number, budget,
-                                                                 settings["never"], args.new_tokens, args.repeats)
+                measure(f"never@{label} {name}", qzoom_case, qz, doc, args.page_number, budget, settings["never"])
         for path in ("skip", "zoom"):
             for name, qz in qzooms.items():
-                if chosen(f"{path} {name}"):
-                    report[f"{path} {name}"] = qzoom_case(qz, doc, args.page_number, coarse, settings[path],
-                                                          args.new_tokens, args.repeats)
-        profiles = {f"skip {name}": profile_decode(qzooms[name], doc, args.page_number, coarse, settings["skip"],
-                                                   args.new_tokens) for name in profiled}
+                measure(f"{path} {name}", qzoom_case, qz, doc, args.page_number, coarse, settings[path])
+        for name in profiled:
+            profiles[f"skip {name}"] = profile_decode(qzooms[name], doc, args.page_number, coarse, settings["skip"],
+                                                      args.new_tokens)
     device = runtime.device
     bandwidth = copy_bandwidth(device)
     weights = weight_bytes(backbone)

@@ -16,6 +16,7 @@ sample receipt scan), --per-doc questions each, one page per row. Random real-si
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -97,18 +98,26 @@ def main() -> None:
     backbone, runtime, adapter = build(args.arch, args.device, args.dtype, args.attn)
     qzooms = engines(backbone, runtime, adapter, fuse=False)
     report = {}
+
+    def measure(case: str, *run_args) -> None:
+        """Time one case and save the report so far: a run stopped by a time limit keeps what it measured."""
+        report[case] = run_rows(*run_args)
+        print(f"{case}: {report[case]:.2f} s", file=sys.stderr, flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"partial": True, "wall_s": report}, indent=2))
+
     with tempfile.TemporaryDirectory() as folder:
         rows = manifest(write_documents(Path(folder), args.docs), args.per_doc)
         baseline = RunOptions(zoom=ZoomSettings("never"), budget=VisualBudget(256, 4096),
                               max_new_tokens=args.new_tokens, batch_size=args.batch_size)
         with stock_vision(backbone):
-            report["stock@4096"] = run_rows(qzooms["eager"], rows, baseline, stock_rows)
+            measure("stock@4096", qzooms["eager"], rows, baseline, stock_rows)
         for path, settings in (("skip", ZoomSettings("auto", gate_threshold=1.01)),
                                ("zoom", ZoomSettings("auto", gate_threshold=0.0, roi_threshold=0.0))):
             for name, qz in qzooms.items():
                 options = RunOptions(zoom=settings, budget=VisualBudget(256, 576), max_new_tokens=args.new_tokens,
                                      batch_size=args.batch_size)
-                report[f"qzoom {path} {name}"] = run_rows(qz, rows, options)
+                measure(f"qzoom {path} {name}", qz, rows, options)
     meta = {"arch": args.arch, "device": str(runtime.device), "dtype": runtime.dtype_name, "rows": len(rows),
             "docs": args.docs, "batch_size": args.batch_size, "new_tokens": args.new_tokens,
             "torch": torch.__version__, "transformers": transformers.__version__}

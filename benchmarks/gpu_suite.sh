@@ -7,8 +7,11 @@
 # (bench_run.py), ARCH one of bench_engine's --arch names (7b, qwen3vl-8b, llava-7b, ...).
 # Each step writes OUT_DIR/STEP.json (the raw report) and OUT_DIR/STEP.md (the printed table and
 # any error), and is stopped after STEP_TIMEOUT seconds (default 540) so a slow step leaves the
-# others' results in place. DEVICE (default cuda) runs it elsewhere, for a dry run of the script;
-# ENGINE_ARGS and RUN_ARGS are added to every engine and run step (e.g. ENGINE_ARGS="--tune --cases fast").
+# others' results in place; no step runs past TOTAL_TIMEOUT seconds from the suite's start
+# (default 540: a lent machine's call ends at 600 s, wheel installs and file transfers included,
+# and what a step killed by that limit had written would not come back). DEVICE (default cuda)
+# runs it elsewhere, for a dry run of the script; ENGINE_ARGS and RUN_ARGS are added to every
+# engine and run step (e.g. ENGINE_ARGS="--tune --cases fast").
 # Exits non-zero when any step failed.
 set -u
 out=${1:?usage: gpu_suite.sh OUT_DIR STEP...}
@@ -23,9 +26,14 @@ for step in "$@"; do
     run-*) command=(python3 "$here/bench_run.py" --arch "$arch" --device "${DEVICE:-cuda}" ${RUN_ARGS:-}) ;;
     *) echo "unknown step: $step" >&2; failed=1; continue ;;
   esac
-  echo "== $step: ${command[*]}" >&2
+  limit=$(( ${TOTAL_TIMEOUT:-540} - SECONDS ))
+  (( limit > ${STEP_TIMEOUT:-540} )) && limit=${STEP_TIMEOUT:-540}
+  if (( limit <= 0 )); then
+    echo "!! $step not run: TOTAL_TIMEOUT reached" >&2; failed=1; continue
+  fi
+  echo "== $step (at most $limit s): ${command[*]}" >&2
   start=$SECONDS
-  if ! timeout "${STEP_TIMEOUT:-540}" "${command[@]}" --out "$out/$step.json" >"$out/$step.md" 2>&1; then
+  if ! timeout "$limit" "${command[@]}" --out "$out/$step.json" >"$out/$step.md" 2>&1; then
     failed=1
     echo "!! $step failed (see $out/$step.md)" >&2
   fi
