@@ -288,17 +288,6 @@ def print_profile(case: str, profile: dict, timed_row: dict | None) -> None:
         print(f"| `{row['kernel'][:90]}` | {row['calls_per_token']:.1f} | {row['ms_per_token']:.3f} |")
 
 
-@contextmanager
-def stock_vision(backbone):
-    """The vision tower's stock sdpa attention (qzoom swaps in its one-call windowed one on CUDA)."""
-    config = backbone.config.vision_config
-    chosen, config._attn_implementation = config._attn_implementation, "sdpa"
-    try:
-        yield
-    finally:
-        config._attn_implementation = chosen
-
-
 def stock_case(backbone, doc, page: int, budget: VisualBudget, new_tokens: int, repeats: int) -> dict:
     """Render, resize, the stock image processor and `generate()`: what a transformers user runs."""
     device = backbone.device
@@ -313,7 +302,7 @@ def stock_case(backbone, doc, page: int, budget: VisualBudget, new_tokens: int, 
         synchronize(device)
         return grid[0] * grid[1], prompt.length, out.shape[1] - prompt.length
 
-    with stock_vision(backbone):
+    with backbone.stock_attention():
         first, _, _ = timed(lambda: run(1), repeats)
         reset_peak_memory(device)
         wall, (visual, prompt_tokens, produced), warm_up = timed(lambda: run(new_tokens), repeats)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pymupdf
 import torch
 import transformers
-from bench_engine import build, engines, model_parser, stock_vision
+from bench_engine import build, engines, model_parser
 
 from qzoom_cli.batch import RunOptions, answer_rows
 from qzoom_cli.budget import VisualBudget
@@ -110,8 +110,7 @@ def main() -> None:
         rows = manifest(write_documents(Path(folder), args.docs), args.per_doc)
         baseline = RunOptions(zoom=ZoomSettings("never"), budget=VisualBudget(256, 4096),
                               max_new_tokens=args.new_tokens, batch_size=args.batch_size)
-        with stock_vision(backbone):
-            measure("stock@4096", qzooms["eager"], rows, baseline, stock_rows)
+        measure("stock@4096", qzooms["eager"], rows, baseline, stock_rows)
         for path, settings in (("skip", ZoomSettings("auto", gate_threshold=1.01)),
                                ("zoom", ZoomSettings("auto", gate_threshold=0.0, roi_threshold=0.0))):
             for name, qz in qzooms.items():

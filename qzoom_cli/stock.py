@@ -1,10 +1,10 @@
 """The stock baseline: transformers' `generate()` on the same manifest rows (`qzoom bench --modes stock`).
 
 What a transformers user runs on a page: render, resize to the budget's grid, the stock image
-processor and greedy `generate()` (sampling and repetition settings of the checkpoint switched
-off, so its tokens are comparable), on the prompt qzoom builds. Every page of a row is answered
-and the most likely answer kept, as qzoom does, so `stock` and `never` differ only in the
-engine. (page, question) pairs are batched `batch_size` at a time, left-padded, and a batch's
+processor and greedy `generate()` with transformers' own attention kernels (sampling and
+repetition settings of the checkpoint switched off, so its tokens are comparable), on the prompt
+qzoom builds. Every page of a row is answered and the most likely answer kept, as qzoom does, so
+`stock` and `never` differ only in the engine. (page, question) pairs are batched `batch_size` at a time, left-padded, and a batch's
 time is shared evenly between its pairs. Records have the `qzoom.result/v1` shape (decoder
 `generate`, never zoomed), so one summary serves every mode.
 """
@@ -170,9 +170,10 @@ def _generate(qz: QZoom, pairs: list[_Pair], max_new_tokens: int) -> list[_PageA
     inputs = left_padded([bb.stock_inputs(p.prompt, [p.image]) for p in pairs], bb.tokenizer.pad_token_id)
     prepared = time.perf_counter()
     first = _FirstToken()
-    out = bb.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0,
-                            eos_token_id=bb.eos_token_ids, pad_token_id=bb.tokenizer.pad_token_id,
-                            output_scores=True, return_dict_in_generate=True, streamer=first)
+    with bb.stock_attention():
+        out = bb.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0,
+                                eos_token_id=bb.eos_token_ids, pad_token_id=bb.tokenizer.pad_token_id,
+                                output_scores=True, return_dict_in_generate=True, streamer=first)
     synchronize(device)
     end = time.perf_counter()
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]

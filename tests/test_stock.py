@@ -78,6 +78,25 @@ def test_stock_switches_the_checkpoints_sampling_off(qz, rows, monkeypatch):
     assert [stock[i].answer for i in (0, 1)] == [never[i].answer for i in (0, 1)]
 
 
+def test_stock_runs_transformers_own_vision_attention(qz, rows, monkeypatch):
+    """On CUDA qzoom encodes pages with its one-call windowed attention; the baseline must not:
+    `generate()` runs with the attention the model was loaded with, and qzoom's comes back after."""
+    from qzoom_cli.backbones.attention import WINDOWED_SDPA
+
+    vision = qz.backbone.config.vision_config
+    monkeypatch.setattr(vision, "_attn_implementation", WINDOWED_SDPA)  # as the backbone sets it on CUDA
+    generate, seen = qz.backbone.model.generate, []
+
+    def spy(*args, **kwargs):
+        seen.append(vision._attn_implementation)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(qz.backbone.model, "generate", spy)
+    stock = _answers(stock_rows, qz, rows[:1], _options(qz, 1))
+    assert stock[0].error is None and seen == ["sdpa", "sdpa"]
+    assert vision._attn_implementation == WINDOWED_SDPA
+
+
 def test_a_failed_stock_batch_fails_only_its_rows(qz, rows, monkeypatch):
     """Both pages of the first row fail, one batch each: the row fails once, the rest are answered."""
     generate = qz.backbone.model.generate

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -231,6 +232,11 @@ class Backbone(ABC):
     def stock_inputs(self, prompt: Prompt, images: list[Image.Image]) -> dict:
         """What the stock model's `forward`/`generate` takes for `prompt` with `images` (already
         fitted): the reference qzoom's own path is checked and timed against."""
+
+    def stock_attention(self) -> AbstractContextManager:
+        """While entered, the model attends with the kernels transformers chose at load time (qzoom's
+        own swapped out), so the stock `generate()` baseline is what a transformers user runs."""
+        return nullcontext()
 
     @abstractmethod
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,9 @@ the video processor that would pull in torchvision.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from PIL import Image
@@ -96,8 +99,18 @@ class Qwen2_5_VLBackbone(StockBackbone):
     def __init__(self, model, tokenizer, image_processor, *, model_id: str, revision: str | None, attn: str):
         super().__init__(model, tokenizer, image_processor, model_id=model_id, revision=revision, attn=attn)
         vision = self.config.vision_config
+        self._loaded_vision_attn = vision._attn_implementation
         if self.windowed_vision and self.device.type == "cuda" and vision._attn_implementation == "sdpa":
             vision._attn_implementation = WINDOWED_SDPA  # one call for all windows
+
+    @contextmanager
+    def stock_attention(self) -> Iterator[None]:
+        vision = self.config.vision_config
+        chosen, vision._attn_implementation = vision._attn_implementation, self._loaded_vision_attn
+        try:
+            yield
+        finally:
+            vision._attn_implementation = chosen
 
     def make_layout(self) -> FamilyLayout:
         vision = self.config.vision_config
