@@ -5,7 +5,7 @@ import pytest
 import torch
 from docmaker import make_pdf, make_tiff
 from typer.testing import CliRunner
-from zoomkit import threshold_between, trained_adapter
+from zoomkit import check_decode_step_is_one_graph, threshold_between, trained_adapter
 
 from qzoom_cli.budget import VisualBudget
 from qzoom_cli.cli import app
@@ -79,6 +79,10 @@ def test_inductor_fused_step_equals_eager(qz, pages):
     items, settings = _items(pages)[:3], ZoomSettings("always")
     for want, got in zip(eager.answer_batch(items, settings, 5), fused.answer_batch(items, settings, 5), strict=True):
         _same(want, got)
+
+
+def test_the_decode_step_is_one_graph(qz, pages):
+    check_decode_step_is_one_graph(qz.backbone, _items(pages)[:3], ZoomSettings("always"))
 
 
 def test_inductor_options_reach_the_compiler(qz):

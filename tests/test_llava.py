@@ -252,6 +252,12 @@ def test_batches_and_the_static_decoder_answer_as_one_at_a_time_eager(qzl, mode)
                 assert batched.trace.region == single.trace.region
 
 
+def test_the_decode_step_is_one_graph(qzl, page):
+    from zoomkit import check_decode_step_is_one_graph
+
+    check_decode_step_is_one_graph(qzl.backbone, [(page, "Total?"), (page, QUESTION)], ZoomSettings("always"))
+
+
 def test_train_rpn_on_llava_reads_its_own_view_and_the_adapter_zooms(llava_dir, tmp_path):
     """Stage 1 on LLaVA: the teacher and the student read the page as LLaVA does (the fixed 24 x 24
     view), and the adapter written is used by `ask`; another view size is refused at once."""

@@ -352,6 +352,12 @@ def test_static_decoder_equals_eager(qz3, page, mode):
         assert got.generation.logprobs == pytest.approx(want.generation.logprobs, abs=1e-4)
 
 
+def test_the_decode_step_is_one_graph(qz3, page):
+    from zoomkit import check_decode_step_is_one_graph
+
+    check_decode_step_is_one_graph(qz3.backbone, [(page, "Total?"), (page, "Date?")], ZoomSettings("always"))
+
+
 def test_training_answers_carry_deepstack_like_inference(qz3, page_image):
     """The gate's answer ladder (and the teacher's plain answer) feed the visual additions as `ask`
     does: each rung's answer is `ask --zoom never` at that budget."""

@@ -192,3 +192,23 @@ def base_answer_loss(qz, sample, pair, budget, free_answers: bool = False, align
     answer = answer_token_ids(bb, pair.target)
     with torch.no_grad():
         return answer_loss(bb, with_answer(bb, fused.inputs, answer), answer).item()
+
+
+def check_decode_step_is_one_graph(bb, items, settings) -> None:
+    """The static decoder's step, traced by dynamo as one graph (`fullgraph`), decodes the eager
+    loop's tokens. A step that reads a value back to the host, which CUDA graph capture refuses
+    (`--compile auto` would then fall back to the slower uncaptured step), breaks the trace: the
+    capture promise checked on CPU, for every family."""
+    from qzoom_cli.decode import EagerDecoder
+    from qzoom_cli.static_decode import StaticDecoder
+    from qzoom_cli.zoom.pipeline import ZoomEngine
+
+    torch.compiler.reset()
+    decoder = StaticDecoder(bb, capture=False)
+    decoder._run_step = torch.compile(decoder._step, fullgraph=True, backend="eager")
+    eager = ZoomEngine(bb, 2, 2, decode=EagerDecoder(bb))
+    traced = ZoomEngine(bb, 2, 2, decode=decoder)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        answers = traced.answer_batch(items, settings, 4)
+    for want, got in zip(eager.answer_batch(items, settings, 4), answers, strict=True):
+        assert got.generation.token_ids == want.generation.token_ids
