@@ -264,14 +264,15 @@ def profile_decode(qz: QZoom, doc, page: int, budget: VisualBudget, settings: Zo
             qz.ask(doc, QUESTION, pages=str(page), budget=budget, zoom=settings, max_new_tokens=new_tokens)
     finally:
         qz.engine.decode = engine_decoder
-    per_token = 1e3 * (new_tokens - 1)  # us -> ms per generated token
+    steps = max(1, new_tokens - 1)  # the first token comes from the prefill
+    per_token = 1e3 * steps  # us -> ms per generated token
     by_kind: dict[str, float] = {}
     for name, _, micros in profiled.kernels:
         by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + micros / per_token
     heaviest = sorted(profiled.kernels, key=lambda k: -k[2])[:top]
     return {"decoder": inner.name, "kernel_ms_per_token": sum(by_kind.values()),
             "by_kind_ms_per_token": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-            "top": [{"kernel": name, "calls_per_token": calls / (new_tokens - 1), "ms_per_token": micros / per_token}
+            "top": [{"kernel": name, "calls_per_token": calls / steps, "ms_per_token": micros / per_token}
                     for name, calls, micros in heaviest]}
 
 
