@@ -313,6 +313,15 @@ def stock_case(backbone, doc, page: int, budget: VisualBudget, new_tokens: int, 
             "output_tokens": produced, "peak_mem_gib": peak}
 
 
+def record(report: dict, case: str, value, shown: str, out: str | None, field: str) -> None:
+    """Add one measured case, log it, and save the report so far under `field` of `out`: a run
+    stopped by a time limit keeps what it measured (the finished report replaces it)."""
+    report[case] = value
+    print(f"{case}: {shown}", file=sys.stderr, flush=True)
+    if out:
+        Path(out).write_text(json.dumps({"partial": True, field: report}, indent=2))
+
+
 def model_parser(description: str) -> argparse.ArgumentParser:
     """The options every benchmark takes: which architecture, where and how it runs."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -357,13 +366,9 @@ def main() -> None:
     report, profiles = {}, {}
 
     def measure(case: str, run, *run_args) -> None:
-        """Time one case and save the report so far: a run stopped by a time limit keeps what it measured."""
-        if not chosen(case):
-            return
-        report[case] = run(*run_args, args.new_tokens, args.repeats)
-        print(f"{case}: {report[case]['wall_s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
-        if args.out:
-            Path(args.out).write_text(json.dumps({"partial": True, "cases": report}, indent=2))
+        if chosen(case):
+            row = run(*run_args, args.new_tokens, args.repeats)
+            record(report, case, row, f"{row['wall_s'] * 1e3:.1f} ms", args.out, "cases")
 
     with open_document(args.page, dpi=args.dpi) as doc:
         doc_pages = doc.page_count

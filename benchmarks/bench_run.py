@@ -16,7 +16,6 @@ sample receipt scan), --per-doc questions each, one page per row. Random real-si
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import pymupdf
 import torch
 import transformers
-from bench_engine import build, engines, model_parser
+from bench_engine import build, engines, model_parser, record
 
 from qzoom_cli.batch import RunOptions, answer_rows
 from qzoom_cli.budget import VisualBudget
@@ -100,11 +99,8 @@ def main() -> None:
     report = {}
 
     def measure(case: str, *run_args) -> None:
-        """Time one case and save the report so far: a run stopped by a time limit keeps what it measured."""
-        report[case] = run_rows(*run_args)
-        print(f"{case}: {report[case]:.2f} s", file=sys.stderr, flush=True)
-        if args.out:
-            Path(args.out).write_text(json.dumps({"partial": True, "wall_s": report}, indent=2))
+        wall = run_rows(*run_args)
+        record(report, case, wall, f"{wall:.2f} s", args.out, "wall_s")
 
     with tempfile.TemporaryDirectory() as folder:
         rows = manifest(write_documents(Path(folder), args.docs), args.per_doc)
