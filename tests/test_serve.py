@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from docmaker import make_image, make_pdf
+from docmaker import make_encrypted_pdf, make_image, make_pdf
 from fastapi.testclient import TestClient
 
 from qzoom_cli.serve import AskOptions, ServeSettings, create_app
@@ -110,8 +110,51 @@ def test_documents_over_the_limits_are_refused_with_413(serve):
     pages = upload(client, make_pdf(3), "q?")
     assert pages.status_code == 413 and "at most 2" in pages.json()["error"]["message"]
     assert upload(client, make_pdf(3), "q?", pages="1-2").status_code == 200
-    huge = client.post("/v1/ask", content=b"x" * 2**18, headers={"content-type": "application/json"})
-    assert huge.status_code == 413  # refused by its length, before the body is read
+    announced = client.post("/v1/ask", content=b"{}", headers={"content-type": "application/json",
+                                                                "content-length": str(2**18)})
+    assert announced.status_code == 413  # refused by its length, before the body is read
+    streamed = client.post("/v1/ask", content=iter([b"x" * 2**14] * 16), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "too_large"  # no length: counted
+
+
+def test_routes_and_methods_that_do_not_exist_answer_in_the_error_shape(serve):
+    client = serve()
+    for response, status, code in [(client.get("/v1/nothing"), 404, "not_found"),
+                                   (client.get("/v1/ask"), 405, "method_not_allowed")]:
+        assert response.status_code == status and response.headers["x-qzoom-error"] == code
+        assert response.json()["error"]["code"] == code and response.json()["error"]["message"]
+    assert 'qzoom_failures_total{code="not_found"} 1.0' in client.get("/metrics").text
+
+
+def test_the_page_picker_gets_the_page_count_and_a_picture_of_each_page(serve, tmp_path):
+    import io
+
+    from PIL import Image
+
+    (tmp_path / "a.pdf").write_bytes(make_pdf(3, size=(300, 600)))
+    client = serve(root=tmp_path, api_key="k3y")
+    key = {"Authorization": "Bearer k3y"}
+    uploaded = client.post("/v1/pages", files={"file": ("a.pdf", make_pdf(3, size=(300, 600)))}, headers=key).json()
+    by_path = client.post("/v1/pages", json={"path": "a.pdf"}, headers=key).json()
+    assert uploaded == by_path and uploaded["pages"] == 3 and uploaded["kind"] == "pdf"
+    pictures = [Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) for url in uploaded["thumbnails"]]
+    assert [picture.size for picture in pictures] == [(80, 160)] * 3  # the long side 160 px, the page's shape
+    image = client.post("/v1/pages", files={"file": ("a.png", make_image("PNG"))}, headers=key).json()
+    assert image["pages"] == 1 and len(image["thumbnails"]) == 1
+    locked = client.post("/v1/pages", files={"file": ("l.pdf", make_encrypted_pdf("pw"))}, headers=key)
+    assert locked.status_code == 422 and locked.json()["error"]["code"] == "pdf_encrypted"
+    opened = client.post("/v1/pages", files={"file": ("l.pdf", make_encrypted_pdf("pw"))}, data={"password": "pw"},
+                         headers=key)
+    assert opened.status_code == 200 and opened.json()["pages"] >= 1
+    assert client.post("/v1/pages", json={"path": "a.pdf"}).status_code == 401
+
+
+def test_the_page_picker_draws_the_first_pages_of_a_long_document(serve, monkeypatch):
+    from qzoom_cli.serve import app
+
+    monkeypatch.setattr(app, "THUMBNAIL_PAGES", 2)
+    reply = serve().post("/v1/pages", files={"file": ("a.pdf", make_pdf(3))}).json()
+    assert reply["pages"] == 3 and len(reply["thumbnails"]) == 2
 
 
 def test_an_api_key_guards_the_api_but_not_the_health_check(serve):
@@ -404,6 +447,11 @@ def test_the_official_openai_client_reads_the_answers(qz):
                 model="qzoom", messages=messages)
         with pytest.raises(openai.BadRequestError, match="exactly one image"):
             client.chat.completions.create(model="qzoom", messages=[{"role": "user", "content": "total?"}])
+        served = qz.model_info().id
+        assert [model.id for model in client.models.list()] == [served]
+        assert client.models.retrieve(served).id == served
+        with pytest.raises(openai.NotFoundError, match="not other/model"):
+            client.models.retrieve("other/model")
     finally:
         server.should_exit = True
         thread.join(60)
@@ -422,6 +470,50 @@ def test_the_serve_command_checks_its_settings_before_loading_a_model(tiny_dir):
                           (["--zoom", "sometimes"], "unknown zoom mode")]:
         result = runner.invoke(cli.app, ["serve", "--model", "/no/such/model", *args])
         assert result.exit_code == EXIT_USAGE and message in result.stderr
+
+
+def test_the_serve_command_hands_its_ask_options_to_every_request_as_defaults(monkeypatch):
+    import importlib
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from qzoom_cli import cli, serve
+
+    command = importlib.import_module("qzoom_cli.cli.serve")  # the package's `serve` is the command function
+    made, ran = [], []
+    monkeypatch.setattr(command, "load_model", lambda *args: "the model")
+    monkeypatch.setattr(serve, "create_app", lambda qz, settings: made.append((qz, settings)) or "the app")
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: ran.append((self.config.app, sockets)))
+    result = CliRunner().invoke(cli.app, [
+        "serve", "--quiet", "--port", "0", "--pages", "2-3", "--password", "pw", "--dpi", "100", "--zoom", "never",
+        "--explain", "--max-new-tokens", "5", "--instruction", "Answer.", "--max-pages", "7", "--api-key", "k"])
+    assert result.exit_code == 0, result.stderr
+    [(qz, settings)] = made
+    assert qz == "the model" and settings.defaults == AskOptions(
+        pages="2-3", dpi=100, password="pw", zoom="never", explain=True, max_new_tokens=5, instruction="Answer.")
+    assert settings.max_pages == 7 and settings.api_key == "k"
+    [(app, [listener])] = ran
+    assert app == "the app" and listener.getsockname()[1] > 0
+    listener.close()
+
+
+def test_a_taken_port_is_said_before_the_model_loads():
+    import socket
+
+    from typer.testing import CliRunner
+
+    from qzoom_cli import cli
+    from qzoom_cli.errors import EXIT_MODEL
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli.app, ["serve", "--model", "/no/such/model", "--port", str(port)])
+    assert result.exit_code == EXIT_MODEL
+    assert result.stderr.strip() == (f"qzoom: error: cannot listen on 127.0.0.1:{port}: Address already in use "
+                                     "(choose another --port or --host)")
 
 
 def test_overlays_show_each_answer_on_its_page_with_the_box_it_read(qz, serve):
@@ -453,13 +545,31 @@ def test_overlays_show_each_answer_on_its_page_with_the_box_it_read(qz, serve):
     assert upload(client, pdf, "q?", overlay="perhaps").status_code == 400
 
 
+def test_an_overlay_that_could_not_be_drawn_is_null_in_its_answers_place(qz, serve, monkeypatch):
+    from qzoom_cli import render
+
+    drawn, write = [], render.write_overlay
+
+    def full_disk_on_the_second(path, *args):
+        drawn.append(path)
+        if len(drawn) == 2:
+            raise OSError(28, "No space left on device")
+        return write(path, *args)
+
+    monkeypatch.setattr(render, "write_overlay", full_disk_on_the_second)
+    body = upload(serve(), make_pdf(1), "total?", "date?", zoom="always", overlay="true").json()
+    assert [overlay is None for overlay in body["overlays"]] == [False, True]
+    assert [any("overlay not written" in w for w in r["warnings"]) for r in body["results"]] == [False, True]
+
+
 CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("QZOOM_REQUIRE_BROWSER"),
                     reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_the_page_in_a_real_browser_shows_the_answer_and_the_box(qz, tmp_path):
-    """Headless Chromium: choose the sample invoice, ask, see the answer, where it looked, the stats."""
+    """Headless Chromium: choose the sample invoice, pick its first page from the pictures, ask, see the
+    answer, where it looked, the stats."""
     from pathlib import Path
 
     from playwright.sync_api import sync_playwright
@@ -476,8 +586,13 @@ def test_the_page_in_a_real_browser_shows_the_answer_and_the_box(qz, tmp_path):
             page.goto(url)
             page.wait_for_function("document.getElementById('model').textContent.startsWith('Model:')")
             page.set_input_files("#file", str(invoice))
+            page.wait_for_selector(".thumbnail img")
+            assert page.locator(".thumbnail").count() == 3 and "3 pages" in page.text_content("#picker-text")
+            for number in (2, 1, 2):  # chosen, chosen, unchosen: the invoice's first page
+                page.click(f".thumbnail[data-page='{number}']")
+            assert page.input_value("#pages") == "1"
+            assert page.locator(".thumbnail.chosen").evaluate_all("nodes => nodes.map(n => n.dataset.page)") == ["1"]
             page.fill("#questions", "What is the total due?")
-            page.fill("#pages", "1")
             page.select_option("#zoom", "always")
             page.click("#submit")
             page.wait_for_selector(".result .answer", timeout=60_000)
@@ -508,34 +623,26 @@ def test_the_serve_command_answers_then_drains_on_sigterm(tiny_dir, tmp_path):
     """`qzoom serve` as users start it: the model loaded once, requests answered, and SIGTERM
     answers what is in flight before the process ends (by the signal, as uvicorn re-raises it)."""
     import signal
-    import socket
     import subprocess
     import sys
 
     import httpx
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.png").write_bytes(make_image("PNG"))
-    server = subprocess.Popen([sys.executable, "-m", "qzoom_cli", "serve", "--port", str(port), "--model",
+    server = subprocess.Popen([sys.executable, "-m", "qzoom_cli", "serve", "--port", "0", "--model",
                                str(tiny_dir), "--device", "cpu", "--max-new-tokens", "2", "--root",
                                str(tmp_path / "docs"), "--batch-wait-ms", "0", "--batch-size", "2"],
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
 
     def engine_batches() -> float:
         metrics = httpx.get(f"{url}/metrics").text
         return float(re.search(r"^qzoom_batch_requests_count (\S+)$", metrics, re.MULTILINE).group(1))
 
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.ConnectError:
-                time.sleep(0.1)
+        serving = next(line for line in server.stderr if "serving" in line)  # --port 0: the port it took
+        assert f"serving {tiny_dir} at http://127.0.0.1:" in serving
+        url = re.search(r"(http://127\.0\.0\.1:\d+)/", serving).group(1)
         first = httpx.post(f"{url}/v1/ask", json={"path": "a.png", "question": "what?"}, timeout=60)
         assert first.status_code == 200 and first.json()["results"][0]["answer"] is not None
         answers, questions = [], [f"question {i}?" for i in range(40)]
@@ -556,4 +663,3 @@ def test_the_serve_command_answers_then_drains_on_sigterm(tiny_dir, tmp_path):
         server.kill()
     assert answers[0].status_code == 200 and len(answers[0].json()["results"]) == 40
     assert answers[1] > signalled  # it was still being answered when the signal came
-    assert f"serving {tiny_dir}" in server.stderr.read()

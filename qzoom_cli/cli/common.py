@@ -115,6 +115,9 @@ MinTokensOpt = Annotated[int | None, typer.Option("--min-visual-tokens", help="F
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-visual-tokens", help="Most visual tokens per page (the "
                                                   "coarse pass when zooming) \\[default: from the model card].")]
 DpiOpt = Annotated[int, typer.Option("--dpi", help="PDF render resolution; boxes are in pixels at this DPI.")]
+PagesOpt = Annotated[str | None, typer.Option("--pages", "--page-range",
+                                              help="1-based inclusive pages, e.g. '1-3,7' \\[default: all].")]
+PasswordOpt = Annotated[str | None, typer.Option(help="Password of an encrypted PDF.")]
 MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Longest answer, in tokens "
                                                 "\\[default: 64; 1024 for thinking models].")]
 InstructionOpt = Annotated[str | None, typer.Option(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +25,8 @@ from .common import (
     MinTokensOpt,
     ModelOpt,
     NoMergeOpt,
+    PagesOpt,
+    PasswordOpt,
     Quiet,
     RevisionOpt,
     RoiNativeOpt,
@@ -64,7 +67,9 @@ def serve(
     roi_max_visual_tokens: RoiTokensOpt = None,
     roi_native: RoiNativeOpt = False,
     explain: ExplainOpt = False,
+    pages: PagesOpt = None,
     dpi: DpiOpt = 200,
+    password: PasswordOpt = None,
     min_visual_tokens: MinTokensOpt = None,
     max_visual_tokens: MaxTokensOpt = None,
     max_new_tokens: MaxNewOpt = None,
@@ -91,7 +96,7 @@ def serve(
                                  "pip install 'qzoom[serve]'") from None
     from ..doctor import check_transformers
 
-    defaults = AskOptions(dpi=dpi, zoom=zoom, gate_threshold=gate_threshold, roi_threshold=roi_threshold,
+    defaults = AskOptions(pages=pages, dpi=dpi, password=password, zoom=zoom, gate_threshold=gate_threshold, roi_threshold=roi_threshold,
                           roi_max_visual_tokens=roi_max_visual_tokens, roi_native=roi_native,
                           explain=explain, min_visual_tokens=min_visual_tokens, max_visual_tokens=max_visual_tokens,
                           max_new_tokens=max_new_tokens, instruction=instruction_text(instruction))
@@ -101,12 +106,27 @@ def serve(
                              allow_remote_images=allow_remote_images)
     check_transformers()
     configure_logging(verbose, quiet)
+    listener = listening_socket(host, port)  # a taken port is said before minutes of model loading
     qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge)
+    listener.listen(2048)  # from here a request waits for the server instead of being refused (uvicorn's backlog)
     if not quiet:
-        where = f"http://{host}:{port}/"
+        where = f"http://{host if ':' not in host else f'[{host}]'}:{listener.getsockname()[1]}/"
         print(f"qzoom: serving {qz.model_info().id} at {where} (Ctrl-C to stop)", file=sys.stderr)
         if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
             print("qzoom: warning: listening beyond this machine without --api-key", file=sys.stderr)
     config = uvicorn.Config(create_app(qz, settings), host=host, port=port, log_level="info" if verbose else
                             "warning", timeout_graceful_shutdown=None, access_log=verbose)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), as uvicorn would bind it; `--port 0` takes a free port."""
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise EnvironmentProblem(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                                 "(choose another --port or --host)") from None
+    return listener

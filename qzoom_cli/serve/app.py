@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import io
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,8 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..api import QZoom
 from ..documents import Document, open_document, parse_page_spec
@@ -25,7 +28,7 @@ from ..results import Result
 from .chat import chat_question, completion, completion_chunks, image_bytes
 from .metrics import Metrics
 from .options import AskOptions, ServeSettings, parse_bool
-from .scheduler import Job, Scheduler
+from .scheduler import Job, Scheduler, png_data_url
 
 STATIC = Path(__file__).parent / "static"  # the page: plain HTML, CSS and JS shipped in the package
 
@@ -38,25 +41,68 @@ class Unauthorized(UsageError):
     code = "unauthorized"
 
 
+class ModelNotServed(UsageError):
+    code = "model_not_found"
+
+
 _STATUS = ((Unauthorized, 401), (Forbidden, 403), (Busy, 503), (OutOfMemory, 503), (TooLarge, 413),
-           (FileNotFound, 404), (UsageError, 400), (InputError, 422))  # the first that fits
+           (FileNotFound, 404), (ModelNotServed, 404), (UsageError, 400), (InputError, 422))  # the first that fits
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}  # the router's own refusals
+THUMBNAIL_SIDE = 160  # pixels, the long side of a page's picture in the page picker
+THUMBNAIL_PAGES = 200  # a longer document's later pages are picked by number
 
 
 def error_response(exc: BaseException) -> JSONResponse:
-    """The OpenAI error shape (`error.message/type/code`), `code` being the CLI's error code."""
+    """The OpenAI error shape (`error.message/type/code`), `code` being the CLI's error code (or,
+    for a route or method that does not exist, not_found / method_not_allowed)."""
     if isinstance(exc, QZoomError):
         status = next((s for kind, s in _STATUS if isinstance(exc, kind)), 500)
         code, message = exc.code, exc.message
+    elif isinstance(exc, HTTPException):
+        status, message = exc.status_code, str(exc.detail)
+        code = _HTTP_CODES.get(status, f"http_{status}")
     else:
         status, code, message = 500, "internal", f"{type(exc).__name__}: {exc}"
     kind = "invalid_request_error" if status < 500 else "server_error"
-    headers = {"X-QZoom-Error": code}
+    headers = {**(getattr(exc, "headers", None) or {}), "X-QZoom-Error": code}
     if status == 503:
         headers["Retry-After"] = "1"
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status,
                         headers=headers)
+
+
+class BodyLimit:
+    """Refuses a request body larger than `limit` bytes: by its Content-Length before reading it,
+    or, sent without one (chunked), as soon as the bytes read pass the limit, so no upload fills
+    memory or disk before it is measured."""
+
+    def __init__(self, app: ASGIApp, limit: int, max_upload_mb: float):
+        self.app, self.limit, self.max_upload_mb = app, limit, max_upload_mb
+
+    def too_large(self) -> TooLarge:
+        return TooLarge(f"the request is larger than {self.limit / 2**20:.1f} MB; this service takes documents "
+                        f"up to {self.max_upload_mb:g} MB")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            raise self.too_large()
+        read = 0
+
+        async def counted() -> dict:
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.limit:
+                raise self.too_large()
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
@@ -77,15 +123,22 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
         finally:
             await run_in_threadpool(state["scheduler"].close)
 
-    app = FastAPI(title="qzoom", version=qz.model_info().id, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="qzoom", version=qz.model_info().id, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.add_middleware(BodyLimit, limit=settings.body_limit, max_upload_mb=settings.max_upload_mb)
 
-    @app.middleware("http")
+    @app.exception_handler(HTTPException)
+    async def no_such_route(request: Request, exc: HTTPException):
+        return error_response(exc)
+
+    served = {"id": qz.model_info().id, "object": "model", "created": int(time.time()), "owned_by": "qzoom"}
+
+    @app.middleware("http")  # added last, so it wraps the body limit and sees what it raises
     async def guard_and_count(request: Request, call_next):
         start = time.perf_counter()
         endpoint = request.url.path
         try:
             _check_key(request, settings)
-            _check_length(request, settings)
             response = await call_next(request)
         except Exception as exc:  # the one error path: a named error or a bug fails this request only
             response = error_response(exc)
@@ -111,6 +164,22 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
     async def prometheus():
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [served]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != served["id"]:
+            raise ModelNotServed(f"this service serves {served['id']}, not {name}")
+        return served
+
+    @app.post("/v1/pages")
+    async def pages(request: Request):
+        fields, source = await _document_request(request, settings)
+        options = settings.defaults.updated(fields["options"])
+        return await run_in_threadpool(_page_pictures, source, options)
+
     async def answered(source: bytes | Path, questions: list[str], options: AskOptions,
                        overlay: bool = False) -> tuple[list[Result], list[str]]:
         doc = await run_in_threadpool(_open, source, options, settings)
@@ -121,7 +190,10 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/ask")
     async def ask(request: Request):
-        questions, options, source, overlay = await _ask_request(request, settings)
+        fields, source = await _document_request(request, settings)
+        questions = check_questions(fields["questions"])
+        options = settings.defaults.updated(fields["options"])
+        overlay = fields["overlay"] is not None and parse_bool("overlay", fields["overlay"])
         results, overlays = await answered(source, questions, options, overlay)
         return {"results": [result.to_dict() for result in results], **({"overlays": overlays} if overlay else {})}
 
@@ -155,47 +227,32 @@ def _check_key(request: Request, settings: ServeSettings) -> None:
         raise Unauthorized("a valid API key is needed: send 'Authorization: Bearer <key>'")
 
 
-def _check_length(request: Request, settings: ServeSettings) -> None:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > settings.upload_limit + 2**16:
-        raise TooLarge(f"the request is {int(length) / 2**20:.1f} MB; this service takes documents up to "
-                       f"{settings.max_upload_mb:g} MB")
-
-
-async def _ask_request(request: Request, settings: ServeSettings
-                       ) -> tuple[list[str], AskOptions, bytes | Path, bool]:
-    """(questions, options, document bytes or path, whether to draw overlays) of a multipart form
-    or a JSON body."""
+async def _document_request(request: Request, settings: ServeSettings) -> tuple[dict, bytes | Path]:
+    """A multipart form's or a JSON body's fields (`questions`, `options`, `overlay`) and its
+    document: an upload, base64 `document`, or a `path` under --root."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
         upload = form.get("file")
-        questions = [str(q) for q in form.getlist("question")]
-        values = {k: v for k, v in form.multi_items() if k not in ("file", "question", "path", "overlay")}
-        overlay = form.get("overlay")
+        fields = {"questions": [str(q) for q in form.getlist("question")], "overlay": form.get("overlay"),
+                  "options": {k: v for k, v in form.multi_items() if k not in ("file", "question", "path", "overlay")}}
         if isinstance(upload, UploadFile):
-            data = await upload.read(settings.upload_limit + 1)
-            source = _checked_size(data, settings)
-        else:
-            source = _path_under_root(form.get("path"), settings)
-    else:
-        body = await _json(request)
-        if not isinstance(body, dict):
-            raise UsageError("send a multipart form (file, question) or a JSON object")
-        questions = body.get("questions", body.get("question"))
-        values = body.get("options") or {}
-        if not isinstance(values, dict):
-            raise UsageError("options must be a JSON object")
-        overlay = body.get("overlay")
-        if body.get("document") is not None:
-            try:
-                data = base64.b64decode(str(body["document"]), validate=True)
-            except (binascii.Error, ValueError):
-                raise UsageError("document must be base64") from None
-            source = _checked_size(data, settings)
-        else:
-            source = _path_under_root(body.get("path"), settings)
-    questions = check_questions(questions if isinstance(questions, list) else [questions] if questions else [])
-    return questions, settings.defaults.updated(values), source, overlay is not None and parse_bool("overlay", overlay)
+            return fields, _checked_size(await upload.read(settings.upload_limit + 1), settings)
+        return fields, _path_under_root(form.get("path"), settings)
+    body = await _json(request)
+    if not isinstance(body, dict):
+        raise UsageError("send a multipart form (file, question) or a JSON object")
+    questions = body.get("questions", body.get("question"))
+    fields = {"questions": questions if isinstance(questions, list) else [questions] if questions else [],
+              "overlay": body.get("overlay"), "options": body.get("options") or {}}
+    if not isinstance(fields["options"], dict):
+        raise UsageError("options must be a JSON object")
+    if body.get("document") is None:
+        return fields, _path_under_root(body.get("path"), settings)
+    try:
+        data = base64.b64decode(str(body["document"]), validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError("document must be base64") from None
+    return fields, _checked_size(data, settings)
 
 
 def _checked_size(data: bytes, settings: ServeSettings) -> bytes:
@@ -232,3 +289,14 @@ def _open(source: bytes | Path, options: AskOptions, settings: ServeSettings) ->
         doc.close()
         raise
     return doc
+
+
+def _page_pictures(source: bytes | Path, options: AskOptions) -> dict:
+    """The document's page count and a small picture of each of its first pages, for choosing pages."""
+    with open_document(source, password=options.password, dpi=options.dpi) as doc:
+        pictures = []
+        for number in range(1, min(doc.page_count, THUMBNAIL_PAGES) + 1):
+            png = io.BytesIO()
+            doc.thumbnail(number, THUMBNAIL_SIDE).save(png, "PNG")
+            pictures.append(png_data_url(png.getvalue()))
+        return {"kind": doc.kind, "pages": doc.page_count, "thumbnails": pictures}

@@ -103,6 +103,11 @@ class ServeSettings:
         """--max-upload-mb in bytes."""
         return int(self.max_upload_mb * 2**20)
 
+    @property
+    def body_limit(self) -> int:
+        """The most bytes a request may send: a document at the limit, base64 in JSON, and its fields."""
+        return self.upload_limit * 4 // 3 + 2**16
+
     def __post_init__(self):
         if self.max_queue < 1 or self.batch_size < 1 or self.max_pages < 1:
             raise UsageError("--max-queue, --batch-size and --max-pages must be at least 1")

@@ -28,14 +28,15 @@ from .options import AskOptions
 @dataclass
 class Job:
     """Questions about an open document; the scheduler closes the document when it is answered.
-    With `overlay`, `overlays` gets each answer's page with its region map and box, as PNG data URLs."""
+    With `overlay`, `overlays` gets each answer's page with its region map and box, as a PNG data URL
+    (None where it could not be drawn)."""
 
     doc: Document
     questions: list[str]
     options: AskOptions
     overlay: bool = False
     future: Future = field(default_factory=Future)
-    overlays: list[str] = field(default_factory=list)
+    overlays: list[str | None] = field(default_factory=list)
 
     @cached_property
     def engine_key(self) -> tuple:
@@ -131,8 +132,13 @@ def _settle(job: Job, outcome: list[Result] | Exception) -> None:
         job.future.set_exception(outcome)
         return
     for result in outcome:  # the overlay's file lives only as long as this batch: hand its bytes over
-        if result.zoom.overlay is not None:
-            png = Path(result.zoom.overlay).read_bytes()
-            job.overlays.append(f"data:image/png;base64,{base64.b64encode(png).decode()}")
-            result.zoom.overlay = None
+        if result.zoom.overlay is None:  # not drawn: the record's warnings say why
+            job.overlays.append(None)
+            continue
+        job.overlays.append(png_data_url(Path(result.zoom.overlay).read_bytes()))
+        result.zoom.overlay = None
     job.future.set_result(outcome)
+
+
+def png_data_url(png: bytes) -> str:
+    return f"data:image/png;base64,{base64.b64encode(png).decode()}"
