@@ -389,6 +389,10 @@ IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,A
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "unsupported message part"),
     ({"messages": [{"role": "user", "content": 3}]}, "string or a list"),
     ({"n": 2, "messages": [{"role": "user", "content": "q?"}]}, "n must be 1"),
+    ({"tools": [{"type": "function"}], "messages": [{"role": "user", "content": "q?"}]}, "calls no tools"),
+    ({"functions": [{"name": "f"}], "messages": [{"role": "user", "content": "q?"}]}, "calls no tools"),
+    ({"response_format": {"type": "json_object"}, "messages": [{"role": "user", "content": "q?"}]}, "plain text"),
+    ({"logprobs": True, "messages": [{"role": "user", "content": "q?"}]}, "logprobs are not given"),
 ])
 def test_chat_requests_that_cannot_be_answered_say_why(serve, body, message):
     response = serve().post("/v1/chat/completions", json=body)

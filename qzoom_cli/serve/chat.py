@@ -23,6 +23,13 @@ def chat_question(body: object) -> tuple[str, str, dict]:
         raise UsageError("a chat request needs a non-empty 'messages' list")
     if body.get("n", 1) != 1:
         raise UsageError("n must be 1: answers are greedy, so every choice would be the same")
+    if body.get("tools") or body.get("functions"):
+        raise UsageError("this service answers questions about documents; it calls no tools or functions")
+    if (body.get("response_format") or {}).get("type", "text") != "text":
+        raise UsageError("answers are plain text: response_format must be {'type': 'text'}")
+    if body.get("logprobs"):
+        raise UsageError("logprobs are not given; the qzoom record's candidates carry each answer's mean "
+                         "log-probability")
     users = [m for m in body["messages"] if isinstance(m, dict) and m.get("role") == "user"]
     if not users:
         raise UsageError("the conversation has no user message to answer")
