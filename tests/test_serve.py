@@ -123,7 +123,13 @@ def test_routes_and_methods_that_do_not_exist_answer_in_the_error_shape(serve):
                                    (client.get("/v1/ask"), 405, "method_not_allowed")]:
         assert response.status_code == status and response.headers["x-qzoom-error"] == code
         assert response.json()["error"]["code"] == code and response.json()["error"]["message"]
-    assert 'qzoom_failures_total{code="not_found"} 1.0' in client.get("/metrics").text
+    for made_up in ("/a", "/b", "/v1/models/any/thing", "/static/app.js"):
+        client.get(made_up)
+    metrics = client.get("/metrics").text
+    assert 'qzoom_failures_total{code="not_found"} 3.0' in metrics  # /v1/nothing, /a, /b
+    assert 'qzoom_requests_total{endpoint="other",status="404"} 3.0' in metrics  # no label per made-up path
+    assert 'qzoom_requests_total{endpoint="/v1/models/{name:path}",status="404"} 1.0' in metrics
+    assert 'qzoom_requests_total{endpoint="/static",status="200"} 1.0' in metrics
 
 
 def test_the_page_picker_gets_the_page_count_and_a_picture_of_each_page(serve, tmp_path):
@@ -164,6 +170,8 @@ def test_an_api_key_guards_the_api_but_not_the_health_check(serve):
     assert upload(client, make_image("PNG"), "what?", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert upload(client, make_image("PNG"), "what?", headers={"Authorization": "Bearer k3y"}).status_code == 200
     assert client.get("/metrics").status_code == 401 and client.get("/health").status_code == 200
+    metrics = client.get("/metrics", headers={"Authorization": "Bearer k3y"}).text
+    assert 'qzoom_requests_total{endpoint="/v1/ask",status="401"} 2.0' in metrics
 
 
 def test_concurrent_requests_share_engine_batches_and_get_their_own_answers(qz, serve):

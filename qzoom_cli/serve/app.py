@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..api import QZoom
@@ -135,8 +136,7 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
 
     @app.middleware("http")  # added last, so it wraps the body limit and sees what it raises
     async def guard_and_count(request: Request, call_next):
-        start = time.perf_counter()
-        endpoint = request.url.path
+        start, endpoint = time.perf_counter(), _endpoint(request)  # before routing rewrites the scope
         try:
             _check_key(request, settings)
             response = await call_next(request)
@@ -210,6 +210,14 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
         return completion(result, model)
 
     return app
+
+
+def _endpoint(request: Request) -> str:
+    """The route a request is for, as its metrics label: its template (`/v1/models/{name:path}`),
+    `/static`, or `other`, so that requests for made-up paths cannot grow the metrics without end.
+    Matched here, not read from the router, to label too what is refused before routing (401, 413)."""
+    routes = request.app.router.routes
+    return next((route.path for route in routes if route.matches(request.scope)[0] != Match.NONE), "other")
 
 
 async def _json(request: Request) -> object:
