@@ -275,11 +275,14 @@ def _capped(stream, name: str) -> bytes:
     return data
 
 
-def open_document(source: str | Path | bytes, *, password: str | None = None, dpi: int = DEFAULT_DPI) -> Document:
-    """Open a PDF or image from a path, '-' (stdin) or bytes; raises InputError subclasses."""
+def open_document(source: str | Path | bytes, *, password: str | None = None, dpi: int = DEFAULT_DPI,
+                  name: str | None = None) -> Document:
+    """Open a PDF or image from a path, '-' (stdin) or bytes; raises InputError subclasses.
+    `name` is what records and messages call it instead (an upload's file name, say)."""
     if dpi < 1:
         raise UsageError("--dpi must be positive")
-    name, data = read_source(source)
+    read_as, data = read_source(source)
+    name = name or read_as
     kind = detect_kind(data)
     digest = hashlib.sha256(data).hexdigest()
     if kind == "pdf":

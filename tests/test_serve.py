@@ -11,6 +11,7 @@ import pytest
 from docmaker import make_encrypted_pdf, make_image, make_pdf
 from fastapi.testclient import TestClient
 
+from qzoom_cli.documents import open_document
 from qzoom_cli.serve import AskOptions, ServeSettings, create_app
 
 OPTIONS = {"dpi": "72", "max_new_tokens": "3", "max_visual_tokens": "48", "min_visual_tokens": "16"}
@@ -55,11 +56,12 @@ def test_an_upload_is_answered_as_ask_answers_it(qz, serve):
     response = upload(client, pdf, "total?", "date?", pages="2")
     assert response.status_code == 200, response.text
     records = response.json()["results"]
-    expected = qz.ask(pdf, ["total?", "date?"], pages="2", dpi=72, max_new_tokens=3,
-                      budget=qz.resolve_budget(16, 48))
+    with open_document(pdf, dpi=72, name="doc") as doc:  # named as the upload was
+        expected = qz.ask(doc, ["total?", "date?"], pages="2", max_new_tokens=3, budget=qz.resolve_budget(16, 48))
     want = answers_without_timings([r.to_dict() for r in expected])
     assert answers_without_timings(records) == pytest.approx(want, abs=1e-4)
     assert [r["schema"] for r in records] == ["qzoom.result/v1"] * 2 and records[0]["input"]["pages"] == [2]
+    assert records[0]["input"]["file"] == "doc"
     assert client.get("/health").json()["status"] == "ok"
 
 
@@ -74,6 +76,11 @@ def test_a_json_request_with_a_base64_document_or_a_path_under_the_root(qz, serv
                                           "questions": ["what?"], "options": options})
     assert by_path.status_code == inline.status_code == 200, by_path.text + inline.text
     assert by_path.json()["results"][0]["answer"] == inline.json()["results"][0]["answer"]
+    assert by_path.json()["results"][0]["input"]["file"] == "a.png"  # as the request named it, not the server's path
+    assert inline.json()["results"][0]["input"]["file"] == "<bytes>"
+    named = client.post("/v1/ask", json={"document": base64.b64encode(b"%PDF-1.7 broken").decode(),
+                                         "name": "../scans/broken.pdf", "question": "what?"})
+    assert named.status_code == 422 and named.json()["error"]["message"].startswith("broken.pdf ")
     outside = client.post("/v1/ask", json={"path": "../secret.png", "question": "what?"})
     assert outside.status_code == 403 and outside.json()["error"]["code"] == "forbidden"
     missing = client.post("/v1/ask", json={"path": "b.png", "question": "what?"})

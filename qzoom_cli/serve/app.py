@@ -9,6 +9,7 @@ import hmac
 import io
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -180,7 +181,7 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
         options = settings.defaults.updated(fields["options"])
         return await run_in_threadpool(_page_pictures, source, options)
 
-    async def answered(source: bytes | Path, questions: list[str], options: AskOptions,
+    async def answered(source: Source, questions: list[str], options: AskOptions,
                        overlay: bool = False) -> tuple[list[Result], list[str]]:
         doc = await run_in_threadpool(_open, source, options, settings)
         job = Job(doc, questions, options, overlay)
@@ -203,7 +204,7 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
         question, url, values = chat_question(body)
         options = settings.defaults.updated(values)
         data = await run_in_threadpool(image_bytes, url, settings.upload_limit, settings.allow_remote_images)
-        [result], _ = await answered(data, [question], options)
+        [result], _ = await answered(Source(data), [question], options)
         model = qz.model_info().id
         if body.get("stream"):
             return StreamingResponse(completion_chunks(result, model), media_type="text/event-stream")
@@ -235,16 +236,29 @@ def _check_key(request: Request, settings: ServeSettings) -> None:
         raise Unauthorized("a valid API key is needed: send 'Authorization: Bearer <key>'")
 
 
-async def _document_request(request: Request, settings: ServeSettings) -> tuple[dict, bytes | Path]:
+@dataclass(frozen=True)
+class Source:
+    """A request's document: its bytes or a path under --root, and the name its records and error
+    messages give it (an upload's file name, a path as the request gave it: never the server's own)."""
+
+    content: bytes | Path
+    name: str | None = None
+
+    def open(self, options: AskOptions) -> Document:
+        return open_document(self.content, password=options.password, dpi=options.dpi, name=self.name)
+
+
+async def _document_request(request: Request, settings: ServeSettings) -> tuple[dict, Source]:
     """A multipart form's or a JSON body's fields (`questions`, `options`, `overlay`) and its
-    document: an upload, base64 `document`, or a `path` under --root."""
+    document: an upload, base64 `document` (named by `name`), or a `path` under --root."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
         upload = form.get("file")
         fields = {"questions": [str(q) for q in form.getlist("question")], "overlay": form.get("overlay"),
                   "options": {k: v for k, v in form.multi_items() if k not in ("file", "question", "path", "overlay")}}
         if isinstance(upload, UploadFile):
-            return fields, _checked_size(await upload.read(settings.upload_limit + 1), settings)
+            data = _checked_size(await upload.read(settings.upload_limit + 1), settings)
+            return fields, Source(data, Path(upload.filename or "").name or None)
         return fields, _path_under_root(form.get("path"), settings)
     body = await _json(request)
     if not isinstance(body, dict):
@@ -260,7 +274,7 @@ async def _document_request(request: Request, settings: ServeSettings) -> tuple[
         data = base64.b64decode(str(body["document"]), validate=True)
     except (binascii.Error, ValueError):
         raise UsageError("document must be base64") from None
-    return fields, _checked_size(data, settings)
+    return fields, Source(_checked_size(data, settings), body.get("name") and Path(str(body["name"])).name)
 
 
 def _checked_size(data: bytes, settings: ServeSettings) -> bytes:
@@ -271,7 +285,7 @@ def _checked_size(data: bytes, settings: ServeSettings) -> bytes:
     return data
 
 
-def _path_under_root(value, settings: ServeSettings) -> Path:
+def _path_under_root(value, settings: ServeSettings) -> Source:
     if not value:
         raise UsageError("send a document: a file upload (or base64 'document'), or a 'path' under --root")
     if settings.root is None:
@@ -282,12 +296,12 @@ def _path_under_root(value, settings: ServeSettings) -> Path:
         raise Forbidden(f"{value} is outside the folder this service may read")
     if not path.is_file():
         raise FileNotFound(f"{value}: no such file under the service's folder")
-    return path
+    return Source(path, str(value))
 
 
-def _open(source: bytes | Path, options: AskOptions, settings: ServeSettings) -> Document:
+def _open(source: Source, options: AskOptions, settings: ServeSettings) -> Document:
     """The document, its page selection checked against the service's page limit."""
-    doc = open_document(source, password=options.password, dpi=options.dpi)
+    doc = source.open(options)
     try:
         pages = parse_page_spec(options.pages, doc.page_count)
         if len(pages) > settings.max_pages:
@@ -299,9 +313,9 @@ def _open(source: bytes | Path, options: AskOptions, settings: ServeSettings) ->
     return doc
 
 
-def _page_pictures(source: bytes | Path, options: AskOptions) -> dict:
+def _page_pictures(source: Source, options: AskOptions) -> dict:
     """The document's page count and a small picture of each of its first pages, for choosing pages."""
-    with open_document(source, password=options.password, dpi=options.dpi) as doc:
+    with source.open(options) as doc:
         pictures = []
         for number in range(1, min(doc.page_count, THUMBNAIL_PAGES) + 1):
             png = io.BytesIO()
