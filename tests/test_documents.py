@@ -87,6 +87,16 @@ def test_a_pdf_of_no_pages_and_a_page_that_fails_to_render_are_named(monkeypatch
             doc.render(3)
 
 
+def test_a_display_name_stands_for_the_source_in_the_document_and_its_errors(tmp_path):
+    (tmp_path / "a.png").write_bytes(make_image("PNG"))
+    with open_document(tmp_path / "a.png", name="scans/a.png") as doc:
+        assert doc.source == "scans/a.png"
+    with open_document(make_image("PNG")) as doc:
+        assert doc.source == "<bytes>"
+    with pytest.raises(PdfCorrupt, match="^upload.pdf is not a readable PDF: "):
+        open_document(b"%PDF-1.4\ntrailer<<>>\n%%EOF\n", name="upload.pdf")
+
+
 def test_repaired_pdf_is_flagged_not_hidden():
     data = make_pdf(3)
     outcomes = []

@@ -81,6 +81,7 @@ def test_inductor_fused_step_equals_eager(qz, pages):
         _same(want, got)
 
 
+@pytest.mark.graphs
 def test_the_decode_step_is_one_graph(qz, pages):
     check_decode_step_is_one_graph(qz.backbone, _items(pages)[:3], ZoomSettings("always"))
 

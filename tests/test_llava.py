@@ -252,6 +252,7 @@ def test_batches_and_the_static_decoder_answer_as_one_at_a_time_eager(qzl, mode)
                 assert batched.trace.region == single.trace.region
 
 
+@pytest.mark.graphs
 def test_the_decode_step_is_one_graph(qzl, page):
     from zoomkit import check_decode_step_is_one_graph
 

@@ -352,6 +352,7 @@ def test_static_decoder_equals_eager(qz3, page, mode):
         assert got.generation.logprobs == pytest.approx(want.generation.logprobs, abs=1e-4)
 
 
+@pytest.mark.graphs
 def test_the_decode_step_is_one_graph(qz3, page):
     from zoomkit import check_decode_step_is_one_graph
 
