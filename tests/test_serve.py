@@ -587,8 +587,8 @@ CHROMIUM = "/usr/bin/chromium"
 @pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("QZOOM_REQUIRE_BROWSER"),
                     reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_the_page_in_a_real_browser_shows_the_answer_and_the_box(qz, tmp_path):
-    """Headless Chromium: choose the sample invoice, pick its first page from the pictures, ask, see the
-    answer, where it looked, the stats."""
+    """Headless Chromium: drop the sample invoice on the page, pick its first page from the pictures,
+    ask, see the answer, where it looked, the stats."""
     from pathlib import Path
 
     from playwright.sync_api import sync_playwright
@@ -604,13 +604,26 @@ def test_the_page_in_a_real_browser_shows_the_answer_and_the_box(qz, tmp_path):
             page = browser.new_page()
             page.goto(url)
             page.wait_for_function("document.getElementById('model').textContent.startsWith('Model:')")
-            page.set_input_files("#file", str(invoice))
+            page.evaluate("""([name, data]) => {  // dropped on the page, as a person drags it there
+                const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+                const dropped = new DataTransfer();
+                dropped.items.add(new File([bytes], name, { type: "application/pdf" }));
+                document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: dropped }));
+            }""", ["invoice.pdf", base64.b64encode(invoice.read_bytes()).decode()])
             page.wait_for_selector(".thumbnail img")
+            assert page.text_content("#drop-text").startswith("invoice.pdf (")
             assert page.locator(".thumbnail").count() == 3 and "3 pages" in page.text_content("#picker-text")
-            for number in (2, 1, 2):  # chosen, chosen, unchosen: the invoice's first page
+            def chosen():
+                return page.locator(".thumbnail.chosen").evaluate_all("nodes => nodes.map(n => n.dataset.page)")
+
+            for number in (2, 1):
                 page.click(f".thumbnail[data-page='{number}']")
-            assert page.input_value("#pages") == "1"
-            assert page.locator(".thumbnail.chosen").evaluate_all("nodes => nodes.map(n => n.dataset.page)") == ["1"]
+            assert page.input_value("#pages") == "1-2" and chosen() == ["1", "2"]
+            page.fill("#pages", "3,2")  # typed: the pictures follow
+            assert chosen() == ["2", "3"]
+            for number in (3, 2, 1):  # unchosen, unchosen, chosen: the invoice's first page
+                page.click(f".thumbnail[data-page='{number}']")
+            assert page.input_value("#pages") == "1" and chosen() == ["1"]
             page.fill("#questions", "What is the total due?")
             page.select_option("#zoom", "always")
             page.click("#submit")
