@@ -96,10 +96,11 @@ def serve(
                                  "pip install 'qzoom[serve]'") from None
     from ..doctor import check_transformers
 
-    defaults = AskOptions(pages=pages, dpi=dpi, password=password, zoom=zoom, gate_threshold=gate_threshold, roi_threshold=roi_threshold,
-                          roi_max_visual_tokens=roi_max_visual_tokens, roi_native=roi_native,
-                          explain=explain, min_visual_tokens=min_visual_tokens, max_visual_tokens=max_visual_tokens,
-                          max_new_tokens=max_new_tokens, instruction=instruction_text(instruction))
+    defaults = AskOptions(pages=pages, dpi=dpi, password=password, zoom=zoom, gate_threshold=gate_threshold,
+                          roi_threshold=roi_threshold, roi_max_visual_tokens=roi_max_visual_tokens,
+                          roi_native=roi_native, explain=explain, min_visual_tokens=min_visual_tokens,
+                          max_visual_tokens=max_visual_tokens, max_new_tokens=max_new_tokens,
+                          instruction=instruction_text(instruction))
     settings = ServeSettings(defaults=defaults, root=Path(root) if root else None, max_upload_mb=max_upload_mb,
                              max_pages=max_pages, max_queue=max_queue, batch_size=batch_size,
                              batch_wait_ms=batch_wait_ms, api_key=api_key or None,

@@ -178,11 +178,10 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
     @app.post("/v1/pages")
     async def pages(request: Request):
         fields, source = await _document_request(request, settings)
-        options = settings.defaults.updated(fields["options"])
-        return await run_in_threadpool(_page_pictures, source, options)
+        return await run_in_threadpool(_page_pictures, source, settings.defaults.updated(fields.options))
 
     async def answered(source: Source, questions: list[str], options: AskOptions,
-                       overlay: bool = False) -> tuple[list[Result], list[str]]:
+                       overlay: bool = False) -> tuple[list[Result], list[str | None]]:
         doc = await run_in_threadpool(_open, source, options, settings)
         job = Job(doc, questions, options, overlay)
         results = await asyncio.wrap_future(state["scheduler"].submit(job))
@@ -192,9 +191,9 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
     @app.post("/v1/ask")
     async def ask(request: Request):
         fields, source = await _document_request(request, settings)
-        questions = check_questions(fields["questions"])
-        options = settings.defaults.updated(fields["options"])
-        overlay = fields["overlay"] is not None and parse_bool("overlay", fields["overlay"])
+        questions = check_questions(fields.questions)
+        options = settings.defaults.updated(fields.options)
+        overlay = fields.overlay is not None and parse_bool("overlay", fields.overlay)
         results, overlays = await answered(source, questions, options, overlay)
         return {"results": [result.to_dict() for result in results], **({"overlays": overlays} if overlay else {})}
 
@@ -248,14 +247,23 @@ class Source:
         return open_document(self.content, password=options.password, dpi=options.dpi, name=self.name)
 
 
-async def _document_request(request: Request, settings: ServeSettings) -> tuple[dict, Source]:
-    """A multipart form's or a JSON body's fields (`questions`, `options`, `overlay`) and its
-    document: an upload, base64 `document` (named by `name`), or a `path` under --root."""
+@dataclass(frozen=True)
+class RequestFields:
+    """What a request says besides its document, as sent (checked by the route that reads it)."""
+
+    questions: list
+    options: dict
+    overlay: object = None
+
+
+async def _document_request(request: Request, settings: ServeSettings) -> tuple[RequestFields, Source]:
+    """A multipart form's or a JSON body's fields and its document: an upload, base64 `document`
+    (named by `name`), or a `path` under --root."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
         upload = form.get("file")
-        fields = {"questions": [str(q) for q in form.getlist("question")], "overlay": form.get("overlay"),
-                  "options": {k: v for k, v in form.multi_items() if k not in ("file", "question", "path", "overlay")}}
+        options = {k: v for k, v in form.multi_items() if k not in ("file", "question", "path", "overlay")}
+        fields = RequestFields([str(q) for q in form.getlist("question")], options, form.get("overlay"))
         if isinstance(upload, UploadFile):
             data = _checked_size(await upload.read(settings.upload_limit + 1), settings)
             return fields, Source(data, Path(upload.filename or "").name or None)
@@ -264,9 +272,9 @@ async def _document_request(request: Request, settings: ServeSettings) -> tuple[
     if not isinstance(body, dict):
         raise UsageError("send a multipart form (file, question) or a JSON object")
     questions = body.get("questions", body.get("question"))
-    fields = {"questions": questions if isinstance(questions, list) else [questions] if questions else [],
-              "overlay": body.get("overlay"), "options": body.get("options") or {}}
-    if not isinstance(fields["options"], dict):
+    fields = RequestFields(questions if isinstance(questions, list) else [questions] if questions else [],
+                           body.get("options") or {}, body.get("overlay"))
+    if not isinstance(fields.options, dict):
         raise UsageError("options must be a JSON object")
     if body.get("document") is None:
         return fields, _path_under_root(body.get("path"), settings)
