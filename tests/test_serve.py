@@ -325,6 +325,50 @@ def test_over_a_real_socket_a_shutdown_first_answers_every_request_in_flight(qz,
         httpx.get(f"{url}/health")
 
 
+def test_a_queued_request_whose_client_has_gone_is_withdrawn_unanswered(qz, monkeypatch):
+    """A client that gives up (a timeout, a closed tab) takes its queued request with it: the engine
+    answers only those still waited for."""
+    import httpx
+
+    release, asked, original = threading.Event(), [], qz.engine.answer_batch
+
+    def held(items, *args):
+        asked.extend(text for _, text in items)
+        release.wait(30)
+        return original(items, *args)
+
+    monkeypatch.setattr(qz.engine, "answer_batch", held)
+    server, url, thread = start_server(create_app(qz, ServeSettings(batch_size=1, batch_wait_ms=0)))
+    document = base64.b64encode(make_image("PNG")).decode()
+    answers = {}
+
+    def ask(question, timeout):
+        try:
+            answers[question] = httpx.post(f"{url}/v1/ask", json={"document": document, "question": question,
+                                                                  "options": {"max_new_tokens": 2}}, timeout=timeout)
+        except httpx.ReadTimeout:
+            answers[question] = "gave up"
+
+    try:
+        first = threading.Thread(target=ask, args=("first?", 60))
+        first.start()
+        while not asked:  # the first request is in the engine, held there
+            time.sleep(0.01)
+        ask("impatient?", 0.5)  # queued behind it; its client leaves after half a second
+        while httpx.get(f"{url}/health").json()["queue"]:
+            time.sleep(0.05)
+        release.set()
+        first.join()
+        metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(60)
+    assert answers["impatient?"] == "gave up" and answers["first?"].status_code == 200
+    assert [text.split("\n")[0] for text in asked] == ["first?"]  # the engine never saw the withdrawn one
+    assert 'qzoom_failures_total{code="client_closed_request"} 1.0' in metrics
+
+
 def test_a_bug_fails_its_request_with_500_and_the_service_goes_on(qz, serve, monkeypatch):
     original = qz.engine.answer_batch
 

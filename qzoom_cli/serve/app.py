@@ -47,11 +47,17 @@ class ModelNotServed(UsageError):
     code = "model_not_found"
 
 
+class ClientGone(UsageError):
+    code = "client_closed_request"
+
+
 _STATUS = ((Unauthorized, 401), (Forbidden, 403), (Busy, 503), (OutOfMemory, 503), (TooLarge, 413),
-           (FileNotFound, 404), (ModelNotServed, 404), (UsageError, 400), (InputError, 422))  # the first that fits
+           (FileNotFound, 404), (ModelNotServed, 404), (ClientGone, 499), (UsageError, 400),
+           (InputError, 422))  # the first that fits
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}  # the router's own refusals
 THUMBNAIL_SIDE = 160  # pixels, the long side of a page's picture in the page picker
 THUMBNAIL_PAGES = 200  # a longer document's later pages are picked by number
+DISCONNECT_POLL_S = 0.25  # how often a queued request looks whether its client is still there
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -107,6 +113,42 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class GuardAndCount:
+    """Checks the API key, turns every error into its JSON answer (a named error or a bug fails
+    its request only) and counts each request in the metrics. Plain ASGI rather than Starlette's
+    `BaseHTTPMiddleware`, which hides a client's disconnect from the route."""
+
+    def __init__(self, app: ASGIApp, settings: ServeSettings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        start, endpoint = time.perf_counter(), _endpoint(request)  # before routing rewrites the scope
+        answered: dict = {}
+
+        async def watched(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                answered.update(status=message["status"], headers=dict(message.get("headers", [])))
+            await send(message)
+
+        try:
+            _check_key(request, self.settings)
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if answered:  # a streamed answer broke off: too late for an error answer
+                raise
+            await error_response(exc)(scope, receive, watched)
+        status = answered["status"]
+        if status >= 400:
+            code = answered["headers"].get(b"x-qzoom-error", str(status).encode()).decode()
+            self.metrics.failures.labels(code=code).inc()
+        self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+
+
 def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
     """The service around a loaded model; its engine thread runs while the app's lifespan does."""
     state: dict[str, Scheduler] = {}
@@ -135,19 +177,7 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
 
     served = {"id": qz.model_info().id, "object": "model", "created": int(time.time()), "owned_by": "qzoom"}
 
-    @app.middleware("http")  # added last, so it wraps the body limit and sees what it raises
-    async def guard_and_count(request: Request, call_next):
-        start, endpoint = time.perf_counter(), _endpoint(request)  # before routing rewrites the scope
-        try:
-            _check_key(request, settings)
-            response = await call_next(request)
-        except Exception as exc:  # the one error path: a named error or a bug fails this request only
-            response = error_response(exc)
-        if response.status_code >= 400:
-            metrics.failures.labels(code=response.headers.get("x-qzoom-error", str(response.status_code))).inc()
-        metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(GuardAndCount, settings=settings, metrics=metrics)  # added last: wraps the body limit
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -180,11 +210,15 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
         fields, source = await _document_request(request, settings)
         return await run_in_threadpool(_page_pictures, source, settings.defaults.updated(fields.options))
 
-    async def answered(source: Source, questions: list[str], options: AskOptions,
+    async def answered(request: Request, source: Source, questions: list[str], options: AskOptions,
                        overlay: bool = False) -> tuple[list[Result], list[str | None]]:
         doc = await run_in_threadpool(_open, source, options, settings)
         job = Job(doc, questions, options, overlay)
-        results = await asyncio.wrap_future(state["scheduler"].submit(job))
+        answer = asyncio.wrap_future(state["scheduler"].submit(job))
+        while not (await asyncio.wait([answer], timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected() and state["scheduler"].withdraw(job):
+                raise ClientGone("the client closed the connection before its request reached the engine")
+        results = answer.result()
         metrics.answered(results)
         return results, job.overlays
 
@@ -194,7 +228,7 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
         questions = check_questions(fields.questions)
         options = settings.defaults.updated(fields.options)
         overlay = fields.overlay is not None and parse_bool("overlay", fields.overlay)
-        results, overlays = await answered(source, questions, options, overlay)
+        results, overlays = await answered(request, source, questions, options, overlay)
         return {"results": [result.to_dict() for result in results], **({"overlays": overlays} if overlay else {})}
 
     @app.post("/v1/chat/completions")
@@ -203,7 +237,7 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
         question, url, values = chat_question(body)
         options = settings.defaults.updated(values)
         data = await run_in_threadpool(image_bytes, url, settings.upload_limit, settings.allow_remote_images)
-        [result], _ = await answered(Source(data), [question], options)
+        [result], _ = await answered(request, Source(data), [question], options)
         model = qz.model_info().id
         if body.get("stream"):
             return StreamingResponse(completion_chunks(result, model), media_type="text/event-stream")

@@ -73,6 +73,16 @@ class Scheduler:
             self._changed.notify_all()
         return job.future
 
+    def withdraw(self, job: Job) -> bool:
+        """Take a job whose client has gone out of the queue; False once the engine has it."""
+        with self._changed:
+            if job not in self._queue:
+                return False
+            self._queue.remove(job)
+        job.doc.close()
+        job.future.cancel()
+        return True
+
     def close(self, timeout: float | None = None) -> None:
         """Refuse new jobs, answer the queued ones, stop the engine thread."""
         with self._changed:
