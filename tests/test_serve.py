@@ -85,6 +85,9 @@ def test_a_json_request_with_a_base64_document_or_a_path_under_the_root(qz, serv
     assert outside.status_code == 403 and outside.json()["error"]["code"] == "forbidden"
     missing = client.post("/v1/ask", json={"path": "b.png", "question": "what?"})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "file_not_found"
+    for odd in ("a.png\0", ["a.png"]):
+        refused = client.post("/v1/ask", json={"path": odd, "question": "what?"})
+        assert refused.status_code == 400 and refused.json()["error"]["message"].startswith("path must be a file")
     no_root = serve().post("/v1/ask", json={"path": str(tmp_path / "docs" / "a.png"), "question": "what?"})
     assert no_root.status_code == 403 and "without --root" in no_root.json()["error"]["message"]
 
@@ -99,6 +102,7 @@ def test_a_json_request_with_a_base64_document_or_a_path_under_the_root(qz, serv
     (lambda c: upload(c, make_pdf(1), " "), 400, "usage"),
     (lambda c: c.post("/v1/ask", content=b"[1]", headers={"content-type": "application/json"}), 400, "usage"),
     (lambda c: c.post("/v1/ask", json={"document": "not base64!", "question": "q?"}), 400, "usage"),
+    (lambda c: c.post("/v1/ask", json={"document": "AA==", "questions": ["q?", 3]}), 400, "usage"),
 ])
 def test_bad_requests_get_the_cli_error_code_and_the_service_keeps_serving(serve, request_, status, code):
     client = serve()
@@ -451,7 +455,10 @@ IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,A
     ({"tools": [{"type": "function"}], "messages": [{"role": "user", "content": "q?"}]}, "calls no tools"),
     ({"functions": [{"name": "f"}], "messages": [{"role": "user", "content": "q?"}]}, "calls no tools"),
     ({"response_format": {"type": "json_object"}, "messages": [{"role": "user", "content": "q?"}]}, "plain text"),
+    ({"response_format": "json", "messages": [{"role": "user", "content": "q?"}]}, "plain text"),
     ({"logprobs": True, "messages": [{"role": "user", "content": "q?"}]}, "logprobs are not given"),
+    ({"qzoom": "zoom=never", "messages": [{"role": "user", "content": [IMAGE_PART, {"type": "text", "text": "q?"}]}]},
+     "must be a JSON object"),
 ])
 def test_chat_requests_that_cannot_be_answered_say_why(serve, body, message):
     response = serve().post("/v1/chat/completions", json=body)

@@ -308,6 +308,8 @@ async def _document_request(request: Request, settings: ServeSettings) -> tuple[
     questions = body.get("questions", body.get("question"))
     fields = RequestFields(questions if isinstance(questions, list) else [questions] if questions else [],
                            body.get("options") or {}, body.get("overlay"))
+    if not all(isinstance(question, str) for question in fields.questions):
+        raise UsageError("questions must be strings")
     if not isinstance(fields.options, dict):
         raise UsageError("options must be a JSON object")
     if body.get("document") is None:
@@ -332,8 +334,10 @@ def _path_under_root(value, settings: ServeSettings) -> Source:
         raise UsageError("send a document: a file upload (or base64 'document'), or a 'path' under --root")
     if settings.root is None:
         raise Forbidden("this service reads no paths (it was started without --root); upload the document")
+    if not isinstance(value, str) or "\0" in value:
+        raise UsageError("path must be a file name (a string without NUL characters) under --root")
     root = Path(settings.root).resolve()
-    path = (root / str(value)).resolve()
+    path = (root / value).resolve()
     if not path.is_relative_to(root):
         raise Forbidden(f"{value} is outside the folder this service may read")
     if not path.is_file():

@@ -25,7 +25,8 @@ def chat_question(body: object) -> tuple[str, str, dict]:
         raise UsageError("n must be 1: answers are greedy, so every choice would be the same")
     if body.get("tools") or body.get("functions"):
         raise UsageError("this service answers questions about documents; it calls no tools or functions")
-    if (body.get("response_format") or {}).get("type", "text") != "text":
+    wanted = body.get("response_format") or {}
+    if not isinstance(wanted, dict) or wanted.get("type", "text") != "text":
         raise UsageError("answers are plain text: response_format must be {'type': 'text'}")
     if body.get("logprobs"):
         raise UsageError("logprobs are not given; the qzoom record's candidates carry each answer's mean "
@@ -41,7 +42,10 @@ def chat_question(body: object) -> tuple[str, str, dict]:
     question = "\n".join(t for t in texts if t.strip())
     if not question.strip():
         raise UsageError("the last user message has no question text")
-    options = dict(body.get("qzoom") or {})
+    options = body.get("qzoom") or {}
+    if not isinstance(options, dict):
+        raise UsageError("qzoom (the ask options) must be a JSON object")
+    options = dict(options)
     length = body.get("max_completion_tokens", body.get("max_tokens"))
     if length is not None:
         options["max_new_tokens"] = length
