@@ -465,6 +465,32 @@ def test_chat_requests_that_cannot_be_answered_say_why(serve, body, message):
     assert response.status_code == 400 and message in response.json()["error"]["message"]
 
 
+ODD_VALUES = [None, 1, 1.5, True, "x", "", [], {}, ["x"], {"a": 1}, "\0", -1]
+
+
+def test_no_json_a_client_can_send_is_a_server_error(serve, tmp_path):
+    """Every field of both APIs given every odd JSON value: a 4xx that names it, or an answer; never a 500."""
+    (tmp_path / "a.png").write_bytes(make_image("PNG"))
+    client = serve(root=tmp_path)
+    image = data_url(make_image("PNG"))
+    ask = {"document": base64.b64encode(make_image("PNG")).decode(), "question": "q?",
+           "options": {"max_new_tokens": 1, "zoom": "never"}}
+    part = {"type": "image_url", "image_url": {"url": image}}
+    chat_ = {"model": "m", "messages": [{"role": "user", "content": [part, {"type": "text", "text": "q?"}]}],
+             "max_tokens": 1, "qzoom": {"zoom": "never"}}
+    bodies = [("/v1/ask", {**ask, key: value}) for key in [*ask, "path", "questions", "overlay", "name"]
+              for value in ODD_VALUES]
+    bodies += [("/v1/chat/completions", {**chat_, key: value})
+               for key in [*chat_, "n", "stream", "tools", "response_format", "logprobs"] for value in ODD_VALUES]
+    bodies += [("/v1/chat/completions", {**chat_, "messages": [{"role": "user", "content": content}]})
+               for value in ODD_VALUES for content in ([part, {"type": "text", "text": value}],
+                                                       [{"type": "image_url", "image_url": value}, "q?"], value)]
+    for url, body in bodies:
+        response = client.post(url, json=body)
+        assert response.status_code < 500, (body, response.text)
+        assert response.status_code == 200 or response.json()["error"]["code"] != "internal"
+
+
 @pytest.mark.parametrize("url, allow, status, message", [
     ("data:image/png,notbase64", False, 400, "must be base64"),
     ("data:image/png;base64,***", False, 400, "not valid base64"),
