@@ -171,13 +171,12 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
                   openapi_url=None)
     app.add_middleware(BodyLimit, limit=settings.body_limit, max_upload_mb=settings.max_upload_mb)
 
+    app.add_middleware(GuardAndCount, settings=settings, metrics=metrics)  # added last: wraps the body limit
+    served = {"id": qz.model_info().id, "object": "model", "created": int(time.time()), "owned_by": "qzoom"}
+
     @app.exception_handler(HTTPException)
     async def no_such_route(request: Request, exc: HTTPException):
         return error_response(exc)
-
-    served = {"id": qz.model_info().id, "object": "model", "created": int(time.time()), "owned_by": "qzoom"}
-
-    app.add_middleware(GuardAndCount, settings=settings, metrics=metrics)  # added last: wraps the body limit
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -238,10 +237,9 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
         options = settings.defaults.updated(values)
         data = await run_in_threadpool(image_bytes, url, settings.upload_limit, settings.allow_remote_images)
         [result], _ = await answered(request, Source(data), [question], options)
-        model = qz.model_info().id
         if body.get("stream"):
-            return StreamingResponse(completion_chunks(result, model), media_type="text/event-stream")
-        return completion(result, model)
+            return StreamingResponse(completion_chunks(result, served["id"]), media_type="text/event-stream")
+        return completion(result, served["id"])
 
     return app
 
@@ -300,7 +298,7 @@ async def _document_request(request: Request, settings: ServeSettings) -> tuple[
         fields = RequestFields([str(q) for q in form.getlist("question")], options, form.get("overlay"))
         if isinstance(upload, UploadFile):
             data = _checked_size(await upload.read(settings.upload_limit + 1), settings)
-            return fields, Source(data, Path(upload.filename or "").name or None)
+            return fields, Source(data, _file_name(upload.filename))
         return fields, _path_under_root(form.get("path"), settings)
     body = await _json(request)
     if not isinstance(body, dict):
@@ -318,7 +316,12 @@ async def _document_request(request: Request, settings: ServeSettings) -> tuple[
         data = base64.b64decode(str(body["document"]), validate=True)
     except (binascii.Error, ValueError):
         raise UsageError("document must be base64") from None
-    return fields, Source(_checked_size(data, settings), body.get("name") and Path(str(body["name"])).name)
+    return fields, Source(_checked_size(data, settings), _file_name(body.get("name")))
+
+
+def _file_name(given: object) -> str | None:
+    """A client's name for its document, without any folders it gave (they are not the server's)."""
+    return Path(str(given)).name or None if given else None
 
 
 def _checked_size(data: bytes, settings: ServeSettings) -> bytes:

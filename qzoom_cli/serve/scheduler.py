@@ -142,10 +142,8 @@ def _settle(job: Job, outcome: list[Result] | Exception) -> None:
         job.future.set_exception(outcome)
         return
     for result in outcome:  # the overlay's file lives only as long as this batch: hand its bytes over
-        if result.zoom.overlay is None:  # not drawn: the record's warnings say why
-            job.overlays.append(None)
-            continue
-        job.overlays.append(png_data_url(Path(result.zoom.overlay).read_bytes()))
+        drawn = result.zoom.overlay  # None when not drawn: the record's warnings say why
+        job.overlays.append(png_data_url(Path(drawn).read_bytes()) if drawn is not None else None)
         result.zoom.overlay = None
     job.future.set_result(outcome)
 
