@@ -1,8 +1,8 @@
 """Time the zoom engine against stock `generate()` on one page, in one run, without downloads.
 
-Builds a Qwen2.5-VL or Qwen3-VL architecture with random weights (speed does not depend on weight values
-once the answer length is fixed, so every answer is forced to --new-tokens tokens) and a random
-zoom adapter with a gate, then times on the same page and question:
+Builds a Qwen2.5-VL, Qwen3-VL, Qwen3.5 or LLaVA architecture with random weights (speed does not
+depend on weight values once the answer length is fixed, so every answer is forced to --new-tokens
+tokens) and a random zoom adapter with a gate, then times on the same page and question:
 
     stock@4096       transformers' generate() at 256-4096 visual tokens (the published baseline)
     stock@576        generate() at the coarse budget
@@ -17,7 +17,8 @@ weight bytes over the measured copy bandwidth) is printed beside the per-token t
 
     python benchmarks/bench_engine.py --arch 7b --device cuda      # real size, needs a GPU
     python benchmarks/bench_engine.py --arch qwen3vl-4b --device cuda
-    python benchmarks/bench_engine.py --arch small --device cpu    # a CPU-sized stand-in (qwen3vl-small too)
+    python benchmarks/bench_engine.py --arch qwen3.5-9b --device cuda  # the hybrid generation (qwen3.5-35b-a3b too)
+    python benchmarks/bench_engine.py --arch small --device cpu    # a CPU-sized stand-in (qwen3vl-, qwen3.5-small too)
 
 Writes a JSON report (--out) and prints a markdown table for benchmarks/RESULTS.md. `--profile
 fast,fast+inductor` also breaks the skip case's decode step down kernel by kernel, per decoder.
@@ -46,14 +47,27 @@ from qzoom_cli.budget import VisualBudget
 from qzoom_cli.documents import open_document
 from qzoom_cli.runtime import Runtime, reset_peak_memory, resolve_runtime, synchronize
 from qzoom_cli.static_decode import StaticDecoder
-from qzoom_cli.testing import llava_config, make_llama_tokenizer, make_tokenizer, qwen2_5_vl_config, qwen3_vl_config
+from qzoom_cli.testing import (
+    llava_config,
+    make_llama_tokenizer,
+    make_tokenizer,
+    qwen2_5_vl_config,
+    qwen3_5_config,
+    qwen3_5_tokenizer,
+    qwen3_vl_config,
+)
 from qzoom_cli.zoom.adapter import AdapterConfig, ZoomAdapter
 from qzoom_cli.zoom.pipeline import ZoomSettings
 
 QUESTION = "What is the total due?"
+QWEN3_5_LINEAR = {"linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+                  "linear_num_key_heads": 16, "linear_num_value_heads": 32}
+QWEN3_5_VISION = {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+                  "num_position_embeddings": 2304}
 
-# Public Qwen2.5-VL, Qwen3-VL and LLaVA-1.5 configs (text: hidden, MLP, heads, KV heads, head dim, M-RoPE
-# sections; LLaVA's CLIP-L/336 tower, its grid fixed at 576 tokens whatever the budget).
+# Public Qwen2.5-VL, Qwen3-VL, Qwen3.5 and LLaVA-1.5 configs (text: hidden, MLP, heads, KV heads, head dim,
+# M-RoPE sections; Qwen3.5: its linear-attention heads, three such layers to one full-attention layer, and
+# the MoE's experts; LLaVA's CLIP-L/336 tower, its grid fixed at 576 tokens whatever the budget).
 ARCHS = {
     "7b": dict(layers=28, branch=18, vocab=152064,
                text={"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
@@ -95,6 +109,25 @@ ARCHS = {
                               "num_key_value_heads": 8, "head_dim": 64},
                         vision={"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
                                 "num_attention_heads": 4}),
+    "qwen3.5-9b": dict(family="qwen3_5", layers=32, branch=21, vocab=248320,
+                       text={"hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 16,
+                             "num_key_value_heads": 4, "head_dim": 256, "mrope_section": [11, 11, 10],
+                             **QWEN3_5_LINEAR},
+                       vision=QWEN3_5_VISION),
+    "qwen3.5-35b-a3b": dict(family="qwen3_5_moe", layers=40, branch=25, vocab=248320,
+                            text={"hidden_size": 2048, "num_attention_heads": 16,
+                                  "num_key_value_heads": 2, "head_dim": 256, "mrope_section": [11, 11, 10],
+                                  **QWEN3_5_LINEAR},
+                            experts={"num_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 512,
+                                 "shared_expert_intermediate_size": 512},
+                            vision=QWEN3_5_VISION),
+    "qwen3.5-small": dict(family="qwen3_5", layers=12, branch=5, vocab=32000,
+                          text={"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8,
+                                "num_key_value_heads": 2, "head_dim": 64, "mrope_section": [3, 3, 2],
+                                "linear_conv_kernel_dim": 4, "linear_key_head_dim": 32, "linear_value_head_dim": 32,
+                                "linear_num_key_heads": 4, "linear_num_value_heads": 8},
+                          vision={"depth": 4, "hidden_size": 256, "intermediate_size": 768, "num_heads": 4,
+                                  "num_position_embeddings": 2304}),
     "qwen3vl-small": dict(family="qwen3_vl", layers=12, branch=8, vocab=32000,
                           text={"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8,
                                 "num_key_value_heads": 2, "head_dim": 64, "mrope_section": [12, 10, 10]},
@@ -110,13 +143,19 @@ def build(arch: str, device: str, dtype: str, attn: str) -> tuple[Backbone, Runt
     spec = ARCHS[arch]
     family = spec.get("family", "qwen2_5_vl")
     runtime = resolve_runtime(device, dtype, attn, compile="off")
-    tokenizer = make_llama_tokenizer() if family == "llava" else make_tokenizer()
+    tokenizer = {"llava": make_llama_tokenizer, "qwen3_5": qwen3_5_tokenizer,
+                 "qwen3_5_moe": qwen3_5_tokenizer}.get(family, make_tokenizer)()
     if family == "llava":
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         config = llava_config(tokenizer, spec["layers"], text=spec["text"], vision=spec["vision"],
                               vocab_size=spec["vocab"], init_std=0.02)
         processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    elif family in ("qwen3_5", "qwen3_5_moe"):
+        config = qwen3_5_config(tokenizer, spec["layers"], moe="experts" in spec, text=spec["text"],
+                                vision=spec["vision"], vocab_size=spec["vocab"], init_std=0.02, interval=4,
+                                **({"experts": spec["experts"]} if "experts" in spec else {}))
+        processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     elif family == "qwen3_vl":
         config = qwen3_vl_config(tokenizer, spec["layers"], text=spec["text"], vision=spec["vision"],
                                  vocab_size=spec["vocab"], init_std=0.02)

@@ -101,10 +101,14 @@ def zoom_info(trace: ZoomTrace, page: PageView) -> ZoomInfo:
         skipped_reason=trace.skipped_reason, positions=None if region is None else region.positions)
 
 
-def default_branch(num_layers: int) -> tuple[int, int]:
-    """(K, T) for models without a card: branch two thirds of the way up, three layers deep."""
+def default_branch(num_layers: int, key_layers: tuple[int, ...]) -> tuple[int, int]:
+    """(K, T) for models without a card: branch two thirds of the way up, three layers deep; in a
+    hybrid stack, moved to the nearest place where the last of them is a layer with keys."""
     k = min(num_layers - 1, max(1, round(num_layers * 2 / 3)))
-    return k, min(3, num_layers - k)
+    t = min(3, num_layers - k)
+    last = min((layer for layer in key_layers if layer - t + 1 >= 1), key=lambda layer: abs(layer - (k + t - 1)),
+               default=k + t - 1)
+    return last - t + 1, t
 
 
 class QZoom:
@@ -122,7 +126,7 @@ class QZoom:
         else:
             k, t = zoom_card.get("branch_layer"), zoom_card.get("depth")
             if k is None or t is None:
-                k, t = default_branch(backbone.num_layers)
+                k, t = default_branch(backbone.num_layers, backbone.key_layers)
             k, t = branch_layer or k, depth or t
         trained = adapter is not None
         gate_threshold = adapter.config.gate_threshold if trained else None
@@ -138,7 +142,7 @@ class QZoom:
     def from_pretrained(cls, model: str | Path | None = None, *, adapter: str | Path | None = None,
                         revision: str | None = None, device: str | None = "auto", dtype: str | None = "auto",
                         attn: str | None = "auto", compile: str | None = "auto", branch_layer: int | None = None,
-                        depth: int | None = None, merge_lora: bool = True) -> QZoom:
+                        depth: int | None = None, merge_lora: bool = True, thinking: bool | None = None) -> QZoom:
         """Load a hub id or local checkpoint (default: the default card's model) with its zoom modules.
 
         Zoom modules come from `adapter` (a directory written by `ZoomAdapter.save_pretrained`),
@@ -146,14 +150,18 @@ class QZoom:
         checkpoint zooms training-free with its own layers K..K+T-1 as region head. LoRA weights in
         the adapter folder (`qzoom train sft`) are attached to the decoder, merged into its weights
         unless `merge_lora` is False. `compile` picks the decoder (`runtime.resolve_decoder`): auto
-        captures it as a CUDA graph on CUDA.
+        captures it as a CUDA graph on CUDA. `thinking` lets a checkpoint that reasons on request
+        (its chat template's enable_thinking) do so; None: the model card's default, else off.
         """
         card = default_card() if model is None else find_card(str(model))
         ref = card.id if model is None else str(model)
         runtime = resolve_runtime(device, dtype, attn, compile)
         for note in runtime.notes:
             log.warning(note)
-        backbone = load_backbone(ref, runtime, revision, processor=card.processor if card else None)
+        if thinking is None:
+            thinking = card.thinking if card is not None else False
+        backbone = load_backbone(ref, runtime, revision, processor=card.processor if card else None,
+                                 thinking=thinking)
         if card is not None and card.system_prompt is not None:
             backbone.system_prompt = card.system_prompt
         own = Path(backbone.model_id)

@@ -1,8 +1,9 @@
 """Model cards: one small TOML file per supported checkpoint under `models/`.
 
 A card names the hub id, the family, its patch factor, the default visual-token budget without
-zoom (`[budget]`) and the zoom defaults (`[zoom]`: branch layer K, depth T, thresholds of trained
-checkpoints, coarse budget), so `qzoom ask` can start without flags. Models without a card still
+zoom (`[budget]`), the zoom defaults (`[zoom]`: branch layer K, depth T, thresholds of trained
+checkpoints, coarse budget) and, for checkpoints that reason on request, whether they do by
+default (`thinking`), so `qzoom ask` can start without flags. Models without a card still
 work with generic defaults.
 """
 
@@ -29,6 +30,7 @@ class ModelCard:
     processor: str | None = None
     system_prompt: str | None = None
     max_new_tokens: int | None = None
+    thinking: bool = False
     zoom: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
 
@@ -44,7 +46,8 @@ def _parse(path: Path) -> ModelCard:
         data = tomllib.loads(path.read_text())
         budget = data.pop("budget", {})
         known = {k: data.pop(k) for k in ("id", "family", "patch_factor", "description", "default", "processor",
-                                          "system_prompt", "max_new_tokens", "zoom", "training") if k in data}
+                                          "system_prompt", "max_new_tokens", "thinking", "zoom", "training")
+                 if k in data}
         return ModelCard(min_visual_tokens=budget.get("min_visual_tokens", GENERIC_BUDGET[0]),
                          max_visual_tokens=budget.get("max_visual_tokens", GENERIC_BUDGET[1]), **known)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, TypeError, AttributeError) as exc:

@@ -16,6 +16,7 @@ import torch
 from transformers import Cache
 
 from .backbones import Backbone, ModelInputs, VisualAdditions
+from .backbones.caches import CacheMark, has_recurrent_layers, mark_cache
 from .runtime import synchronize
 
 
@@ -48,28 +49,30 @@ def pick_tokens(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
 
 
-def truncate_cache(cache: Cache, length: int, layers: range) -> None:
-    """Keep only the first `length` positions of the given layers' keys and values (they hold at least that many)."""
-    for index in layers:
-        cache.layers[index].crop(length - cache.layers[index].get_seq_length())
-
-
-def copy_cache(cache: Cache, empty: Cache, layers: range, rows: list[int] | None = None) -> Cache:
-    """`empty` filled with copies of the given layers' keys and values (of batch `rows`, or all)."""
-    for index in layers:
-        keys, values = cache.layers[index].keys, cache.layers[index].values
-        if rows is not None:
-            keys, values = keys[rows], values[rows]
-        empty.update(keys.clone(), values.clone(), index)
-    return empty
-
-
 @torch.inference_mode()
 def prefill(backbone: Backbone, embeds: torch.Tensor, positions: torch.Tensor, cache: Cache,
             attention_mask: torch.Tensor | None = None, additions: VisualAdditions | None = None) -> torch.Tensor:
     """Run the whole prompt through every layer, filling `cache`; returns next-token logits [batch, vocab]."""
     hidden = backbone.run_layers(embeds, positions, cache, 0, backbone.num_layers, attention_mask, additions)
     return backbone.next_token_logits(hidden)
+
+
+def run_marked(backbone: Backbone, embeds: torch.Tensor, positions: torch.Tensor, cache: Cache, stop: int,
+               attention_mask: torch.Tensor | None, additions: VisualAdditions | None, at: int
+               ) -> tuple[torch.Tensor, CacheMark]:
+    """Layers [0, stop) over a prompt, filling `cache`, and a mark to rewind those layers to
+    position `at`. Keys and values are cut back later, so one pass does; a recurrent layer's state
+    at `at` exists only while the prompt passes it, so with such layers the prompt runs in two
+    chunks split there (exact: the second continues from the first's states)."""
+    if not has_recurrent_layers(cache, range(stop)):
+        return backbone.run_layers(embeds, positions, cache, 0, stop, attention_mask, additions), CacheMark(at)
+    head_mask = None if attention_mask is None else attention_mask[:, :at]
+    head = backbone.run_layers(embeds[:, :at], positions[..., :at], cache, 0, stop, head_mask,
+                               None if additions is None else additions.tokens(0, at))
+    mark = mark_cache(cache, at, range(stop))
+    tail = backbone.run_layers(embeds[:, at:], positions[..., at:], cache, 0, stop, attention_mask,
+                               None if additions is None else additions.tokens(at))
+    return torch.cat([head, tail], dim=1), mark
 
 
 @torch.inference_mode()

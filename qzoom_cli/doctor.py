@@ -58,7 +58,8 @@ def collect_report() -> dict:
         "platform": platform.platform(),
         "packages": {name: package_version(name) for name in
                      ("torch", "transformers", "accelerate", "tokenizers", "safetensors", "huggingface-hub",
-                      "pymupdf", "pillow", "typer", "rich", "flash-attn", "torchvision")},
+                      "pymupdf", "pillow", "typer", "rich", "flash-attn", "torchvision",
+                      "flash-linear-attention", "causal-conv1d")},
         "transformers_supported": str(SUPPORTED_TRANSFORMERS),
         "transformers_ok": transformers_version is not None and transformers_version in SUPPORTED_TRANSFORMERS,
         "cuda": {"available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda},

@@ -3,7 +3,8 @@
 The eager loop (`decode.greedy_decode_batch`) launches every kernel of every layer from Python
 and reads each token back to the host; on a GPU that loop, not the matrix work, sets the pace.
 Here the prompt's cache (however the prefill built it) is copied into a static cache sized
-`prompt + max_new_tokens` (rounded up to a bucket, so one graph serves many prompts); the step
+`prompt + max_new_tokens` (rounded up to a bucket, so one graph serves many prompts; a recurrent
+layer's state is fixed-size and copied as it is); the step
 (embed the last token, run every layer, pick the next token, write it into an output buffer,
 advance the position and the cursor) only mutates tensors that live at fixed addresses, so it
 is captured once per (batch, bucket) and replayed per token. The host reads one flag per step,
@@ -24,6 +25,7 @@ import torch
 from transformers import Cache
 
 from .backbones import Backbone
+from .backbones.caches import allocate_static, load_static, static_cursor, static_step_state
 from .decode import Decoder, EagerDecoder, Generation, pick_tokens, until_end
 from .runtime import synchronize
 
@@ -55,7 +57,7 @@ class _Session:
     @property
     def cursor(self) -> torch.Tensor:
         """[] the cache slot the next step writes: the static cache's own length counter."""
-        return self.cache.layers[0].cumulative_length
+        return static_cursor(self.cache)
 
 
 def bucket(length: int) -> int:
@@ -137,8 +139,7 @@ class StaticDecoder:
         bb = self.backbone
         device, batch = positions.device, positions.shape[1]
         static = bb.new_static_cache(capacity)
-        for source, layer in zip(cache.layers, static.layers, strict=True):
-            layer.lazy_initialization(source.keys, source.values)
+        allocate_static(static, cache)
         return _Session(
             cache=static,
             tokens=torch.zeros(batch, dtype=torch.long, device=device),
@@ -155,10 +156,7 @@ class StaticDecoder:
               attention_mask: torch.Tensor | None) -> None:
         """Copy the prompt's cache in and reset every step input, in place (the graph keeps the addresses)."""
         prompt = cache.get_seq_length()
-        for source, layer in zip(cache.layers, session.cache.layers, strict=True):
-            layer.keys[:, :, :prompt].copy_(source.keys)
-            layer.values[:, :, :prompt].copy_(source.values)
-            layer.cumulative_length.fill_(prompt)
+        load_static(session.cache, cache)
         session.visible.zero_()
         if attention_mask is None:
             session.visible[:, :prompt] = True
@@ -207,7 +205,7 @@ class StaticDecoder:
 def _state(session: _Session) -> list[torch.Tensor]:
     """The tensors a step advances (the cache contents past the cursor are overwritten before use)."""
     return [session.tokens, session.positions, session.visible, session.step, session.done,
-            *(layer.cumulative_length for layer in session.cache.layers)]
+            *static_step_state(session.cache)]
 
 
 class _AllDone:

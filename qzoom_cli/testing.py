@@ -2,7 +2,8 @@
 
 Random seeded weights, a few small layers, a byte-level BPE tokenizer trained on a few lines of
 text that carries the family's real special tokens and chat template, and the family's real
-image processor config (Qwen2.5-VL: 14 px patches; Qwen3-VL: 16 px patches and deepstack; both
+image processor config (Qwen2.5-VL: 14 px patches; Qwen3-VL: 16 px patches and deepstack; Qwen3.5:
+16 px patches and a hybrid decoder, linear-attention layers between full-attention ones; all
 merged 2x2), so every code path of qzoom runs on CPU in seconds. Its answers are meaningless;
 its shapes, tokens and control flow are the real ones.
 """
@@ -20,12 +21,16 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2Tokenizer,
+    Qwen3_5Config,
+    Qwen3_5MoeConfig,
     Qwen3VLConfig,
     Qwen3VLMoeConfig,
 )
+from transformers.models.qwen3_5.tokenization_qwen3_5 import Qwen3_5Tokenizer
 
 from .backbones.llava import LLAVA_CHAT_TEMPLATE
 from .backbones.qwen2_5_vl import QWEN_VL_CHAT_TEMPLATE
+from .backbones.qwen3_5 import QWEN3_5_CHAT_TEMPLATE
 from .backbones.qwen3_vl import QWEN3_VL_CHAT_TEMPLATE
 from .errors import UsageError
 
@@ -43,7 +48,7 @@ TRAINING_TEXT = [
     "You are a helpful assistant. system user assistant",
 ]
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "llava")
 THINK_TOKENS = ["<think>", "</think>"]  # Qwen3 vocabularies carry them as ordinary added tokens
 # Qwen3-VL Thinking checkpoints open the answer with a reasoning block.
 QWEN3_VL_THINKING_TEMPLATE = QWEN3_VL_CHAT_TEMPLATE.replace("'<|im_start|>assistant\\n'",
@@ -53,8 +58,9 @@ INIT_STD = 0.2
 
 
 def make_tokenizer(vocab_size: int = 400, template: str = QWEN_VL_CHAT_TEMPLATE,
-                   extra_tokens: tuple[str, ...] = ()) -> Qwen2Tokenizer:
-    """A byte-level BPE tokenizer with Qwen's special tokens, `extra_tokens` and chat `template`."""
+                   extra_tokens: tuple[str, ...] = (), tokenizer_class: type = Qwen2Tokenizer) -> Qwen2Tokenizer:
+    """A byte-level BPE tokenizer (of `tokenizer_class`, Qwen3.5's has its own) with Qwen's special
+    tokens, `extra_tokens` and chat `template`."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
@@ -62,8 +68,8 @@ def make_tokenizer(vocab_size: int = 400, template: str = QWEN_VL_CHAT_TEMPLATE,
     bpe.train_from_iterator(TRAINING_TEXT * 4, trainer)
     spec = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=spec["vocab"], merges=merges, eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>", unk_token=None)
+    tokenizer = tokenizer_class(vocab=spec["vocab"], merges=merges, eos_token="<|im_end|>",
+                                pad_token="<|endoftext|>", unk_token=None)
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
     tokenizer.add_tokens(list(extra_tokens))
     tokenizer.chat_template = template
@@ -129,13 +135,62 @@ def qwen3_vl_config(tokenizer: Qwen2Tokenizer, num_layers: int, moe: bool = Fals
     tokens, text_config = _text_config(tokenizer, num_layers, text, vocab_size, init_std,
                                        {"rope_theta": 5_000_000.0, "mrope_interleaved": True})
     text_config.update(TINY_MOE if moe else {})
+    return _merged_32px_config(Qwen3VLMoeConfig if moe else Qwen3VLConfig, tokens, text_config, vision, init_std)
+
+
+def _merged_32px_config(config_class, tokens: dict, text_config: dict, vision: dict, init_std: float):
+    """A config whose vision tower cuts 16 px patches merged 2x2 (32 px per LLM token), with tied
+    embeddings: Qwen3-VL's and Qwen3.5's."""
     vision_config = {
-        **vision, "out_hidden_size": text["hidden_size"], "patch_size": 16, "spatial_merge_size": 2,
+        **vision, "out_hidden_size": text_config["hidden_size"], "patch_size": 16, "spatial_merge_size": 2,
         "temporal_patch_size": 2, "in_channels": 3, "initializer_range": init_std,
     }
-    config_class = Qwen3VLMoeConfig if moe else Qwen3VLConfig
     return config_class(text_config=text_config, vision_config=vision_config, tie_word_embeddings=True,
                         initializer_range=init_std, **tokens)
+
+
+# Qwen3.5's attention is 'gated' (queries projected with an output gate) and rotates a quarter of
+# each head; its linear-attention layers have heads of their own. Weights narrower than the other
+# families' (0.1): the chunked delta rule in float32 drifts on wider random ones, which would hide
+# real errors in the 1e-4 comparisons.
+TINY_QWEN3_5_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "head_dim": 32, "mrope_section": [2, 1, 1], "linear_conv_kernel_dim": 4,
+                     "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
+                     "linear_num_value_heads": 4}
+TINY_QWEN3_5_VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                       "num_position_embeddings": 64}
+TINY_QWEN3_5_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                    "shared_expert_intermediate_size": 32}
+QWEN3_5_INIT_STD = 0.1
+
+
+def qwen3_5_tokenizer() -> Qwen3_5Tokenizer:
+    """A tokenizer of Qwen3.5's class with its special tokens, thinking tokens and chat template."""
+    return make_tokenizer(template=QWEN3_5_CHAT_TEMPLATE, extra_tokens=tuple(THINK_TOKENS),
+                          tokenizer_class=Qwen3_5Tokenizer)
+
+
+def hybrid_layer_types(num_layers: int, interval: int) -> list[str]:
+    """Qwen3.5's layer pattern: `interval - 1` linear-attention layers, then a full-attention one."""
+    return ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(num_layers)]
+
+
+def qwen3_5_config(tokenizer, num_layers: int, moe: bool = False, text: dict = TINY_QWEN3_5_TEXT,
+                   vision: dict = TINY_QWEN3_5_VISION, vocab_size: int | None = None,
+                   init_std: float = QWEN3_5_INIT_STD, interval: int = 2,
+                   experts: dict = TINY_QWEN3_5_MOE) -> Qwen3_5Config | Qwen3_5MoeConfig:
+    """A Qwen3.5 config (MoE with `moe`, its `experts`) of any size whose special-token ids are
+    `tokenizer`'s.
+
+    `text` as for `qwen2_5_vl_config` plus the linear-attention dimensions (`linear_*`); `vision`
+    sets depth, hidden_size, intermediate_size, num_heads and num_position_embeddings. A full-
+    attention layer every `interval` layers (4 in the real checkpoints; 2 gives a tiny model several).
+    16 px patches, 2x2 merge, interleaved M-RoPE on a quarter of each head, as released."""
+    tokens, text_config = _text_config(tokenizer, num_layers, text, vocab_size, init_std,
+                                       {"rope_theta": 10_000_000.0, "mrope_interleaved": True,
+                                        "partial_rotary_factor": 0.25})
+    text_config.update({**(experts if moe else {}), "layer_types": hybrid_layer_types(num_layers, interval)})
+    return _merged_32px_config(Qwen3_5MoeConfig if moe else Qwen3_5Config, tokens, text_config, vision, init_std)
 
 
 LLAMA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
@@ -186,7 +241,8 @@ def llava_config(tokenizer: PreTrainedTokenizerFast, num_layers: int, text: dict
 def make_tiny(directory: str | Path, family: str = "qwen2_5_vl", seed: int = 0, num_layers: int = 4,
               thinking: bool = False) -> Path:
     """Write a tiny random checkpoint of `family` to `directory` and return its path; `thinking`
-    gives a Qwen3-VL one the chat template of the Thinking checkpoints."""
+    gives a Qwen3-VL one the chat template of the Thinking checkpoints (Qwen3.5 thinks on request,
+    whatever this says)."""
     if family not in FAMILIES:
         raise UsageError(f"no tiny model for family {family!r}; available: {', '.join(FAMILIES)}")
     if num_layers < 1:
@@ -207,6 +263,12 @@ def make_tiny(directory: str | Path, family: str = "qwen2_5_vl", seed: int = 0, 
         config = qwen2_5_vl_config(tokenizer, num_layers)
         processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
                                              min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)
+    elif family in ("qwen3_5", "qwen3_5_moe"):
+        tokenizer = qwen3_5_tokenizer()
+        config = qwen3_5_config(tokenizer, num_layers, moe=family == "qwen3_5_moe")
+        processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                             image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                             min_pixels=4 * 32 * 32, max_pixels=16384 * 32 * 32)
     elif family == "llava":
         tokenizer = make_llama_tokenizer()
         config = llava_config(tokenizer, num_layers)

@@ -25,6 +25,17 @@ def qz(tiny_dir):
     return QZoom.from_pretrained(str(tiny_dir), device="cpu")
 
 
+@pytest.fixture(scope="session")
+def page_image():
+    """The first page of the test invoice at 72 dpi, as the families' tests read it."""
+    from docmaker import make_pdf
+
+    from qzoom_cli.documents import open_document
+
+    with open_document(make_pdf(1), dpi=72) as doc:
+        return doc.render(1)
+
+
 @pytest.fixture
 def pdf_path(tmp_path):
     from docmaker import make_pdf

@@ -216,7 +216,7 @@ def test_models_list_and_make_tiny(tmp_path):
     listed = runner.invoke(cli.app, ["models", "list", "--json"])
     cards = json.loads(listed.stdout)["models"]
     assert sum(card["default"] for card in cards) == 1
-    factors = {"qwen2_5_vl": 28, "qwen3_vl": 32, "qwen3_vl_moe": 32, "llava": 14}
+    factors = {"qwen2_5_vl": 28, "qwen3_vl": 32, "qwen3_vl_moe": 32, "qwen3_5": 32, "qwen3_5_moe": 32, "llava": 14}
     assert all(card["patch_factor"] == factors[card["family"]] for card in cards)
     assert {"YuhengSSS/Q-Zoom-Qwen3VL-4B", "Qwen/Qwen3-VL-30B-A3B-Instruct", "llava-hf/llava-1.5-7b-hf",
             "llava-hf/llava-1.5-13b-hf"} <= {card["id"] for card in cards}

@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from qzoom_cli import QZoom, cli
+from qzoom_cli.backbones.caches import CacheMark
 from qzoom_cli.budget import Canvas, VisualBudget
 from qzoom_cli.decode import greedy_decode, prefill
 from qzoom_cli.documents import open_document
@@ -31,12 +32,6 @@ def llava_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qzl(llava_dir):
     return QZoom.from_pretrained(str(llava_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def page_image():
-    with open_document(make_pdf(1), dpi=72) as doc:
-        return doc.render(1)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +129,8 @@ def test_fused_prefill_with_cache_reuse_equals_prefill_from_scratch_and_stock(qz
     with torch.no_grad():
         hidden_k = bb.run_layers(inputs.embeds, inputs.positions, cache, 0, branch_layer)
         reused, _, mask = engine.fused_prefill([fused], hidden_k, inputs.positions,
-                                               torch.ones(1, fused.reused, dtype=torch.long), cache, None)
+                                               torch.ones(1, fused.reused, dtype=torch.long), cache,
+                                               CacheMark(fused.reused))
         fresh = bb.new_cache()
         scratch = prefill(bb, fused.inputs.embeds, fused.inputs.positions, fresh, None, None)
         crop = page.crop(region_px, bb.layout.canvas.content_size((int(region_px.width), int(region_px.height)),

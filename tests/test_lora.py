@@ -90,23 +90,10 @@ def test_lora_for_another_model_is_refused(tiny_dir, tuned, tmp_path):
 
 @pytest.mark.parametrize("command", ["ask", "run", "eval", "bench", "serve"])
 def test_every_command_with_an_adapter_takes_no_merge(command, tiny_dir, tuned, monkeypatch):
-    from typer.testing import CliRunner
+    from zoomkit import COMMAND_ARGS, load_model_arguments
 
-    from qzoom_cli import cli
-
-    seen = []
-
-    def load(model, adapter, revision, device, dtype, attn, compile_mode, no_merge):
-        seen.append(no_merge)
-        raise SystemExit(0)
-
-    for module in ("ask", "run", "scoring", "serve"):  # the modules (the package's names are the commands)
-        monkeypatch.setattr(sys.modules[f"qzoom_cli.cli.{module}"], "load_model", load)
-    args = {"ask": ["ask", "samples/invoice.pdf", "q?"], "run": ["run", "samples/questions.jsonl", "--force"],
-            "eval": ["eval", "samples/questions.jsonl"], "bench": ["bench", "samples/questions.jsonl"],
-            "serve": ["serve"]}[command]
-    result = CliRunner().invoke(cli.app, [*args, "--model", str(tiny_dir), "--adapter", str(tuned[0]), "--no-merge"])
-    assert seen == [True], result.stderr
+    args = [*COMMAND_ARGS[command], "--model", str(tiny_dir), "--adapter", str(tuned[0]), "--no-merge"]
+    assert load_model_arguments(args, monkeypatch)["no_merge"] is True
 
 
 def test_without_peft_lora_weights_are_an_environment_problem(monkeypatch):

@@ -6,11 +6,19 @@ import math
 import pytest
 import torch
 from docmaker import make_pdf
-from PIL import Image, ImageDraw
+from PIL import Image
 from typer.testing import CliRunner
-from zoomkit import assert_region_maps_of_a_padded_batch_equal_each_alone, trained_adapter, write_official_checkpoint
+from zoomkit import (
+    assert_region_maps_of_a_padded_batch_equal_each_alone,
+    check_batch_equals_single,
+    check_static_decoder_equals_eager,
+    check_train_run_eval_bench,
+    trained_adapter,
+    write_official_checkpoint,
+)
 
 from qzoom_cli import QZoom, cli
+from qzoom_cli.backbones.caches import CacheMark
 from qzoom_cli.budget import VisualBudget
 from qzoom_cli.decode import Generation, greedy_decode, prefill
 from qzoom_cli.documents import open_document
@@ -36,21 +44,9 @@ def qz3(qwen3_dir):
 
 
 @pytest.fixture(scope="module")
-def page_image():
-    with open_document(make_pdf(1), dpi=72) as doc:
-        return doc.render(1)
-
-
-@pytest.fixture(scope="module")
 def page(qz3):
     with open_document(make_pdf(1), dpi=72) as doc:
         yield qz3._encode_page(doc, 1, BUDGET).view
-
-
-def _stock_inputs(bb, images, ids):
-    pixels = bb.image_processor(images=images, do_resize=False, return_tensors="pt")
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels["pixel_values"],
-            "image_grid_thw": pixels["image_grid_thw"], "mm_token_type_ids": (ids == bb.config.image_token_id).int()}
 
 
 def _region_image(page_image, bb):
@@ -86,7 +82,7 @@ def test_layer_by_layer_forward_equals_stock_logits_with_two_images(qz3, page_im
     prompt = bb.build_prompt(QUESTION, [e.grid for e in encodings])
     inputs = bb.prepare_inputs(prompt, encodings)
     with torch.no_grad():
-        stock = bb.model(**_stock_inputs(bb, images, prompt.input_ids)).logits[0]
+        stock = bb.model(**bb.stock_inputs(prompt, images)).logits[0]
         expected_positions, _ = bb.model.model.get_rope_index(
             prompt.input_ids, mm_token_type_ids=(prompt.input_ids == bb.config.image_token_id).int(),
             image_grid_thw=torch.tensor([[1, r * 2, c * 2] for r, c in (e.grid for e in encodings)]))
@@ -117,12 +113,13 @@ def test_fused_prefill_with_cache_reuse_equals_prefill_from_scratch(qz3, page, p
     with torch.no_grad():
         hidden_k = bb.run_layers(inputs.embeds, inputs.positions, cache, 0, branch_layer, None, inputs.additions)
         reused, _, mask = engine.fused_prefill([fused], hidden_k, inputs.positions,
-                                               torch.ones(1, fused.reused, dtype=torch.long), cache, inputs.additions)
+                                               torch.ones(1, fused.reused, dtype=torch.long), cache,
+                                               CacheMark(fused.reused), inputs.additions)
         fresh = bb.new_cache()
         scratch = prefill(bb, fused.inputs.embeds, fused.inputs.positions, fresh, None, fused.inputs.additions)
         if not aligned:
             images = [bb.fit_image(page_image, BUDGET), crop]
-            stock = bb.model(**_stock_inputs(bb, images, fused.prompt.input_ids)).logits[:, -1]
+            stock = bb.model(**bb.stock_inputs(fused.prompt, images)).logits[:, -1]
             torch.testing.assert_close(scratch, stock, atol=1e-4, rtol=1e-4)
     assert mask is None
     torch.testing.assert_close(reused, scratch, atol=1e-4, rtol=1e-4)
@@ -234,22 +231,7 @@ def test_official_layout_equals_the_same_adapter(qz3, qwen3_dir, tmp_path):
 
 @pytest.mark.parametrize("aligned", [False, True])
 def test_batch_equals_single_runs(qz3, aligned):
-    bb = qz3.backbone
-    engine = ZoomEngine(bb, 2, 2, trained_adapter(bb, reuse_src_pos=aligned, seed=3), reuse_src_pos=aligned)
-    doc = open_document(make_pdf(2), dpi=72)
-    pages = [qz3._encode_page(doc, 1, BUDGET).view, qz3._encode_page(doc, 2, VisualBudget(8, 24)).view]
-    items = [(p, q) for p in pages for q in ("Total?", "Which company issued this invoice, and when?")]
-    probe = sorted(engine.answer(p, q, ZoomSettings("auto", gate_threshold=0.0), 1).trace.gate.score
-                   for p, q in items)
-    settings = ZoomSettings("auto", gate_threshold=(probe[1] + probe[2]) / 2, roi_threshold=0.3)
-    singles = [engine.answer(p, q, settings, 5) for p, q in items]
-    batch = engine.answer_batch(items, settings, 5)
-    doc.close()
-    assert 0 < sum(a.trace.zoomed for a in singles) < len(items)
-    for single, batched in zip(singles, batch, strict=True):
-        assert batched.generation.token_ids == single.generation.token_ids
-        assert batched.trace.region == single.trace.region
-        assert batched.generation.logprobs == pytest.approx(single.generation.logprobs, abs=1e-4)
+    check_batch_equals_single(qz3, BUDGET, aligned)
 
 
 def test_thinking_checkpoint_keeps_the_reasoning_apart(tmp_path):
@@ -304,52 +286,12 @@ def test_make_tiny_command_families(tmp_path):
 
 def test_train_run_eval_bench_commands(qwen3_dir, tmp_path):
     """The commands work on Qwen3-VL: train rpn (teacher pass included) -> train gate -> run, eval, bench."""
-    model = ["--model", str(qwen3_dir), "--device", "cpu", "--dpi", "72"]
-    rows = []
-    for i in range(4):
-        image = Image.new("RGB", (256, 256), "white")
-        ImageDraw.Draw(image).rectangle([20 + 30 * i, 40, 90 + 30 * i, 110], fill=(220, 20, 20))
-        image.save(tmp_path / f"p{i}.png")
-        rows.append({"id": f"s{i}", "file": f"p{i}.png", "question": "Where is the red square?", "answers": ["top"]})
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "adapter"
-    rpn = runner.invoke(cli.app, ["train", "rpn", str(manifest), "--out", str(out), "--view-tokens", "16",
-                                  "--batch-size", "2", "--peak-floor", "0", "--max-area", "1.01",
-                                  *model])
-    assert rpn.exit_code == 0, rpn.stderr
-    assert json.loads((out / "qzoom_config.json").read_text())["family"] == qwen3_dir.name
-    gate = runner.invoke(cli.app, ["train", "gate", str(manifest), "--adapter", str(out), "--ladder", "4,9,16",
-                                   "--batch-size", "2", "--max-new-tokens", "2", *model])
-    assert gate.exit_code in (0, 2), gate.stderr  # 2: no ladder survived the filter (random answers)
-    common = [*model, "--adapter", str(out), "--max-new-tokens", "2", "--max-visual-tokens", "24",
-              "--min-visual-tokens", "8"]
-    ran = runner.invoke(cli.app, ["run", str(manifest), *common, "--zoom", "always"])
-    assert ran.exit_code == 0, ran.stderr
-    records = [json.loads(line) for line in ran.stdout.splitlines()]
-    assert len(records) == 4 and all(r["zoom"]["zoomed"] or r["zoom"]["skipped_reason"] for r in records)
-    assert all(r["model"]["family"] == qwen3_dir.name for r in records)
-    evaluated = runner.invoke(cli.app, ["eval", str(manifest), *common, "--compare", "never,always", "--json"])
-    assert evaluated.exit_code == 0, evaluated.stderr
-    assert [m["rows"] for m in json.loads(evaluated.stdout)["modes"]] == [4, 4]
-    bench = runner.invoke(cli.app, ["bench", str(manifest), *model, "--max-new-tokens", "2", "--budgets", "16,24",
-                                    "--modes", "never", "--out", str(tmp_path / "bench"), "--limit", "2"])
-    assert bench.exit_code == 0, bench.stderr
+    check_train_run_eval_bench(qwen3_dir, tmp_path)
 
 
 @pytest.mark.parametrize("mode", ["never", "always"])
 def test_static_decoder_equals_eager(qz3, page, mode):
-    from qzoom_cli.decode import EagerDecoder
-    from qzoom_cli.static_decode import StaticDecoder
-
-    bb = qz3.backbone
-    eager = ZoomEngine(bb, 2, 2, decode=EagerDecoder(bb))
-    fast = ZoomEngine(bb, 2, 2, decode=StaticDecoder(bb, capture=False))
-    items = [(page, "Total?"), (page, "Which company issued this invoice, and to whom is it addressed?")]
-    settings = ZoomSettings(mode, roi_threshold=0.3)
-    for want, got in zip(eager.answer_batch(items, settings, 6), fast.answer_batch(items, settings, 6), strict=True):
-        assert got.generation.token_ids == want.generation.token_ids and got.trace.region == want.trace.region
-        assert got.generation.logprobs == pytest.approx(want.generation.logprobs, abs=1e-4)
+    check_static_decoder_equals_eager(qz3.backbone, page, mode)
 
 
 @pytest.mark.graphs

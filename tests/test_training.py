@@ -866,9 +866,10 @@ def test_lora_settings_at_their_bounds_are_accepted(values):
     ({"dropout": 1.0}, "--lora-rank must be at least 1, --lora-alpha positive and --lora-dropout in [0, 1)"),
     ({"dropout": -0.1}, "--lora-rank must be at least 1, --lora-alpha positive and --lora-dropout in [0, 1)"),
     ({"targets": ()}, "--lora-targets takes names among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
-                      "down_proj"),
+                      "down_proj, in_proj_qkv, in_proj_z, out_proj"),
     ({"targets": ("q_proj", "lm_head", "embed")}, "--lora-targets takes names among q_proj, k_proj, v_proj, "
-                                                   "o_proj, gate_proj, up_proj, down_proj (not embed, lm_head)"),
+                                                   "o_proj, gate_proj, up_proj, down_proj, in_proj_qkv, in_proj_z, "
+                                                   "out_proj (not embed, lm_head)"),
 ])
 def test_lora_settings_out_of_bounds_are_usage_errors(values, message):
     from qzoom_cli.training.settings import LoraSettings
@@ -1058,7 +1059,8 @@ def test_region_settings_follow_the_card_and_a_fixed_grid_familys_view():
     from qzoom_cli.training.teacher import fallback_heads
 
     def model(grid=None, card=None):
-        backbone = SimpleNamespace(family="llava", layout=SimpleNamespace(fixed_grid=grid), num_attention_heads=4)
+        backbone = SimpleNamespace(family="llava", layout=SimpleNamespace(fixed_grid=grid), num_attention_heads=4,
+                                   num_layers=8, key_layers=tuple(range(8)))
         return SimpleNamespace(backbone=backbone, engine=SimpleNamespace(branch_layer=3, depth=2), card=card)
 
     published = SimpleNamespace(training={"heads": {"grounding": {"1": [0, 2]}}})

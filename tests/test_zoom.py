@@ -13,6 +13,7 @@ from zoomkit import assert_region_maps_of_a_padded_batch_equal_each_alone, train
 
 from qzoom_cli import QZoom
 from qzoom_cli.api import zoom_info
+from qzoom_cli.backbones.caches import CacheMark
 from qzoom_cli.budget import VisualBudget
 from qzoom_cli.decode import greedy_decode, prefill
 from qzoom_cli.documents import open_document
@@ -102,7 +103,8 @@ def test_fused_prefill_with_cache_reuse_equals_prefill_from_scratch(qz, page, al
     region = bb.encode_image(page.crop(px, (3 * 28, 2 * 28)))
     fused = fuse_region(bb, QUESTION, prompt, page.encoding, region, box, aligned=aligned)
     reused, fused_positions, mask = engine.fused_prefill([fused], hidden_k, positions,
-                                                         torch.ones(1, fused.reused, dtype=torch.long), cache)
+                                                         torch.ones(1, fused.reused, dtype=torch.long), cache,
+                                                         CacheMark(fused.reused))
     assert mask is None and torch.equal(fused_positions, fused.inputs.positions)
     fresh = bb.new_cache()
     scratch = prefill(bb, fused.inputs.embeds, fused.inputs.positions, fresh)

@@ -73,6 +73,125 @@ def write_official_checkpoint(base_dir: Path, adapter: ZoomAdapter, out_dir: Pat
     return out_dir
 
 
+def check_batch_equals_single(qz, budget, aligned: bool) -> None:
+    """Two pages at different budgets, two questions each, a gate threshold between the middle
+    scores: skip and zoom rows in one batch answer as each alone (tokens, regions, log-probs)."""
+    import pytest
+    from docmaker import make_pdf
+
+    from qzoom_cli.budget import VisualBudget
+    from qzoom_cli.documents import open_document
+    from qzoom_cli.zoom.pipeline import ZoomEngine, ZoomSettings
+
+    bb = qz.backbone
+    engine = ZoomEngine(bb, 2, 2, trained_adapter(bb, reuse_src_pos=aligned, seed=3), reuse_src_pos=aligned)
+    with open_document(make_pdf(2), dpi=72) as doc:  # open while regions are cut from its pages
+        pages = [qz.page_view(doc, 1, budget), qz.page_view(doc, 2, VisualBudget(8, 24))]
+        items = [(p, q) for p in pages for q in ("Total?", "Which company issued this invoice, and when?")]
+        probe = sorted(engine.answer(p, q, ZoomSettings("auto", gate_threshold=0.0), 1).trace.gate.score
+                       for p, q in items)
+        settings = ZoomSettings("auto", gate_threshold=(probe[1] + probe[2]) / 2, roi_threshold=0.3)
+        singles = [engine.answer(p, q, settings, 5) for p, q in items]
+        batch = engine.answer_batch(items, settings, 5)
+    assert 0 < sum(a.trace.zoomed for a in singles) < len(items)
+    for single, batched in zip(singles, batch, strict=True):
+        assert batched.generation.token_ids == single.generation.token_ids
+        assert batched.trace.region == single.trace.region
+        assert batched.generation.logprobs == pytest.approx(single.generation.logprobs, abs=1e-4)
+
+
+def check_static_decoder_equals_eager(bb, page, mode: str, calls: int = 1) -> None:
+    """Two questions of different lengths about `page`, batched: the static-cache decoder gives the
+    eager loop's tokens, regions and log-probs, `calls` times (later calls reuse its session)."""
+    import pytest
+
+    from qzoom_cli.decode import EagerDecoder
+    from qzoom_cli.static_decode import StaticDecoder
+    from qzoom_cli.zoom.pipeline import ZoomEngine, ZoomSettings
+
+    eager = ZoomEngine(bb, 2, 2, decode=EagerDecoder(bb))
+    fast = ZoomEngine(bb, 2, 2, decode=StaticDecoder(bb, capture=False))
+    items = [(page, "Total?"), (page, "Which company issued this invoice, and to whom is it addressed?")]
+    settings = ZoomSettings(mode, roi_threshold=0.3)
+    for _ in range(calls):
+        for want, got in zip(eager.answer_batch(items, settings, 6), fast.answer_batch(items, settings, 6),
+                             strict=True):
+            assert got.generation.token_ids == want.generation.token_ids and got.trace.region == want.trace.region
+            assert got.generation.logprobs == pytest.approx(want.generation.logprobs, abs=1e-4)
+
+
+def check_train_run_eval_bench(model_dir: Path, tmp_path: Path, batch_size: str = "1",
+                                bench_modes: str = "never") -> list[str]:
+    """The commands end to end on a family's tiny checkpoint, on four pages with a red square moving
+    right: train rpn (teacher pass) -> train gate -> run (batched, zoomed), eval, bench. Returns the
+    model flags, for more commands on it."""
+    from PIL import Image, ImageDraw
+    from typer.testing import CliRunner
+
+    from qzoom_cli import cli
+
+    runner = CliRunner()
+    rows = []
+    for i in range(4):
+        image = Image.new("RGB", (256, 256), "white")
+        ImageDraw.Draw(image).rectangle([20 + 30 * i, 40, 90 + 30 * i, 110], fill=(220, 20, 20))
+        image.save(tmp_path / f"p{i}.png")
+        rows.append({"id": f"s{i}", "file": f"p{i}.png", "question": "Where is the red square?", "answers": ["top"]})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = ["--model", str(model_dir), "--device", "cpu", "--dpi", "72"]
+    out = tmp_path / "adapter"
+    rpn = runner.invoke(cli.app, ["train", "rpn", str(manifest), "--out", str(out), "--view-tokens", "16",
+                                  "--batch-size", "2", "--peak-floor", "0", "--max-area", "1.01", *model])
+    assert rpn.exit_code == 0, rpn.stderr
+    assert json.loads((out / "qzoom_config.json").read_text())["family"] == model_dir.name
+    gate = runner.invoke(cli.app, ["train", "gate", str(manifest), "--adapter", str(out), "--ladder", "4,9,16",
+                                   "--batch-size", "2", "--max-new-tokens", "2", *model])
+    assert gate.exit_code in (0, 2), gate.stderr  # 2: no ladder survived the filter (random answers)
+    common = [*model, "--adapter", str(out), "--max-new-tokens", "2", "--max-visual-tokens", "24",
+              "--min-visual-tokens", "8"]
+    ran = runner.invoke(cli.app, ["run", str(manifest), *common, "--zoom", "always", "--batch-size", batch_size])
+    assert ran.exit_code == 0, ran.stderr
+    records = [json.loads(line) for line in ran.stdout.splitlines()]
+    assert len(records) == 4 and all(r["zoom"]["zoomed"] or r["zoom"]["skipped_reason"] for r in records)
+    assert all(r["model"]["family"] == model_dir.name for r in records)
+    evaluated = runner.invoke(cli.app, ["eval", str(manifest), *common, "--compare", "never,always", "--json"])
+    assert evaluated.exit_code == 0, evaluated.stderr
+    assert [m["rows"] for m in json.loads(evaluated.stdout)["modes"]] == [4, 4]
+    bench = runner.invoke(cli.app, ["bench", str(manifest), *model, "--max-new-tokens", "2", "--budgets", "16,24",
+                                    "--modes", bench_modes, "--out", str(tmp_path / "bench"), "--limit", "2"])
+    assert bench.exit_code == 0, bench.stderr
+    return model
+
+
+def load_model_arguments(args: list[str], monkeypatch) -> dict:
+    """What a command passes to `load_model` (which stops it there): the flags' journey, no model loaded."""
+    import inspect
+    import sys
+
+    from typer.testing import CliRunner
+
+    from qzoom_cli import cli
+    from qzoom_cli.cli.common import load_model
+
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append(inspect.signature(load_model).bind(*args, **kwargs).arguments)
+        raise SystemExit(0)
+
+    for module in ("ask", "run", "scoring", "serve"):  # the modules (the package's names are the commands)
+        monkeypatch.setattr(sys.modules[f"qzoom_cli.cli.{module}"], "load_model", load)
+    result = CliRunner().invoke(cli.app, args)
+    assert len(seen) == 1, result.stderr
+    return seen[0]
+
+
+COMMAND_ARGS = {"ask": ["ask", "samples/invoice.pdf", "q?"], "run": ["run", "samples/questions.jsonl", "--force"],
+                "eval": ["eval", "samples/questions.jsonl"], "bench": ["bench", "samples/questions.jsonl"],
+                "serve": ["serve", "--port", "0"]}
+
+
 def threshold_between(scores: list[float]) -> float:
     """A gate threshold halfway between the middle two scores: about half the rows zoom, and no score
     sits on it (batched and single scores differ in the last bits)."""
@@ -98,7 +217,7 @@ def check_teacher_forcing(qz, page, text, budget, aligned: bool, box=(1, 1, 3, 4
     assert answer[-1] == bb.eos_token_ids[0] and bb.decode_text(answer[:-1]) == "$100.00"
     assert not set(answer[:-1]) & set(bb.tokenizer.all_special_ids)  # generation starts after the prompt: no BOS
     inputs = with_answer(bb, fused.inputs, answer)
-    with torch.no_grad():
+    with torch.inference_mode():  # prefill fills the cache in inference mode: the steps continue in it
         hidden = bb.run_layers(inputs.embeds, inputs.positions, None, 0, bb.num_layers, None, inputs.additions)
         teacher_forced = bb.logits(hidden)[0, fused.inputs.length - 1:-1]
         cache = bb.new_cache()

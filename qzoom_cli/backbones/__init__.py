@@ -23,10 +23,12 @@ from .base import (
 )
 from .llava import LlavaBackbone
 from .qwen2_5_vl import Qwen2_5_VLBackbone
+from .qwen3_5 import Qwen3_5Backbone, Qwen3_5MoeBackbone
 from .qwen3_vl import Qwen3VLBackbone, Qwen3VLMoeBackbone
 
 FAMILIES: dict[str, type[Backbone]] = {cls.family: cls for cls in (Qwen2_5_VLBackbone, Qwen3VLBackbone,
-                                                                    Qwen3VLMoeBackbone, LlavaBackbone)}
+                                                                    Qwen3VLMoeBackbone, Qwen3_5Backbone,
+                                                                    Qwen3_5MoeBackbone, LlavaBackbone)}
 
 __all__ = ["Backbone", "FamilyLayout", "ImageBlock", "ImageEncoding", "ModelInputs", "Prompt", "VisualAdditions",
            "FAMILIES", "load_backbone", "detect_family"]
@@ -120,10 +122,12 @@ def check_processor_files(folder: Path) -> None:
                          "model's repository")
 
 
-def load_backbone(ref: str, runtime: Runtime, revision: str | None = None, processor: str | None = None) -> Backbone:
+def load_backbone(ref: str, runtime: Runtime, revision: str | None = None, processor: str | None = None,
+                  thinking: bool = False) -> Backbone:
     """Load a checkpoint (hub id or local directory) into the backbone of its family; the
     tokenizer and image processor come from `processor` when given (a base repo whose chat
-    template is known good), else from the checkpoint."""
+    template is known good), else from the checkpoint. `thinking` asks a checkpoint that reasons
+    on request (the chat template's enable_thinking) to do so."""
     family = detect_family(ref, revision)
     if family not in FAMILIES:
         raise UnsupportedModel(f"model family {family!r} is not supported; supported: {', '.join(sorted(FAMILIES))}")
@@ -133,6 +137,7 @@ def load_backbone(ref: str, runtime: Runtime, revision: str | None = None, proce
     try:
         return FAMILIES[family].from_pretrained(resolve_model_ref(ref), revision=revision, device=runtime.device,
                                                 dtype=runtime.dtype, attn=runtime.attn,
-                                                processor=resolve_model_ref(processor) if processor else None)
+                                                processor=resolve_model_ref(processor) if processor else None,
+                                                thinking=thinking)
     except OSError as exc:
         raise _not_available(ref, revision, exc) from exc

@@ -193,7 +193,8 @@ class Backbone(ABC):
     dtype: torch.dtype
     attn: str
     system_prompt: str | None  # an explicit system turn for every prompt; None: the chat template's default
-    reasoning_end_id: int | None  # thinking checkpoints: the token that closes the reasoning; else None
+    thinking: bool  # the chat template's enable_thinking (checkpoints that think or not on request)
+    reasoning_end_id: int | None  # prompts that open a reasoning block: the token that closes it; else None
     lora_dir: Path | None = None  # the LoRA weights (`qzoom train sft`) the decoder carries, if any
 
     @property
@@ -215,6 +216,12 @@ class Backbone(ABC):
     @property
     @abstractmethod
     def eos_token_ids(self) -> list[int]: ...
+
+    @property
+    def key_layers(self) -> tuple[int, ...]:
+        """The decoder layers that attend with per-token queries and keys (all of them but in hybrid
+        stacks): only these can score a region or show a teacher where the model looked."""
+        return tuple(range(self.num_layers))
 
     @abstractmethod
     def checkpoint_setting(self, name: str, default=None):

@@ -96,8 +96,10 @@ class Qwen2_5_VLBackbone(StockBackbone):
     min_region_side = 28
     attention_sink = "corner"
 
-    def __init__(self, model, tokenizer, image_processor, *, model_id: str, revision: str | None, attn: str):
-        super().__init__(model, tokenizer, image_processor, model_id=model_id, revision=revision, attn=attn)
+    def __init__(self, model, tokenizer, image_processor, *, model_id: str, revision: str | None, attn: str,
+                 thinking: bool = False):
+        super().__init__(model, tokenizer, image_processor, model_id=model_id, revision=revision, attn=attn,
+                         thinking=thinking)
         vision = self.config.vision_config
         self._loaded_vision_attn = vision._attn_implementation
         if self.windowed_vision and self.device.type == "cuda" and vision._attn_implementation == "sdpa":
@@ -126,7 +128,8 @@ class Qwen2_5_VLBackbone(StockBackbone):
         messages = [{"role": "user", "content": content}]
         if self.system_prompt is not None:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  enable_thinking=self.thinking)
         pieces = text.split(IMAGE_PLACEHOLDER)
         if len(pieces) != len(image_grids) + 1:
             raise IncompatibleCheckpoint(f"chat template of {self.model_id} did not place {len(image_grids)} image(s)")

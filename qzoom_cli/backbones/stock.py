@@ -25,7 +25,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 from transformers.utils import cached_file
 
-from ..errors import IncompatibleCheckpoint
+from ..errors import IncompatibleCheckpoint, UsageError
 from .base import Backbone, FamilyLayout, VisualAdditions
 
 
@@ -50,8 +50,10 @@ class StockBackbone(Backbone):
     decoder_layer_class: type
     fallback_chat_template: str
     default_system_prompt: str | None = None
+    rotary_function = staticmethod(apply_rotary_pos_emb)  # (q, k, cos, sin) -> rotated q, k
 
-    def __init__(self, model, tokenizer, image_processor, *, model_id: str, revision: str | None, attn: str):
+    def __init__(self, model, tokenizer, image_processor, *, model_id: str, revision: str | None, attn: str,
+                 thinking: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -64,13 +66,17 @@ class StockBackbone(Backbone):
         self.device = model.device
         self.dtype = model.dtype
         self.system_prompt = self.default_system_prompt
+        if thinking and "enable_thinking" not in tokenizer.chat_template:
+            raise UsageError(f"the chat template of {model_id} has no thinking switch (enable_thinking): --think is "
+                             "for checkpoints that reason on request, such as Qwen3.5")
+        self.thinking = thinking
         self._layout = self.make_layout()
         self._eos = _eos_token_ids(model, tokenizer)
-        self.reasoning_end_id = _reasoning_end_id(tokenizer)
+        self.reasoning_end_id = _reasoning_end_id(tokenizer, thinking)
 
     @classmethod
     def from_pretrained(cls, ref: str, *, revision: str | None, device: torch.device, dtype: torch.dtype,
-                        attn: str, processor: str | None = None) -> StockBackbone:
+                        attn: str, processor: str | None = None, thinking: bool = False) -> StockBackbone:
         model = cls.model_class.from_pretrained(
             ref, revision=revision, dtype=dtype, attn_implementation=attn, device_map=str(device)
         )
@@ -78,7 +84,7 @@ class StockBackbone(Backbone):
         tokenizer = AutoTokenizer.from_pretrained(source, revision=source_revision)
         tokenizer.chat_template = chat_template(tokenizer, source, source_revision, cls.fallback_chat_template)
         image_processor = AutoImageProcessor.from_pretrained(source, revision=source_revision)
-        return cls(model, tokenizer, image_processor, model_id=ref, revision=revision, attn=attn)
+        return cls(model, tokenizer, image_processor, model_id=ref, revision=revision, attn=attn, thinking=thinking)
 
     @abstractmethod
     def make_layout(self) -> FamilyLayout:
@@ -170,7 +176,7 @@ class StockBackbone(Backbone):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if rotary:
             cos, sin = self.language_model.rotary_emb(hidden, self.rotary_positions(positions))
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k = self.rotary_function(q, k, cos, sin)
         return q, repeat_kv(k, q.shape[1] // k.shape[1])
 
     def _project_query_key(self, attn, x, shape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,12 +190,13 @@ class StockBackbone(Backbone):
         return self.model.lm_head(self.language_model.norm(hidden))
 
 
-def _reasoning_end_id(tokenizer) -> int | None:
-    """`</think>`'s id when the chat template opens the answer with a reasoning block (Thinking
-    checkpoints), else None."""
+def _reasoning_end_id(tokenizer, thinking: bool) -> int | None:
+    """`</think>`'s id when the chat template opens the answer with a reasoning block left open
+    (Thinking checkpoints; checkpoints asked to think), else None."""
     header = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False,
-                                           add_generation_prompt=True)
-    if "<think>" not in header.rsplit("<|im_start|>", 1)[-1]:
+                                           add_generation_prompt=True, enable_thinking=thinking)
+    opening = header.rsplit("<|im_start|>", 1)[-1]
+    if "<think>" not in opening or "</think>" in opening:
         return None
     end = tokenizer.convert_tokens_to_ids("</think>")
     return end if isinstance(end, int) and end != tokenizer.unk_token_id else None

@@ -35,6 +35,7 @@ from .common import (
     RoiNativeOpt,
     RoiOpt,
     RoiTokensOpt,
+    ThinkOpt,
     Verbose,
     ZoomOpt,
     check_request,
@@ -69,6 +70,7 @@ def ask(
     min_visual_tokens: MinTokensOpt = None,
     max_visual_tokens: MaxTokensOpt = None,
     max_new_tokens: MaxNewOpt = None,
+    think: ThinkOpt = None,
     batch_size: BatchOpt = "1",
     instruction: InstructionOpt = None,
     device: DeviceOpt = "auto",
@@ -101,7 +103,7 @@ def ask(
             warn(warning, quiet)
         show_panel = not quiet and err_console.is_terminal
         with err_console.status("Loading model…") if show_panel else nullcontext():
-            qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge)
+            qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge, think)
         budget = qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=zoom)
         with err_console.status("Answering…") if show_panel else nullcontext():
             results = qz.ask(doc, questions, pages=pages, budget=budget, zoom=settings,

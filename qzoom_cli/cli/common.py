@@ -105,6 +105,9 @@ RoiOpt = Annotated[float | None, typer.Option(
                             f"trained / {RELATIVE_ROI_THRESHOLD} training-free].")]
 RoiTokensOpt = Annotated[int | None, typer.Option(
     "--roi-max-visual-tokens", help="Most visual tokens for the region \\[default: the page budget].")]
+ThinkOpt = Annotated[bool | None, flag("--think/--no-think", help="Let a checkpoint that reasons on request "
+                                        "(Qwen3.5/3.6) think before answering: reasoning in the record, longer "
+                                        "answers \\[default: the model card's; off].")]
 ExplainOpt = Annotated[bool, flag("--explain", help="When a region is read, also decode the answer without it "
                                                    "(zoom.direct_answer vs zoom.zoom_answer).")]
 RoiNativeOpt = Annotated[bool, flag("--roi-native", help="Never read a region at more tokens than it has "
@@ -137,12 +140,12 @@ MetricOpt = Annotated[str, typer.Option("--metric", help="auto (per row: its met
                                                          "-> vqa, else anls), anls, relaxed, vqa or exact.")]
 
 
-def load_model(model, adapter, revision, device, dtype, attn, compile_mode="off", no_merge=False):
+def load_model(model, adapter, revision, device, dtype, attn, compile_mode="off", no_merge=False, think=None):
     """The model for a command; training and question writing keep the eager decode loop (compile off)."""
     from ..api import QZoom
 
     return QZoom.from_pretrained(model, adapter=adapter, revision=revision, device=device, dtype=dtype, attn=attn,
-                                 compile=compile_mode, merge_lora=not no_merge)
+                                 compile=compile_mode, merge_lora=not no_merge, thinking=think)
 
 
 def parse_batch_size(value: str) -> int | str:

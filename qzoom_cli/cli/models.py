@@ -57,20 +57,21 @@ def models_list(as_json: JsonFlag = False, verbose: Verbose = False) -> None:
 @models_app.command("make-tiny")
 def models_make_tiny(
     directory: Annotated[str, typer.Argument(help="Where to write the checkpoint.")],
-    family: Annotated[str, typer.Option(help="Model family: qwen2_5_vl, qwen3_vl, llava.")] = "qwen2_5_vl",
-    moe: Annotated[bool, flag(help="Qwen3-VL with mixture-of-experts layers (qwen3_vl_moe).")] = False,
+    family: Annotated[str, typer.Option(help="Model family: qwen2_5_vl, qwen3_vl, qwen3_5, llava.")] = "qwen2_5_vl",
+    moe: Annotated[bool, flag(help="Qwen3-VL or Qwen3.5 with mixture-of-experts layers (qwen3_vl_moe, "
+                                   "qwen3_5_moe).")] = False,
     thinking: Annotated[bool, flag(help="Qwen3-VL with a Thinking checkpoint's chat template.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
-    layers: Annotated[int, typer.Option(help="Decoder layers.")] = 4,
+    layers: Annotated[int, typer.Option(help="Decoder layers (Qwen3.5: every second one full-attention).")] = 4,
     verbose: Verbose = False,
 ) -> None:
     """Write a tiny random checkpoint (offline) that loads like a real one: for tests and CI."""
     from ..testing import make_tiny
 
     configure_logging(verbose, quiet=True)
-    if moe and family != "qwen3_vl":
-        raise UsageError("--moe is for --family qwen3_vl")
-    print(make_tiny(directory, family="qwen3_vl_moe" if moe else family, seed=seed, num_layers=layers,
+    if moe and family not in ("qwen3_vl", "qwen3_5"):
+        raise UsageError("--moe is for --family qwen3_vl or qwen3_5")
+    print(make_tiny(directory, family=f"{family}_moe" if moe else family, seed=seed, num_layers=layers,
                     thinking=thinking))
 
 

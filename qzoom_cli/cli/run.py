@@ -33,6 +33,7 @@ from .common import (
     RoiOpt,
     RoiTokensOpt,
     RootOpt,
+    ThinkOpt,
     Verbose,
     ZoomOpt,
     check_request,
@@ -106,6 +107,7 @@ def run(
     min_visual_tokens: MinTokensOpt = None,
     max_visual_tokens: MaxTokensOpt = None,
     max_new_tokens: MaxNewOpt = None,
+    think: ThinkOpt = None,
     batch_size: BatchOpt = "1",
     instruction: InstructionOpt = None,
     root: RootOpt = None,
@@ -143,7 +145,7 @@ def run(
         device = str(state.device)
 
     def load():
-        qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge)
+        qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge, think)
         options.budget = qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=zoom)
         return qz
 
@@ -152,7 +154,8 @@ def run(
                     "roi_max_visual_tokens": roi_max_visual_tokens, "roi_native": roi_native, "dpi": dpi,
                     "min_visual_tokens": min_visual_tokens, "max_visual_tokens": max_visual_tokens,
                     "max_new_tokens": max_new_tokens, "instruction": instruction_text(instruction), "dtype": dtype,
-                    **({"no_merge": True} if no_merge else {})}  # absent by default: older files still resume
+                    **({"no_merge": True} if no_merge else {}),  # absent by default: older files still resume
+                    **({"think": think} if think is not None else {})}
     options = RunOptions(zoom=settings, dpi=dpi, max_new_tokens=max_new_tokens,
                          instruction=instruction_text(instruction),
                          batch_size=batch, verbose=verbose, settings=run_settings)

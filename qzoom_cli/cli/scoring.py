@@ -34,6 +34,7 @@ from .common import (
     RoiOpt,
     RoiTokensOpt,
     RootOpt,
+    ThinkOpt,
     Verbose,
     check_request,
     configure_logging,
@@ -64,6 +65,7 @@ def evaluate_command(
     min_visual_tokens: MinTokensOpt = None,
     max_visual_tokens: MaxTokensOpt = None,
     max_new_tokens: MaxNewOpt = None,
+    think: ThinkOpt = None,
     batch_size: BatchOpt = "1",
     instruction: InstructionOpt = None,
     root: RootOpt = None,
@@ -95,7 +97,7 @@ def evaluate_command(
     from ..bench import compare_modes, score_lines
 
     configure_logging(verbose, quiet)
-    qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge)
+    qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge, think)
     options = {mode: RunOptions(zoom=settings[mode],
                                 budget=qz.resolve_budget(min_visual_tokens, max_visual_tokens, zoom_mode=mode),
                                 dpi=dpi, max_new_tokens=max_new_tokens, instruction=instruction_text(instruction),
@@ -134,6 +136,7 @@ def bench(
     roi_threshold: RoiOpt = None,
     dpi: DpiOpt = 200,
     max_new_tokens: MaxNewOpt = None,
+    think: ThinkOpt = None,
     batch_size: BatchOpt = "1",
     instruction: InstructionOpt = None,
     root: RootOpt = None,
@@ -164,7 +167,7 @@ def bench(
     from ..bench import bench_report, mode_label, pareto_png, pareto_title, sweep
 
     configure_logging(verbose, quiet)
-    qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge)
+    qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge, think)
     options = RunOptions(zoom=settings, dpi=dpi, max_new_tokens=max_new_tokens,
                          instruction=instruction_text(instruction), batch_size=batch, verbose=verbose)
 

@@ -32,6 +32,7 @@ from .common import (
     RoiNativeOpt,
     RoiOpt,
     RoiTokensOpt,
+    ThinkOpt,
     Verbose,
     ZoomOpt,
     configure_logging,
@@ -73,6 +74,7 @@ def serve(
     min_visual_tokens: MinTokensOpt = None,
     max_visual_tokens: MaxTokensOpt = None,
     max_new_tokens: MaxNewOpt = None,
+    think: ThinkOpt = None,
     instruction: InstructionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -108,7 +110,7 @@ def serve(
     check_transformers()
     configure_logging(verbose, quiet)
     listener = listening_socket(host, port)  # a taken port is said before minutes of model loading
-    qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge)
+    qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge, think)
     listener.listen(2048)  # from here a request waits for the server instead of being refused (uvicorn's backlog)
     if not quiet:
         where = f"http://{host if ':' not in host else f'[{host}]'}:{listener.getsockname()[1]}/"

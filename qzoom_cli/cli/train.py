@@ -140,7 +140,9 @@ AlignedOpt = Annotated[bool | None, flag("--aligned/--second-image", help="Regio
 LoraRankOpt = Annotated[int, typer.Option("--lora-rank", help="LoRA rank.")]
 LoraAlphaOpt = Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha (scale alpha/rank).")]
 LoraDropoutOpt = Annotated[float, typer.Option("--lora-dropout", help="Dropout on the LoRA input.")]
-LoraTargetsOpt = Annotated[str, typer.Option("--lora-targets", help="Linear layers of each decoder layer to tune.")]
+LoraTargetsOpt = Annotated[str, typer.Option("--lora-targets", help="Linear layers of each decoder layer to tune "
+                                                                    "(Qwen3.5's linear-attention layers: add "
+                                                                    "in_proj_qkv,in_proj_z,out_proj).")]
 PseudoTokensOpt = Annotated[int | None, typer.Option(
     "--pseudo-reference-tokens", help="Without reference answers, the model's own answer at this many visual tokens "
                                       "is the reference \\[default: the model's plain budget].")]

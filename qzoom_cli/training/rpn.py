@@ -31,7 +31,7 @@ from ..errors import UsageError
 from ..options import SHORT_ANSWER_INSTRUCTION, with_instruction
 from ..padding import pad_segments
 from ..zoom.adapter import AdapterConfig, ZoomAdapter
-from ..zoom.region import region_logits
+from ..zoom.region import region_logits, scoring_layer_problem
 from .data import ArtefactStore, SampleSet, Shard, TrainSample, skipped_text
 from .loop import (
     StepReport,
@@ -66,9 +66,13 @@ def rpn_settings(qz: QZoom, branch_layer: int | None = None, depth: int | None =
     if grid is not None and (side, side) != grid:
         raise UsageError(f"{qz.backbone.family} reads every page as its fixed {'x'.join(map(str, grid))} grid: "
                          f"train the region head on that view (--view-tokens {math.prod(grid)})")
-    k = branch_layer or qz.engine.branch_layer
-    heads = teacher_heads(qz.card.training if qz.card else None, k, qz.backbone.num_attention_heads)
-    return RpnSettings(branch_layer=k, depth=depth or qz.engine.depth, heads=heads, **settings)
+    k, t = branch_layer or qz.engine.branch_layer, depth or qz.engine.depth
+    problem = scoring_layer_problem(qz.backbone, k, t)
+    if problem:
+        raise UsageError(f"{problem} (--branch-layer, --depth)")
+    heads = teacher_heads(qz.card.training if qz.card else None, k, qz.backbone.num_attention_heads,
+                          qz.backbone.key_layers)
+    return RpnSettings(branch_layer=k, depth=t, heads=heads, **settings)
 
 
 def answer_instruction(free_answers: bool) -> str:

@@ -46,6 +46,8 @@ class LabelSettings:
 
 
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Qwen3.5's linear-attention (Gated DeltaNet) projections: tuned only when asked for.
+LINEAR_ATTENTION_LINEARS = ("in_proj_qkv", "in_proj_z", "out_proj")
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,10 @@ class LoraSettings:
     def __post_init__(self):
         if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
             raise UsageError("--lora-rank must be at least 1, --lora-alpha positive and --lora-dropout in [0, 1)")
-        unknown = sorted(set(self.targets) - set(DECODER_LINEARS))
+        known = DECODER_LINEARS + LINEAR_ATTENTION_LINEARS
+        unknown = sorted(set(self.targets) - set(known))
         if not self.targets or unknown:
-            raise UsageError(f"--lora-targets takes names among {', '.join(DECODER_LINEARS)}"
+            raise UsageError(f"--lora-targets takes names among {', '.join(known)}"
                              + (f" (not {', '.join(unknown)})" if unknown else ""))
 
 

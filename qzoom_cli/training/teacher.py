@@ -15,6 +15,7 @@ prefix, which is exactly the attention that layer computed while decoding.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ from PIL import Image
 from ..backbones import Backbone, ModelInputs, VisualAdditions
 from ..budget import Canvas, resize_canvas
 from ..decode import answer_plainly
+from ..errors import UsageError
 
 SQUARE_FILL = (127, 127, 127)
 
@@ -49,17 +51,27 @@ class HeadTable:
                    {int(k): list(v) for k, v in data.get("sink", {}).items()})
 
 
-def teacher_heads(card_training: dict | None, branch_layer: int, num_heads: int) -> HeadTable:
-    """The model card's published head table when it has one, else `fallback_heads`."""
+def teacher_heads(card_training: dict | None, branch_layer: int, num_heads: int,
+                  key_layers: Sequence[int] | None = None) -> HeadTable:
+    """The model card's published head table when it has one, else `fallback_heads`. Attention
+    maps come from layers with keys only (`key_layers`, None: all; a hybrid stack's full-attention
+    layers): a table naming another layer is refused."""
     published = (card_training or {}).get("heads")
-    return HeadTable.from_dict(published) if published else fallback_heads(branch_layer, num_heads)
+    table = HeadTable.from_dict(published) if published else fallback_heads(branch_layer, num_heads, key_layers)
+    keyless = [layer for layer in table.layers if key_layers is not None and layer not in key_layers]
+    if keyless:
+        raise UsageError(f"the teacher's heads at layer(s) {', '.join(map(str, keyless))} are on linear-attention "
+                         f"layers, which have no attention map; use full-attention layers "
+                         f"({', '.join(map(str, key_layers))})")
+    return table
 
 
-def fallback_heads(branch_layer: int, num_heads: int) -> HeadTable:
-    """For models without a published table: every head of the two layers just below the branch
-    point (where the region head will read), and no sink heads."""
-    layers = [max(0, branch_layer - 2), branch_layer - 1]
-    return HeadTable({layer: list(range(num_heads)) for layer in dict.fromkeys(layers)})
+def fallback_heads(branch_layer: int, num_heads: int, key_layers: Sequence[int] | None = None) -> HeadTable:
+    """For models without a published table: every head of the two layers with keys (`key_layers`,
+    None: all) just below the branch point, where the region head will read; no sink heads."""
+    below = [layer for layer in (range(branch_layer) if key_layers is None else key_layers) if layer < branch_layer]
+    layers = below[-2:] or [0]
+    return HeadTable({layer: list(range(num_heads)) for layer in layers})
 
 
 def square_view(backbone: Backbone, image: Image.Image, side: int) -> Image.Image:

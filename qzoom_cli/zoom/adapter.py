@@ -26,7 +26,7 @@ from torch import nn
 from ..backbones import Backbone
 from ..errors import AdapterMismatch, ModelError, ModelNotAvailable
 from .lora import LORA_FOLDER
-from .region import RegionHead
+from .region import RegionHead, scoring_layer_problem
 
 log = logging.getLogger("qzoom")
 
@@ -182,6 +182,9 @@ def check_attachment(config: AdapterConfig, backbone: Backbone) -> None:
     if config.branch_layer < 1 or config.depth < 1 or config.branch_layer + config.depth > backbone.num_layers:
         raise AdapterMismatch(f"branch after layer {config.branch_layer} with {config.depth} layers does not fit a "
                          f"{backbone.num_layers}-layer model")
+    problem = scoring_layer_problem(backbone, config.branch_layer, config.depth) if config.region_head else None
+    if problem:
+        raise AdapterMismatch(f"the adapter cannot fit: {problem}")
     if config.reuse_src_pos and backbone.layout.spatial_rows is None:
         raise AdapterMismatch(f"the adapter aligns region positions inside the page's grid (reuse_src_pos), which "
                               f"{backbone.family}'s 1-D positions cannot do")

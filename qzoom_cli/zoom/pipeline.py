@@ -30,15 +30,10 @@ import torch
 from PIL import Image
 
 from ..backbones import Backbone, ImageBlock, ImageEncoding, VisualAdditions
+from ..backbones.caches import CacheMark, copy_cache, rewind_cache
 from ..budget import VisualBudget
-from ..decode import (
-    Decoder,
-    EagerDecoder,
-    Generation,
-    copy_cache,
-    prefill,
-    truncate_cache,
-)
+from ..decode import Decoder, EagerDecoder, Generation, prefill, run_marked
+from ..errors import UsageError
 from ..options import (
     LIFT_THRESHOLD,
     RELATIVE_ROI_THRESHOLD,
@@ -62,7 +57,7 @@ from .geometry import (
     relative_region_map,
     sigmoid_region_map,
 )
-from .region import RegionHead, region_logits
+from .region import RegionHead, region_logits, scoring_layer_problem
 
 
 @dataclass
@@ -165,6 +160,7 @@ class _Group:
     mask: torch.Tensor | None
     cache: object
     additions: VisualAdditions | None
+    mark: CacheMark
 
 
 class ZoomEngine:
@@ -180,6 +176,9 @@ class ZoomEngine:
         self.adapter = adapter
         self.reuse_src_pos = reuse_src_pos
         trained_region = adapter is not None and adapter.config.region_head
+        problem = None if trained_region else scoring_layer_problem(backbone, branch_layer, depth)
+        if problem:
+            raise UsageError(problem)
         self.has_gate = adapter is not None and adapter.config.gate
         self.region_head = "trained" if trained_region else "base_layers"
         self.region = adapter.region() if trained_region else \
@@ -222,8 +221,8 @@ class ZoomEngine:
         gate_threshold = _pick(settings.gate_threshold, self.gate_threshold)
         roi_threshold = _pick(settings.roi_threshold, self.roi_threshold)
         with clock("coarse_prefill_s", everyone):
-            hidden_k = bb.run_layers(batch.embeds, batch.positions, cache, 0, self.branch_layer, mask,
-                                     batch.additions)
+            hidden_k, mark = run_marked(bb, batch.embeds, batch.positions, cache, self.branch_layer, mask,
+                                        batch.additions, batch.boundaries[1])
 
         candidates = everyone
         if settings.mode == "auto" and self.has_gate:
@@ -275,13 +274,14 @@ class ZoomEngine:
                     copy_cache(cache, bb.new_cache(), range(self.branch_layer), rows)
                 additions = batch.additions.rows(rows) if batch.additions is not None else None
                 groups[name] = _Group(rows, hidden_k[rows], batch.positions[:, rows], _rows(mask, rows), own,
-                                      additions)
+                                      additions, mark.rows(rows))
         if settings.explain and "zoom" in groups:  # the zoom group's answers without the region (untimed)
             group = groups["zoom"]
             spare = copy_cache(group.cache, bb.new_cache(), range(self.branch_layer))
             silent = _Clock([Timings() for _ in everyone], bb.device)
             for i, generation in zip(group.rows, self._finish_direct(
-                    _Group(group.rows, group.hidden_k, group.positions, group.mask, spare, group.additions), silent,
+                    _Group(group.rows, group.hidden_k, group.positions, group.mask, spare, group.additions,
+                           group.mark), silent,
                     max_new_tokens),
                     strict=True):
                 answers[i].direct = generation
@@ -328,18 +328,20 @@ class ZoomEngine:
         prefix_mask = batch.attention_mask[group.rows, :batch.boundaries[1]]
         with clock("fused_prefill_s", group.rows):
             logits, positions, mask = self.fused_prefill(fused_inputs, group.hidden_k, group.positions, prefix_mask,
-                                                         group.cache, group.additions)
+                                                         group.cache, group.mark, group.additions)
         self._decode(answers, group.rows, logits, group.cache, positions, mask, max_new_tokens)
 
     def fused_prefill(self, fused: list[FusedInputs], hidden_k: torch.Tensor, coarse_positions: torch.Tensor,
-                      prefix_mask: torch.Tensor, cache, coarse_additions: VisualAdditions | None = None
+                      prefix_mask: torch.Tensor, cache, mark: CacheMark,
+                      coarse_additions: VisualAdditions | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Prefill fused sequences reusing the coarse pass.
 
         Every sample's unchanged prefix ends at the same index E (the padded coarse layout puts
-        it there) and keeps its cache and layer-K states; only the new suffixes (left-padded)
-        run through layers 0..K-1, with the region's per-layer additions, then layers K..L-1
-        run over prefix + suffix (with the additions of both, should any layer >= K take them).
+        it there) and keeps its cache (rewound to `mark`, taken at E) and layer-K states; only
+        the new suffixes (left-padded) run through layers 0..K-1, with the region's per-layer
+        additions, then layers K..L-1 run over prefix + suffix (with the additions of both,
+        should any layer >= K take them).
         Returns the next-token logits and the positions and mask to decode with; `cache` ends
         up holding it all.
         """
@@ -349,7 +351,7 @@ class ZoomEngine:
         mask = torch.cat([prefix_mask, suffix.attention_mask], dim=1)
         mask = None if bool(mask.all()) else mask
         positions = torch.cat([coarse_positions[..., :prefix_end], suffix.positions], dim=2)  # float if aligned
-        truncate_cache(cache, prefix_end, range(self.branch_layer))
+        rewind_cache(cache, mark, range(self.branch_layer))
         replay = bb.run_layers(suffix.embeds, suffix.positions, cache, 0, self.branch_layer, mask, suffix.additions)
         hidden = torch.cat([hidden_k[:, :prefix_end], replay], dim=1)
         upper = None

@@ -42,6 +42,23 @@ class RegionMap:
     keep: torch.Tensor    # [rows, cols] bool, on the logits' device: False on attention-sink cells
 
 
+def scoring_layer_problem(backbone: Backbone, branch_layer: int, depth: int) -> str | None:
+    """Why a region head branching at `branch_layer` with `depth` layers cannot score pages on this
+    model (it runs past the top, or its last layer has no keys: a linear-attention layer of a
+    hybrid stack), or None."""
+    last = branch_layer + depth - 1
+    if branch_layer < 1 or depth < 1 or last >= backbone.num_layers:
+        return (f"a region head of layers K..K+T-1 = {branch_layer}..{last} (K={branch_layer}, T={depth}) does not "
+                f"fit a {backbone.num_layers}-layer model")
+    keys = backbone.key_layers
+    if last in keys:
+        return None
+    fits = [k - depth + 1 for k in keys if k - depth + 1 >= 1]
+    return (f"the region head's last layer K+T-1 = {last} (K={branch_layer}, T={depth}) is a linear-attention layer "
+            f"of {backbone.family}, which has no keys to score a page with; its full-attention layers are "
+            f"{', '.join(map(str, keys))}, so with T={depth} choose K among {', '.join(map(str, fits))}")
+
+
 def first_token_keep(first_query: torch.Tensor, image_keys: torch.Tensor) -> torch.Tensor:
     """[tokens] True where the first token's head-0 query [head_dim], scored against every head's
     keys [heads, tokens, head_dim] and averaged over heads, stays below the sink probability."""
