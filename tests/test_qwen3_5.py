@@ -275,6 +275,14 @@ def test_thinking_on_request(hybrid_dir, page_image):
     assert result.status == "truncated" and result.stats.output_tokens == 3
     if result.reasoning is not None:
         assert result.answer == "" and "still reasoning" in result.warnings[-1]
+    from dataclasses import replace
+
+    from qzoom_cli.serve.chat import completion
+
+    reasoned = replace(result, answer="total due", reasoning="the total row")
+    message = completion(reasoned, "m")["choices"][0]["message"]
+    assert (message["content"], message["reasoning_content"]) == ("total due", "the total row")
+    assert "reasoning_content" not in completion(replace(reasoned, reasoning=None), "m")["choices"][0]["message"]
     image = bb.fit_image(page_image, VisualBudget(4, 4))
     view = bb.encode_image(image)
     prompt = bb.build_prompt("total?\nAnswer the question using a single word or phrase.", [view.grid])
@@ -285,10 +293,13 @@ def test_thinking_on_request(hybrid_dir, page_image):
     assert ours.token_ids == stock[0, prompt.length:].tolist()[:len(ours.token_ids)]
 
 
-def test_think_flag_is_refused_without_a_thinking_switch(tiny_dir):
+def test_think_is_refused_by_a_model_that_cannot_reason_first_and_kept_by_one_that_always_does(tiny_dir, tmp_path):
     result = runner.invoke(cli.app, ["ask", "samples/receipt.png", "total?", "--model", str(tiny_dir),
                                      "--device", "cpu", "--think"])
     assert result.exit_code == 2 and "no thinking switch" in result.stderr
+    thinking = QZoom.from_pretrained(str(make_tiny(tmp_path / "thinking", family="qwen3_vl", thinking=True)),
+                                     device="cpu", thinking=True)  # a Thinking checkpoint reasons anyway
+    assert thinking.backbone.reasoning_end_id == thinking.backbone.tokenizer.convert_tokens_to_ids("</think>")
 
 
 @pytest.mark.parametrize("command", ["ask", "run", "eval", "bench", "serve"])

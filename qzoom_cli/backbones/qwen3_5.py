@@ -67,7 +67,9 @@ class Qwen3_5Backbone(Qwen3VLBackbone):
         """Keys and values of the full-attention layers only (a recurrent state does not grow)."""
         c = self.text_config
         cache = 2 * len(self.key_layers) * c.num_key_value_heads * c.head_dim
-        activations = 4 * c.hidden_size + 3 * getattr(c, "intermediate_size", c.hidden_size)
+        mlp = c.intermediate_size if not hasattr(c, "num_experts") else \
+            c.num_experts_per_tok * c.moe_intermediate_size + c.shared_expert_intermediate_size
+        activations = 4 * c.hidden_size + 3 * mlp
         return (2 * cache + activations) * (torch.finfo(self.dtype).bits // 8)
 
     def _forward(self, layers, hidden, positions, cache, first_layer, attention_mask, additions):

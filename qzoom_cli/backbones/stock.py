@@ -66,13 +66,13 @@ class StockBackbone(Backbone):
         self.device = model.device
         self.dtype = model.dtype
         self.system_prompt = self.default_system_prompt
-        if thinking and "enable_thinking" not in tokenizer.chat_template:
-            raise UsageError(f"the chat template of {model_id} has no thinking switch (enable_thinking): --think is "
-                             "for checkpoints that reason on request, such as Qwen3.5")
         self.thinking = thinking
+        self.reasoning_end_id = _reasoning_end_id(tokenizer, thinking)
+        if thinking and self.reasoning_end_id is None:
+            raise UsageError(f"{model_id} cannot be asked to reason first: its chat template has no thinking switch "
+                             "(enable_thinking); --think is for checkpoints that reason on request, such as Qwen3.5")
         self._layout = self.make_layout()
         self._eos = _eos_token_ids(model, tokenizer)
-        self.reasoning_end_id = _reasoning_end_id(tokenizer, thinking)
 
     @classmethod
     def from_pretrained(cls, ref: str, *, revision: str | None, device: torch.device, dtype: torch.dtype,

@@ -102,7 +102,7 @@ def image_bytes(url: str, limit: int, allow_remote: bool) -> bytes:
 def completion(result: Result, model: str) -> dict:
     """A `chat.completion` object for one answer; the qzoom record rides along in `qzoom`."""
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
+            "model": model, "choices": [{"index": 0, "message": _assistant(result),
                                          "finish_reason": _finish_reason(result), "logprobs": None}],
             "usage": _usage(result), "qzoom": result.to_dict()}
 
@@ -111,13 +111,20 @@ def completion_chunks(result: Result, model: str) -> Iterator[str]:
     """The same answer as server-sent `chat.completion.chunk` events, then `[DONE]`."""
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
             "model": model}
-    first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": result.answer},
+    first = {**base, "choices": [{"index": 0, "delta": _assistant(result),
                                   "finish_reason": None, "logprobs": None}]}
     last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": _finish_reason(result), "logprobs": None}],
             "usage": _usage(result), "qzoom": result.to_dict()}
     for event in (first, last):
         yield f"data: {json_text(event)}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _assistant(result: Result) -> dict:
+    """The answer as an assistant message; a model that reasoned first adds its reasoning apart
+    (`reasoning_content`, where vLLM's reasoning parsers put it)."""
+    reasoning = {} if result.reasoning is None else {"reasoning_content": result.reasoning}
+    return {"role": "assistant", "content": result.answer, **reasoning}
 
 
 def _finish_reason(result: Result) -> str:
