@@ -98,7 +98,8 @@ def zoom_info(trace: ZoomTrace, page: PageView) -> ZoomInfo:
             "grid": list(page.grid),
             "tokens": region.tokens,
         },
-        skipped_reason=trace.skipped_reason, positions=None if region is None else region.positions)
+        skipped_reason=trace.skipped_reason, positions=None if region is None else region.positions,
+        region_rule=trace.region_rule)
 
 
 def default_branch(num_layers: int, key_layers: tuple[int, ...]) -> tuple[int, int]:
@@ -326,7 +327,8 @@ class QZoom:
         encoding = bb.encode_image(bb.fit_image(image, budget))
         synchronize(self.runtime.device)
         view = PageView(number=number, size=image.size, encoding=encoding, budget=budget,
-                        crop=partial(doc.render_region, number), coord_space=doc.coord_space)
+                        crop=partial(doc.render_region, number), pixels=partial(doc.page_pixels, number),
+                        coord_space=doc.coord_space)
         return _EncodedPage(view, Timings(render_s=rendered - start, preprocess_s=time.perf_counter() - rendered))
 
     def _text(self, generation) -> tuple[str, str | None]:

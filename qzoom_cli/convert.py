@@ -5,8 +5,9 @@ adapter in the same folder (`QZoom.from_pretrained` then loads both).
 Every source tensor is accounted for: mapped into the llava-hf model, mapped into the adapter, or
 dropped for a stated reason; anything else is an error, and so is any llava-hf weight left
 without a source. SD-RPN's region score normalises the head's hidden states with its own RMS
-norm (`twig_norm`) and scores queries against keys without the rotary embedding; the adapter
-records both (`region_norm`, `region_rotary`).
+norm (`twig_norm`) and scores queries against keys without the rotary embedding, and its map
+becomes a region by SD-RPN's own rule (`zoom/sd_rpn.py`); the adapter records all three
+(`region_norm`, `region_rotary`, `region_rule`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import IncompatibleCheckpoint, ModelError, ModelNotAvailable, UsageError
-from .zoom.adapter import ADAPTER_CONFIG, ADAPTER_FORMAT, ADAPTER_WEIGHTS, AdapterConfig
+from .zoom.adapter import ADAPTER_CONFIG, ADAPTER_FORMAT, ADAPTER_WEIGHTS, SD_RPN_RULE, AdapterConfig
 
 # source key -> llava-hf key (None: the adapter's), in order; the first match wins
 _BASE_RULES = [
@@ -231,7 +232,7 @@ def _write_adapter(original: dict, tensors: dict, config, destination: Path) -> 
                          LlamaRMSNorm(text.hidden_size, eps=text.rms_norm_eps).state_dict().items()})
     _check_complete(tensors, expected, f"a region head of {t} layers after layer {k} with its norm")
     adapter = AdapterConfig(branch_layer=k, depth=t, region_head=True, gate=False, region_norm=True,
-                            region_rotary=False, roi_threshold=SD_RPN_ROI_THRESHOLD,
+                            region_rotary=False, region_rule=SD_RPN_RULE, roi_threshold=SD_RPN_ROI_THRESHOLD,
                             family="llava", hidden_size=text.hidden_size,
                             training={"converted": {"from": "SD-RPN original-layout LLaVA checkpoint"}})
     save_file({key: value.contiguous() for key, value in tensors.items()}, destination / ADAPTER_WEIGHTS,

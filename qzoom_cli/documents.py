@@ -223,6 +223,13 @@ class Document:
             region = self._pdf_image(number, zoom, clip)
         return bicubic(region, size)
 
+    def page_pixels(self, number: int, box) -> Image.Image:
+        """The page-pixel `box` (x0, y0, x1, y1, truncated to integers) cut from the page as `render`
+        shows it: its own pixels, no resampling (PDFs at the document's DPI)."""
+        self._check(number)
+        x0, y0, x1, y1 = (int(v) for v in box.as_list())
+        return self._render(number).crop((x0, y0, x1, y1))
+
     def thumbnail(self, number: int, max_side: int = 96) -> Image.Image:
         """A small RGB picture of a page, its long side `max_side`; PDFs are rendered directly at that size."""
         if self._pdf is not None:

@@ -46,7 +46,9 @@ class ZoomInfo:
     `gate` {kind, score, threshold}: kind 'trained' (probability from the gate head) or
     'attention_lift' (training-free: attention share inside the box / its area share);
     `roi` the region read, in page pixels; `skipped_reason` why no region was read;
-    `positions` 'aligned' (inside the page grid) or 'second_image'.
+    `positions` 'aligned' (inside the page grid) or 'second_image'; `region_rule` how the map
+    became the region read: 'qzoom' (one box around the cells above the threshold) or 'sd_rpn'
+    (SD-RPN's components, mask and stretched crop, for its converted heads).
     """
 
     mode: str = "never"
@@ -56,6 +58,7 @@ class ZoomInfo:
     roi: dict | None = None
     skipped_reason: str | None = None
     positions: str | None = None
+    region_rule: str | None = None
     direct_answer: str | None = None
     zoom_answer: str | None = None
     overlay: str | None = None

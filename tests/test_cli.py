@@ -31,7 +31,7 @@ RESULT_SCHEMA = {
                     "truncated": bool, "zoomed": bool}],
     "zoom": {"mode": str, "zoomed": bool, "region_head": (str, type(None)), "gate": (dict, type(None)),
              "roi": (dict, type(None)), "skipped_reason": (str, type(None)), "positions": (str, type(None)),
-             "direct_answer": (str, type(None)), "zoom_answer": (str, type(None)), "overlay": (str, type(None))},
+             "region_rule": (str, type(None)), "direct_answer": (str, type(None)), "zoom_answer": (str, type(None)), "overlay": (str, type(None))},
     "model": {"id": str, "revision": (str, type(None)), "family": str, "device": str, "dtype": str, "attn": str,
               "decoder": str},
     "budget": {"min_tokens": int, "max_tokens": int, "visual_tokens": int, "roi_tokens": int, "roi_max_tokens": int},
@@ -225,7 +225,7 @@ def test_models_list_and_make_tiny(tmp_path):
     assert json.loads((tmp_path / "t" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2
     llava_cards = {card["id"]: card for card in cards if card["family"] == "llava"}
     assert {card["zoom"]["branch_layer"] for card in llava_cards.values()} == {15, 19}  # SD-RPN's K on the 7B
-    assert all(card["system_prompt"].startswith("A chat between a curious human") and
+    assert all(card["system_prompt"] is None and  # the family's vicuna_v1 system text
                card["min_visual_tokens"] == card["max_visual_tokens"] == 576 for card in llava_cards.values())
     llava = runner.invoke(cli.app, ["models", "make-tiny", str(tmp_path / "l"), "--family", "llava", "--layers", "2"])
     assert llava.exit_code == 0 and json.loads((tmp_path / "l" / "config.json").read_text())["model_type"] == "llava"

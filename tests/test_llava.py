@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from qzoom_cli import QZoom, cli
 from qzoom_cli.backbones.caches import CacheMark
+from qzoom_cli.backbones.llava import VICUNA_V1_SYSTEM
 from qzoom_cli.budget import Canvas, VisualBudget
 from qzoom_cli.decode import greedy_decode, prefill
 from qzoom_cli.documents import open_document
@@ -59,8 +60,8 @@ def test_layout_prompt_and_reading_as_llava_1_5(qzl, page_image):
     assert ids[0] == bb.tokenizer.bos_token_id and prompt.images == [prompt.images[0]]
     block = prompt.images[0]
     assert ids[block.start:block.stop] == [bb.config.image_token_id] * 576
-    assert bb.tokenizer.decode(ids[block.stop:]).startswith("\nWhat is")
-    assert bb.tokenizer.decode(ids[1:block.start]).replace(" ", "") == "USER:"
+    assert bb.tokenizer.decode(ids[block.stop:]).strip().startswith("What is")
+    assert bb.tokenizer.decode(ids[1:block.start]) == f"{VICUNA_V1_SYSTEM} USER: "  # every LLaVA checkpoint's
     assert bb.tokenizer.decode(ids).rstrip().endswith("ASSISTANT:")
     two = bb.build_prompt(QUESTION, [(24, 24), (24, 24)])
     assert two.images[1].start == block.stop and two.length == prompt.length + 576  # back to back
@@ -70,18 +71,33 @@ def test_layout_prompt_and_reading_as_llava_1_5(qzl, page_image):
     assert bb.image_grid(page_image.size, VisualBudget(16, 64)) == (24, 24)
 
 
-def test_the_prompt_is_the_one_llava_hf_builds(qzl, page_image):
+def llava_prompt_ids(tokenizer, prompt: str, image_token_id: int, image_tokens: int) -> list[int]:
+    """LLaVA's `tokenizer_image_token`, written out: each side of `<image>` tokenized alone, the
+    first keeping its BOS, the others losing theirs, the image between them (here as its tokens)."""
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+    offset = 1 if chunks[0][:1] == [tokenizer.bos_token_id] else 0
+    ids = chunks[0][:offset]
+    for i, chunk in enumerate(chunks):
+        ids += ([image_token_id] * image_tokens if i else []) + chunk[offset:]
+    return ids
+
+
+def test_the_prompt_is_the_one_llava_builds(qzl, page_image):
+    """vicuna_v1's conversation, tokenized as LLaVA does around <image>: the text after the image
+    opens with its own word-start piece, which tokenizing the whole prompt at once (llava-hf's
+    processor) loses. The pixels are llava-hf's processor's."""
     from transformers import LlavaProcessor
 
     bb = qzl.backbone
+    conversation = f"{VICUNA_V1_SYSTEM} USER: <image>\n{QUESTION} ASSISTANT:"  # conv_vicuna_v1.get_prompt()
+    ours = bb.build_prompt(QUESTION, [(24, 24)]).input_ids[0].tolist()
+    assert ours == llava_prompt_ids(bb.tokenizer, conversation, bb.config.image_token_id, 576)
+    assert ours != bb.tokenizer(conversation.replace("<image>", "<image>" * 576)).input_ids  # the test can tell
     processor = LlavaProcessor(image_processor=bb.image_processor, tokenizer=bb.tokenizer, patch_size=14,
                                num_additional_image_tokens=1,  # the CLS token, as in llava-hf's processor config
-                               vision_feature_select_strategy="default", chat_template=bb.tokenizer.chat_template)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+                               vision_feature_select_strategy="default")
     fitted = bb.fit_image(page_image, qzl.default_budget())
-    stock = processor(images=[fitted], text=[text], return_tensors="pt")
-    assert torch.equal(stock["input_ids"], bb.build_prompt(QUESTION, [(24, 24)]).input_ids)
+    stock = processor(images=[fitted], text=[conversation], return_tensors="pt")
     assert torch.equal(stock["pixel_values"], bb.stock_inputs(bb.build_prompt(QUESTION, [(24, 24)]),
                                                               [fitted])["pixel_values"])
 
@@ -322,12 +338,13 @@ def test_train_gate_on_llava_learns_from_a_ladder_of_detail_up_to_its_grid(llava
 
 @pytest.fixture(scope="module")
 def sd_rpn(qzl, tmp_path_factory):
-    """An SD-RPN-style LLaVA region head (its own norm, no rotary on q/k), as a qzoom adapter."""
+    """An SD-RPN-style LLaVA region head (its own norm, no rotary on q/k, its region rule), as a qzoom
+    adapter."""
     from zoomkit import trained_adapter
 
     folder = tmp_path_factory.mktemp("sd_rpn")
     adapter = trained_adapter(qzl.backbone, branch_layer=2, depth=2, gate=False, region_norm=True,
-                              region_rotary=False, roi_threshold=0.15)
+                              region_rotary=False, region_rule="sd_rpn", roi_threshold=0.15)
     with torch.no_grad():
         adapter.twig_norm.weight.normal_(1.0, 0.2)
     return adapter, adapter.save_pretrained(folder / "adapter")
@@ -380,13 +397,19 @@ def test_an_original_layout_sd_rpn_checkpoint_converts_to_llava_hf_and_its_adapt
     ours = QZoom.from_pretrained(str(tmp_path / "hf"), device="cpu")
     reference = QZoom.from_pretrained(str(llava_dir), adapter=str(adapter_dir), device="cpu")
     assert ours.adapter.config.region_norm and not ours.adapter.config.region_rotary
+    assert ours.adapter.config.region_rule == "sd_rpn"
     pdf = tmp_path / "doc.pdf"
     pdf.write_bytes(make_pdf(1))
+    with open_document(str(pdf), dpi=72) as doc:  # a cut-off that leaves a few small components
+        blurred = ours.engine.answer(ours.page_view(doc, 1, ours.default_budget()), "What is the total?",
+                                     ZoomSettings("always"), 1).region_map
+    settings = {"always": ZoomSettings("always", roi_threshold=float(blurred.flatten().sort().values[-12])),
+                "never": ZoomSettings("never")}
     for zoom in ("always", "never"):
-        [a] = ours.ask(str(pdf), "What is the total?", zoom=zoom, max_new_tokens=4, dpi=72)
-        [b] = reference.ask(str(pdf), "What is the total?", zoom=zoom, max_new_tokens=4, dpi=72)
-        assert (a.answer, a.zoom.zoomed, a.zoom.roi, a.zoom.region_head) == \
-            (b.answer, b.zoom.zoomed, b.zoom.roi, b.zoom.region_head)
+        [a] = ours.ask(str(pdf), "What is the total?", zoom=settings[zoom], max_new_tokens=4, dpi=72)
+        [b] = reference.ask(str(pdf), "What is the total?", zoom=settings[zoom], max_new_tokens=4, dpi=72)
+        assert (a.answer, a.zoom.zoomed, a.zoom.roi, a.zoom.region_head, a.zoom.region_rule) == \
+            (b.answer, b.zoom.zoomed, b.zoom.roi, b.zoom.region_head, b.zoom.region_rule)
         assert a.zoom.region_head == ("trained" if zoom == "always" else None) and a.zoom.zoomed == (zoom == "always")
 
 

@@ -232,11 +232,35 @@ def check_teacher_forcing(qz, page, text, budget, aligned: bool, box=(1, 1, 3, 4
         assert answer_loss(bb, inputs, answer).item() == pytest.approx(expected.item(), rel=1e-4)
 
 
-def write_original_llava(hf_dir: Path, adapter: ZoomAdapter, out_dir: Path, with_tower: bool = False) -> Path:
+def write_sentencepiece_tokenizer(folder: Path) -> Path:
+    """A Llama-style sentencepiece tokenizer (`tokenizer.model` and its config, nothing else), as
+    original-layout LLaVA checkpoints ship theirs: BPE with byte fallback, a dummy prefix, no
+    normalisation; trained on the tiny kit's text. Returns the model file."""
+    import sentencepiece
+
+    from qzoom_cli.testing import LLAVA_TEXT, TRAINING_TEXT
+
+    text = folder / "tokenizer-text.txt"
+    text.write_text("\n".join((TRAINING_TEXT + LLAVA_TEXT) * 4))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(folder / "tokenizer"), vocab_size=400, model_type="bpe", byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, minloglevel=2)
+    text.unlink()
+    (folder / "tokenizer.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": False}))
+    return folder / "tokenizer.model"
+
+
+def write_original_llava(hf_dir: Path, adapter: ZoomAdapter, out_dir: Path, with_tower: bool = False,
+                         sentencepiece: bool = False) -> Path:
     """The tiny llava-hf checkpoint and an SD-RPN region head as the original LLaVA-1.5 layout
     stores them (LlavaLlamaForCausalLM: model.layers, model.mm_projector, model.twig_layers,
     model.twig_norm, a training-only twig_head, rotary buffers), the CLIP tower beside it unless
-    `with_tower`. Returns the CLIP folder it names."""
+    `with_tower`, the tiny tokenizer's files or (`sentencepiece`) only a `tokenizer.model`, as the
+    released checkpoints ship it. Returns the CLIP folder it names."""
     from transformers import LlavaForConditionalGeneration
 
     out_dir.mkdir(parents=True)
@@ -268,6 +292,9 @@ def write_original_llava(hf_dir: Path, adapter: ZoomAdapter, out_dir: Path, with
         "image_aspect_ratio": "pad", "mm_hidden_size": config["vision_config"]["hidden_size"], "enable_twig": True,
         "twig_K": adapter.config.branch_layer, "twig_T": adapter.config.depth, "roi_multi_head": True,
         "roi_super_type": "v1", "roi_source": "qk"}))
+    if sentencepiece:
+        write_sentencepiece_tokenizer(out_dir)
+        return clip_dir
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (hf_dir / name).exists():
             shutil.copy(hf_dir / name, out_dir)

@@ -7,6 +7,11 @@ image processor's mean colour (content centred), resized to the tower's 336 x 33
 24 x 24 grid of 576 tokens, whatever the budget. The images of a prompt sit back to back where
 its one image placeholder was (the region block follows the page's tokens directly, as SD-RPN
 inserts it), and positions continue 1-D through them.
+
+Prompts are LLaVA's own, whatever the checkpoint ships (llava-hf's template drops system text):
+the vicuna_v1 conversation LLaVA-1.5 was trained (`--version v1`) and evaluated with, tokenized
+the way LLaVA's `tokenizer_image_token` does, each side of `<image>` on its own (so the text after
+the image opens with its own word-start piece), later sides without their BOS.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from .base import FamilyLayout, ImageBlock, ImageEncoding, Prompt
 from .stock import StockBackbone
 
 IMAGE_PLACEHOLDER = "<image>"
+# LLaVA's conv_vicuna_v1 (llava/conversation.py): its system text, roles and separators.
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                    "helpful, detailed, and polite answers to the user's questions.")
 
 # The llava-hf conversation format: an optional system text, "USER: <image>\n{question} ASSISTANT:".
 LLAVA_CHAT_TEMPLATE = (
@@ -45,6 +53,7 @@ class LlavaBackbone(StockBackbone):
     model_class = LlavaForConditionalGeneration
     decoder_layer_class = LlamaDecoderLayer
     fallback_chat_template = LLAVA_CHAT_TEMPLATE
+    default_system_prompt = VICUNA_V1_SYSTEM
 
     def make_layout(self) -> FamilyLayout:
         vision = self.config.vision_config
@@ -62,23 +71,19 @@ class LlavaBackbone(StockBackbone):
         return positions[0]
 
     def build_prompt(self, question: str, image_grids: list[tuple[int, int]]) -> Prompt:
-        content = ([{"type": "image"}] if image_grids else []) + [{"type": "text", "text": question}]
-        messages = [{"role": "user", "content": content}]
-        if self.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if text.count(IMAGE_PLACEHOLDER) != (1 if image_grids else 0):
-            raise IncompatibleCheckpoint(f"chat template of {self.model_id} did not place one image")
-        tokens = sum(rows * cols for rows, cols in image_grids)
-        ids = self.tokenizer(text.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * tokens)).input_ids  # as llava-hf does
-        images: list[ImageBlock] = []
-        if image_grids:
-            start = ids.index(self.config.image_token_id)
-            for rows, cols in image_grids:
-                images.append(ImageBlock(start, rows, cols))
-                start += rows * cols
-            if ids.count(self.config.image_token_id) != tokens or ids[start - 1] != self.config.image_token_id:
-                raise IncompatibleCheckpoint(f"the tokenizer of {self.model_id} split the image placeholder")
+        user = f"{IMAGE_PLACEHOLDER}\n{question}" if image_grids else question
+        system = f"{self.system_prompt} " if self.system_prompt else ""
+        sides = [self.tokenizer(side).input_ids for side in f"{system}USER: {user} ASSISTANT:".split(IMAGE_PLACEHOLDER)]
+        if sides[0][:1] == [self.tokenizer.bos_token_id]:  # tokenizer_image_token: one BOS, at the start
+            sides[1:] = [side[1:] for side in sides[1:]]
+        ids, images = list(sides[0]), []
+        for rows, cols in image_grids:  # the images back to back where the placeholder was
+            images.append(ImageBlock(len(ids), rows, cols))
+            ids.extend([self.config.image_token_id] * (rows * cols))
+        for side in sides[1:]:
+            ids.extend(side)
+        if ids.count(self.config.image_token_id) != sum(block.length for block in images):
+            raise IncompatibleCheckpoint(f"the tokenizer of {self.model_id} makes image tokens of the prompt's text")
         return Prompt(torch.tensor([ids], dtype=torch.long), images)
 
     @torch.inference_mode()

@@ -33,6 +33,8 @@ log = logging.getLogger("qzoom")
 ADAPTER_WEIGHTS = "qzoom_adapter.safetensors"
 ADAPTER_CONFIG = "qzoom_config.json"
 ADAPTER_FORMAT = "qzoom.adapter/v1"
+QZOOM_RULE, SD_RPN_RULE = "qzoom", "sd_rpn"
+REGION_RULES = (QZOOM_RULE, SD_RPN_RULE)
 _OFFICIAL_KEY = re.compile(r"^(?:model\.)?(?:language_model\.)?((?:twig_layers|high_res_layers|high_res_head)\..+)$")
 
 
@@ -48,6 +50,7 @@ class AdapterConfig:
     reuse_src_pos: bool = False
     region_norm: bool = False    # a norm of its own before the region head's last layer (SD-RPN's LLaVA twig_norm)
     region_rotary: bool = True   # queries and keys of the region score get the rotary embedding
+    region_rule: str | None = None  # how a map becomes the region read (REGION_RULES); None: by origin
     gate_threshold: float | None = None
     roi_threshold: float | None = None
     family: str | None = None
@@ -55,6 +58,12 @@ class AdapterConfig:
     base_model: str | None = None
     base_revision: str | None = None
     training: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.region_rule is None:  # adapters converted before the rule was recorded are SD-RPN's
+            self.region_rule = SD_RPN_RULE if "converted" in self.training else QZOOM_RULE
+        if self.region_rule not in REGION_RULES:
+            raise ModelError(f"unknown region_rule {self.region_rule!r} (one of {', '.join(REGION_RULES)})")
 
     def to_json(self) -> str:
         return json.dumps({"format": ADAPTER_FORMAT, **asdict(self)}, indent=2)
@@ -185,6 +194,9 @@ def check_attachment(config: AdapterConfig, backbone: Backbone) -> None:
     problem = scoring_layer_problem(backbone, config.branch_layer, config.depth) if config.region_head else None
     if problem:
         raise AdapterMismatch(f"the adapter cannot fit: {problem}")
+    if config.region_rule == SD_RPN_RULE and (backbone.layout.fixed_grid is None or not backbone.layout.canvas.square):
+        raise AdapterMismatch(f"SD-RPN's region rule reads a fixed square grid (LLaVA-1.5's); {backbone.family} "
+                              "reads pages at their aspect")
     if config.reuse_src_pos and backbone.layout.spatial_rows is None:
         raise AdapterMismatch(f"the adapter aligns region positions inside the page's grid (reuse_src_pos), which "
                               f"{backbone.family}'s 1-D positions cannot do")

@@ -44,7 +44,7 @@ from ..options import (
 from ..padding import PaddedBatch, pad_segments
 from ..results import Timings
 from ..runtime import synchronize
-from .adapter import ZoomAdapter
+from .adapter import QZOOM_RULE, SD_RPN_RULE, ZoomAdapter
 from .fuse import FusedInputs, fuse_region
 from .gate import gate_probabilities
 from .geometry import (
@@ -58,6 +58,7 @@ from .geometry import (
     sigmoid_region_map,
 )
 from .region import RegionHead, region_logits, scoring_layer_problem
+from .sd_rpn import SdRpnRegion, sd_rpn_region
 
 
 @dataclass
@@ -70,6 +71,7 @@ class PageView:
     budget: VisualBudget
     crop: Callable[[Box, tuple[int, int]], Image.Image]
     coord_space: str
+    pixels: Callable[[Box], Image.Image] | None = None  # the page's own pixels in a box (SD-RPN's crop)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -86,6 +88,17 @@ class PageView:
         size, canvas = (int(region_px.width), int(region_px.height)), backbone.layout.canvas
         pixels = backbone.grid_pixels(backbone.image_grid(size, budget))
         return backbone.encode_image(canvas.place(self.crop(region_px, canvas.content_size(size, pixels)), pixels))
+
+    def read_stretched(self, region_px: Box, keep: torch.Tensor | None, backbone: Backbone) -> ImageEncoding:
+        """SD-RPN's read: the region cut from the page's own pixels, stretched (bilinear) to the
+        fixed grid's square and encoded; with `keep`, only those grid tokens, in order."""
+        grid = backbone.layout.fixed_grid
+        crop = self.pixels(region_px).resize(backbone.grid_pixels(grid), Image.Resampling.BILINEAR)
+        encoding = backbone.encode_image(crop)
+        if keep is None:
+            return encoding
+        kept = keep.flatten().to(encoding.features.device)
+        return ImageEncoding(encoding.features[kept], (1, int(kept.sum())))
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,7 @@ class ZoomTrace:
 
     mode: str
     region_head: str | None = None
+    region_rule: str | None = None
     gate: GateReading | None = None
     region: RegionRead | None = None
     skipped_reason: str | None = None
@@ -181,6 +195,7 @@ class ZoomEngine:
             raise UsageError(problem)
         self.has_gate = adapter is not None and adapter.config.gate
         self.region_head = "trained" if trained_region else "base_layers"
+        self.region_rule = adapter.config.region_rule if trained_region else QZOOM_RULE
         self.region = adapter.region() if trained_region else \
             RegionHead(list(backbone.decoder_layers[branch_layer:branch_layer + depth]))
         self.gate_threshold = gate_threshold if gate_threshold is not None else \
@@ -217,7 +232,7 @@ class ZoomEngine:
             return answers
 
         for answer in answers:
-            answer.trace.region_head = self.region_head
+            answer.trace.region_head, answer.trace.region_rule = self.region_head, self.region_rule
         gate_threshold = _pick(settings.gate_threshold, self.gate_threshold)
         roi_threshold = _pick(settings.roi_threshold, self.roi_threshold)
         with clock("coarse_prefill_s", everyone):
@@ -236,6 +251,7 @@ class ZoomEngine:
             candidates = [i for i in everyone if scores[i] >= gate_threshold]
 
         boxes: dict[int, tuple[Box, Box]] = {}  # row -> (grid box, the same in page pixels)
+        kept: dict[int, torch.Tensor | None] = {}  # row -> SD-RPN's region tokens under its mask (None: all)
         if candidates:
             with clock("region_s", candidates):
                 blocks = [ImageBlock(batch.index(i, 0, prompts[i].images[0].start), *items[i][0].grid)
@@ -244,6 +260,11 @@ class ZoomEngine:
                                      blocks, _rows(mask, candidates))
             for i, scores in zip(candidates, maps, strict=True):
                 page = items[i][0]
+                if self.region_rule == SD_RPN_RULE:
+                    found = self._sd_rpn_region(answers[i], page, scores.logits, roi_threshold)
+                    if found is not None:
+                        boxes[i], kept[i] = (found.grid_box, found.page_box), found.keep
+                    continue
                 on_page = page_cells(page.grid, page.size, bb.layout.canvas).to(scores.keep.device)
                 keep = scores.keep & on_page
                 prob = sigmoid_region_map(scores.logits, keep) if self.region_head == "trained" \
@@ -288,9 +309,27 @@ class ZoomEngine:
         if "direct" in groups:
             _keep(answers, direct_rows, self._finish_direct(groups["direct"], clock, max_new_tokens))
         if "zoom" in groups:
-            self._zoom(groups["zoom"], batch, items, prompts, answers, boxes, roi_threshold, settings, clock,
+            self._zoom(groups["zoom"], batch, items, prompts, answers, boxes, kept, roi_threshold, settings, clock,
                        max_new_tokens)
         return answers
+
+    def _sd_rpn_region(self, answer: PageAnswer, page: PageView, logits: torch.Tensor,
+                       threshold: float) -> SdRpnRegion | None:
+        """SD-RPN's region of a page (its heads zoom whenever their rule finds one, as evaluated:
+        no gate, no lift), or None with the reason in the trace."""
+        bb = self.backbone
+        found, blurred = sd_rpn_region(logits, threshold, page.size, bb.grid_pixels(page.grid)[0],
+                                       bb.layout.fixed_grid)
+        answer.region_map = blurred.cpu()
+        if found is None:
+            answer.trace.skipped_reason = "no region above the region threshold"
+        elif found.page_box.width <= 0 or found.page_box.height <= 0:
+            answer.trace.skipped_reason = "the region lies in the padding around the page"
+        elif found.keep is not None and not bool(found.keep.any()):
+            answer.trace.skipped_reason = "no region token lies under the region's mask"
+        else:
+            return found
+        return None
 
     def _decode(self, answers, rows, logits, cache, positions, mask, max_new_tokens) -> None:
         _keep(answers, rows, self.decode(logits, cache, positions, max_new_tokens, mask))
@@ -306,8 +345,8 @@ class ZoomEngine:
         return self.decode(logits, group.cache, group.positions, max_new_tokens, group.mask)
 
     def _zoom(self, group: _Group, batch: PaddedBatch, items, prompts, answers: list[PageAnswer],
-              boxes: dict[int, tuple[Box, Box]], roi_threshold: float, settings: ZoomSettings, clock: _Clock,
-              max_new_tokens: int) -> None:
+              boxes: dict[int, tuple[Box, Box]], kept: dict[int, torch.Tensor | None], roi_threshold: float,
+              settings: ZoomSettings, clock: _Clock, max_new_tokens: int) -> None:
         bb = self.backbone
         fused_inputs = []
         for i in group.rows:
@@ -315,7 +354,8 @@ class ZoomEngine:
             box, region_px = boxes[i]
             budget = bb.read_budget(settings.region_budget(page.budget, page.native_tokens(region_px, bb)))
             with clock("region_encode_s", [i]):
-                region = page.read_region(region_px, budget, bb)
+                region = page.read_stretched(region_px, kept[i], bb) if i in kept else \
+                    page.read_region(region_px, budget, bb)
             with clock("fused_prefill_s", [i]):
                 fused_inputs.append(fuse_region(bb, text, prompts[i], page.encoding, region, box,
                                                 aligned=self.reuse_src_pos))
