@@ -31,6 +31,7 @@ from .options import (
     SHORT_ANSWER_INSTRUCTION,
     ZoomSettings,
     check_counts,
+    check_instruction,
     check_questions,
     with_instruction,
 )
@@ -288,6 +289,7 @@ class QZoom:
         max_new_tokens = self.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
         batch_size = self.resolve_batch_size(batch_size, budget, max_new_tokens, settings.mode)
         check_counts(batch_size, max_new_tokens)
+        check_instruction(instruction)
         batcher = _Batcher(self, settings, budget, max_new_tokens, instruction, batch_size, overlay_dir)
         reset_peak_memory(self.runtime.device)
         for request in requests:

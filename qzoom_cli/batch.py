@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
@@ -31,7 +33,7 @@ from .documents import open_document
 from .errors import OutputError, QZoomError, ResumeMismatch, UsageError
 from .manifest import ManifestRow, RowError
 from .options import SHORT_ANSWER_INSTRUCTION, ZoomSettings, changed_settings
-from .outputs import sole_writer
+from .outputs import file_target, is_stream, sole_writer
 from .results import ErrorInfo, Result, json_text
 
 DONE_STATUSES = ("ok", "truncated")
@@ -123,9 +125,12 @@ def error_fields(exc: BaseException, verbose: bool) -> tuple[str, str]:
 
 
 class OrderedWriter:
-    """Writes records in the order of `indices`, each as soon as all earlier ones are written.
-    When the stream fails (disk full, a vanished folder), the rest go to `fallback` instead and
-    `write_error` says why: nothing answered is lost."""
+    """Writes records in the order of `indices`, each as soon as all earlier ones are written (a
+    stream that cannot be rewritten: stdout, a device, a pipe). When the stream fails (disk full),
+    the rest go to `fallback` instead and `write_error` says why; `finish` writes the ones still
+    waiting when a run stops early. Nothing answered is lost."""
+
+    vanished = False  # a stream has no name to vanish from
 
     def __init__(self, stream: TextIO, indices: list[int], fallback: TextIO | None = None):
         self.stream = stream
@@ -140,6 +145,11 @@ class OrderedWriter:
         while self.next < len(self.order) and self.order[self.next] in self.pending:
             self._write(self.pending.pop(self.order[self.next]) + "\n")
             self.next += 1
+
+    def finish(self) -> None:
+        """The records finished out of order, ahead of earlier ones that never came (a run stopped early)."""
+        for index in sorted(self.pending):
+            self._write(self.pending.pop(index) + "\n")
 
     def _write(self, text: str) -> None:
         try:
@@ -157,19 +167,95 @@ class OrderedWriter:
         return self.next == len(self.order)
 
 
+class AppendingWriter:
+    """Appends each record to a result file as it finishes, so a run stopped at any point keeps every
+    finished answer (the file is put in manifest order at the end). A failing write (disk full)
+    sends that record and every later one to `fallback`; before each write it also checks the file
+    is still the one it opened: deleted, or its folder moved, every record it held (`carried` ones
+    included) goes to `fallback` too (`vanished`). `write_error` says why."""
+
+    def __init__(self, path: Path, fallback: TextIO, carried: list[str] = ()):
+        self.path = path
+        self.fallback = fallback
+        self.write_error: OSError | None = None
+        self.vanished = False
+        self.lines = list(carried)
+        self.stream: TextIO = open(path, "a", encoding="utf-8")
+        self.identity = self._identity()
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return None
+        return info.st_dev, info.st_ino
+
+    def intact(self) -> bool:
+        """Whether the path still names the file being written."""
+        return self._identity() == self.identity
+
+    def add(self, index: int, line: str) -> None:
+        if self.stream is not self.fallback and not self.intact():
+            self.lose_file()
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except OSError as exc:
+            if self.stream is self.fallback:
+                raise
+            self.write_error = exc
+            self.close()
+            self.stream = self.fallback
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        self.lines.append(line)
+
+    def lose_file(self) -> None:
+        """The file is gone: what it held goes to the fallback, and so does the rest."""
+        self.write_error = self.write_error or OSError(errno.ENOENT, "deleted or moved while the run wrote it")
+        self.vanished = True
+        self.close()
+        self.stream = self.fallback
+        for line in self.lines:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.stream is not self.fallback:
+            try:
+                self.stream.close()
+            except OSError as exc:  # the last buffered records: on the file's disk, or lost to it
+                self.write_error = self.write_error or exc
+
+    def finish(self) -> None:
+        """Closed, the file checked once more: gone since the last record, what it held goes to the fallback."""
+        self.close()
+        if self.write_error is None and not self.intact():
+            self.lose_file()
+
+
 def read_records(path: Path) -> list[dict]:
-    """The parsable records of a JSONL result file; a torn last line (crash mid-write) is skipped."""
+    """The parsable records of a JSONL result file, line by line on "\\n" only (a record's text may
+    hold other line separators); a torn last line (crash mid-write) and lines that are not records
+    are skipped. A file that is not UTF-8 text is no result file: refused, never rewritten."""
     if not path.exists():
         return []
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not a qzoom result file (not UTF-8 text); --force to overwrite it, or -o "
+                         "another file") from None
+    except OSError as exc:
+        raise OutputError(f"cannot read {path} ({exc.strerror or exc})") from None
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.split("\n"):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and "id" in record:
+        if isinstance(record, dict) and isinstance(record.get("id"), str):
             records.append(record)
     return records
 
@@ -229,20 +315,37 @@ def run_manifest(load: Callable[[], QZoom], rows: list[ManifestRow | RowError], 
                  rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None,
                  on_result: Callable[[Result], None] = lambda result: None,
                  on_start: Callable[[int], None] = lambda total: None) -> RunSummary:
-    """Answer the rows not already finished, writing ordered records to `output` (or `stdout`).
+    """Answer the rows not already finished, writing records to `output` (or `stdout`).
 
-    `load` builds the model only if some row needs it. With `world` > 1 this is one of several
+    `load` builds the model only if some row needs it. A result file gets each record as it
+    finishes and is put in manifest order at the end; a device or pipe (`-o /dev/stdout`, a FIFO)
+    is written in place, in manifest order, like stdout. With `world` > 1 this is one of several
     processes (`barrier` waits for all of them); rank 0 merges their shard files at the end and
     holds the output's lock throughout, so a second run on the same file is refused.
     """
-    with sole_writer(output) if output is not None and rank == 0 else nullcontext():
-        return _run_manifest(load, rows, options, output, stdout, resume, force, rank, world, barrier, on_result,
-                             on_start)
+    if output is not None and is_stream(output):
+        if resume or world > 1:
+            raise UsageError(f"{output} is a device or a pipe, written in place: --resume and several processes "
+                             "need a result file")
+        stream = open_stream(output)
+        try:
+            return _run_manifest(load, rows, options, None, (stream, str(output)), stdout, resume, force, rank,
+                                 world, barrier, on_result, on_start)
+        finally:
+            try:
+                stream.close()
+            except OSError as exc:  # with a failure already being reported, the same failure again
+                if sys.exc_info()[0] is None:
+                    raise OutputError(f"could not write {output} ({exc.strerror or exc})") from None
+    target = file_target(output) if output is not None else None
+    with sole_writer(target) if target is not None and rank == 0 else nullcontext():
+        return _run_manifest(load, rows, options, target, (stdout, "stdout"), stdout, resume, force, rank, world,
+                             barrier, on_result, on_start)
 
 
 def _run_manifest(load: Callable[[], QZoom], rows: list[ManifestRow | RowError], options: RunOptions,
-                  output: Path | None, stdout: TextIO, resume: bool, force: bool, rank: int, world: int,
-                  barrier: Callable[[], None], on_result: Callable[[Result], None],
+                  output: Path | None, sink: tuple[TextIO, str], stdout: TextIO, resume: bool, force: bool, rank: int,
+                  world: int, barrier: Callable[[], None], on_result: Callable[[Result], None],
                   on_start: Callable[[int], None]) -> RunSummary:
     order = {row.id: row.index for row in rows}
     kept: dict[str, dict] = {}
@@ -274,12 +377,11 @@ def _run_manifest(load: Callable[[], QZoom], rows: list[ManifestRow | RowError],
     on_start(summary.total)
 
     if output is None:
-        stream = stdout
+        writer = OrderedWriter(sink[0], [row.index for row in todo], fallback=stdout)
     elif world > 1:
-        stream = open(shard_path(output, rank), "w", encoding="utf-8")
+        writer = AppendingWriter(shard_path(output, rank), stdout)
     else:
-        stream = open(output, "a", encoding="utf-8")
-    writer = OrderedWriter(stream, [row.index for row in todo], fallback=stdout)
+        writer = AppendingWriter(output, stdout, [json_text(r) for r in ordered(kept.values(), order)])
 
     def emit(index: int, result: Result) -> None:
         result.run = options.settings
@@ -294,21 +396,36 @@ def _run_manifest(load: Callable[[], QZoom], rows: list[ManifestRow | RowError],
             qz = load() if any(isinstance(r, ManifestRow) for r in todo) else None
             answer_rows(qz, todo, options, emit)
     finally:
-        if stream is not stdout:
-            try:
-                stream.close()
-            except OSError as exc:  # the last buffered records: they are on the stream's disk or lost to it
-                writer.write_error = writer.write_error or exc
+        writer.finish()
+    if writer.vanished:
+        raise OutputError(f"{writer.path} was deleted or moved while the run wrote it; every record it held and the "
+                          "rest went to stdout")
     if writer.write_error is not None:
-        raise OutputError(f"could not write {output} ({writer.write_error.strerror or writer.write_error}); the "
-                          "records from there on went to stdout; --resume redoes the ones missing from the file")
+        resume = "; --resume redoes the ones missing from the file" if output is not None else ""
+        raise OutputError(f"could not write {output or sink[1]} ({writer.write_error.strerror or writer.write_error});"
+                          f" the records from there on went to stdout{resume}")
     if output is not None:
         barrier()
         if rank == 0:
             shards = [shard_path(output, r) for r in range(world)]  # a single process wrote none
             records = ordered([*read_records(output), *(r for path in shards for r in read_records(path))], order)
-            write_records(output, records)
+            try:
+                write_records(output, records)
+            except OSError as exc:
+                raise OutputError(f"could not put {output} in manifest order ({exc.strerror or exc}); it holds every "
+                                  "record, in the order they finished") from None
             for path in shards:
                 path.unlink(missing_ok=True)
             summary.failed = sum(r.get("status") == "error" for r in records)
     return summary
+
+
+def open_stream(path: Path) -> TextIO:
+    """A device or pipe opened for writing in place; a pipe nobody reads is refused, not waited on."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        reason = "no program is reading it" if exc.errno == errno.ENXIO else exc.strerror or str(exc)
+        raise UsageError(f"cannot write {path} ({reason})") from None
+    os.set_blocking(fd, True)
+    return open(fd, "w", encoding="utf-8")

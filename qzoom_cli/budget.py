@@ -18,6 +18,7 @@ from PIL import Image
 from .errors import PageShape, UsageError
 
 MAX_ASPECT_RATIO = 200
+MAX_VISUAL_TOKENS = 16384  # the most any family's processor reads an image at; more would hold a model for minutes
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class VisualBudget:
     def __post_init__(self):
         if self.min_tokens < 1 or self.max_tokens < 1:
             raise UsageError("visual-token budgets must be positive")
+        if self.max_tokens > MAX_VISUAL_TOKENS:
+            raise UsageError(f"visual-token budgets are at most {MAX_VISUAL_TOKENS} tokens, not {self.max_tokens}")
         if self.min_tokens > self.max_tokens:
             raise UsageError(
                 f"--min-visual-tokens ({self.min_tokens}) is larger than --max-visual-tokens ({self.max_tokens})"

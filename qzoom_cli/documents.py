@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import stat
 import sys
 import threading
 import warnings
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pymupdf
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .budget import bicubic
 from .errors import (
@@ -30,6 +31,7 @@ from .errors import (
     PdfCorrupt,
     PdfEncrypted,
     QZoomError,
+    TooLarge,
     UnsupportedType,
     UsageError,
 )
@@ -37,6 +39,7 @@ from .errors import (
 STDIN = "-"
 DEFAULT_DPI = 200
 MAX_RENDER_PIXELS = 120_000_000
+MAX_RENDER_SIDE = 1_000_000  # pixels a side: MuPDF clamps page sizes at 2**24, far beyond any real page
 MAX_INPUT_BYTES = 2**30
 MAX_REGION_DPI = 1200
 IMAGE_KINDS = ("png", "jpeg", "webp", "bmp", "gif", "tiff")
@@ -82,25 +85,38 @@ def parse_page_spec(spec: str | None, page_count: int) -> list[int]:
     if spec is None or spec.strip().lower() in ("", "all"):
         return list(range(1, page_count + 1))
     pages: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo_text, _, hi_text = part.partition("-")
-                lo = int(lo_text) if lo_text else 1
-                hi = int(hi_text) if hi_text else page_count
-            else:
-                lo = hi = int(part)
-        except ValueError:
-            raise UsageError(f"bad page range {spec!r}: use 1-based numbers like '1-3,7'") from None
-        if lo < 1 or hi < 1:
-            raise UsageError(f"bad page range {spec!r}: pages are numbered from 1")
+    for lo, hi in check_page_spec(spec):
+        hi = page_count if hi is None else hi
         if lo > hi:
             raise UsageError(f"bad page range {spec!r}: {lo}-{hi} is empty")
         if hi > page_count:
             raise _out_of_range(hi, page_count)
         pages.extend(p for p in range(lo, hi + 1) if p not in pages)
     return pages
+
+
+def check_page_spec(spec: str | None) -> list[tuple[int, int | None]]:
+    """The (first, last) page ranges a spec names (last None: to the end), its syntax checked
+    before any document is read."""
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return []
+    ranges = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo_text, _, hi_text = part.partition("-")
+                lo, hi = int(lo_text) if lo_text else 1, int(hi_text) if hi_text else None
+            else:
+                lo = hi = int(part)
+        except ValueError:
+            raise UsageError(f"bad page range {spec!r}: use 1-based numbers like '1-3,7'") from None
+        if lo < 1 or (hi is not None and hi < 1):
+            raise UsageError(f"bad page range {spec!r}: pages are numbered from 1")
+        if hi is not None and lo > hi:
+            raise UsageError(f"bad page range {spec!r}: {lo}-{hi} is empty")
+        ranges.append((lo, hi))
+    return ranges
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -159,7 +175,12 @@ class Document:
         with self._reading(number):
             if self._pdf is not None:
                 scale = self.dpi / 72
-                box = (self._pdf[number - 1].rect * pymupdf.Matrix(scale, scale)).irect
+                rect = self._pdf[number - 1].rect
+                if max(rect.width, rect.height) * scale > MAX_RENDER_SIDE:  # beyond MuPDF's clamped sizes
+                    raise TooLarge(f"page {number} of {self.source} is {rect.width:.0f}x{rect.height:.0f} points, "
+                                   f"{rect.width * scale:.0f}x{rect.height * scale:.0f} pixels at {self.dpi} dpi: "
+                                   "more than qzoom renders")
+                box = (rect * pymupdf.Matrix(scale, scale)).irect
                 return box.width, box.height
             return self._frame(number).size
 
@@ -196,9 +217,17 @@ class Document:
             return self._pdf_image(number, self.dpi / 72)
 
     def _pdf_image(self, number: int, zoom: float, clip: pymupdf.Rect | None = None) -> Image.Image:
-        """PDF page `number` (or its `clip`, in points) rendered at `zoom` x 72 dpi."""
+        """PDF page `number` (or its `clip`, in points) rendered at `zoom` x 72 dpi: its size measured
+        from the page itself (MuPDF clamps the sizes it reports), refused before a pixel is allocated
+        when it is beyond what qzoom renders."""
         with self._reading(number):
-            pixmap = self._pdf[number - 1].get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), clip=clip)
+            page = self._pdf[number - 1]
+            area = page.rect if clip is None else clip & page.rect
+            width, height = area.width * zoom, area.height * zoom
+            if width * height > MAX_RENDER_PIXELS or max(width, height) > MAX_RENDER_SIDE:
+                raise TooLarge(f"page {number} of {self.source} would render at {width:.0f}x{height:.0f} pixels, "
+                               f"more than qzoom renders ({MAX_RENDER_PIXELS:,} pixels)")
+            pixmap = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), clip=clip)
         return Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
 
     @property
@@ -233,8 +262,10 @@ class Document:
     def thumbnail(self, number: int, max_side: int = 96) -> Image.Image:
         """A small RGB picture of a page, its long side `max_side`; PDFs are rendered directly at that size."""
         if self._pdf is not None:
-            width, height = self.page_size(number)
-            return self._pdf_image(number, self.dpi / 72 * max_side / max(width, height))
+            self._check(number)
+            with self._reading(number):
+                rect = self._pdf[number - 1].rect  # in points, as the render measures it
+            return self._pdf_image(number, max_side / max(rect.width, rect.height, 1e-6))
         image = self._render(number)
         image.thumbnail((max_side, max_side))
         return image
@@ -255,23 +286,35 @@ class Document:
         self.close()
 
 
-def read_source(source: str | Path | bytes) -> tuple[str, bytes]:
-    """(display name, bytes) of a path, '-' for standard input, or raw bytes."""
+def read_source(source: str | Path | bytes, shown: str | None = None) -> tuple[str, bytes]:
+    """(display name, bytes) of a path, '-' for standard input, or raw bytes; `shown` is what error
+    messages call a path instead of itself (a service names what the request sent, not its own paths)."""
     if isinstance(source, bytes):
         return "<bytes>", source
     name = str(source)
     if name == STDIN:
+        if sys.stdin is None:  # fd 0 closed
+            raise InputError("standard input is closed: pipe the document into '-', or name its file")
         return STDIN, _capped(sys.stdin.buffer, "standard input")
-    path = Path(name)
-    if not path.exists():
-        raise FileNotFound(f"no such file: {name}")
-    if path.is_dir():
-        raise UnsupportedType(f"{name} is a directory, not a document")
+    path, shown = Path(name), shown or name
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise FileNotFound(f"no such file: {shown}") from None
+    except OSError as exc:  # a name too long, a loop of links, a folder that may not be read
+        raise InputError(f"cannot read {shown}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UnsupportedType(f"{shown} is a directory, not a document")
+    if not stat.S_ISREG(info.st_mode):  # a pipe with no writer would wait forever, a device never end
+        raise UnsupportedType(f"{shown} is not a regular file (a pipe, socket or device); save the document to a "
+                              "file, or pipe it into '-'")
+    if info.st_size > MAX_INPUT_BYTES:  # refused by its size, before a byte is read
+        raise InputError(f"{shown} is larger than {MAX_INPUT_BYTES // 2**20} MiB, the most qzoom reads as one document")
     try:
         with open(path, "rb") as stream:
-            return name, _capped(stream, name)
+            return name, _capped(stream, shown)
     except PermissionError:
-        raise InputError(f"permission denied: {name}") from None
+        raise InputError(f"permission denied: {shown}") from None
 
 
 def _capped(stream, name: str) -> bytes:
@@ -288,7 +331,7 @@ def open_document(source: str | Path | bytes, *, password: str | None = None, dp
     `name` is what records and messages call it instead (an upload's file name, say)."""
     if dpi < 1:
         raise UsageError("--dpi must be positive")
-    read_as, data = read_source(source)
+    read_as, data = read_source(source, name)
     name = name or read_as
     kind = detect_kind(data)
     digest = hashlib.sha256(data).hexdigest()
@@ -314,7 +357,11 @@ def _open_pdf(name: str, data: bytes, password: str | None) -> pymupdf.Document:
             raise PdfEncrypted(f"{name} is encrypted: pass its password with --password")
         if not pdf.authenticate(password):
             raise PdfEncrypted(f"wrong password for {name}")
-    if pdf.page_count == 0:
+    try:
+        pages = pdf.page_count
+    except Exception as exc:  # a page tree that lies about its size (MuPDF code=7)
+        raise PdfCorrupt(f"{name} has a damaged page tree: {exc}") from exc
+    if pages == 0:
         raise PdfCorrupt(f"{name} has no readable pages")
     return pdf
 
@@ -325,8 +372,7 @@ def _open_image(name: str, data: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, EOFError,
-            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageCorrupt(f"cannot decode image {name}: {exc}") from exc
+    except Exception as exc:  # a damaged image raises anything from OSError to IndexError (a PNG iCCP chunk)
+        raise ImageCorrupt(f"cannot decode image {name}: {type(exc).__name__}: {exc}") from exc
     return image
 

@@ -17,6 +17,18 @@ EXIT_OUTPUT = 6
 EXIT_INTERRUPTED = 130
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message, first line only (library messages run on with advice and tracebacks)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's type and whole message on one line, whitespace folded (a validator's reason
+    is on its second line)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}" if text else type(exc).__name__
+
+
 class QZoomError(Exception):
     """Base class: `code` names the failure in JSON records, `exit_code` is what the CLI returns."""
 
@@ -72,6 +84,12 @@ class PageShape(InputError):
     """A page or region whose size cannot be read (empty, or beyond the aspect-ratio limit)."""
 
     code = "page_shape"
+
+
+class DamagedFile(InputError):
+    """A file an earlier run wrote (a cache entry, a checkpoint, progress) that cannot be read back."""
+
+    code = "damaged_file"
 
 
 class TooLarge(InputError):

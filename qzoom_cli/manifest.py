@@ -90,11 +90,15 @@ def parse_row(index: int, row, root: Path) -> ManifestRow | RowError:
     if not isinstance(file, str) or not file.strip():
         return RowError(index, row_id, "bad_row", f"row {index + 1}: no document (keys: {', '.join(FILE_KEYS)})",
                         question)
+    password = row.get("password")
+    if password is not None and not isinstance(password, str):
+        return RowError(index, row_id, "bad_row", f"row {index + 1}: password must be a string, not "
+                        f"{type(password).__name__}", question)
     path = Path(file).expanduser()
     pages = row.get("pages")
     return ManifestRow(index=index, id=row_id, file=str(root / path),  # an absolute path stays as it is
                        question=question.strip(), pages=str(pages) if pages is not None else None,
-                       password=row.get("password"), answers=_answers(_first(row, ANSWER_KEYS)),
+                       password=password, answers=_answers(_first(row, ANSWER_KEYS)),
                        metric=row.get("metric"), dataset=row.get("dataset") or row.get("task"))
 
 
@@ -115,7 +119,7 @@ def _objects(text: str, name: str) -> list:
     if isinstance(document, dict):
         return document["data"] if isinstance(document.get("data"), list) else [document]
     objects = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # JSON strings may hold other line breaks
         if _undecodable(line):
             objects.append(_BadLine(f"{name} line {number} is not UTF-8 text"))
         elif line.strip():
@@ -129,6 +133,11 @@ def _objects(text: str, name: str) -> list:
 @dataclass
 class _BadLine:
     message: str
+
+
+def document_files(rows: list[ManifestRow | RowError]) -> tuple[str, ...]:
+    """The documents the rows name (each once): inputs a command's output must never replace."""
+    return tuple(dict.fromkeys(row.file for row in rows if isinstance(row, ManifestRow)))
 
 
 def read_manifest(source: str | Path, root: str | Path | None = None) -> list[ManifestRow | RowError]:

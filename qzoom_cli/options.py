@@ -6,10 +6,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .budget import VisualBudget
+from .budget import MAX_VISUAL_TOKENS, VisualBudget
 from .errors import UsageError
 
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
+
+# The most a request may ask for: beyond these a model would be held for minutes (or never answer),
+# so they are refused at once (the visual-token cap lives with the budgets).
+MAX_NEW_TOKENS = 32768
+MAX_QUESTION_CHARS = 8192
+MAX_INSTRUCTION_CHARS = 4096
+MAX_DPI = 1200
 MODES = ("auto", "always", "never")
 STOCK = "stock"  # `qzoom bench --modes`: transformers' generate() on the same rows, the yardstick
 
@@ -60,13 +67,27 @@ def check_questions(questions: str | list[str]) -> list[str]:
     for question in questions:
         if not question or not question.strip():
             raise UsageError("empty question: ask something about the document")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise UsageError(f"a question of {len(question)} characters; at most {MAX_QUESTION_CHARS} are read")
     return [q.strip() for q in questions]
+
+
+def check_instruction(instruction: str | None) -> None:
+    if instruction is not None and len(instruction) > MAX_INSTRUCTION_CHARS:
+        raise UsageError(f"--instruction of {len(instruction)} characters; at most {MAX_INSTRUCTION_CHARS}")
+
+
+def check_dpi(dpi: int) -> None:
+    if not 1 <= dpi <= MAX_DPI:
+        raise UsageError(f"--dpi must be between 1 and {MAX_DPI}, not {dpi}")
 
 
 def check_counts(batch_size: int | str, max_new_tokens: int | None) -> None:
     """A batch size ('auto' or >= 1) and an answer length (None: the model's default, or >= 1)."""
     if (batch_size != "auto" and batch_size < 1) or (max_new_tokens is not None and max_new_tokens < 1):
         raise UsageError("--batch-size and --max-new-tokens must be at least 1")
+    if max_new_tokens is not None and max_new_tokens > MAX_NEW_TOKENS:
+        raise UsageError(f"--max-new-tokens must be at most {MAX_NEW_TOKENS}, not {max_new_tokens}")
 
 
 def check_token_bounds(min_tokens: int | None, max_tokens: int | None) -> None:
@@ -74,6 +95,8 @@ def check_token_bounds(min_tokens: int | None, max_tokens: int | None) -> None:
     for name, value in (("--min-visual-tokens", min_tokens), ("--max-visual-tokens", max_tokens)):
         if value is not None and value < 1:
             raise UsageError(f"{name} must be positive")
+        if value is not None and value > MAX_VISUAL_TOKENS:
+            raise UsageError(f"{name} must be at most {MAX_VISUAL_TOKENS}, not {value}")
     if min_tokens is not None and max_tokens is not None:
         VisualBudget(min_tokens, max_tokens)
 
@@ -92,8 +115,8 @@ class ZoomSettings:
     def __post_init__(self):
         if self.mode not in MODES:
             raise UsageError(f"unknown zoom mode {self.mode!r}: use {', '.join(MODES)}")
-        if self.region_max_tokens is not None and self.region_max_tokens < 1:
-            raise UsageError("--roi-max-visual-tokens must be positive")
+        if self.region_max_tokens is not None and not 1 <= self.region_max_tokens <= MAX_VISUAL_TOKENS:
+            raise UsageError(f"--roi-max-visual-tokens must be between 1 and {MAX_VISUAL_TOKENS}")
         # scores are probabilities or attention lifts (>= 0); region maps are scaled to 0..1
         if self.gate_threshold is not None and not 0 <= self.gate_threshold < math.inf:
             raise UsageError(f"--gate-threshold must be a finite number >= 0, not {self.gate_threshold}")

@@ -8,6 +8,7 @@ other's atomic rewrites, so a batch holds a lock on its output for as long as it
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,17 +18,45 @@ from filelock import FileLock, Timeout
 from .errors import UsageError
 
 
+def is_stream(path: Path) -> bool:
+    """Whether `path` (through links) is a character device or a pipe: written in place, as they come
+    (`-o /dev/null`, `/dev/stdout`, a FIFO), never replaced by a file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
+def file_target(path: Path) -> Path:
+    """Where a result file really is: a link's target (replaced there, the link kept)."""
+    return Path(os.path.realpath(path))
+
+
 def check_output_file(path: Path, *, inputs: tuple[str | Path, ...] = ()) -> None:
-    """A file qzoom may create or replace: in an existing writable folder, not a folder itself,
-    and none of the command's inputs (results must never replace what they were made from)."""
+    """A file qzoom may create or replace (or a device or pipe it writes in place): in an existing
+    writable folder, not a folder, a block device or a socket, and none of the command's inputs,
+    however linked (results must never replace what they were made from)."""
     if path.is_dir():
         raise UsageError(f"output {path} is a folder; name a file")
     for source in inputs:
-        if str(source) != "-" and Path(source).exists() and Path(source).resolve() == path.resolve():
-            raise UsageError(f"output {path} is also an input of this command; write the results elsewhere")
-    check_output_folder(path.parent, create=False)
+        if str(source) != "-" and _same_file(path, Path(source)):
+            raise UsageError(f"output {path} is also an input of this command ({source}); write the results "
+                             "elsewhere")
+    if is_stream(path):
+        return
+    if path.exists() and not path.is_file():
+        raise UsageError(f"output {path} is not a regular file, a device or a pipe; name a file")
+    check_output_folder(file_target(path).parent, create=False)
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"output {path} is read-only")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is missing (or unreadable): not the same existing file
+        return False
 
 
 def check_output_folder(path: Path, *, create: bool = True) -> None:
@@ -47,8 +76,15 @@ def check_output_folder(path: Path, *, create: bool = True) -> None:
 
 @contextmanager
 def sole_writer(path: Path) -> Iterator[None]:
-    """Hold `path`'s lock file while writing it; a second writer is refused at once."""
+    """Hold the lock of `path` (its real location, so links to one file share it) while writing it;
+    a second writer is refused at once. The lock file stays: removed on release, a writer that had
+    opened it just before would lock the removed file while a third locked a new one."""
+    path = file_target(path)
     lock_path = path.with_name(path.name + ".lock")
+    try:  # the lock file must be creatable: filelock would wait on a folder that refuses it
+        os.close(os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o644))
+    except OSError as exc:
+        raise UsageError(f"cannot write next to {path} ({exc.strerror or exc}); choose another output") from None
     lock = FileLock(lock_path)
     try:
         lock.acquire(timeout=0)
@@ -59,4 +95,3 @@ def sole_writer(path: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
-        lock_path.unlink(missing_ok=True)

@@ -172,6 +172,11 @@ class Result:
         return json_text(self.to_dict(), indent)
 
 
+# Characters a reader splitting on line breaks other than "\n" (str.splitlines, JavaScript) would cut
+# a record at: kept escaped, so one record is always one line.
+_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def json_text(record: dict, indent: int | None = None) -> str:
-    """A record as JSON with its text readable (UTF-8, not \\u escapes)."""
-    return json.dumps(record, ensure_ascii=False, indent=indent)
+    """A record as JSON with its text readable (UTF-8, not \\u escapes), but for line separators."""
+    return json.dumps(record, ensure_ascii=False, indent=indent).translate(_LINE_BREAKS)

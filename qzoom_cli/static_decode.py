@@ -27,6 +27,7 @@ from transformers import Cache
 from .backbones import Backbone
 from .backbones.caches import allocate_static, load_static, static_cursor, static_step_state
 from .decode import Decoder, EagerDecoder, Generation, pick_tokens, until_end
+from .errors import first_line
 from .runtime import synchronize
 
 log = logging.getLogger("qzoom")
@@ -131,8 +132,8 @@ class StaticDecoder:
         try:
             session.graph = self._capture(session)
         except RuntimeError as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            log.warning("CUDA graph capture failed (%s); decoding on the static cache without capture", reason)
+            log.warning("CUDA graph capture failed (%s); decoding on the static cache without capture",
+                        first_line(exc))
             self.capture = False
 
     def _new_session(self, cache: Cache, positions: torch.Tensor, capacity: int) -> _Session:

@@ -11,17 +11,22 @@ import random
 import sys
 import traceback
 import warnings
+import zlib
 from collections import Counter
 
-from docmaker import make_image, make_pdf, make_tiff
+from docmaker import make_image, make_pdf, make_raw_pdf, make_tiff, with_png_chunk
 
 from qzoom_cli.documents import open_document
 from qzoom_cli.errors import QZoomError
 
 
 def seeds() -> dict[str, bytes]:
+    """One document per format, and ones whose parts the trials found fragile: a hand-written PDF
+    (page units, page tree), a PNG carrying a colour profile."""
     return {"pdf": make_pdf(2), "png": make_image("PNG"), "jpeg": make_image("JPEG"), "gif": make_image("GIF"),
-            "bmp": make_image("BMP"), "webp": make_image("WEBP"), "tiff": make_tiff([(60, 40), (30, 50), (20, 20)])}
+            "bmp": make_image("BMP"), "webp": make_image("WEBP"), "tiff": make_tiff([(60, 40), (30, 50), (20, 20)]),
+            "raw-pdf": make_raw_pdf("/UserUnit 2"),
+            "png-iccp": with_png_chunk(make_image("PNG"), b"iCCP", b"sRGB\x00\x00" + zlib.compress(b"profile" * 20))}
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
@@ -41,11 +46,12 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 
 
 def read_everything(data: bytes) -> None:
-    """Open, measure and render every page, as `qzoom ask` would."""
+    """Open, measure and render every page, as `qzoom ask` would, and draw its page-picker thumbnail."""
     with open_document(data, dpi=36) as doc:
         for number in range(1, doc.page_count + 1):
             doc.page_size(number)
             doc.render(number)
+            doc.thumbnail(number)
 
 
 def fuzz(per_format: int, seed: int = 0) -> Counter:

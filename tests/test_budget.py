@@ -7,6 +7,7 @@ from PIL import Image
 from qzoom_cli.budget import (
     ASPECT_CANVAS,
     MAX_ASPECT_RATIO,
+    MAX_VISUAL_TOKENS,
     Canvas,
     VisualBudget,
     aspect_canvas,
@@ -31,7 +32,7 @@ A4_TABLE = {
 @pytest.mark.parametrize("size", A4_TABLE)
 def test_a4_token_counts_match_the_published_table(size):
     width, height = size
-    got = tuple(visual_tokens(height, width, 28, VisualBudget(4, cap)) for cap in (10**9, 576, 1024, 4096))
+    got = tuple(visual_tokens(height, width, 28, VisualBudget(4, cap)) for cap in (MAX_VISUAL_TOKENS, 576, 1024, 4096))
     assert got == A4_TABLE[size]
 
 

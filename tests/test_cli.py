@@ -329,6 +329,73 @@ def test_a_model_folder_without_processor_files_is_a_model_error(pdf_path, tiny_
     assert result.exit_code == EXIT_MODEL and named in result.stderr and str(folder) in result.stderr
 
 
+def _damage_model(folder, damage):
+    """Break a copy of the tiny checkpoint one way."""
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    config = json.loads((folder / "config.json").read_text())
+    if damage == "more layers":  # the config describes a deeper model than the weights hold
+        config["text_config"]["num_hidden_layers"] *= 2
+        config["text_config"].pop("layer_types", None)
+        (folder / "config.json").write_text(json.dumps(config))
+    elif damage == "layer count disagrees":
+        config["text_config"]["num_hidden_layers"] *= 2
+        (folder / "config.json").write_text(json.dumps(config))
+    elif damage == "a tensor missing":
+        del tensors["model.layers.0.mlp.gate_proj.weight"]
+    elif damage == "a tensor too many":
+        tensors["model.extra.weight"] = torch.zeros(2)
+    elif damage == "a tensor misshapen":
+        tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"][1:]
+    elif damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:5000])
+    elif damage == "empty weights":
+        weights.write_bytes(b"")
+    elif damage == "garbage tokenizer":
+        (folder / "tokenizer.json").write_text("garbage{")
+    elif damage == "garbage image processor":
+        (folder / "preprocessor_config.json").write_text("[1, 2")
+    elif damage == "template syntax":
+        (folder / "chat_template.jinja").write_text("{% for x in %}")
+    elif damage == "garbage config":
+        (folder / "config.json").write_text("{not json")
+    if damage.startswith("a tensor"):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, weights, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("more layers", "the weights of {m} do not match its config.json: 48 missing (e.g. model.language_model.layers.4."),
+    ("layer count disagrees", "the config.json of {m} is not a valid model config (StrictDataclassClassValidationError: "
+                              "Class validation error for validator 'validate_layer_type': ValueError: "
+                              "`num_hidden_layers` (8) must be equal to the number of `layer_types` (4))"),
+    ("a tensor missing", "the weights of {m} do not match its config.json: 1 missing (e.g. "
+                         "model.language_model.layers.0.mlp.gate_proj.weight); qzoom never runs a model with random "
+                         "weights"),
+    ("a tensor too many", "1 unexpected (e.g. model.language_model.extra.weight)"),
+    ("a tensor misshapen", "1 misshapen (e.g. model.language_model.embed_tokens.weight)"),
+    ("truncated weights", "the weights of {m} are damaged (model.safetensors: Error while deserializing header:"),
+    ("empty weights", "the weights of {m} are damaged (model.safetensors: "),
+    ("garbage tokenizer", "the tokenizer of {m} is damaged (JSONDecodeError: "),
+    ("garbage image processor", "the image processor of {m} is damaged (OSError: "),
+    ("template syntax", "the chat template of {m} does not work (Expected an expression"),
+    ("garbage config", "the config.json of {m} is not a valid model config (OSError: "),
+])
+def test_a_damaged_or_mismatched_model_folder_is_a_model_error_naming_what(pdf_path, tiny_dir, tmp_path, damage,
+                                                                           message):
+    """Never random weights, never an internal error: exit 4 and the one thing that is wrong."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    _damage_model(folder, damage)
+    result = runner.invoke(cli.app, ["ask", str(pdf_path), "q?", "--model", str(folder), "--device", "cpu"])
+    assert result.exit_code == EXIT_MODEL, result.stderr
+    assert result.stderr.startswith("qzoom: error: ") and len(result.stderr.splitlines()) == 1
+    assert message.format(m=folder) in result.stderr
+
+
 def test_control_characters_never_reach_a_terminal_raw():
     from qzoom_cli.render import printable
 
@@ -361,6 +428,16 @@ def test_help_shows_every_default():
     ["train", "gate", "{manifest}", "--out", "{manifest}.d", "--epochs", "0"],
     ["train", "gate", "{manifest}", "--out", "{manifest}.d", "--ladder", "64,32,16"],
     ["train", "rpn", "{manifest}", "--out", "{manifest}.d", "--view-tokens", "50"],
+    ["train", "rpn", "{manifest}", "--out", "{manifest}"],
+    ["ask", "{pdf}", "q", "--max-visual-tokens", "2000000"],
+    ["ask", "{pdf}", "q", "--min-visual-tokens", "2000000"],
+    ["ask", "{pdf}", "q", "--instruction", "x" * 5000],
+    ["ask", "{pdf}", "x" * 9000],
+    ["ask", "{pdf}", "q", "--max-new-tokens", "100000"],
+    ["run", "{manifest}", "--dpi", "0"],
+    ["run", "{manifest}", "--dpi", "5000"],
+    ["run", "{manifest}", "-o", "{manifest}.out", "--resume", "--force"],
+    ["run", "{manifest}", "-o", "{pdf}"],
 ])
 def test_usage_errors_come_before_the_ml_libraries(args, tmp_path, pdf_path):
     """A bad flag is answered at once (exit 2) without importing torch or transformers."""
@@ -453,3 +530,23 @@ def test_every_budget_and_region_option_does_what_it_says(tiny_dir, pdf_path, tm
     above = _record(tiny_dir, pdf_path, "--zoom", "auto", "--gate-threshold", str(lift["score"] + 1e-3))
     assert below["zoom"]["zoomed"] and not above["zoom"]["zoomed"]
     assert above["zoom"]["skipped_reason"] == "attention too spread out for a region to help"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["ask", "doc.pdf", "q", "--dpi", "abc"], "Invalid value for '--dpi': Input should be a valid integer, unable to "
+                                              "parse string as an integer (see qzoom ask --help)"),
+    (["ask", "doc.pdf", "q", "--no-such-flag"], "No such option: --no-such-flag (see qzoom ask --help)"),
+    (["run"], "Missing argument 'manifest'. (see qzoom run --help)"),
+    (["nosuch"], "No such command 'nosuch'. (see qzoom --help)"),
+    (["ask", "-notes.pdf", "q"], "No such option: -n; -notes.pdf is a file: put it after '--' so it is not read as an "
+                                 "option (qzoom ask -- -notes.pdf ...), or write ./-notes.pdf"),
+])
+def test_what_the_parser_cannot_read_is_one_error_line(args, line, tmp_path, monkeypatch, capsys):
+    """As the README promises for every error: `qzoom: error: ...` on stderr, exit 2, no usage box."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-notes.pdf").write_bytes(make_pdf(1))
+    monkeypatch.setattr(sys, "argv", ["qzoom", *args])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    captured = capsys.readouterr()
+    assert (exited.value.code, captured.out, captured.err) == (EXIT_USAGE, "", f"qzoom: error: {line}\n")

@@ -399,13 +399,18 @@ def test_fuzzed_documents_fail_with_named_errors_only():
 
 
 
-def test_endless_input_is_capped(monkeypatch):
+def test_endless_input_is_capped(monkeypatch, tmp_path):
     import qzoom_cli.documents as documents
     from qzoom_cli.errors import InputError
 
     monkeypatch.setattr(documents, "MAX_INPUT_BYTES", 2**20)
-    with pytest.raises(InputError, match="^/dev/zero is larger than 1 MiB, the most qzoom reads as one document$"):
+    with pytest.raises(InputError, match="^/dev/zero is not a regular file"):  # never read: it would not end
         open_document("/dev/zero")
+    sparse = tmp_path / "huge.pdf"
+    with open(sparse, "wb") as handle:
+        handle.truncate(2**40)  # a terabyte on paper: refused by its size, not read
+    with pytest.raises(InputError, match=f"^{sparse} is larger than 1 MiB, the most qzoom reads as one document$"):
+        open_document(sparse)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"%PDF-" + b"0" * 2**21)))
     with pytest.raises(InputError, match="standard input is larger"):
         open_document("-")
@@ -482,3 +487,54 @@ def test_a_frame_that_does_not_decode_is_named_by_its_page():
             with pytest.raises(ImageCorrupt, match=r"^cannot read page 2 of <bytes>: decoder error"):
                 read(2)
         assert doc.render(1).size == (64, 64)
+
+
+def test_a_page_of_enormous_user_units_is_refused_before_a_pixel_is_allocated(tmp_path):
+    """/UserUnit 1000000 makes a letter page 612 million points wide: its render and size are
+    refused by arithmetic, and its thumbnail is drawn at thumbnail size, not the page's."""
+    import time
+
+    from docmaker import make_raw_pdf
+
+    from qzoom_cli.errors import TooLarge
+
+    start = time.monotonic()
+    with open_document(make_raw_pdf("/UserUnit 1000000"), dpi=200) as doc:
+        for read in (doc.render, doc.page_size):
+            with pytest.raises(TooLarge, match=r"^page 1 of <bytes> is 612000000x792000000 points, "
+                                               r"1700000000x2200000000 pixels at 200 dpi: more than qzoom renders$"):
+                read(1)
+        assert max(doc.thumbnail(1).size) == 96
+    assert time.monotonic() - start < 20  # a render of the page would take minutes (and gigabytes)
+    with open_document(make_raw_pdf(), dpi=72) as plain:
+        assert plain.page_size(1) == (612, 792)
+
+
+def test_a_pdf_whose_page_count_lies_is_corrupt_not_an_internal_error():
+    from docmaker import make_raw_pdf
+
+    with pytest.raises(PdfCorrupt, match=r"^<bytes> has a damaged page tree: code=7: Invalid number of pages$"):
+        open_document(make_raw_pdf(count=5))
+
+
+def test_pipes_and_devices_are_refused_not_waited_on(tmp_path, monkeypatch):
+    import os
+
+    from qzoom_cli.errors import InputError, UnsupportedType
+
+    fifo = tmp_path / "doc.pdf"
+    os.mkfifo(fifo)  # nobody writes it: opening it to read would wait forever
+    with pytest.raises(UnsupportedType, match=f"^{fifo} is not a regular file \\(a pipe, socket or device\\); save "
+                                              "the document to a file, or pipe it into '-'$"):
+        open_document(fifo)
+    monkeypatch.setattr(sys, "stdin", None)  # started with fd 0 closed
+    with pytest.raises(InputError, match="^standard input is closed: pipe the document into '-', or name its file$"):
+        open_document("-")
+
+
+def test_an_image_whose_damage_raises_anything_is_named():
+    """Pillow reads a PNG's iCCP chunk after the pixels and raises IndexError on an empty profile."""
+    from docmaker import with_png_chunk
+
+    with pytest.raises(ImageCorrupt, match=r"^cannot decode image <bytes>: IndexError: "):
+        open_document(with_png_chunk(make_image("PNG"), b"iCCP", b"n\x00"))

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from qzoom_cli import cli
 from qzoom_cli.batch import OrderedWriter, document_groups, shard, shard_path
-from qzoom_cli.errors import EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE, UsageError
+from qzoom_cli.errors import EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_PARTIAL, EXIT_USAGE, UsageError
 from qzoom_cli.manifest import ManifestRow, RowError, read_manifest
 
 runner = CliRunner()
@@ -393,7 +393,7 @@ def test_a_second_writer_of_one_output_is_refused(workdir, tiny_dir):
         assert result.exit_code == EXIT_USAGE and "being written by another qzoom run" in result.stderr
         assert not out.exists()
     assert run(workdir, str(m), "-o", str(out), tiny=tiny_dir).exit_code == 0
-    assert len(records(out)) == 2 and not (workdir / "out.jsonl.lock").exists()
+    assert len(records(out)) == 2 and (workdir / "out.jsonl.lock").read_bytes() == b""  # kept: see sole_writer
 
 
 @pytest.mark.parametrize("command", ["run", "eval", "bench", "ask"])
@@ -654,7 +654,7 @@ def test_a_full_disk_mid_run_loses_nothing_and_resume_completes_the_file(qz, wor
                                     "went to stdout; --resume redoes the ones missing from the file")
     in_file, on_stdout = records(out), [json.loads(line) for line in stdout.getvalue().splitlines()]
     assert len(in_file) == (1 if fails_on == "write" else 3) and len(in_file) + len(on_stdout) == 3
-    assert [r["id"] for r in in_file + on_stdout] == [row.id for row in rows]
+    assert sorted(r["id"] for r in in_file + on_stdout) == sorted(row.id for row in rows)  # in finishing order
     monkeypatch.undo()
     again = run_manifest(lambda: qz, rows, options, output=out, stdout=io.StringIO(), resume=True)
     assert (again.kept, again.done) == (len(in_file), 3 - len(in_file))
@@ -732,3 +732,160 @@ def test_each_document_is_closed_once_its_rows_are_answered(qz, workdir, monkeyp
     answer_rows(qz, rows, RunOptions(zoom=ZoomSettings("never"), dpi=72, max_new_tokens=2, batch_size=2),
                 lambda index, result: None)
     assert len(opened) == 3 and sorted(closes) == sorted(opened)
+
+
+# --- outputs that are not plain files, and files that change under the run --------------------------------
+
+def test_a_device_or_pipe_output_is_written_in_place_never_replaced(workdir, tiny_dir):
+    import stat
+    import threading
+
+    m = write_manifest(workdir / "m.jsonl", ROWS[:2])
+    result = run(workdir, str(m), "-o", "/dev/null", tiny=tiny_dir)
+    assert result.exit_code == 0, result.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    full = run(workdir, str(m), "-o", "/dev/full", tiny=tiny_dir)  # a device that takes nothing: stdout has all
+    assert full.exit_code == EXIT_OUTPUT and "could not write /dev/full (No space left on device)" in full.stderr
+    assert [json.loads(line)["id"] for line in full.stdout.splitlines()] == ["a1", "b1"]
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    fifo = workdir / "answers.fifo"
+    os.mkfifo(fifo)
+    nobody = run(workdir, str(m), "-o", str(fifo), tiny=tiny_dir)
+    assert nobody.exit_code == EXIT_USAGE and f"cannot write {fifo} (no program is reading it)" in nobody.stderr
+    resumed = run(workdir, str(m), "-o", str(fifo), "--resume", tiny=tiny_dir)
+    assert resumed.exit_code == EXIT_USAGE and "--resume and several processes need a result file" in resumed.stderr
+    read = []
+    reader = threading.Thread(target=lambda: read.append(open(fifo, encoding="utf-8").read()))  # noqa: SIM115
+    reader.start()
+    while True:  # a writer's end opens once the reader waits; held, the reader sees no end before the run's
+        try:
+            held = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            continue
+    written = run(workdir, str(m), "-o", str(fifo), tiny=tiny_dir)
+    os.close(held)
+    reader.join(30)
+    assert written.exit_code == 0, written.stderr
+    assert [json.loads(line)["id"] for line in read[0].splitlines()] == ["a1", "b1"]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_a_linked_output_is_written_at_its_target_whose_lock_it_shares(workdir, tiny_dir):
+    from qzoom_cli.outputs import sole_writer
+
+    m = write_manifest(workdir / "m.jsonl", ROWS[:2])
+    (workdir / "results").mkdir()
+    target, link = workdir / "results" / "out.jsonl", workdir / "out.jsonl"
+    link.symlink_to(target)
+    with sole_writer(target):  # another run writes the file the link names
+        refused = run(workdir, str(m), "-o", str(link), tiny=tiny_dir)
+        assert refused.exit_code == EXIT_USAGE and "being written by another qzoom run" in refused.stderr
+    assert run(workdir, str(m), "-o", str(link), tiny=tiny_dir).exit_code == 0
+    assert link.is_symlink() and [r["id"] for r in records(target)] == ["a1", "b1"]
+
+
+def test_no_document_of_the_manifest_is_ever_an_output(workdir, tiny_dir):
+    m = write_manifest(workdir / "m.jsonl", ROWS[:2])
+    (workdir / "doc-link.pdf").symlink_to(workdir / "a.pdf")
+    before = (workdir / "a.pdf").read_bytes()
+    for output in ("a.pdf", "doc-link.pdf"):
+        for extra in ([], ["--force"]):
+            result = run(workdir, str(m), "-o", str(workdir / output), *extra, tiny=tiny_dir)
+            assert result.exit_code == EXIT_USAGE and "is also an input of this command" in result.stderr
+    assert (workdir / "a.pdf").read_bytes() == before
+    both = run(workdir, str(m), "-o", str(workdir / "out.jsonl"), "--resume", "--force", tiny=tiny_dir)
+    assert both.exit_code == EXIT_USAGE and not (workdir / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("gone", ["file", "folder"])
+def test_an_output_deleted_or_moved_mid_run_sends_every_record_to_stdout(qz, workdir, gone):
+    import shutil
+
+    from qzoom_cli.batch import RunOptions, run_manifest
+    from qzoom_cli.errors import EXIT_OUTPUT, OutputError
+    from qzoom_cli.zoom.pipeline import ZoomSettings
+
+    rows = _rows(workdir)[:3]
+    (workdir / "results").mkdir()
+    out, stdout = workdir / "results" / "out.jsonl", io.StringIO()
+
+    def vanish(result):
+        if out.exists():
+            out.unlink() if gone == "file" else shutil.move(workdir / "results", workdir / "moved")
+
+    with pytest.raises(OutputError) as failed:
+        run_manifest(lambda: qz, rows, RunOptions(zoom=ZoomSettings("never"), dpi=72, max_new_tokens=2), output=out,
+                     stdout=stdout, on_result=vanish)
+    assert failed.value.exit_code == EXIT_OUTPUT
+    assert failed.value.message == (f"{out} was deleted or moved while the run wrote it; every record it held and "
+                                    "the rest went to stdout")
+    assert sorted(json.loads(line)["id"] for line in stdout.getvalue().splitlines()) == sorted(r.id for r in rows)
+
+
+def test_an_interrupted_run_keeps_every_finished_answer_not_only_those_in_manifest_order(qz, workdir):
+    """Rows are answered a document at a time: a2 finishes before b1, which comes first in the
+    manifest. Stopped after a2, the file keeps a1 and a2; the resume answers only b1."""
+    from qzoom_cli.batch import RunOptions, run_manifest
+    from qzoom_cli.zoom.pipeline import ZoomSettings
+
+    rows = read_manifest(str(write_manifest(workdir / "m.jsonl", [ROWS[0], ROWS[1], ROWS[2]])), None)
+    options, out, finished = RunOptions(zoom=ZoomSettings("never"), dpi=72, max_new_tokens=2), workdir / "o.jsonl", []
+
+    def stop_after_two(result):
+        finished.append(result.id)
+        if len(finished) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_manifest(lambda: qz, rows, options, output=out, stdout=io.StringIO(), on_result=stop_after_two)
+    assert finished == ["a1", "a2"] and [r["id"] for r in records(out)] == ["a1", "a2"]
+    again = run_manifest(lambda: qz, rows, options, output=out, stdout=io.StringIO(), resume=True)
+    assert (again.kept, again.done) == (2, 1) and [r["id"] for r in records(out)] == ["a1", "b1", "a2"]
+
+
+def test_line_separators_inside_a_record_survive_the_file_and_a_resume(qz, workdir):
+    """U+2028, U+2029 and U+0085 are line breaks to str.splitlines, not to JSON Lines: a manifest
+    string holding them raw is one row, and a record holding them is one line, read back whole."""
+    from qzoom_cli.batch import RunOptions, run_manifest
+    from qzoom_cli.zoom.pipeline import ZoomSettings
+
+    question = "total\u2028due\u2029on\x85page?"
+    m = workdir / "m.jsonl"
+    m.write_text(json.dumps({"id": "odd\u2028id", "file": "a.pdf", "question": question}, ensure_ascii=False)
+                 + "\n" + json.dumps(ROWS[1]) + "\n", encoding="utf-8")
+    rows = read_manifest(str(m), None)
+    assert [(r.id, r.question) for r in rows] == [("odd\u2028id", question), ("b1", "what?")]
+    options, out = RunOptions(zoom=ZoomSettings("never"), dpi=72, max_new_tokens=2), workdir / "o.jsonl"
+    run_manifest(lambda: qz, rows, options, output=out, stdout=io.StringIO())
+    assert len(out.read_bytes().split(b"\n")) == 3  # two lines and the end
+    assert [(r["id"], r["question"]) for r in records(out)] == [("odd\u2028id", question), ("b1", "what?")]
+    again = run_manifest(lambda: qz, rows, options, output=out, stdout=io.StringIO(), resume=True)
+    assert (again.kept, again.done) == (2, 0)
+
+
+def test_a_resume_reads_only_records_and_refuses_a_file_that_is_not_text(workdir, tiny_dir):
+    from qzoom_cli.batch import read_records
+
+    m = write_manifest(workdir / "m.jsonl", ROWS[:2])
+    out = workdir / "out.jsonl"
+    out.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    refused = run(workdir, str(m), "-o", str(out), "--resume", tiny=tiny_dir)
+    assert refused.exit_code == EXIT_USAGE and f"{out} is not a qzoom result file (not UTF-8 text)" in refused.stderr
+    assert out.read_bytes() == b"\x89PNG\r\n\x1a\n\xff\xfe"
+    out.write_text('{"id": ["a1"], "status": "ok"}\n{"id": 7}\n{"id": "b1", "status": "ok"}\n')
+    assert read_records(out) == [{"id": "b1", "status": "ok"}]
+
+
+def test_a_bad_password_value_or_a_torn_last_character_fails_only_its_row(tmp_path):
+    rows = [{"id": f"p{i}", "file": "a.pdf", "question": "q?", "password": value}
+            for i, value in enumerate([7, True, {"pw": "x"}, ["x"], "secret", None])]
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+                     + '{"id": "torn", "file": "a.pdf", "question": "caf\u00e9'.encode()[:-1])
+    read = read_manifest(path)
+    assert [type(r).__name__ for r in read] == ["RowError"] * 4 + ["ManifestRow"] * 2 + ["RowError"]
+    assert [r.message for r in read[:4]] == [f"row {i + 1}: password must be a string, not {kind}"
+                                             for i, kind in enumerate(["int", "bool", "dict", "list"])]
+    assert (read[4].password, read[5].password) == ("secret", None)
+    assert "line 7 is not UTF-8" in read[6].message

@@ -12,6 +12,7 @@ from docmaker import make_encrypted_pdf, make_image, make_pdf
 from fastapi.testclient import TestClient
 
 from qzoom_cli.documents import open_document
+from qzoom_cli.errors import UsageError
 from qzoom_cli.serve import AskOptions, ServeSettings, create_app
 
 OPTIONS = {"dpi": "72", "max_new_tokens": "3", "max_visual_tokens": "48", "min_visual_tokens": "16"}
@@ -273,7 +274,7 @@ def test_options_from_a_form_or_json_are_typed_and_checked():
     for values, message in [({"roi_native": "maybe"}, "roi_native must be true or false"),
                             ({"dpi": "1.5"}, "dpi must be a number"), ({"dpi": 2.5}, "dpi must be a number"),
                             ({"dpi": True}, "dpi must be a number"), ({"dpi": ""}, "dpi needs a value"),
-                            ({"zoom": "sometimes"}, "unknown zoom mode"), ({"dpi": 0}, "dpi must be positive"),
+                            ({"zoom": "sometimes"}, "unknown zoom mode"), ({"dpi": 0}, "dpi must be between 1 and 1200"),
                             ({"min_visual_tokens": 50, "max_visual_tokens": 10}, "visual"),
                             ({"max_new_tokens": 0}, "at least 1"), ({"size": 3}, "unknown option")]:
         with pytest.raises(UsageError, match=message):
@@ -563,9 +564,18 @@ def test_the_serve_command_checks_its_settings_before_loading_a_model(tiny_dir):
     usage = runner.invoke(cli.app, ["serve", "--help"], env={"COLUMNS": "240"})
     assert usage.exit_code == 0 and "--allow-remote-images" in usage.stdout and "--api-key" in usage.stdout
     for args, message in [(["--max-queue", "0"], "at least 1"), (["--root", "/no/such/folder"], "not a folder"),
-                          (["--zoom", "sometimes"], "unknown zoom mode")]:
+                          (["--zoom", "sometimes"], "unknown zoom mode"),
+                          (["--max-upload-mb", "nan"], "must be positive numbers"),
+                          (["--batch-wait-ms", "inf"], "a number of at least 0"),
+                          (["--body-timeout", "0"], "must be positive numbers"),
+                          (["--max-questions", "0"], "at least 1"),
+                          (["--port", "70000"], "--port must be between 0 and 65535, not 70000"),
+                          (["--pages", "abc"], "bad page range 'abc'"),
+                          (["--api-key", ""], "the API key is empty")]:
         result = runner.invoke(cli.app, ["serve", "--model", "/no/such/model", *args])
-        assert result.exit_code == EXIT_USAGE and message in result.stderr
+        assert result.exit_code == EXIT_USAGE and message in result.stderr, (args, result.stderr)
+    empty = runner.invoke(cli.app, ["serve", "--model", "/no/such/model"], env={"QZOOM_API_KEY": ""})
+    assert empty.exit_code == EXIT_USAGE and "an empty $QZOOM_API_KEY" in empty.stderr
 
 
 def test_the_serve_command_hands_its_ask_options_to_every_request_as_defaults(monkeypatch):
@@ -741,7 +751,7 @@ def test_the_serve_command_answers_then_drains_on_sigterm(tiny_dir, tmp_path):
     (tmp_path / "docs" / "a.png").write_bytes(make_image("PNG"))
     server = subprocess.Popen([sys.executable, "-m", "qzoom_cli", "serve", "--port", "0", "--model",
                                str(tiny_dir), "--device", "cpu", "--max-new-tokens", "2", "--root",
-                               str(tmp_path / "docs"), "--batch-wait-ms", "0", "--batch-size", "2"],
+                               str(tmp_path / "docs"), "--batch-wait-ms", "0", "--batch-size", "2", "--max-questions", "40"],
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
     def engine_batches() -> float:
@@ -772,3 +782,152 @@ def test_the_serve_command_answers_then_drains_on_sigterm(tiny_dir, tmp_path):
         server.kill()
     assert answers[0].status_code == 200 and len(answers[0].json()["results"]) == 40
     assert answers[1] > signalled  # it was still being answered when the signal came
+
+
+# --- what a hostile client may send ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, questions, message", [
+    ({}, 33, "33 questions asked for; this service takes at most 32 per request (--max-questions)"),
+    ({"max_visual_tokens": "4097", "min_visual_tokens": "16"}, 1,
+     "4097 visual tokens asked for; this service takes at most 4096 per request (--max-request-visual-tokens)"),
+    ({"roi_max_visual_tokens": "5000"}, 1, "5000 visual tokens asked for"),
+    ({"max_new_tokens": "2049"}, 1, "2049 answer tokens asked for; this service takes at most 2048 per request "
+                                    "(--max-answer-tokens)"),
+    ({"instruction": "x" * 1001}, 1, "1001 characters of instruction asked for; this service takes at most 1000 "
+                                     "per request (--max-instruction-chars)"),
+])
+def test_a_request_beyond_the_services_caps_is_refused_with_413(serve, options, questions, message):
+    client = serve()
+    asked = [f"q{i}?" for i in range(questions)]
+    response = upload(client, make_image("PNG"), *asked, **options)
+    assert response.status_code == 413 and response.json()["error"]["message"].startswith(message)
+
+
+def test_the_caps_are_the_services_settings_and_hold_for_chat_and_pages_too(serve):
+    client = serve(max_questions=2, max_answer_tokens=3)
+    assert upload(client, make_image("PNG"), "a?", "b?").status_code == 200
+    assert upload(client, make_image("PNG"), "a?", "b?", "c?").status_code == 413
+    assert upload(client, make_image("PNG"), "a?", max_new_tokens="4").status_code == 413
+    assert chat(client, [{"type": "text", "text": "what?"}, IMAGE_PART], max_tokens=4).status_code == 413
+    pages = client.post("/v1/pages", files={"file": ("doc", make_pdf(1))}, data={"max_visual_tokens": "5000"})
+    assert pages.status_code == 413
+
+
+def test_a_keyless_service_answers_only_the_host_names_it_serves(serve):
+    """DNS rebinding: a page elsewhere reaches a local service by a name that points here, which the
+    Host header still carries."""
+    client = serve(allowed_hosts=("localhost", "127.0.0.1", "::1"))
+    refused = upload(client, make_image("PNG"), "what?", headers={"host": "evil.example:8000"})
+    assert refused.status_code == 403
+    assert refused.json()["error"]["message"] == ("this service answers requests for localhost, 127.0.0.1, ::1 only "
+                                                  "(not 'evil.example:8000'); start it with --allowed-host, or with "
+                                                  "--api-key")
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:8000", "LOCALHOST"):
+        assert upload(client, make_image("PNG"), "what?", headers={"host": host}).status_code == 200, host
+    keyed = serve(allowed_hosts=("localhost",), api_key="k")  # a key is what guards it then
+    assert upload(keyed, make_image("PNG"), "what?", headers={"host": "evil.example", "authorization": "Bearer k"}
+                  ).status_code == 200
+
+
+def test_api_keys_are_never_empty_and_may_be_any_text():
+    for empty in ("", "  "):
+        with pytest.raises(UsageError, match="the API key is empty"):
+            ServeSettings(api_key=empty)
+    for odd in ("nan", "inf", "-1"):
+        with pytest.raises(UsageError):
+            ServeSettings(max_upload_mb=float(odd))
+        with pytest.raises(UsageError):
+            ServeSettings(batch_wait_ms=float(odd))
+
+
+def test_a_key_beyond_ascii_is_compared_as_the_utf8_a_client_sends(serve):
+    client = serve(api_key="clé-ключ")
+    sent = {"authorization": "Bearer clé-ключ".encode()}
+    assert upload(client, make_image("PNG"), "what?", headers=sent).status_code == 200
+    assert upload(client, make_image("PNG"), "what?", headers={"authorization": b"Bearer cl\xe9"}).status_code == 401
+
+
+def test_a_body_that_stops_arriving_is_timed_out():
+    import asyncio
+
+    from qzoom_cli.serve.app import BodyLimit, RequestTimeout
+
+    async def reads_its_body(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+
+    async def first_part_then_nothing():
+        if not sent:
+            sent.append(1)
+            return {"type": "http.request", "body": b"{", "more_body": True}
+        await asyncio.sleep(3600)
+
+    sent = []
+    limit = BodyLimit(reads_its_body, 2**20, 1.0, timeout=0.05)
+    with pytest.raises(RequestTimeout, match=r"^the request body stopped arriving for 0\.05 s$"):
+        asyncio.run(limit({"type": "http", "headers": []}, first_part_then_nothing, None))
+
+
+def test_a_connection_that_never_finishes_its_headers_is_closed(qz):
+    import socket
+
+    import uvicorn
+
+    from qzoom_cli.cli.serve import header_deadline
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(qz, ServeSettings()), log_level="warning",
+                                           http=header_deadline(0.3)))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]})
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        slow = socket.create_connection(listener.getsockname())
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")  # and never the blank line
+        slow.settimeout(10)
+        started = time.monotonic()
+        assert slow.recv(100) == b"" and time.monotonic() - started < 5  # closed by the server
+        quick = socket.create_connection(listener.getsockname())
+        quick.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        quick.settimeout(10)
+        assert quick.recv(100).startswith(b"HTTP/1.1 200")
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def test_json_nested_beyond_reason_is_a_bad_request(serve):
+    client = serve()
+    for route in ("/v1/ask", "/v1/pages", "/v1/chat/completions"):
+        response = client.post(route, content=b"[" * 100_000, headers={"content-type": "application/json"})
+        assert response.status_code == 400, (route, response.text)
+        assert response.json()["error"]["message"] == "the body's JSON is nested too deeply"
+
+
+def test_path_errors_name_only_what_the_request_sent(serve, tmp_path):
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "loop").symlink_to(root / "loop")
+    (root / "out").symlink_to(tmp_path)
+    (tmp_path / "secret.pdf").write_bytes(make_pdf(1))
+    with open(root / "huge.pdf", "wb") as handle:
+        handle.truncate(2**30)  # sparse: refused by its size, not read
+    client = serve(root=str(root))
+    cases = [("x" * 300, 400, "cannot be read (File name too long)"), ("loop", 400, "loop: cannot be read ("),
+             ("out/secret.pdf", 403, "out/secret.pdf is outside the folder this service may read"),
+             ("out/no-such.pdf", 403, "out/no-such.pdf is outside the folder"),  # whether it exists: not said
+             ("huge.pdf", 413, "huge.pdf is larger than"), ("nothing.pdf", 404, "nothing.pdf: no such file")]
+    for path, status, message in cases:
+        response = client.post("/v1/ask", json={"path": path, "question": "q?"})
+        assert response.status_code == status and message in response.json()["error"]["message"], response.text
+        assert str(tmp_path) not in response.text
+
+
+def test_the_page_picker_of_a_page_of_enormous_user_units_stays_small(serve):
+    from docmaker import make_raw_pdf
+
+    response = serve().post("/v1/pages", files={"file": ("bomb.pdf", make_raw_pdf("/UserUnit 1000000"))})
+    assert response.status_code == 200, response.text
+    assert len(response.text) < 50_000  # a page-picker thumbnail, not the page

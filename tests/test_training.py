@@ -5,6 +5,7 @@ import math
 import random
 import re
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,7 +203,6 @@ def test_the_held_out_measure_before_training_is_kept_for_a_resume_only(tmp_path
     assert _before_training(tmp_path, lambda: 0.5) == 0.5
     assert _before_training(tmp_path, lambda: 0.7) == 0.7
     (tmp_path / "checkpoint-1").mkdir()
-    (tmp_path / "latest_checkpoint").write_text("checkpoint-1")
     assert _before_training(tmp_path, lambda: 0.9) == 0.7
 
 
@@ -445,7 +445,7 @@ def test_train_rpn_command_resumes_from_its_caches(tiny_dir, tmp_path, monkeypat
     report = json.loads(first.stdout)
     assert report["samples"] == 6 and report["usable"] + sum(report["skipped"].values()) == 6
     assert len(list((out / "labels").glob("*.safetensors"))) == 6
-    assert (out / "latest_checkpoint").exists() and (out / "qzoom_adapter.safetensors").exists()
+    assert any(out.glob("checkpoint-*")) and (out / "qzoom_adapter.safetensors").exists()
     config = json.loads((out / "qzoom_config.json").read_text())
     assert config["base_model"] == str(tiny_dir) and config["training"]["rpn"]["view_tokens"] == 64
 
@@ -1326,3 +1326,163 @@ def test_a_checkpoint_from_before_plans_and_random_states_were_kept_still_resume
     torch.save({k: v for k, v in state.items() if k not in ("plan", "rng")}, state_file)
     resumed, losses, _ = _fit(tmp_path, "old", items, **options)
     assert len(losses) == 4 and torch.allclose(resumed, whole)
+
+
+# --- the work a rerun reads back: damage named with what to do, writes whole -----------------------------
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "not a trainer state"])
+def test_a_damaged_checkpoint_is_named_and_without_it_the_run_resumes_from_the_one_before(tmp_path, damage):
+    from qzoom_cli.errors import DamagedFile
+
+    items, options = [1, 2, 3, 4], {"batch_size": 1, "save_every": 1}
+    whole, _, _ = _fit(tmp_path, "whole", items, **options)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, "run", items, on_step=stop_at(3), **options)  # checkpoints 1 and 2
+    newest = tmp_path / "run" / "checkpoint-2"
+    state = newest / "trainer_state.pt"
+    if damage == "truncated":
+        state.write_bytes(state.read_bytes()[:200])
+    elif damage == "missing":
+        state.unlink()
+    else:
+        torch.save([1, 2], state)
+    with pytest.raises(DamagedFile) as refused:
+        _fit(tmp_path, "run", items, **options)
+    what = "is missing" if damage == "missing" else "cannot be read back ("
+    assert str(refused.value).startswith(f"{state} {what}")
+    assert str(refused.value).endswith(f": delete {newest} and rerun to resume from the checkpoint before it "
+                                       "(or from the start)")
+    import shutil
+
+    shutil.rmtree(newest)
+    seen = []
+    resumed, losses, _ = _fit(tmp_path, "run", items, seen, **options)
+    assert len(seen) == 3 and len(losses) == 4 and torch.allclose(resumed, whole)  # from checkpoint-1
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_leaves_none_half_written(tmp_path, monkeypatch):
+    """A full disk mid-save: one line naming what could not be written, no checkpoint the rerun
+    would trip on, and the rerun (once there is room) ends where an uninterrupted run ends."""
+    import shutil
+    from collections import namedtuple
+
+    import qzoom_cli.training.saved as saved
+    from qzoom_cli.errors import OutputError
+    from qzoom_cli.training.loop import latest_checkpoint
+
+    items, options = [1, 2, 3, 4], {"batch_size": 1, "save_every": 1}
+    whole, _, _ = _fit(tmp_path, "whole", items, **options)
+    real_save = torch.save
+
+    def disk_fills_at_step_2(obj, path):
+        if Path(path).parent.name == ".checkpoint-2.partial":
+            Path(path).write_bytes(b"PK\x03\x04")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        real_save(obj, path)
+
+    monkeypatch.setattr(torch, "save", disk_fills_at_step_2)
+    monkeypatch.setattr(saved.shutil, "disk_usage", lambda folder: namedtuple("Usage", "total used free")(9, 9, 0))
+    with pytest.raises(OutputError) as stopped:
+        _fit(tmp_path, "run", items, **options)
+    assert str(stopped.value) == (f"could not write {tmp_path / 'run' / 'checkpoint-2'} (no space left on device): "
+                                  "make room or fix the folder, then rerun the same command; it resumes from the "
+                                  "work already saved")
+    assert latest_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoint-1"
+    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(saved.shutil, "disk_usage", shutil.disk_usage)
+    seen = []
+    resumed, _, _ = _fit(tmp_path, "run", items, seen, **options)
+    assert len(seen) == 3 and torch.allclose(resumed, whole)
+    assert not (tmp_path / "run" / ".checkpoint-2.partial").exists()
+
+
+def test_a_damaged_cache_entry_or_cache_settings_is_named_with_what_to_do(tmp_path, monkeypatch):
+    import qzoom_cli.training.data as data
+    from qzoom_cli.errors import DamagedFile, OutputError
+
+    store = ArtefactStore(tmp_path / "labels", {"dpi": 72})
+    store.save("a", {"x": torch.ones(3)}, {"k": 1})
+    assert store.load("a")[1] == {"k": 1}
+    store.path("a").write_bytes(store.path("a").read_bytes()[:20])
+    with pytest.raises(DamagedFile) as damaged:
+        store.load("a")
+    assert str(damaged.value).startswith(f"{store.path('a')} cannot be read back (")
+    assert str(damaged.value).endswith("): delete it and rerun: only its sample is computed again")
+    for text, reason in (("{", "cannot be read back"), ("[72]", "holds list, not the object qzoom wrote")):
+        (tmp_path / "labels" / "settings.json").write_text(text)
+        with pytest.raises(DamagedFile) as damaged:
+            ArtefactStore(tmp_path / "labels", {"dpi": 72})
+        assert str(damaged.value).startswith(f"{tmp_path / 'labels' / 'settings.json'} {reason}")
+        assert str(damaged.value).endswith(f": delete {tmp_path / 'labels'} to compute its work afresh, or write to "
+                                           "another --out")
+
+    def full_disk(*args, **kwargs):
+        from safetensors import SafetensorError
+
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(data, "save_file", full_disk)
+    with pytest.raises(OutputError, match=r"^could not write .*b\.safetensors \(Error while serializing: I/O error: "
+                                          r"No space left on device \(os error 28\)\)"):
+        store.save("b", {"x": torch.ones(3)}, {})
+    assert "b" not in store
+
+
+@pytest.mark.parametrize("text", ['{"settings": {"a": 1}', '{"settings": {"a": 1}}', '[]', '{"settings": 3, '
+                                                                                          '"stages": {}}'])
+def test_damaged_stage_progress_is_named_with_what_to_do(tmp_path, text):
+    from qzoom_cli.errors import DamagedFile
+    from qzoom_cli.training.recipe import _Progress
+
+    path = tmp_path / "stages" / "progress.json"
+    _Progress(path, {"a": 1}).finish("questions", {"written": 4})
+    assert _Progress(path, {"a": 1}).done == {"questions": {"written": 4}}
+    path.write_text(text)
+    with pytest.raises(DamagedFile) as damaged:
+        _Progress(path, {"a": 1})
+    assert str(damaged.value).startswith(f"{path} ")
+    assert str(damaged.value).endswith(": delete it and rerun: the stages run again, each resuming from its own "
+                                       "caches and checkpoints")
+
+
+@pytest.mark.parametrize("text", ['{"value": 0.', '{"value": "high"}', '{}', '0.7'])
+def test_a_damaged_held_out_measure_is_named_with_what_to_do(tmp_path, text):
+    from qzoom_cli.errors import DamagedFile
+    from qzoom_cli.training.rpn import _before_training
+
+    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "held_out_before.json").write_text(text)
+    with pytest.raises(DamagedFile) as damaged:
+        _before_training(tmp_path, lambda: 0.9)
+    assert str(damaged.value).startswith(f"{tmp_path / 'held_out_before.json'} ")
+    assert str(damaged.value).endswith(": delete it and rerun: the measure is taken again")
+    (tmp_path / "held_out_before.json").write_text('{"value": null}')  # nothing was held out: nothing measured
+    assert _before_training(tmp_path, lambda: 0.9) is None
+
+
+def test_an_out_folder_training_cannot_write_is_refused_before_any_work(tmp_path):
+    from qzoom_cli.training.saved import check_out_folder
+
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "adapter"):
+        with pytest.raises(UsageError, match=f"^--out {re.escape(str(out))}: {re.escape(str(tmp_path / 'file'))} "
+                                             "is a file; name a folder for the adapter$"):
+            check_out_folder(out, None)
+    with pytest.raises(UsageError, match=r"^--out /sys/qzoom/adapter: cannot write in /sys \(.+\); name a folder "
+                                         "you can write$"):
+        check_out_folder(Path("/sys/qzoom/adapter"), None)
+    check_out_folder(tmp_path / "new" / "adapter", str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the check leaves nothing behind
+
+
+@pytest.mark.parametrize("command", ["rpn", "gate", "all"])
+def test_training_into_the_models_own_folder_is_refused_before_any_work(tiny_dir, tmp_path, command):
+    manifest, _ = red_square_pages(tmp_path, 2, seed=5)
+    (tmp_path / "link").symlink_to(tiny_dir)
+    before = sorted(p.relative_to(tiny_dir) for p in tiny_dir.rglob("*"))
+    result = runner.invoke(cli.app, ["train", command, str(manifest), "--out", str(tmp_path / "link"),
+                                     *train_args(tiny_dir)])
+    assert result.exit_code == EXIT_USAGE, result.stderr
+    assert result.stderr == f"qzoom: error: --out {tmp_path / 'link'} is the model's own folder; write the adapter " \
+                            "to a folder of its own\n"
+    assert sorted(p.relative_to(tiny_dir) for p in tiny_dir.rglob("*")) == before

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 from huggingface_hub import constants
 from transformers import AutoConfig
 
-from ..errors import ModelError, ModelNotAvailable, UnsupportedModel
+from ..errors import ModelError, ModelNotAvailable, UnsupportedModel, one_line
 from ..runtime import Runtime
 from .base import (
     Backbone,
@@ -20,6 +20,7 @@ from .base import (
     ModelInputs,
     Prompt,
     VisualAdditions,
+    unreadable,
 )
 from .llava import LlavaBackbone
 from .qwen2_5_vl import Qwen2_5_VLBackbone
@@ -101,8 +102,10 @@ def detect_family(ref: str, revision: str | None = None) -> str:
         use_cache_when_hub_unreachable()
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
-    except (OSError, ValueError) as exc:
-        raise _not_available(ref, revision, exc) from exc
+    except Exception as exc:
+        if not (Path(source) / "config.json").is_file() or (isinstance(exc, OSError) and not unreadable(exc)):
+            raise _not_available(ref, revision, exc) from exc
+        raise ModelError(f"the config.json of {ref} is not a valid model config ({one_line(exc)})") from None
     return config.model_type
 
 

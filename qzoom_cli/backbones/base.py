@@ -384,3 +384,8 @@ class Backbone(ABC):
             cut = token_ids.index(end)
             return token_ids[:cut], token_ids[cut + 1:]
         return (None, token_ids) if finished else (token_ids, [])
+
+
+def unreadable(exc: BaseException) -> bool:
+    """Whether a file was found but could not be parsed (transformers reports bad JSON as an OSError)."""
+    return not isinstance(exc, OSError) or isinstance(exc.__cause__ or exc.__context__, ValueError)

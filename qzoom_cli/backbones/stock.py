@@ -9,9 +9,15 @@ position ids, and how its rotary embedding takes them (`rotary_positions`).
 from __future__ import annotations
 
 import json
+import re
 from abc import abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoImageProcessor,
@@ -25,8 +31,8 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 from transformers.utils import cached_file
 
-from ..errors import IncompatibleCheckpoint, UsageError
-from .base import Backbone, FamilyLayout, VisualAdditions
+from ..errors import IncompatibleCheckpoint, ModelError, UsageError, first_line, one_line
+from .base import Backbone, FamilyLayout, VisualAdditions, unreadable
 
 
 def chat_template(tokenizer, ref: str, revision: str | None, fallback: str) -> str:
@@ -77,14 +83,29 @@ class StockBackbone(Backbone):
     @classmethod
     def from_pretrained(cls, ref: str, *, revision: str | None, device: torch.device, dtype: torch.dtype,
                         attn: str, processor: str | None = None, thinking: bool = False) -> StockBackbone:
-        model = cls.model_class.from_pretrained(
-            ref, revision=revision, dtype=dtype, attn_implementation=attn, device_map=str(device)
-        )
+        """Load the checkpoint, refusing what would run with random or wrong weights: a missing,
+        unexpected or misshapen tensor, a damaged weights, tokenizer or processor file, a chat
+        template that does not parse (each named; OSError, a checkpoint not found, passes through)."""
+        try:
+            model, report = cls.model_class.from_pretrained(  # misshapen tensors reported, then refused
+                ref, revision=revision, dtype=dtype, attn_implementation=attn, device_map=str(device),
+                output_loading_info=True, ignore_mismatched_sizes=True)
+        except SafetensorError as exc:
+            raise ModelError(f"the weights of {ref} are damaged ({_damaged_weights(ref) or exc}); download or "
+                             "convert them again") from None
+        _check_loaded(ref, report)
         source, source_revision = (processor, None) if processor else (ref, revision)
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=source_revision)
-        tokenizer.chat_template = chat_template(tokenizer, source, source_revision, cls.fallback_chat_template)
-        image_processor = AutoImageProcessor.from_pretrained(source, revision=source_revision)
-        return cls(model, tokenizer, image_processor, model_id=ref, revision=revision, attn=attn, thinking=thinking)
+        with _reading(f"the tokenizer of {source}"):
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=source_revision)
+            tokenizer.chat_template = chat_template(tokenizer, source, source_revision, cls.fallback_chat_template)
+        with _reading(f"the image processor of {source}"):
+            image_processor = AutoImageProcessor.from_pretrained(source, revision=source_revision)
+        try:
+            return cls(model, tokenizer, image_processor, model_id=ref, revision=revision, attn=attn,
+                       thinking=thinking)
+        except TemplateError as exc:
+            raise ModelError(f"the chat template of {source} does not work ({first_line(exc)}); fix it or pass "
+                             "a base model's processor") from None
 
     @abstractmethod
     def make_layout(self) -> FamilyLayout:
@@ -188,6 +209,49 @@ class StockBackbone(Backbone):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.language_model.norm(hidden))
+
+
+ZOOM_TENSORS = re.compile(r"(?:^|\.)(?:twig_layers|twig_norm|high_res_layers|high_res_head)\.")  # Q-Zoom's own
+
+
+def _check_loaded(ref: str, report: dict) -> None:
+    """Refuse a model some of whose weights the checkpoint did not give (they would be random), or
+    that left checkpoint tensors unused (the config describes another model); a released Q-Zoom
+    checkpoint's zoom modules are loaded apart, so they are not unused."""
+    problems = []
+    for kind, keys in (("missing", report.get("missing_keys", [])),
+                       ("unexpected", [k for k in report.get("unexpected_keys", []) if not ZOOM_TENSORS.search(k)]),
+                       ("misshapen", [k[0] if isinstance(k, tuple) else k for k in report.get("mismatched_keys", [])])):
+        if keys:
+            keys = sorted(keys)
+            problems.append(f"{len(keys)} {kind} (e.g. {keys[0]})")
+    if problems:
+        raise IncompatibleCheckpoint(f"the weights of {ref} do not match its config.json: {'; '.join(problems)}; "
+                                     "qzoom never runs a model with random weights")
+
+
+def _damaged_weights(ref: str) -> str | None:
+    """The first weights file of a local checkpoint that cannot be read, by name."""
+    for path in sorted(Path(ref).glob("*.safetensors")) if Path(ref).is_dir() else []:
+        try:
+            with safe_open(path, framework="pt") as weights:
+                for key in weights.keys():
+                    weights.get_slice(key)
+        except (SafetensorError, OSError) as exc:
+            return f"{path.name}: {first_line(exc)}"
+    return None
+
+
+@contextmanager
+def _reading(what: str) -> Iterator[None]:
+    """A damaged file (not a missing one: OSError passes through) as one model error."""
+    try:
+        yield
+    except Exception as exc:
+        if not unreadable(exc):
+            raise
+        raise ModelError(f"{what} is damaged ({one_line(exc)}); download it again or pass a base model's "
+                         "processor") from None
 
 
 def _reasoning_end_id(tokenizer, thinking: bool) -> int | None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import sys
 import traceback
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer._click import exceptions as parse_errors  # typer's own click: what its parser raises
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
@@ -89,4 +91,33 @@ app.add_typer(models_app, name="models")
 
 
 def main() -> None:
-    app()
+    """Run the command; a flag or argument it cannot parse is one `qzoom: error:` line (exit 2), as
+    every other error is, not a box."""
+    try:
+        code = app(standalone_mode=False, prog_name="qzoom")
+    except parse_errors.NoArgsIsHelpError as exc:  # a bare group: its help
+        exc.show()
+        code = exc.exit_code
+    except parse_errors.UsageError as exc:
+        print(f"qzoom: error: {_usage_message(exc)}", file=sys.stderr)
+        code = exc.exit_code
+    except parse_errors.ClickException as exc:
+        print(f"qzoom: error: {exc.format_message()}", file=sys.stderr)
+        code = exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        print("qzoom: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    sys.exit(code or 0)
+
+
+def _usage_message(exc: parse_errors.UsageError) -> str:
+    """The parser's complaint in one line, with where to look; an 'option' that is an existing
+    file (a name starting with '-') gets the way to pass it."""
+    message = " ".join(exc.format_message().split())
+    command = exc.ctx.command_path if exc.ctx is not None else "qzoom"
+    if isinstance(exc, parse_errors.NoSuchOption):
+        files = [arg for arg in sys.argv[1:] if arg.startswith("-") and arg != "-" and Path(arg).exists()]
+        if files:
+            return (f"{message}; {files[0]} is a file: put it after '--' so it is not read as an option "
+                    f"({command} -- {files[0]} ...), or write ./{files[0]}")
+    return f"{message} (see {command} --help)"

@@ -92,7 +92,7 @@ def ask(
 
     questions = check_questions(questions)
     settings = zoom_settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, explain, roi_native)
-    batch = check_request(batch_size, max_new_tokens, min_visual_tokens, max_visual_tokens)
+    batch = check_request(batch_size, max_new_tokens, min_visual_tokens, max_visual_tokens, dpi, instruction)
     if overlay:
         check_output_folder(Path(overlay))
     check_transformers()

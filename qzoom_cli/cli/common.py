@@ -158,14 +158,17 @@ def parse_batch_size(value: str) -> int | str:
 
 
 def check_request(batch_size: str, max_new_tokens: int | None, min_tokens: int | None = None,
-                  max_tokens: int | None = None) -> int | str:
+                  max_tokens: int | None = None, dpi: int | None = None, instruction: str | None = None) -> int | str:
     """The usage checks that need no ML library, done first so a bad flag is reported at once;
     returns the parsed --batch-size."""
-    from ..options import check_counts, check_token_bounds
+    from ..options import check_counts, check_dpi, check_instruction, check_token_bounds
 
     batch = parse_batch_size(batch_size)
     check_counts(batch, max_new_tokens)
     check_token_bounds(min_tokens, max_tokens)
+    if dpi is not None:
+        check_dpi(dpi)
+    check_instruction(instruction)
     return batch
 
 

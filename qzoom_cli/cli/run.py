@@ -127,15 +127,19 @@ def run(
     record says why); Ctrl-C leaves a valid file that --resume continues.
     """
     from ..doctor import check_transformers
-    from ..manifest import read_manifest
+    from ..manifest import document_files, read_manifest
 
     if gpus:
         raise typer.Exit(_relaunch_on_gpus(gpus))
     settings = zoom_settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, roi_native=roi_native)
-    batch = check_request(batch_size, max_new_tokens, min_visual_tokens, max_visual_tokens)
+    batch = check_request(batch_size, max_new_tokens, min_visual_tokens, max_visual_tokens, dpi, instruction)
+    if resume and force:
+        raise UsageError("--resume keeps the finished records and --force drops them: give one of them")
     if output:
         check_output_file(Path(output), inputs=(manifest,))
     rows = read_manifest(manifest, root)
+    if output:  # the rows' documents are inputs too
+        check_output_file(Path(output), inputs=document_files(rows))
     check_transformers()
     from ..batch import RunOptions, run_manifest
 

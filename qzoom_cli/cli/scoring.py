@@ -82,16 +82,18 @@ def evaluate_command(
 
     from ..doctor import check_transformers
     from ..evaluate import check_metric
-    from ..manifest import read_manifest
+    from ..manifest import document_files, read_manifest
     from ..options import parse_modes
 
     modes = parse_modes(compare)
     check_metric(metric)
     settings = {mode: zoom_settings(mode, gate_threshold, roi_threshold, roi_max_visual_tokens) for mode in modes}
-    batch = check_request(batch_size, max_new_tokens, min_visual_tokens, max_visual_tokens)
+    batch = check_request(batch_size, max_new_tokens, min_visual_tokens, max_visual_tokens, dpi, instruction)
     if output:
         check_output_file(Path(output), inputs=(manifest,))
     rows = read_manifest(manifest, root)
+    if output:  # the rows' documents are inputs too
+        check_output_file(Path(output), inputs=document_files(rows))
     check_transformers()
     from ..batch import RunOptions
     from ..bench import compare_modes, score_lines
@@ -156,7 +158,7 @@ def bench(
     chosen_modes = parse_modes(modes, (*MODES, STOCK))
     check_metric(metric)
     settings = zoom_settings("auto", gate_threshold, roi_threshold, None)
-    batch = check_request(batch_size, max_new_tokens)
+    batch = check_request(batch_size, max_new_tokens, dpi=dpi, instruction=instruction)
     maxima = parse_counts(budgets, "--budgets")
     check_output_folder(Path(out))
     if limit is not None and limit < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import EnvironmentProblem
+from ..errors import EnvironmentProblem, UsageError
 from .common import (
     AdapterOpt,
     AttnOpt,
@@ -58,6 +59,18 @@ def serve(
                                                       "batch.")] = 5.0,
     allow_remote_images: Annotated[bool, flag(help="Let chat requests name http(s) image URLs (fetched by the "
                                                    "server).")] = False,
+    allowed_host: Annotated[list[str] | None, typer.Option(
+        "--allowed-host", help="A name a keyless service answers requests for, besides localhost and --host "
+                               "(repeatable; '*' for any). Other Host headers get 403.")] = None,
+    max_questions: Annotated[int, typer.Option(help="Most questions one request may ask (413 beyond).")] = 32,
+    max_request_visual_tokens: Annotated[int, typer.Option(
+        help="Most visual tokens a request may ask a page or region to be read at (413 beyond).")] = 4096,
+    max_answer_tokens: Annotated[int, typer.Option(help="Largest max_new_tokens a request may ask for (413 "
+                                                        "beyond).")] = 2048,
+    max_instruction_chars: Annotated[int, typer.Option(help="Longest instruction a request may send (413 "
+                                                            "beyond).")] = 1000,
+    body_timeout: Annotated[float, typer.Option(help="Seconds a client may take to send its request's headers, "
+                                                     "and between parts of its body (408 beyond).")] = 30.0,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
     no_merge: NoMergeOpt = False,
@@ -103,10 +116,18 @@ def serve(
                           roi_native=roi_native, explain=explain, min_visual_tokens=min_visual_tokens,
                           max_visual_tokens=max_visual_tokens, max_new_tokens=max_new_tokens,
                           instruction=instruction_text(instruction))
+    if api_key is None and "QZOOM_API_KEY" in os.environ:  # click reads an empty variable as no key at all
+        api_key = os.environ["QZOOM_API_KEY"]
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, not {port}")
+    hosts = None if "*" in (allowed_host or []) else \
+        tuple(dict.fromkeys(name.lower() for name in ("localhost", "127.0.0.1", "::1", host, *(allowed_host or []))))
     settings = ServeSettings(defaults=defaults, root=Path(root) if root else None, max_upload_mb=max_upload_mb,
                              max_pages=max_pages, max_queue=max_queue, batch_size=batch_size,
-                             batch_wait_ms=batch_wait_ms, api_key=api_key or None,
-                             allow_remote_images=allow_remote_images)
+                             batch_wait_ms=batch_wait_ms, api_key=api_key, allow_remote_images=allow_remote_images,
+                             max_questions=max_questions, max_request_visual_tokens=max_request_visual_tokens,
+                             max_answer_tokens=max_answer_tokens, max_instruction_chars=max_instruction_chars,
+                             allowed_hosts=hosts, body_timeout_s=body_timeout)
     check_transformers()
     configure_logging(verbose, quiet)
     listener = listening_socket(host, port)  # a taken port is said before minutes of model loading
@@ -118,7 +139,8 @@ def serve(
         if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
             print("qzoom: warning: listening beyond this machine without --api-key", file=sys.stderr)
     config = uvicorn.Config(create_app(qz, settings), host=host, port=port, log_level="info" if verbose else
-                            "warning", timeout_graceful_shutdown=None, access_log=verbose)
+                            "warning", timeout_graceful_shutdown=None, access_log=verbose,
+                            http=header_deadline(body_timeout))
     uvicorn.Server(config).run(sockets=[listener])
 
 
@@ -133,3 +155,38 @@ def listening_socket(host: str, port: int) -> socket.socket:
         raise EnvironmentProblem(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
                                  "(choose another --port or --host)") from None
     return listener
+
+
+def header_deadline(seconds: float) -> type:
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers have not all come
+    within `seconds` of it opening (or of its previous answer): uvicorn itself would wait for ever,
+    and a few hundred slow clients would hold every connection."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class DeadlineProtocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            self._deadline = self.loop.call_later(seconds, self._expire)
+
+        def _expire(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # still waiting for a request's headers
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._deadline.cancel()  # headers in: the body has its own timeout
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._deadline.cancel()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._deadline.cancel()
+            super().connection_lost(exc)
+
+    return DeadlineProtocol

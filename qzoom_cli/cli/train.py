@@ -14,6 +14,7 @@ import typer
 from ..errors import FileNotFound, UsageError
 from ..options import TRAINED_GATE_THRESHOLD
 from ..outputs import check_output_file
+from ..training.saved import check_out_folder
 from ..training.settings import (
     DEFAULT_LADDER,
     DEFAULT_VIEW_TOKENS,
@@ -212,6 +213,7 @@ def train_rpn_command(
     side = view_side(view_tokens)
     options = _train_options(locals())
     labels = LabelSettings(sink_threshold, fg_ratio, bg_ratio, max_area, peak_floor)
+    check_out_folder(Path(out), model)
     rows = read_manifest(manifest, root)
     check_transformers()
     from ..training.data import expand_samples
@@ -266,6 +268,8 @@ def train_gate_command(
     if adapter is None and out is None:
         raise UsageError("give --adapter (from `qzoom train rpn`) or --out for a gate-only adapter")
     options = _train_options(locals())
+    target = Path(out or adapter)
+    check_out_folder(target, model)
     rows = read_manifest(manifest, root)
     check_transformers()
     from ..training.data import expand_samples
@@ -276,7 +280,6 @@ def train_gate_command(
     samples = expand_samples(rows, max_samples)
     settings = GateSettings(ladder=rungs, free_answers=free_answers, dpi=dpi, seed=seed,
                             gate_threshold=gate_threshold)
-    target = Path(out or adapter)
     with _training_progress(quiet, "answer ladders", len(samples.samples)) as (on_item, on_step):
         _, report = train_gate(qz.backbone, qz.adapter, samples, settings, options, target,
                                qz.engine.branch_layer, qz.engine.depth, on_item, on_step)
@@ -394,6 +397,7 @@ def train_sft_command(
 
     settings = _fine_tune_settings(locals())
     options = _train_options(locals())
+    check_out_folder(Path(out), model)
     rows = read_manifest(manifest, root)
     check_transformers()
     from ..training.data import expand_samples
@@ -472,6 +476,7 @@ def train_all_command(
     view_side(view_tokens)
     if not Path(source).exists():
         raise FileNotFound(f"{source}: no such manifest or folder")
+    check_out_folder(Path(out), model)
     check_transformers()
     from ..training.recipe import Recipe, train_all
 

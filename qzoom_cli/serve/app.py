@@ -7,6 +7,7 @@ import base64
 import binascii
 import hmac
 import io
+import stat
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -51,8 +52,12 @@ class ClientGone(UsageError):
     code = "client_closed_request"
 
 
+class RequestTimeout(UsageError):
+    code = "request_timeout"
+
+
 _STATUS = ((Unauthorized, 401), (Forbidden, 403), (Busy, 503), (OutOfMemory, 503), (TooLarge, 413),
-           (FileNotFound, 404), (ModelNotServed, 404), (ClientGone, 499), (UsageError, 400),
+           (FileNotFound, 404), (ModelNotServed, 404), (ClientGone, 499), (RequestTimeout, 408), (UsageError, 400),
            (InputError, 422))  # the first that fits
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}  # the router's own refusals
 THUMBNAIL_SIDE = 160  # pixels, the long side of a page's picture in the page picker
@@ -84,10 +89,11 @@ def error_response(exc: BaseException) -> JSONResponse:
 class BodyLimit:
     """Refuses a request body larger than `limit` bytes: by its Content-Length before reading it,
     or, sent without one (chunked), as soon as the bytes read pass the limit, so no upload fills
-    memory or disk before it is measured."""
+    memory or disk before it is measured; and one that stops arriving for `timeout` seconds (a slow
+    client must not hold a connection for ever)."""
 
-    def __init__(self, app: ASGIApp, limit: int, max_upload_mb: float):
-        self.app, self.limit, self.max_upload_mb = app, limit, max_upload_mb
+    def __init__(self, app: ASGIApp, limit: int, max_upload_mb: float, timeout: float = 30.0):
+        self.app, self.limit, self.max_upload_mb, self.timeout = app, limit, max_upload_mb, timeout
 
     def too_large(self) -> TooLarge:
         return TooLarge(f"the request is larger than {self.limit / 2**20:.1f} MB; this service takes documents "
@@ -100,14 +106,20 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
             raise self.too_large()
-        read = 0
+        read, done = 0, False
 
         async def counted() -> dict:
-            nonlocal read
-            message = await receive()
+            nonlocal read, done
+            if done:  # the body is in: what comes now is the client leaving, whenever it does
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except TimeoutError:
+                raise RequestTimeout(f"the request body stopped arriving for {self.timeout:g} s") from None
             read += len(message.get("body", b""))
             if read > self.limit:
                 raise self.too_large()
+            done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         await self.app(scope, counted, send)
@@ -135,6 +147,7 @@ class GuardAndCount:
             await send(message)
 
         try:
+            _check_host(request, self.settings)
             _check_key(request, self.settings)
             await self.app(scope, receive, watched)
         except Exception as exc:
@@ -169,7 +182,8 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="qzoom", version=qz.model_info().id, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.add_middleware(BodyLimit, limit=settings.body_limit, max_upload_mb=settings.max_upload_mb)
+    app.add_middleware(BodyLimit, limit=settings.body_limit, max_upload_mb=settings.max_upload_mb,
+                       timeout=settings.body_timeout_s)
 
     app.add_middleware(GuardAndCount, settings=settings, metrics=metrics)  # added last: wraps the body limit
     served = {"id": qz.model_info().id, "object": "model", "created": int(time.time()), "owned_by": "qzoom"}
@@ -207,7 +221,9 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
     @app.post("/v1/pages")
     async def pages(request: Request):
         fields, source = await _document_request(request, settings)
-        return await run_in_threadpool(_page_pictures, source, settings.defaults.updated(fields.options))
+        options = settings.defaults.updated(fields.options)
+        settings.check_request(options, 0)
+        return await run_in_threadpool(_page_pictures, source, options)
 
     async def answered(request: Request, source: Source, questions: list[str], options: AskOptions,
                        overlay: bool = False) -> tuple[list[Result], list[str | None]]:
@@ -224,8 +240,9 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
     @app.post("/v1/ask")
     async def ask(request: Request):
         fields, source = await _document_request(request, settings)
-        questions = check_questions(fields.questions)
         options = settings.defaults.updated(fields.options)
+        settings.check_request(options, len(fields.questions))
+        questions = check_questions(fields.questions)
         overlay = fields.overlay is not None and parse_bool("overlay", fields.overlay)
         results, overlays = await answered(request, source, questions, options, overlay)
         return {"results": [result.to_dict() for result in results], **({"overlays": overlays} if overlay else {})}
@@ -235,6 +252,7 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
         body = await _json(request)
         question, url, values = chat_question(body)
         options = settings.defaults.updated(values)
+        settings.check_request(options, 1)
         data = await run_in_threadpool(image_bytes, url, settings.upload_limit, settings.allow_remote_images)
         [result], _ = await answered(request, Source(data), [question], options)
         if body.get("stream"):
@@ -257,14 +275,29 @@ async def _json(request: Request) -> object:
         return await request.json()
     except ValueError:
         raise UsageError("the body must be JSON") from None
+    except RecursionError:
+        raise UsageError("the body's JSON is nested too deeply") from None
 
 
 def _check_key(request: Request, settings: ServeSettings) -> None:
     if settings.api_key is None or request.url.path in ("/", "/health") or request.url.path.startswith("/static"):
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
+    sent = given.strip().encode("latin-1")  # the header's own bytes (Starlette reads headers as latin-1)
+    if scheme.lower() != "bearer" or not hmac.compare_digest(sent, settings.api_key.encode("utf-8")):
         raise Unauthorized("a valid API key is needed: send 'Authorization: Bearer <key>'")
+
+
+def _check_host(request: Request, settings: ServeSettings) -> None:
+    """A service without a key answers only requests for the names it serves under (a web page on
+    another site could otherwise reach it through a name that points here: DNS rebinding)."""
+    if settings.allowed_hosts is None or settings.api_key is not None:
+        return
+    host = request.headers.get("host", "")
+    name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rpartition(":")[0] or host
+    if name.lower() not in settings.allowed_hosts:
+        raise Forbidden(f"this service answers requests for {', '.join(settings.allowed_hosts)} only (not {host!r}); "
+                        "start it with --allowed-host, or with --api-key")
 
 
 @dataclass(frozen=True)
@@ -340,11 +373,21 @@ def _path_under_root(value, settings: ServeSettings) -> Source:
     if not isinstance(value, str) or "\0" in value:
         raise UsageError("path must be a file name (a string without NUL characters) under --root")
     root = Path(settings.root).resolve()
-    path = (root / value).resolve()
-    if not path.is_relative_to(root):
+    try:  # outside the root is refused before anything there is looked at: not even whether it exists
+        path = (root / value).resolve()
+        inside = path.is_relative_to(root)
+        info = path.stat() if inside else None
+    except FileNotFoundError:
+        raise FileNotFound(f"{value}: no such file under the service's folder") from None
+    except (OSError, RuntimeError) as exc:  # a name too long; a loop of links (RuntimeError before Python 3.13)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "a loop of links"
+        raise UsageError(f"{value}: cannot be read ({reason})") from None
+    if info is None:
         raise Forbidden(f"{value} is outside the folder this service may read")
-    if not path.is_file():
+    if not stat.S_ISREG(info.st_mode):
         raise FileNotFound(f"{value}: no such file under the service's folder")
+    if info.st_size > settings.upload_limit:
+        raise TooLarge(f"{value} is larger than {settings.max_upload_mb:g} MB, the most this service takes")
     return Source(path, str(value))
 
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from ..documents import DEFAULT_DPI
-from ..errors import UsageError
-from ..options import SHORT_ANSWER_INSTRUCTION, ZoomSettings, check_counts, check_token_bounds
+from ..documents import DEFAULT_DPI, check_page_spec
+from ..errors import TooLarge, UsageError
+from ..options import (
+    SHORT_ANSWER_INSTRUCTION,
+    ZoomSettings,
+    check_counts,
+    check_dpi,
+    check_instruction,
+    check_token_bounds,
+)
 
 
 @dataclass(frozen=True)
@@ -31,8 +39,10 @@ class AskOptions:
     def __post_init__(self):
         check_counts(1, self.max_new_tokens)
         check_token_bounds(self.min_visual_tokens, self.max_visual_tokens)
-        if self.dpi < 1:
-            raise UsageError("dpi must be positive")
+        check_dpi(self.dpi)
+        check_instruction(self.instruction)
+        if self.pages is not None:
+            check_page_spec(self.pages)  # its syntax, before any document
         self.zoom_settings()  # its own checks
 
     def zoom_settings(self) -> ZoomSettings:
@@ -97,6 +107,27 @@ class ServeSettings:
     batch_wait_ms: float = 5.0
     api_key: str | None = None
     allow_remote_images: bool = False
+    # per-request caps: beyond them a request would hold the engine for minutes
+    max_questions: int = 32
+    max_request_visual_tokens: int = 4096
+    max_answer_tokens: int = 2048
+    max_instruction_chars: int = 1000
+    allowed_hosts: tuple[str, ...] | None = None  # Host names a keyless service answers; None: any
+    body_timeout_s: float = 30.0  # the most a request may take to send its body (and its headers)
+
+    def check_request(self, options: AskOptions, questions: int) -> None:
+        """A request within the service's caps (413 beyond them)."""
+        visual = [v for v in (options.min_visual_tokens, options.max_visual_tokens, options.roi_max_visual_tokens)
+                  if v is not None]
+        limits = ((questions, self.max_questions, "questions", "--max-questions"),
+                  (max(visual, default=0), self.max_request_visual_tokens, "visual tokens",
+                   "--max-request-visual-tokens"),
+                  (options.max_new_tokens or 0, self.max_answer_tokens, "answer tokens", "--max-answer-tokens"),
+                  (len(options.instruction), self.max_instruction_chars, "characters of instruction",
+                   "--max-instruction-chars"))
+        for asked, cap, what, flag in limits:
+            if asked > cap:
+                raise TooLarge(f"{asked} {what} asked for; this service takes at most {cap} per request ({flag})")
 
     @property
     def upload_limit(self) -> int:
@@ -109,9 +140,17 @@ class ServeSettings:
         return self.upload_limit * 4 // 3 + 2**16
 
     def __post_init__(self):
-        if self.max_queue < 1 or self.batch_size < 1 or self.max_pages < 1:
-            raise UsageError("--max-queue, --batch-size and --max-pages must be at least 1")
-        if self.max_upload_mb <= 0 or self.batch_wait_ms < 0:
-            raise UsageError("--max-upload-mb must be positive and --batch-wait-ms at least 0")
+        counts = (self.max_queue, self.batch_size, self.max_pages, self.max_questions, self.max_request_visual_tokens,
+                  self.max_answer_tokens, self.max_instruction_chars)
+        if min(counts) < 1:
+            raise UsageError("--max-queue, --batch-size, --max-pages, --max-questions, --max-request-visual-tokens, "
+                             "--max-answer-tokens and --max-instruction-chars must be at least 1")
+        if not (0 < self.max_upload_mb < math.inf and 0 <= self.batch_wait_ms < math.inf
+                and 0 < self.body_timeout_s < math.inf):
+            raise UsageError("--max-upload-mb and --body-timeout must be positive numbers and --batch-wait-ms a "
+                             "number of at least 0")
+        if self.api_key is not None and not self.api_key.strip():
+            raise UsageError("the API key is empty (--api-key '' or an empty $QZOOM_API_KEY), which would let "
+                             "anyone in; give a key, or none for a service on this machine only")
         if self.root is not None and not Path(self.root).is_dir():
             raise UsageError(f"--root {self.root} is not a folder")

@@ -18,6 +18,7 @@ from ..documents import open_document, parse_page_spec
 from ..errors import QZoomError, ResumeMismatch
 from ..manifest import ManifestRow, RowError
 from ..options import changed_settings
+from .saved import read_json, reading_back, write_whole, writing
 
 
 @dataclass(frozen=True)
@@ -125,12 +126,13 @@ class ArtefactStore:
     def _check(self, settings: dict) -> None:
         path = self.folder / self.SETTINGS
         if path.exists():
-            changed = changed_settings(json.loads(path.read_text(encoding="utf-8")), settings)
+            saved = read_json(path, f"delete {self.folder} to compute its work afresh, or write to another --out")
+            changed = changed_settings(saved, settings)
             if changed:
                 raise ResumeMismatch(f"{self.folder} holds work done with other settings ({', '.join(changed)}): "
                                      "rerun with the same options, or write to another --out")
         else:
-            path.write_text(json.dumps(settings, indent=2), encoding="utf-8")
+            write_whole(path, json.dumps(settings, indent=2))
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
@@ -140,13 +142,16 @@ class ArtefactStore:
 
     def save(self, key: str, tensors: dict, meta: dict) -> None:
         temporary = self.folder / f".{key}.tmp"
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, temporary,
-                  metadata={"meta": json.dumps(meta)})
-        temporary.replace(self.path(key))
+        with writing(self.path(key)):
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, temporary,
+                      metadata={"meta": json.dumps(meta)})
+            temporary.replace(self.path(key))
 
     def load(self, key: str) -> tuple[dict, dict]:
         from safetensors import safe_open
 
-        with safe_open(self.path(key), framework="pt") as handle:
-            meta = json.loads(handle.metadata()["meta"])
-        return load_file(self.path(key)), meta
+        path = self.path(key)
+        with reading_back(path, "delete it and rerun: only its sample is computed again"):
+            with safe_open(path, framework="pt") as handle:
+                meta = json.loads(handle.metadata()["meta"])
+            return load_file(path), meta

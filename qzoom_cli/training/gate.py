@@ -44,9 +44,11 @@ from .loop import (
     enable_gradient_checkpointing,
     latest_checkpoint,
     options_dict,
+    reading_checkpoint,
 )
 from .pseudo_labels import IGNORE
 from .rpn import _Pages, branch_inputs, prompt_text
+from .saved import writing
 from .settings import DEFAULT_LADDER, GATE_SEED
 
 TOP_RUNGS = 2
@@ -235,8 +237,11 @@ def train_gate(backbone: Backbone, adapter: ZoomAdapter | None, samples: SampleS
         raise UsageError(f"no ladder survived the consistency filter ({dict(dropped)}); add questions "
                          "whose answers change with resolution")
     checkpoint = latest_checkpoint(out_dir)
-    gated = ZoomAdapter.from_pretrained(checkpoint, backbone) if checkpoint is not None \
-        else with_gate(adapter, backbone, branch_layer, depth)
+    if checkpoint is None:
+        gated = with_gate(adapter, backbone, branch_layer, depth)
+    else:
+        with reading_checkpoint(checkpoint):
+            gated = ZoomAdapter.from_pretrained(checkpoint, backbone)
     backbone.freeze()
     if options.gradient_checkpointing:
         enable_gradient_checkpointing(gated.high_res_layers)
@@ -268,5 +273,6 @@ def train_gate(backbone: Backbone, adapter: ZoomAdapter | None, samples: SampleS
     gated.config.training = {**gated.config.training, "gate": {**report, "data_fingerprint": samples.fingerprint(),
                              "ladder": list(settings.ladder), "options": options_dict(options)}}
     if trainer.is_main:
-        gated.save_pretrained(out_dir)
+        with writing(out_dir):
+            gated.save_pretrained(out_dir)
     return gated, report

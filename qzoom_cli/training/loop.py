@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -24,8 +25,11 @@ from torch import nn
 
 from ..errors import ResumeMismatch
 from ..options import changed_settings
+from .saved import reading_back, writing
 from .settings import TrainOptions
 
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.pt"
 _AUTOCAST = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # pragma: no mutate (precisions only a GPU uses)
 
 
@@ -153,34 +157,43 @@ class Trainer:
         return nullcontext() if steps_now else self.accelerator.no_sync(self.module)  # pragma: no mutate (1 process)
 
     def _checkpoint(self, scheduler) -> None:
+        """Written beside its final name, then renamed: a crash or a full disk mid-save leaves no
+        half checkpoint for the rerun to resume from."""
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            folder = self.out_dir / f"checkpoint-{self.step}"
-            self.save_adapter(folder)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "step": self.step, "losses": self.losses, "plan": self.plan, "rng": _rng_state()},
-                       folder / "trainer_state.pt")
-            (self.out_dir / "latest_checkpoint").write_text(folder.name)
+            folder = self.out_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+            partial = self.out_dir / f".{folder.name}.partial"
+            for stale in (partial, folder):  # a crash's leftover; a checkpoint of this step a resume redid
+                if stale.exists():
+                    shutil.rmtree(stale)
+            with writing(folder):
+                self.save_adapter(partial)
+                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "step": self.step, "losses": self.losses, "plan": self.plan, "rng": _rng_state()},
+                           partial / TRAINER_STATE)
+                partial.rename(folder)
 
     def _resume(self, scheduler) -> int:
         """Continue from the newest checkpoint in the output folder, if there is one."""
         checkpoint = latest_checkpoint(self.out_dir)
         if checkpoint is None:
             return 0
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)  # pragma: no mutate (torch's default)
-        before = state.get("plan", self.plan)
+        with reading_checkpoint(checkpoint, TRAINER_STATE):
+            state = torch.load(checkpoint / TRAINER_STATE, weights_only=True)  # pragma: no mutate (torch's default)
+            before = state.get("plan", self.plan)
         changed = changed_settings(before, self.plan)
         if changed:
             raise ResumeMismatch(f"{checkpoint} was trained with other settings ({', '.join(changed)}): rerun "
                                  "with the same options and samples, or write to another --out")
-        self.optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        self.step, self.losses = state["step"], list(state["losses"])
-        rng = state.get("rng")  # dropout then draws the masks it would have drawn (older checkpoints: none saved)
-        if rng is not None:
-            torch.set_rng_state(rng["cpu"])
-            if rng["cuda"] and torch.cuda.is_available():  # pragma: no mutate (only a GPU restores a GPU's state)
-                torch.cuda.set_rng_state_all(rng["cuda"])  # pragma: no mutate (only a GPU runs this)
+        with reading_checkpoint(checkpoint, TRAINER_STATE):
+            self.optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            self.step, self.losses = int(state["step"]), [float(loss) for loss in state["losses"]]
+            rng = state.get("rng")  # dropout then draws the masks it would have drawn (older checkpoints: none saved)
+            if rng is not None:
+                torch.set_rng_state(rng["cpu"])
+                if rng["cuda"] and torch.cuda.is_available():  # pragma: no mutate (only a GPU restores a GPU's state)
+                    torch.cuda.set_rng_state_all(rng["cuda"])  # pragma: no mutate (only a GPU runs this)
         return self.step
 
 
@@ -194,9 +207,16 @@ def _rng_state() -> dict:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest checkpoint folder a previous run of this output left, if any."""
-    marker = out_dir / "latest_checkpoint"
-    return out_dir / marker.read_text().strip() if marker.exists() else None
+    """The newest checkpoint a previous run of this output left (each one arrives whole)."""
+    steps = [int(folder.name.removeprefix(CHECKPOINT_PREFIX)) for folder in out_dir.glob(f"{CHECKPOINT_PREFIX}*")
+             if folder.name.removeprefix(CHECKPOINT_PREFIX).isdigit() and folder.is_dir()]
+    return out_dir / f"{CHECKPOINT_PREFIX}{max(steps)}" if steps else None
+
+
+def reading_checkpoint(checkpoint: Path, file: str | None = None):
+    """Reading back a checkpoint (or one `file` of it): one that cannot be read is named, with the way past it."""
+    return reading_back(checkpoint / file if file else checkpoint,
+                        f"delete {checkpoint} and rerun to resume from the checkpoint before it (or from the start)")
 
 
 def options_dict(options: TrainOptions) -> dict:

@@ -15,7 +15,8 @@ from pathlib import Path
 from ..api import QZoom
 from ..budget import VisualBudget
 from ..documents import open_document
-from ..errors import QZoomError
+from ..errors import InputError
+from .saved import writing
 from .settings import QUESTION_MAX_TOKENS, QUESTIONS_PER_PAGE
 
 DOCUMENT_SUFFIXES = {".pdf", ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -46,7 +47,9 @@ def write_questions(qz: QZoom, folder: Path, manifest: Path, *, dpi: int, per_pa
     """Write the manifest; returns (rows written, {skipped document: reason})."""
     rows, skipped = 0, {}
     base = manifest.parent.resolve()
-    with open(manifest, "w", encoding="utf-8") as out:
+    with writing(manifest):  # line-buffered: a full disk shows at the row that did not fit
+        out = open(manifest, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed by the with below)
+    with out:
         for path in documents(folder):
             resolved = path.resolve()
             relative = resolved.relative_to(base) if resolved.is_relative_to(base) else resolved
@@ -58,10 +61,12 @@ def write_questions(qz: QZoom, folder: Path, manifest: Path, *, dpi: int, per_pa
                                           zoom="never", budget=budget, max_new_tokens=max_new_tokens)
                         questions = parse_questions(result.answer, per_page)
                         for i, question in enumerate(questions, start=1):
-                            out.write(json.dumps({"id": f"{name}-p{page}-q{i}", "file": str(relative),
-                                                  "pages": str(page), "question": question}) + "\n")
+                            row = json.dumps({"id": f"{name}-p{page}-q{i}", "file": str(relative),
+                                              "pages": str(page), "question": question})
+                            with writing(manifest):
+                                out.write(row + "\n")
                             rows += 1
                         on_page(path, page, len(questions))
-            except QZoomError as exc:
+            except InputError as exc:  # the document is skipped; a model or output failure stops the run
                 skipped[str(path)] = exc.message
     return rows, skipped

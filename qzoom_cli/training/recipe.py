@@ -27,6 +27,7 @@ from .loop import TrainOptions, options_dict
 from .pseudo_labels import LabelSettings
 from .questions import write_questions
 from .rpn import RpnSettings, rpn_settings, train_rpn
+from .saved import read_json, reading_back, write_whole, writing
 from .settings import DEFAULT_LADDER, DEFAULT_VIEW_TOKENS, QUESTIONS_PER_PAGE, view_side
 from .targeted import FineTuneSettings, fine_tune
 
@@ -71,7 +72,8 @@ def train_all(source: Path, out_dir: Path, recipe: Recipe, options: TrainOptions
             progress.finish(stage, _run_stage(stage, source, manifest, stages_dir, recipe, options, load, display,
                                               root, load_judge))
             release_memory()
-    _publish(stages_dir / "gate", out_dir)
+    with writing(out_dir):
+        _publish(stages_dir / "gate", out_dir)
     return {"adapter": str(out_dir), "stages": progress.done}
 
 
@@ -148,17 +150,18 @@ class _Progress:
         self.settings = json.loads(json.dumps(settings))
         self.done: dict[str, dict] = {}
         if path.exists():
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            changed = [name for name in changed_settings(saved["settings"], self.settings)
+            remedy = "delete it and rerun: the stages run again, each resuming from its own caches and checkpoints"
+            with reading_back(path, remedy):
+                saved = read_json(path, remedy)
+                before, done = dict(saved["settings"]), dict(saved["stages"])
+            changed = [name for name in changed_settings(before, self.settings)
                        if name not in _FREE_ON_RESUME]
             if changed:
                 raise ResumeMismatch(f"{path.parent.parent} was trained with other settings ({', '.join(changed)}): "
                                      "rerun with the same options, or write to another --out")
-            self.done = saved["stages"]
+            self.done = done
 
     def finish(self, stage: str, report: dict) -> None:
         self.done[stage] = report
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")  # pragma: no mutate (its name is never seen)
-        temporary.write_text(json.dumps({"settings": self.settings, "stages": self.done}, indent=2), encoding="utf-8")
-        temporary.replace(self.path)
+        write_whole(self.path, json.dumps({"settings": self.settings, "stages": self.done}, indent=2))

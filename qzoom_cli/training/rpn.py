@@ -40,8 +40,10 @@ from .loop import (
     enable_gradient_checkpointing,
     latest_checkpoint,
     options_dict,
+    reading_checkpoint,
 )
 from .pseudo_labels import IGNORE, LabelSettings, padding_cells, pseudo_labels
+from .saved import read_json, reading_back, write_whole, writing
 from .teacher import HeadTable, square_view, teacher_heads, teacher_maps
 
 
@@ -276,7 +278,8 @@ def train_rpn(backbone: Backbone, samples: SampleSet, settings: RpnSettings, opt
         **report, "data_fingerprint": samples.fingerprint(), "heads": settings.heads.to_dict(),
         "view_tokens": settings.view_side ** 2, "labels": vars(settings.labels), "options": options_dict(options)}}
     if trainer.is_main:
-        adapter.save_pretrained(out_dir)
+        with writing(out_dir):
+            adapter.save_pretrained(out_dir)
     return adapter, report
 
 
@@ -294,9 +297,12 @@ def _before_training(out_dir: Path, measure: Callable[[], float | None]) -> floa
     and kept beside its checkpoints, so a resumed run reports it too (not its checkpoint's)."""
     kept = out_dir / "held_out_before.json"  # pragma: no mutate (any name: written and read here only)
     if latest_checkpoint(out_dir) is not None and kept.exists():
-        return json.loads(kept.read_text(encoding="utf-8"))["value"]
+        remedy = "delete it and rerun: the measure is taken again"
+        with reading_back(kept, remedy):
+            value = read_json(kept, remedy)["value"]
+            return None if value is None else float(value)
     value = measure()
-    kept.write_text(json.dumps({"value": value}), encoding="utf-8")
+    write_whole(kept, json.dumps({"value": value}))
     return value
 
 
@@ -306,7 +312,8 @@ def _start_adapter(config: AdapterConfig, backbone: Backbone, out_dir: Path, sta
     of base layers K..K+T-1."""
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is not None:
-        return ZoomAdapter.from_pretrained(checkpoint, backbone)
+        with reading_checkpoint(checkpoint):
+            return ZoomAdapter.from_pretrained(checkpoint, backbone)
     if start is None:
         return ZoomAdapter.initialized_from_base(config, backbone)
     adapter = ZoomAdapter(config, backbone)

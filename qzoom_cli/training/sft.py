@@ -28,9 +28,10 @@ from ..zoom.geometry import Box, region_on_page
 from ..zoom.lora import LORA_FOLDER, check_untuned, import_peft
 from ..zoom.pipeline import PageView
 from .data import TrainSample
-from .loop import StepReport, Trainer, TrainOptions, latest_checkpoint
+from .loop import StepReport, Trainer, TrainOptions, latest_checkpoint, reading_checkpoint
 from .mining import Mined, is_right
 from .rpn import _Pages, answer_instruction, prompt_text
+from .saved import writing
 from .settings import LoraSettings
 from .teacher import with_answer
 
@@ -52,7 +53,8 @@ def attach_lora(backbone: Backbone, settings: LoraSettings, resume_from: Path | 
     check_untuned(backbone)
     peft = import_peft()
     if resume_from is not None:
-        return peft.PeftModel.from_pretrained(backbone.model, resume_from, is_trainable=True)
+        with reading_checkpoint(resume_from.parent):
+            return peft.PeftModel.from_pretrained(backbone.model, resume_from, is_trainable=True)
     config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                              target_modules=decoder_pattern(backbone, settings.targets))
     return peft.get_peft_model(backbone.model, config)
@@ -155,7 +157,8 @@ def train_sft(qz: QZoom, adapter: ZoomAdapter, samples: dict[str, TrainSample], 
     finally:
         pages.close()
     if trainer.is_main:
-        save(out_dir)
+        with writing(out_dir):
+            save(out_dir)
     return model, losses
 
 

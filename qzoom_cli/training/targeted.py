@@ -18,6 +18,7 @@ from ..zoom.lora import check_untuned
 from .data import ArtefactStore, SampleSet, Shard, TrainSample
 from .loop import StepReport, TrainOptions, options_dict
 from .mining import JUDGE_SYSTEM, RIGHT_AT, Mined, MiningSettings, mine, mining_report, training_set
+from .saved import writing
 from .settings import FineTuneSettings
 from .sft import SftSettings, held_out_accuracy, split_held_out, train_sft
 
@@ -85,7 +86,8 @@ def fine_tune(qz: QZoom, samples: SampleSet, settings: FineTuneSettings, options
         "aligned": settings.aligned, "mix": settings.mix, "box_noise": settings.box_noise,
         "options": options_dict(options)}}
     if Shard.current().rank == 0:
-        adapter.save_config(out_dir)
+        with writing(out_dir):
+            adapter.save_config(out_dir)
     return adapter, report
 
 
