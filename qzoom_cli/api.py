@@ -44,6 +44,7 @@ from .results import (
     Stats,
     Timings,
     ZoomInfo,
+    decode_speed,
 )
 from .runtime import (
     Runtime,
@@ -361,7 +362,7 @@ class QZoom:
         region = answer.trace.region
         roi_max_tokens = region.max_tokens if region is not None else \
             self.backbone.read_budget(settings.region_budget(budget)).max_tokens
-        decode_s = answer.time.decode_s
+        total_output = sum(len(c.answer.generation.token_ids) for c in per_page)
         return Result(
             id=qid, status="truncated" if truncated else "ok", input=input_info, question=question,
             answer=best.text, reasoning=best.reasoning, page=input_info.pages[best_index],
@@ -379,9 +380,10 @@ class QZoom:
                         coarse_visual_tokens=answer.coarse_tokens, region_visual_tokens=answer.region_tokens,
                         baseline_visual_tokens=answer.baseline_tokens, prompt_tokens=answer.prompt_tokens,
                         output_tokens=output_tokens,
-                        tokens_per_s=round(output_tokens / decode_s, 3) if decode_s > 0 else 0.0,
+                        tokens_per_s=decode_speed(total_output, total.decode_s),
                         total_visual_tokens=sum(c.answer.visual_tokens for c in per_page),
                         total_prompt_tokens=sum(c.answer.prompt_tokens for c in per_page),
+                        total_output_tokens=total_output,
                         peak_mem_gib=round(memory[0], 3), peak_mem_source=memory[1], time=total.rounded()),
             warnings=result_warnings,
         )

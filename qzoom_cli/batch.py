@@ -33,7 +33,7 @@ from .documents import open_document
 from .errors import OutputError, QZoomError, ResumeMismatch, UsageError
 from .manifest import ManifestRow, RowError
 from .options import SHORT_ANSWER_INSTRUCTION, ZoomSettings, changed_settings
-from .outputs import file_target, is_stream, sole_writer
+from .outputs import check_results_kept, file_target, is_stream, sole_writer
 from .results import ErrorInfo, Result, json_text
 
 DONE_STATUSES = ("ok", "truncated")
@@ -299,11 +299,18 @@ def ordered(records: Iterable[dict], order: dict[str, int]) -> list[dict]:
 
 @dataclass
 class RunSummary:
+    """Rows of this run: `done` of `total` (`failed` among them, `zoomed` of the answered ones), and
+    `kept`, finished by an earlier run."""
+
     total: int = 0
     done: int = 0
     failed: int = 0
     zoomed: int = 0
     kept: int = 0
+
+    def line(self) -> str:
+        kept = f", {self.kept} kept from before" if self.kept else ""
+        return f"{self.done - self.failed} rows answered ({self.zoomed} zoomed), {self.failed} failed{kept}"
 
 
 def shard_path(output: Path, rank: int) -> Path:
@@ -350,8 +357,7 @@ def _run_manifest(load: Callable[[], QZoom], rows: list[ManifestRow | RowError],
     order = {row.id: row.index for row in rows}
     kept: dict[str, dict] = {}
     if output is not None:
-        if output.exists() and output.stat().st_size > 0 and not (resume or force):
-            raise UsageError(f"{output} already has results: --resume to continue it or --force to overwrite it")
+        check_results_kept(output, resume, force)
         if rank == 0:  # fold an interrupted run's shards in (or start afresh), before anyone reads
             stale = sorted(output.parent.glob(f"{output.name}.rank*"))
             carried = {}
@@ -416,7 +422,9 @@ def _run_manifest(load: Callable[[], QZoom], rows: list[ManifestRow | RowError],
                                   "record, in the order they finished") from None
             for path in shards:
                 path.unlink(missing_ok=True)
-            summary.failed = sum(r.get("status") == "error" for r in records)
+            fresh = [r for r in records if r["id"] not in kept]  # every process's rows of this run
+            summary.done, summary.failed = len(fresh), sum(r.get("status") == "error" for r in fresh)
+            summary.zoomed = sum(bool((r.get("zoom") or {}).get("zoomed")) for r in fresh)
     return summary
 
 

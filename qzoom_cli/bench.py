@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from .budget import VisualBudget
 from .evaluate import ModeSummary, choose_metric, score, summarize
 from .manifest import ManifestRow, RowError
 from .options import STOCK, ZoomSettings
+from .refs import display_name
 from .results import Result, json_text
 from .runtime import synchronize
 from .stock import stock_rows
@@ -56,13 +59,19 @@ def warm_up(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOptions, 
         (stock_rows if stock else answer_rows)(qz, [first], options, lambda index, result: None)
 
 
-def run_scored(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOptions,
-               metric: str = "auto", stock: bool = False) -> tuple[ModeSummary, list[ScoredRow]]:
+def run_scored(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOptions, metric: str = "auto",
+               stock: bool = False, on_result: Callable[[Result], None] = lambda result: None,
+               ) -> tuple[ModeSummary, list[ScoredRow]]:
     """Answer every row under `options` (with stock `generate()` when `stock`), timed, and score
-    the rows that have references."""
+    the rows that have references; `on_result` sees each answer as it comes (progress)."""
     results: dict[int, Result] = {}
+
+    def keep(index: int, result: Result) -> None:
+        results[index] = result
+        on_result(result)
+
     start = time.perf_counter()
-    (stock_rows if stock else answer_rows)(qz, rows, options, lambda index, result: results.__setitem__(index, result))
+    (stock_rows if stock else answer_rows)(qz, rows, options, keep)
     synchronize(qz.runtime.device)
     wall = time.perf_counter() - start
     scored = []
@@ -79,14 +88,17 @@ def run_scored(qz: QZoom, rows: list[ManifestRow | RowError], options: RunOption
 
 
 def compare_modes(qz: QZoom, rows: list[ManifestRow | RowError], options: dict[str, RunOptions], metric: str = "auto",
-                  on_mode=lambda mode: None) -> tuple[list[ModeSummary], dict[str, list[ScoredRow]]]:
-    """`qzoom eval --compare`: the same rows under each mode's options, after one warm-up."""
+                  progress: Callable[[str], AbstractContextManager] | None = None,
+                  ) -> tuple[list[ModeSummary], dict[str, list[ScoredRow]]]:
+    """`qzoom eval --compare`: the same rows under each mode's options, after one warm-up.
+    `progress(mode)` gives the (on_result, on_start(total)) callbacks of a mode's run."""
     summaries, per_mode = [], {}
     for mode, run in options.items():
         if not summaries:
             warm_up(qz, rows, run)
-        on_mode(mode)
-        summary, per_mode[mode] = run_scored(qz, rows, run, metric)
+        with progress(mode) if progress else nullcontext((lambda result: None, lambda total: None)) as (track, start):
+            start(len(rows))
+            summary, per_mode[mode] = run_scored(qz, rows, run, metric, on_result=track)
         summaries.append(summary)
     return summaries, per_mode
 
@@ -158,10 +170,26 @@ def bench_report(qz: QZoom, points: list[BenchPoint], rows: list, manifest: str)
 
 def pareto_title(report: dict) -> str:
     meta = report["meta"]
-    return f"{meta['model']} on {meta['device_name']} ({meta['dtype']}, {meta['attn']})"
+    return f"{display_name(meta['model'])} on {meta['device_name']} ({meta['dtype']}, {meta['attn']})"
 
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+MARKER_SIDES = [32, 4, 3, 5, 6]  # circle-ish, square, triangle, pentagon, hexagon
+MIN_ACCURACY_SPAN = 10.0  # percentage points: equal accuracies still read as percentages
+
+
+def y_range(values: list[float], accuracy: bool) -> tuple[float, float]:
+    """The plot's vertical span: the values with a margin; accuracy (in %) within 0..100 and at
+    least MIN_ACCURACY_SPAN points high."""
+    pad = (max(values) - min(values)) * 0.1 or 1.0
+    low, high = min(values) - pad, max(values) + pad
+    if not accuracy:
+        return low, high
+    low, high = max(0.0, low), min(100.0, high)
+    if high - low < MIN_ACCURACY_SPAN:
+        low = max(0.0, min(low, 100.0 - MIN_ACCURACY_SPAN))
+        high = low + MIN_ACCURACY_SPAN
+    return low, high
 
 
 def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -191,12 +219,9 @@ def pareto_png(points: list[BenchPoint], path: Path, title: str) -> Path:
     draw = ImageDraw.Draw(image)
     font, small = ImageFont.load_default(size=16), ImageFont.load_default(size=12)
     xs = [p.summary.samples_per_s for p in points]
-    ys = [y_of(p) for p in points]
-    pad_x, pad_y = (max(xs) - min(xs)) * 0.08 or 0.1, (max(ys) - min(ys)) * 0.1 or 1.0
-    x0, x1, y0, y1 = max(0.0, min(xs) - pad_x), max(xs) + pad_x, min(ys) - pad_y, max(ys) + pad_y
-    if has_accuracy:
-        y0, y1 = max(0.0, y0), min(100.0, y1)
-        y1 = max(y1, y0 + 1.0)
+    pad_x = (max(xs) - min(xs)) * 0.08 or 0.1
+    x0, x1 = max(0.0, min(xs) - pad_x), max(xs) + pad_x
+    y0, y1 = y_range([y_of(p) for p in points], has_accuracy)
 
     def to_px(x: float, y: float) -> tuple[float, float]:
         return (left + (x - x0) / (x1 - x0) * (width - left - right),
@@ -217,15 +242,15 @@ def pareto_png(points: list[BenchPoint], path: Path, title: str) -> Path:
     draw.text((20, top - 30), y_name + (" (%)" if has_accuracy else ""), fill="black", font=font)
     draw.text((width / 2, 22), title, fill="black", font=font, anchor="mm")
     modes = list(dict.fromkeys(p.mode for p in points))
-    for index, mode in enumerate(modes):
-        color = PALETTE[index % len(PALETTE)]
+    for index, mode in enumerate(modes):  # each later mode thinner and smaller: one drawn over another shows both
+        color, size = PALETTE[index % len(PALETTE)], max(2, 8 - 2 * index)
         series = sorted((p for p in points if p.mode == mode), key=lambda p: p.max_tokens)
         pixels = [to_px(p.summary.samples_per_s, y_of(p)) for p in series]
         if len(pixels) > 1:
-            draw.line(pixels, fill=color, width=3)
+            draw.line(pixels, fill=color, width=max(1, 6 - 2 * index))
         for point, (px, py) in zip(series, pixels, strict=True):
-            draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=color)
-            draw.text((px + 7, py - 7), str(point.max_tokens), fill=color, font=small, anchor="ld")
+            draw.regular_polygon((px, py, size), MARKER_SIDES[index % len(MARKER_SIDES)], fill=color)
+            draw.text((px + 9, py - 9 - 12 * index), str(point.max_tokens), fill=color, font=small, anchor="ld")
         legend_y = top + 12 + 22 * index
         draw.line([width - right - 170, legend_y, width - right - 140, legend_y], fill=color, width=3)
         draw.text((width - right - 132, legend_y), mode_label(mode), fill="black", font=small, anchor="lm")

@@ -95,6 +95,17 @@ def parse_page_spec(spec: str | None, page_count: int) -> list[int]:
     return pages
 
 
+def format_pages(pages: list[int]) -> str:
+    """Page numbers as a page spec reads them: [1, 2, 3, 7] -> '1-3,7' (runs in the order given)."""
+    runs: list[list[int]] = []
+    for page in pages:
+        if runs and page == runs[-1][-1] + 1:
+            runs[-1].append(page)
+        else:
+            runs.append([page])
+    return ",".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
+
+
 def check_page_spec(spec: str | None) -> list[tuple[int, int | None]]:
     """The (first, last) page ranges a spec names (last None: to the end), its syntax checked
     before any document is read."""

@@ -51,6 +51,12 @@ class ResumeMismatch(UsageError):
     code = "resume_mismatch"
 
 
+class NothingToLearn(UsageError):
+    """Training data that leaves a stage nothing to learn from (`train all` carries on without it)."""
+
+    code = "nothing_to_learn"
+
+
 class InputError(QZoomError):
     code = "input_error"
     exit_code = EXIT_INPUT

@@ -190,8 +190,9 @@ def summarize(mode: str, results: list, scores: list[float | None], wall_s: floa
         samples_per_s=len(results) / wall_s if wall_s > 0 else 0.0,
         p50_latency_s=percentile(latencies, 0.5), p95_latency_s=percentile(latencies, 0.95),
         mean_ttft_s=statistics.fmean(r.stats.latency_s - r.stats.time.decode_s for r in answered) if answered else 0.0,
-        mean_decode_per_token_s=statistics.fmean(r.stats.time.decode_s / max(1, r.stats.output_tokens - 1)
-                                                 for r in answered) if answered else 0.0,
+        mean_decode_per_token_s=statistics.fmean(  # each page's first token comes with its prefill
+            r.stats.time.decode_s / max(1, r.stats.total_output_tokens - len(r.candidates))
+            for r in answered) if answered else 0.0,
         peak_mem_gib=max((r.stats.peak_mem_gib for r in answered), default=0.0),
         failed=len(results) - len(answered),
     )

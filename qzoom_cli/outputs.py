@@ -52,6 +52,13 @@ def check_output_file(path: Path, *, inputs: tuple[str | Path, ...] = ()) -> Non
         raise UsageError(f"output {path} is read-only")
 
 
+def check_results_kept(path: Path, resume: bool, force: bool) -> None:
+    """A result file holding results is continued (--resume) or replaced (--force), never mixed
+    with a new run's or overwritten unasked."""
+    if not (resume or force) and path.is_file() and path.stat().st_size > 0:
+        raise UsageError(f"{path} already has results: --resume to continue it or --force to overwrite it")
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -60,14 +67,16 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_output_folder(path: Path, *, create: bool = True) -> None:
-    """A folder qzoom writes into (made when `create` and missing): it must end up writable."""
+    """A folder qzoom writes into: it must end up writable. When `create`, a missing one is made in
+    a folder that exists (one level, as `mkdir` makes it: a mistyped path is refused, not built)."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"output folder {path} is a file")
     if not path.exists():
-        if not create:
-            raise UsageError(f"output folder {path} does not exist")
+        if not create or not path.absolute().parent.is_dir():
+            raise UsageError(f"output folder {path} does not exist" +
+                             (f" (nor does {path.absolute().parent})" if create else ""))
         try:
-            path.mkdir(parents=True)
+            path.mkdir()
         except OSError as exc:
             raise UsageError(f"cannot create output folder {path}: {exc.strerror or exc}") from None
     if not os.access(path, os.W_OK | os.X_OK):

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from rich.color import Color
 from rich.console import Group
 from rich.panel import Panel
+from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
+from .documents import format_pages
 from .results import Result
 
 BOX_COLOR = (220, 30, 30)
@@ -43,8 +46,8 @@ def page_thumbnail_text(image: Image.Image, box_norm: list[float] | None = None,
     text = Text()
     for y in range(0, height, 2):
         for x in range(width):
-            top, bottom = pixels[x, y], pixels[x, y + 1]
-            text.append("▀", style=f"rgb{top} on rgb{bottom}")
+            top, bottom = Color.from_rgb(*pixels[x, y]), Color.from_rgb(*pixels[x, y + 1])
+            text.append("▀", style=Style(color=top, bgcolor=bottom))
         if y + 2 < height:
             text.append("\n")
     return text
@@ -57,7 +60,7 @@ def _stats_table(result: Result) -> Table:
     stats, timings = result.stats, result.stats.time
     candidates = ", ".join(f"p{c.page} {c.score:.2f}" for c in result.candidates)
     rows = [
-        ("page", f"{result.page} of {result.input.pages}"),
+        ("page", _page_line(result)),
         ("scores", candidates),
         ("zoom", _zoom_line(result)),
         ("visual tokens", f"{stats.visual_tokens} = page {stats.coarse_visual_tokens} + region "
@@ -74,6 +77,11 @@ def _stats_table(result: Result) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _page_line(result: Result) -> str:
+    pages = result.input.pages
+    return str(result.page) if len(pages) == 1 else f"{result.page} (the surest of pages {format_pages(pages)})"
 
 
 def _zoom_line(result: Result) -> str:

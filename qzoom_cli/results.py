@@ -117,7 +117,8 @@ class Timings:
 @dataclass
 class Stats:
     """Token counts of the answering page (visual = coarse + region) and totals over all pages;
-    baseline_visual_tokens is what one page read at the region's resolution would cost."""
+    baseline_visual_tokens is what one page read at the region's resolution would cost. Times and
+    `tokens_per_s` cover every page answered (all pages' output tokens over `time.decode_s`)."""
 
     latency_s: float
     visual_tokens: int
@@ -129,9 +130,14 @@ class Stats:
     tokens_per_s: float
     total_visual_tokens: int
     total_prompt_tokens: int
+    total_output_tokens: int
     peak_mem_gib: float
     peak_mem_source: str
     time: Timings
+
+
+def decode_speed(tokens: int, seconds: float) -> float:
+    return round(tokens / seconds, 3) if seconds > 0 else 0.0
 
 
 @dataclass

@@ -28,7 +28,7 @@ from .documents import open_document, parse_page_spec
 from .errors import QZoomError
 from .manifest import ManifestRow, RowError
 from .options import with_instruction
-from .results import BudgetInfo, Candidate, InputInfo, Result, Stats, Timings, ZoomInfo
+from .results import BudgetInfo, Candidate, InputInfo, Result, Stats, Timings, ZoomInfo, decode_speed
 from .runtime import peak_memory, reset_peak_memory, synchronize
 
 DECODER = "generate"
@@ -200,6 +200,7 @@ def _result(qz: QZoom, state: _Row, budget: VisualBudget) -> Result:
     for page_answer in answers:
         total.add(page_answer.time)
     output_tokens = len(best.generation.token_ids)
+    total_output = sum(len(a.generation.token_ids) for a in answers)
     truncated = not best.generation.finished
     memory = peak_memory(qz.runtime.device)
     return Result(
@@ -216,9 +217,10 @@ def _result(qz: QZoom, state: _Row, budget: VisualBudget) -> Result:
                     coarse_visual_tokens=best.visual_tokens, region_visual_tokens=0,
                     baseline_visual_tokens=best.visual_tokens, prompt_tokens=best.prompt_tokens,
                     output_tokens=output_tokens,
-                    tokens_per_s=round(output_tokens / best.time.decode_s, 3) if best.time.decode_s > 0 else 0.0,
+                    tokens_per_s=decode_speed(total_output, total.decode_s),
                     total_visual_tokens=sum(a.visual_tokens for a in answers),
                     total_prompt_tokens=sum(a.prompt_tokens for a in answers),
+                    total_output_tokens=total_output,
                     peak_mem_gib=round(memory[0], 3), peak_mem_source=memory[1], time=total.rounded()),
         warnings=[f"answer stopped at the --max-new-tokens limit ({output_tokens} tokens)"] if truncated else [],
     )

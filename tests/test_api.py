@@ -16,6 +16,9 @@ def test_every_page_is_a_candidate_and_the_surest_wins(qz):
     best = max(result.candidates, key=lambda c: c.score)
     assert result.page == best.page and result.answer == best.answer
     assert len({c.score for c in result.candidates}) == 3  # pages differ, so do the scores
+    stats = result.stats  # times cover every page answered, and so does the speed
+    assert stats.total_output_tokens == sum(c.output_tokens for c in result.candidates) > stats.output_tokens
+    assert stats.tokens_per_s == pytest.approx(stats.total_output_tokens / stats.time.decode_s, rel=1e-3)
 
 
 def test_answers_are_deterministic(qz):
@@ -107,8 +110,30 @@ def test_answer_panel_shows_answer_page_and_stats(qz):
         [result] = qz.ask(doc, "total?", budget=BUDGET, max_new_tokens=3)
         console = Console(record=True, width=140, color_system="truecolor")
         console.print(answer_panel(result, doc.thumbnail(result.page)))
-    text = console.export_text()
+    text = console.export_text(clear=False)
     assert "total?" in text and result.answer in text
-    assert "visual tokens" in text and f"{result.page} of [1, 2]" in text
+    assert "visual tokens" in text and f"{result.page} (the surest of pages 1-2)" in text
     thumbnail_rows = [line for line in text.splitlines() if "▀" * 28 in line]
     assert 18 <= len(thumbnail_rows) <= 21  # an A4 page, 28 cells wide, two pixel rows per cell
+    html = console.export_html(inline_styles=True)
+    assert "color: #ffffff; background-color: #ffffff" in html  # the page's white, as the terminal paints it
+
+
+def test_the_terminal_thumbnail_paints_each_half_cell_its_pixels_colour():
+    from PIL import Image
+
+    from qzoom_cli.render import page_thumbnail_text
+
+    image = Image.new("RGB", (4, 4), (10, 20, 30))
+    for row in (1, 3):  # every second pixel row: the lower half of each character cell
+        image.paste((200, 100, 50), (0, row, 4, row + 1))
+    text = page_thumbnail_text(image, width=4)
+    styles = {(span.style.color.triplet, span.style.bgcolor.triplet) for span in text.spans}
+    assert styles == {((10, 20, 30), (200, 100, 50))}  # top pixel row as the glyph, the bottom as its background
+
+
+def test_page_lists_read_as_page_specs():
+    from qzoom_cli.documents import format_pages, parse_page_spec
+
+    assert format_pages([1, 2, 3, 7]) == "1-3,7" and format_pages([4]) == "4" and format_pages([2, 4, 5]) == "2,4-5"
+    assert parse_page_spec(format_pages([1, 2, 3, 7, 9, 10]), 10) == [1, 2, 3, 7, 9, 10]

@@ -17,6 +17,7 @@ from qzoom_cli.errors import (
     EXIT_INTERRUPTED,
     EXIT_MODEL,
     EXIT_USAGE,
+    ModelNotAvailable,
     UsageError,
 )
 
@@ -38,7 +39,7 @@ RESULT_SCHEMA = {
     "stats": {"latency_s": float, "visual_tokens": int, "coarse_visual_tokens": int, "region_visual_tokens": int,
               "baseline_visual_tokens": int, "prompt_tokens": int, "output_tokens": int,
               "tokens_per_s": float, "total_visual_tokens": int, "total_prompt_tokens": int,
-              "peak_mem_gib": float, "peak_mem_source": str,
+              "total_output_tokens": int, "peak_mem_gib": float, "peak_mem_source": str,
               "time": {"render_s": float, "preprocess_s": float, "coarse_prefill_s": float, "gate_s": float,
                        "region_s": float, "region_encode_s": float, "fused_prefill_s": float, "decode_s": float}},
 }
@@ -135,7 +136,7 @@ def test_model_not_available_offline(pdf_path, tmp_path):
     result = runner.invoke(cli.app, ["ask", str(pdf_path), "q?", "--model", "nobody/no-such-model", "--device", "cpu"])
     assert result.exit_code == EXIT_MODEL
     assert len(result.stderr.strip().splitlines()) == 1
-    for fix in ("HF_HUB_OFFLINE=1", "hf download nobody/no-such-model", "--model", "qzoom models make-tiny"):
+    for fix in ("HF_HUB_OFFLINE=1", "qzoom models pull nobody/no-such-model", "--model", "qzoom models make-tiny"):
         assert fix in result.stderr
     result = runner.invoke(cli.app, ["ask", str(pdf_path), "q?", "--model", "./no/such/dir", "--device", "cpu"])
     assert result.exit_code == EXIT_MODEL and "does not exist" in result.stderr
@@ -148,13 +149,13 @@ def test_model_not_available_offline(pdf_path, tmp_path):
 def test_hub_failures_name_their_fix(monkeypatch):
     from huggingface_hub import constants
 
-    from qzoom_cli.backbones import _not_available
+    from qzoom_cli.backbones import not_available
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     unreachable = OSError("We couldn't connect to 'https://huggingface.co' to load the files")
-    message = _not_available("Qwen/Qwen3-VL-4B-Instruct", None, unreachable).message
-    assert message.startswith("cannot reach the Hugging Face hub") and "hf download Qwen/Qwen3-VL-4B-Instruct" in message
-    refused = _not_available("nobody/x", "v2", OSError("nobody/x is not a valid model identifier")).message
+    message = not_available("Qwen/Qwen3-VL-4B-Instruct", None, unreachable).message
+    assert message.startswith("cannot reach the Hugging Face hub") and "qzoom models pull Qwen/Qwen3-VL-4B-Instruct" in message
+    refused = not_available("nobody/x", "v2", OSError("nobody/x is not a valid model identifier")).message
     assert "nobody/x@v2" in refused and "hf auth login" in refused and "not a valid model identifier" in refused
 
 
@@ -281,7 +282,7 @@ def test_adapter_flag_and_zoom_errors(tiny_dir, pdf_path, tmp_path, qz):
     zoom = json.loads(result.stdout)["zoom"]
     assert zoom["region_head"] == "trained" and zoom["gate"]["kind"] == "trained" and zoom["zoomed"]
     missing = ask(tiny_dir, str(pdf_path), "q?", "--adapter", str(tmp_path / "nope"))
-    assert missing.exit_code == EXIT_MODEL and "not a qzoom adapter" in missing.stderr
+    assert missing.exit_code == EXIT_MODEL and "adapter folder" in missing.stderr and "does not exist" in missing.stderr
     bad = ask(tiny_dir, str(pdf_path), "q?", "--zoom", "sometimes")
     assert bad.exit_code == EXIT_USAGE and "unknown zoom mode" in bad.stderr
 
@@ -405,10 +406,11 @@ def test_control_characters_never_reach_a_terminal_raw():
 
 def test_help_shows_every_default():
     result = runner.invoke(cli.app, ["ask", "--help"], env={"COLUMNS": "200"})
-    assert "[default: the default model card]" in result.stdout and "[default: all]" in result.stdout
-    assert "[default: 200]" in result.stdout  # typer's own defaults too
-    flags = [line for line in result.stdout.splitlines() if "--json" in line or "--explain" in line]
-    assert len(flags) == 2 and all("<bool>" not in line and "default" in line for line in flags)
+    text = " ".join(result.stdout.split())
+    assert "[default: the default model card]" in text and "[default: all]" in text
+    assert "--dpi N PDF render resolution; boxes are in pixels at this DPI. [default: 200]" in text  # typer's too
+    assert "--json Print JSON instead of text. [default: (off)]" in text  # a flag: no type, its default said
+    assert "<" not in result.stdout  # no Python types: <str>, <list[str]>, <bool>
 
 
 @pytest.mark.processes
@@ -425,10 +427,10 @@ def test_help_shows_every_default():
     ["eval", "{manifest}", "--max-new-tokens", "0"],
     ["bench", "{manifest}", "--budgets", "0"],
     ["bench", "{manifest}", "--batch-size", "x"],
-    ["train", "gate", "{manifest}", "--out", "{manifest}.d", "--epochs", "0"],
-    ["train", "gate", "{manifest}", "--out", "{manifest}.d", "--ladder", "64,32,16"],
-    ["train", "rpn", "{manifest}", "--out", "{manifest}.d", "--view-tokens", "50"],
-    ["train", "rpn", "{manifest}", "--out", "{manifest}"],
+    ["train", "gate", "--json", "{manifest}", "--out", "{manifest}.d", "--epochs", "0"],
+    ["train", "gate", "--json", "{manifest}", "--out", "{manifest}.d", "--ladder", "64,32,16"],
+    ["train", "rpn", "--json", "{manifest}", "--out", "{manifest}.d", "--view-tokens", "50"],
+    ["train", "rpn", "--json", "{manifest}", "--out", "{manifest}"],
     ["ask", "{pdf}", "q", "--max-visual-tokens", "2000000"],
     ["ask", "{pdf}", "q", "--min-visual-tokens", "2000000"],
     ["ask", "{pdf}", "q", "--instruction", "x" * 5000],
@@ -454,6 +456,37 @@ def test_usage_errors_come_before_the_ml_libraries(args, tmp_path, pdf_path):
     assert done.stderr.startswith("qzoom: error:")
 
 
+@pytest.mark.processes
+@pytest.mark.parametrize("args, code, message", [
+    (["ask", "{pdf}", "q", "--model", "{tmp}/no-model"], EXIT_MODEL, "model directory {tmp}/no-model does not exist"),
+    (["ask", "{pdf}", "q", "--model", "{tmp}"], EXIT_MODEL, "model folder {tmp} is not a loadable checkpoint"),
+    (["ask", "{pdf}", "q", "--model", "nobody/not-cached"], EXIT_MODEL,
+     "nobody/not-cached is not in the local Hugging Face cache and HF_HUB_OFFLINE=1"),
+    (["ask", "{pdf}", "q", "--model", "{tmp}/m", "--adapter", "{tmp}/no-adapter"], EXIT_MODEL,
+     "adapter folder {tmp}/no-adapter does not exist"),
+    (["run", "{manifest}", "-o", "{done}"], EXIT_USAGE, "{done} already has results: --resume to continue it"),
+    (["serve", "--model", "{tmp}/no-model"], EXIT_MODEL, "does not exist"),
+    (["train", "rpn", "--json", "{manifest}", "-o", "{tmp}/out", "--model", "{tmp}/no-model"], EXIT_MODEL, "does not exist"),
+])
+def test_what_can_be_refused_without_the_ml_libraries_is_refused_before_them(args, code, message, tmp_path,
+                                                                              pdf_path):
+    """A missing model or adapter folder, a model not cached offline, a finished result file: one
+    line at once, not after seconds of importing torch."""
+    manifest, done = tmp_path / "m.jsonl", tmp_path / "done.jsonl"
+    manifest.write_text(json.dumps({"file": str(pdf_path), "question": "q"}) + "\n")
+    done.write_text('{"id": "row1", "status": "ok"}\n')
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")  # a model folder, as far as can be told without loading it
+    values = {"pdf": pdf_path, "manifest": manifest, "tmp": tmp_path, "done": done}
+    script = ("import sys\nfrom qzoom_cli.cli import main\nsys.argv = ['qzoom', *sys.argv[1:]]\n"
+              "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+              "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    done_run = subprocess.run([sys.executable, "-c", script, *(a.format(**values) for a in args)],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done_run.stdout.split() == [str(code), "False", "False"], done_run.stderr
+    assert done_run.stderr.startswith("qzoom: error: ") and message.format(**values) in done_run.stderr
+
+
 def test_an_unreachable_hub_means_the_cache_at_once(monkeypatch):
     """No resolvable hub host: this process goes offline (a cached model loads without retries),
     and a model that is not cached is reported as the hub being out of reach."""
@@ -461,16 +494,16 @@ def test_an_unreachable_hub_means_the_cache_at_once(monkeypatch):
 
     from huggingface_hub import constants
 
-    from qzoom_cli import backbones
+    from qzoom_cli import backbones, refs
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(backbones, "_went_offline", False)
+    monkeypatch.setattr(refs, "_went_offline", False)
 
     def no_dns(*args, **kwargs):
         raise socket.gaierror("Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
-    with pytest.raises(backbones.ModelNotAvailable, match="cannot reach the Hugging Face hub"):
+    with pytest.raises(ModelNotAvailable, match="cannot reach the Hugging Face hub"):
         backbones.detect_family("nobody/not-cached")
     assert constants.HF_HUB_OFFLINE
 
@@ -550,3 +583,105 @@ def test_what_the_parser_cannot_read_is_one_error_line(args, line, tmp_path, mon
         cli.main()
     captured = capsys.readouterr()
     assert (exited.value.code, captured.out, captured.err) == (EXIT_USAGE, "", f"qzoom: error: {line}\n")
+
+
+def _fake_cache(root, repo_id: str, files: dict[str, bytes]):
+    """A Hugging Face cache holding `files` of `repo_id`, laid out as the hub lays it out."""
+    import hashlib
+
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+def test_models_list_says_which_cards_are_cached_and_their_size(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    _fake_cache(tmp_path, "Qwen/Qwen2.5-VL-7B-Instruct", {"config.json": b"{}", "model.safetensors": b"x" * 250_000})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    cards = {c["id"]: c for c in json.loads(runner.invoke(cli.app, ["models", "list", "--json"]).stdout)["models"]}
+    assert cards["Qwen/Qwen2.5-VL-7B-Instruct"]["cached"] and cards["Qwen/Qwen2.5-VL-7B-Instruct"]["size_on_disk"] \
+        == 250_002
+    assert not cards["Qwen/Qwen3-VL-8B-Instruct"]["cached"] and cards["Qwen/Qwen3-VL-8B-Instruct"]["size_on_disk"] is None
+    table = runner.invoke(cli.app, ["models", "list"]).stdout
+    assert "Qwen/Qwen2.5-VL-7B-Instruct" in table and "cached 0.3 MB" in table and "not cached" in table
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "none"))  # no cache at all yet
+    assert not any(c["cached"] for c in json.loads(runner.invoke(cli.app, ["models", "list", "--json"]).stdout)["models"])
+
+
+def test_only_what_a_checkpoint_needs_is_pulled():
+    from qzoom_cli.pull import pull_patterns
+
+    assert "*.bin" not in pull_patterns(["config.json", "model-00001-of-00002.safetensors", "pytorch_model.bin"])
+    assert "*.bin" in pull_patterns(["config.json", "pytorch_model.bin", "tokenizer.model"])  # old LLaVA releases
+    assert {"*.json", "*.safetensors", "*.jinja", "*.model"} <= set(pull_patterns([]))
+
+
+def test_models_pull_checks_the_family_before_the_weights_and_says_what_it_fetches(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import DryRunFileInfo
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    config, fetched = tmp_path / "config.json", []
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
+                        lambda self, ref, revision=None: ["config.json", "model.safetensors", "model.bin"])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda ref, name, revision=None: str(config))
+
+    def snapshot_download(ref, revision=None, allow_patterns=None, dry_run=False):
+        if dry_run:
+            return [DryRunFileInfo("c", 2_000_000_000, "model.safetensors", "", False, True),
+                    DryRunFileInfo("c", 1000, "config.json", "", True, False)]
+        fetched.append((ref, revision, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    config.write_text(json.dumps({"model_type": "whisper"}))
+    refused = runner.invoke(cli.app, ["models", "pull", "openai/whisper-tiny"])
+    assert refused.exit_code == EXIT_MODEL and "is a 'whisper' model, which qzoom does not run" in refused.stderr
+    assert fetched == []  # nothing but its config was downloaded
+    config.write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    pulled = runner.invoke(cli.app, ["models", "pull", "Qwen/Qwen2.5-VL-3B-Instruct", "--revision", "v1"])
+    assert pulled.exit_code == 0, pulled.stderr
+    assert pulled.stdout == f"{tmp_path / 'snapshot'}\n"
+    assert "qzoom: Qwen/Qwen2.5-VL-3B-Instruct: 2 files, 2.00 GB (2.00 GB to download)" in pulled.stderr
+    [(ref, revision, patterns)] = fetched
+    assert (ref, revision) == ("Qwen/Qwen2.5-VL-3B-Instruct", "v1") and "*.bin" not in patterns
+
+
+def test_models_pull_offline_or_of_a_folder_says_why_at_once(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline = runner.invoke(cli.app, ["models", "pull", "Qwen/Qwen2.5-VL-3B-Instruct"])
+    assert offline.exit_code == EXIT_MODEL and "while HF_HUB_OFFLINE=1" in offline.stderr
+    folder = runner.invoke(cli.app, ["models", "pull", str(tmp_path)])
+    assert folder.exit_code == EXIT_USAGE and "is a local folder" in folder.stderr
+
+
+def test_help_is_plain_wrapped_and_spells_each_flag_one_way():
+    """-h too; at 80 columns nothing is cut; one spelling per flag (old ones still read, not shown);
+    what a value is, not its Python type; one default seed for every training stage."""
+    for args in (["-h"], ["ask", "-h"], ["models", "-h"], ["train", "-h"], ["models", "pull", "-h"]):
+        shown = runner.invoke(cli.app, args, env={"COLUMNS": "80"})
+        assert shown.exit_code == 0 and shown.stdout.startswith("Usage: qzoom")
+        assert all(len(line) <= 80 for line in shown.stdout.splitlines()) and "…" not in shown.stdout
+    ask_help = runner.invoke(cli.app, ["ask", "-h"], env={"COLUMNS": "80"}).stdout
+    assert "Usage: qzoom ask [OPTIONS] PATH QUESTIONS..." in ask_help and "--zoom auto|always|never" in ask_help
+    assert "--pages PAGES" in ask_help and "--page-range" not in ask_help and "{path}" not in ask_help
+    for command in (["bench"], ["train", "rpn"], ["train", "gate"], ["train", "sft"], ["train", "all"],
+                    ["train", "questions"], ["run"], ["eval"]):
+        text = runner.invoke(cli.app, [*command, "-h"], env={"COLUMNS": "100"}).stdout
+        assert "-o, --output " in text and "--out " not in text, command
+        if command[0] == "train" and command[1] != "questions":
+            assert "[default: 42]" in " ".join(text[text.index("--seed"):].split()[:8]), command
+        if command[0] in ("bench", "train") and command[-1] != "questions" or command[0] == "eval":
+            assert "--json" in text, command
+    assert "--limit N" in runner.invoke(cli.app, ["eval", "-h"]).stdout

@@ -210,8 +210,8 @@ def test_damaged_model_cards_are_an_environment_problem(tmp_path, monkeypatch):
     ["run", "{m}", "--model", "{tiny}"],
     ["eval", "{m}", "--model", "{tiny}"],
     ["bench", "{m}", "--model", "{tiny}", "--out", "{out}"],
-    ["train", "rpn", "{m}", "--out", "{out}", "--model", "{tiny}"],
-    ["train", "gate", "{m}", "--out", "{out}", "--model", "{tiny}"],
+    ["train", "rpn", "--json", "{m}", "--out", "{out}", "--model", "{tiny}"],
+    ["train", "gate", "--json", "{m}", "--out", "{out}", "--model", "{tiny}"],
 ])
 def test_every_command_reports_through_the_one_boundary(argv, tmp_path, tiny_dir, monkeypatch):
     """The same failure in any command: a QZoomError is its line and code, Ctrl-C 130, a bug exit 1

@@ -142,6 +142,28 @@ def test_eval_compare_end_to_end(manifest, tiny_dir, tmp_path):
     assert table.exit_code == 0 and "75.0% (4)" in table.stdout
 
 
+def test_eval_shows_each_modes_progress_row_by_row(manifest, qz):
+    from contextlib import contextmanager
+
+    from qzoom_cli.batch import RunOptions
+    from qzoom_cli.bench import compare_modes
+    from qzoom_cli.manifest import read_manifest
+    from qzoom_cli.zoom.pipeline import ZoomSettings
+
+    rows, seen = read_manifest(manifest), []
+
+    @contextmanager
+    def progress(mode):
+        seen.append(mode)
+        yield (lambda result: seen.append(result.id)), (lambda total: seen.append(total))
+
+    options = {mode: RunOptions(zoom=ZoomSettings(mode), dpi=72, max_new_tokens=2) for mode in ("never", "always")}
+    compare_modes(qz, rows, options, "auto", progress)
+    ids = ["r0", "r1", "r2", "wrong", "noref"]
+    assert seen[:2] == ["never", 5] and sorted(seen[2:7]) == sorted(ids)
+    assert seen[7:9] == ["always", 5] and sorted(seen[9:]) == sorted(ids)
+
+
 def test_bench_end_to_end(manifest, tiny_dir, tmp_path):
     out = tmp_path / "bench"
     result = runner.invoke(cli.app, ["bench", str(manifest), "--model", str(tiny_dir), "--device", "cpu",
@@ -223,12 +245,13 @@ def test_a_failed_row_scores_zero():
     assert score("anls", None, ["42"]) == 0.0 and score("exact", "42", ["42"]) == 1.0
 
 
-def _row(status="ok", zoomed=False, latency=1.0, decode=0.4, tokens=5, visual=100, memory=1.5):
+def _row(status="ok", zoomed=False, latency=1.0, decode=0.4, tokens=5, visual=100, memory=1.5, pages=1):
+    """A record's summary fields; `tokens` and `decode` over all its `pages`."""
     from types import SimpleNamespace
 
-    stats = SimpleNamespace(latency_s=latency, visual_tokens=visual, output_tokens=tokens, peak_mem_gib=memory,
+    stats = SimpleNamespace(latency_s=latency, visual_tokens=visual, total_output_tokens=tokens, peak_mem_gib=memory,
                             time=SimpleNamespace(decode_s=decode))
-    return SimpleNamespace(status=status, zoom=SimpleNamespace(zoomed=zoomed), stats=stats)
+    return SimpleNamespace(status=status, zoom=SimpleNamespace(zoomed=zoomed), stats=stats, candidates=[None] * pages)
 
 
 def test_a_mode_summary_counts_answered_rows_and_reports_failures_apart():
@@ -244,7 +267,37 @@ def test_a_mode_summary_counts_answered_rows_and_reports_failures_apart():
     assert (summary.p50_latency_s, summary.p95_latency_s) == (2.0, pytest.approx(2.9))
     assert summary.mean_ttft_s == pytest.approx((0.6 + 2.0) / 2)
     assert summary.mean_decode_per_token_s == pytest.approx((0.4 / 4 + 1.0 / 1) / 2)  # tokens after the first
+    two_pages = summarize("auto", [_row(decode=0.6, tokens=8, pages=2)], [None], wall_s=1.0)
+    assert two_pages.mean_decode_per_token_s == pytest.approx(0.6 / 6)  # each page's first token: its prefill's
 
     failed = summarize("never", [_row(status="error")], [None], wall_s=0.0)
     assert (failed.accuracy, failed.zoom_rate, failed.mean_visual_tokens, failed.samples_per_s) == (None, 0, 0, 0)
     assert (failed.mean_ttft_s, failed.mean_decode_per_token_s, failed.peak_mem_gib, failed.failed) == (0, 0, 0, 1)
+
+
+def test_the_pareto_plot_reads_accuracy_in_percent_and_shows_overlapping_modes(tmp_path):
+    """Every mode at 0% and the same speed (a tiny model's plot): the axis still spans percentages,
+    and both modes' markers are visible, one drawn over the other."""
+    from qzoom_cli.bench import PALETTE, BenchPoint, _nice_ticks, pareto_png, pareto_title, y_range
+    from qzoom_cli.evaluate import ModeSummary
+
+    assert y_range([0.0, 0.0], accuracy=True) == (0.0, 10.0) and _nice_ticks(0.0, 10.0) == [0, 2, 4, 6, 8, 10]
+    assert y_range([100.0], accuracy=True) == (90.0, 100.0)
+    assert y_range([40.0, 60.0], accuracy=True) == (38.0, 62.0)
+    assert y_range([100.0, 300.0], accuracy=False) == (80.0, 320.0)
+
+    def point(mode, budget):
+        summary = ModeSummary(mode=mode, rows=2, scored=2, accuracy=0.0, zoom_rate=0.0, mean_visual_tokens=50,
+                              samples_per_s=1.0 + budget / 1000, p50_latency_s=1, p95_latency_s=1, mean_ttft_s=0.5,
+                              mean_decode_per_token_s=0.1, peak_mem_gib=0, failed=0)
+        return BenchPoint(mode, 16, budget, summary)
+
+    path = pareto_png([point(m, b) for m in ("never", "auto") for b in (64, 256)], tmp_path / "p.png", "title")
+    with Image.open(path) as plot:
+        colours = set(plot.crop((0, 120, 960, 620)).getdata())  # below the legend
+    assert PALETTE[0] in colours and PALETTE[1] in colours
+    report = {"meta": {"model": "/home/me/models/tiny-qwen", "device_name": "cpu", "dtype": "float32",
+                       "attn": "sdpa"}}
+    assert pareto_title(report) == "tiny-qwen on cpu (float32, sdpa)"
+    report["meta"]["model"] = "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert pareto_title(report).startswith("Qwen/Qwen2.5-VL-7B-Instruct on cpu")

@@ -175,7 +175,7 @@ def test_each_process_mines_its_share_then_reads_every_pair(qz, tmp_path, monkey
     other = {"plain": "x", "zoomed": "y", "references": ["x"], "judged_by": "references", "verdicts": [True, False],
              "box": [0, 0, 1, 1]}
     for sample in samples.samples[1::2]:  # what the other process wrote
-        store.save(sample.key, {}, other)
+        store.save(sample.judged_key, {}, other)
     answered, seen = [], []
 
     def answer(qz, sample, settings, judge):
@@ -264,3 +264,27 @@ def test_a_pair_whose_zoomed_read_found_no_region_is_left_out(tmp_path):
                          TrainSample("t", str(image), None, 1, "Due?", "sha", ("42",))])
     [pair] = mine(SkipsTotals(), samples, _settings(), ArtefactStore(tmp_path / "mined"))
     assert (pair.key, pair.question, pair.kind) == (samples.samples[1].key, "Due?", "both right")
+
+
+def test_reference_answers_changed_in_the_manifest_are_judged_again(qz, tmp_path, monkeypatch):
+    """A verdict depends on the references: the cache answers for the same ones only."""
+    from dataclasses import replace
+
+    import qzoom_cli.training.mining as mining
+    from qzoom_cli.training.data import ArtefactStore, SampleSet
+
+    answered = []
+
+    def answer(qz, sample, settings, judge):
+        answered.append(sample.answers)
+        return {"plain": "red", "zoomed": "blue", "references": list(sample.answers), "judged_by": "references",
+                "verdicts": ["red" in sample.answers, "blue" in sample.answers], "box": [0, 0, 1, 1]}
+
+    monkeypatch.setattr(mining, "_answer_both", answer)
+    samples, store = _samples(tmp_path, [["red"]]), ArtefactStore(tmp_path / "mined")
+    assert [m.kind for m in mining.mine(qz, samples, _settings(), store)] == ["regression"]
+    assert [m.kind for m in mining.mine(qz, samples, _settings(), store)] == ["regression"]  # from the cache
+    changed = SampleSet([replace(sample, answers=("blue",)) for sample in samples.samples])
+    [pair] = mining.mine(qz, changed, _settings(), store)
+    assert answered == [("red",), ("blue",)] and pair.kind == "improvement" and pair.references == ("blue",)
+    assert pair.key == samples.samples[0].key  # the pair is still its sample's

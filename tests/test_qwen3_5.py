@@ -405,7 +405,7 @@ def test_train_all_on_the_hybrid_stack(hybrid_dir, tmp_path):
     seed_mined(manifest, out / "stages" / "sft" / "mined", plain="top left", zoomed="bottom")
     seed_ladders(manifest, out / "stages" / "gate" / "ladders", (16, 36, 64, 100),
                  {question: ["?", "top", "top left", "top left"]})
-    args = ["train", "all", str(manifest), "--out", str(out), "--view-tokens", "64", "--branch-layer", "2",
+    args = ["train", "all", "--json", str(manifest), "--out", str(out), "--view-tokens", "64", "--branch-layer", "2",
             "--depth", "2", "--ladder", "16,36,64,100", "--max-visual-tokens", "36", "--min-visual-tokens", "16",
             "--lora-rank", "4", "--lora-alpha", "8", "--held-out", "0", "--batch-size", "2", "--peak-floor", "0",
             "--max-area", "1.01", "--lora-targets", "q_proj,in_proj_qkv,down_proj", "--model", str(hybrid_dir),

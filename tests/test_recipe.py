@@ -124,7 +124,7 @@ def test_train_all_refuses_to_resume_with_other_settings(uninterrupted, tiny_dir
     with pytest.raises(ResumeMismatch) as refused:
         train_all(manifest, out, replace(RECIPE, ladder=(16, 36, 64), dpi=80), OPTIONS, loader(tiny_dir), display())
     assert str(refused.value) == (f"{out} was trained with other settings (dpi, ladder): rerun with the same options, "
-                                  "or write to another --out")
+                                  "or write to another --output")
     copy = out.parent / "copy" / "train.jsonl"  # the same rows read from elsewhere: other files
     copy.parent.mkdir()
     copy.write_bytes(manifest.read_bytes())
@@ -173,7 +173,7 @@ def test_train_all_command(tiny_dir, tmp_path):
     manifest, cells = red_square_pages(tmp_path, 4, seed=32)
     out = tmp_path / "out"
     seed_stages(manifest, cells, out)
-    args = ["train", "all", str(manifest), "--out", str(out), "--view-tokens", "64", "--branch-layer", "2",
+    args = ["train", "all", "--json", str(manifest), "--out", str(out), "--view-tokens", "64", "--branch-layer", "2",
             "--depth", "2", "--ladder", ",".join(map(str, LADDER)), "--max-visual-tokens", "36",
             "--min-visual-tokens", "16", "--lora-rank", "4", "--lora-alpha", "8", "--held-out", "0",
             "--batch-size", "2", "--model", str(tiny_dir), "--device", "cpu", "--dpi", "72"]
@@ -196,7 +196,7 @@ def test_train_rpn_again_starts_from_the_tuned_adapters_region_head_and_keeps_it
     manifest = uninterrupted[0].parent / "train.jsonl"
     _, cells = red_square_pages(tmp_path, 4, seed=31)  # the same pages: their cells
     seed_teacher_labels(manifest, cells, tmp_path / "again" / "labels")
-    args = ["train", "rpn", str(manifest), "--adapter", str(tuned), "--view-tokens", "64", "--batch-size", "2",
+    args = ["train", "rpn", "--json", str(manifest), "--adapter", str(tuned), "--view-tokens", "64", "--batch-size", "2",
             "--model", str(tiny_dir), "--device", "cpu", "--dpi", "72"]
     still = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "again"), "--lr", "1e-30"])
     assert still.exit_code == 0, still.stderr
@@ -214,16 +214,22 @@ class StageRecorder:
     """Stands in for the stages' own training: records what each is handed, leaves an adapter in
     its folder, reports its name. `load` hands out the model with a marker of the adapter folder."""
 
-    def __init__(self, qz, monkeypatch):
+    def __init__(self, qz, monkeypatch, nothing_for=()):
+        """The stages named in `nothing_for` find nothing to learn."""
         import qzoom_cli.training.recipe as recipe
 
         self.qz, self.calls, self.loads, self.shown, self.items = qz, [], [], [], 0
+        self.nothing_for = nothing_for
         for name in ("train_rpn", "fine_tune", "train_gate"):
             monkeypatch.setattr(recipe, name, self._stage(name))
 
     def _stage(self, name):
         def run(*args, **kwargs):
+            from qzoom_cli.errors import NothingToLearn
+
             self.calls.append((name, args, kwargs))
+            if name in self.nothing_for:
+                raise NothingToLearn(f"{name} found nothing")
             folder = next(arg for arg in args if isinstance(arg, Path) and arg.parent.name == "stages")
             folder.mkdir(parents=True, exist_ok=True)
             for file in ("qzoom_adapter.safetensors", "qzoom_config.json"):
@@ -335,3 +341,35 @@ def test_the_questions_stage_reads_each_page_plainly_and_counts_it(qz, tmp_path,
     progress = json.loads((tmp_path / "out" / "stages" / "progress.json").read_text())
     assert progress["stages"]["questions"] == {"stage": "questions", "manifest": str(manifest), "written": 1,
                                                "skipped": {"b.png": "damaged"}}
+
+
+@pytest.mark.parametrize("nothing_for, not_run, loads, published", [
+    (("fine_tune",), ["sft", "rpn_again"], ["rpn", "rpn"], "gate"),
+    (("train_gate",), ["gate"], ["rpn", "sft", "rpn_again"], "rpn_again"),
+    (("fine_tune", "train_gate"), ["sft", "rpn_again", "gate"], ["rpn", "rpn"], "rpn"),
+])
+def test_a_stage_with_nothing_to_learn_is_passed_by_and_the_last_adapter_published(
+        qz, tmp_path, monkeypatch, nothing_for, not_run, loads, published):
+    """Easy data: no regression to fine-tune on, or no ladder whose answer changes. The recipe
+    carries on from the last adapter trained, and says which stages did not run and why."""
+    manifest, _ = red_square_pages(tmp_path, 2, seed=5)
+    stages = StageRecorder(qz, monkeypatch, nothing_for)
+    report = train_all(manifest, tmp_path / "out", RECIPE, OPTIONS, stages.load, stages.display)
+    out = tmp_path / "out" / "stages"
+    assert [stage for stage, r in report["stages"].items() if "not_run" in r] == not_run
+    if "sft" in not_run:
+        assert report["stages"]["sft"] == {"stage": "sft", "not_run": "fine_tune found nothing"}
+        assert report["stages"]["rpn_again"]["not_run"].startswith("sft did not run, so the model was not tuned")
+    assert stages.loads == [None, *(out / stage for stage in loads)]
+    assert (tmp_path / "out" / "qzoom_config.json").read_text() == (out / published / "qzoom_config.json").read_text()
+    again = train_all(manifest, tmp_path / "out", RECIPE, OPTIONS, stages.load, stages.display)
+    assert again["stages"] == report["stages"] and len(stages.loads) == 1 + len(loads)  # recorded: not retried
+
+
+def test_the_recipe_stops_when_the_region_head_has_nothing_to_learn(qz, tmp_path, monkeypatch):
+    from qzoom_cli.errors import NothingToLearn
+
+    manifest, _ = red_square_pages(tmp_path, 2, seed=5)
+    stages = StageRecorder(qz, monkeypatch, ("train_rpn",))
+    with pytest.raises(NothingToLearn, match="train_rpn found nothing"):
+        train_all(manifest, tmp_path / "out", RECIPE, OPTIONS, stages.load, stages.display)

@@ -164,7 +164,7 @@ def test_run_to_stdout_in_order_with_error_rows(workdir, tiny_dir):
     codes = {r["id"]: (r["error"] or {}).get("code") for r in out}
     assert codes["gone"] == "file_not_found" and codes["p9"] == "page_out_of_range" and codes["row8"] == "bad_row"
     assert all(r["status"] in ("ok", "truncated") for r in out[:5]) and out[2]["input"]["pages"] == [2]
-    assert "8 rows answered" in result.stderr and "3 failed" in result.stderr
+    assert "qzoom: 5 rows answered (0 zoomed), 3 failed\n" in result.stderr  # of 8 rows
 
 
 def test_each_document_is_rendered_once(workdir, tiny_dir, monkeypatch):
@@ -396,16 +396,18 @@ def test_a_second_writer_of_one_output_is_refused(workdir, tiny_dir):
     assert len(records(out)) == 2 and (workdir / "out.jsonl.lock").read_bytes() == b""  # kept: see sole_writer
 
 
-@pytest.mark.parametrize("command", ["run", "eval", "bench", "ask"])
+@pytest.mark.parametrize("command", ["run", "eval", "bench", "ask", "ask-missing"])
 def test_bad_output_locations_are_refused_before_any_work(workdir, tiny_dir, command):
     m = write_manifest(workdir / "m.jsonl", ROWS[:1])
     (workdir / "a-file").write_text("x")
     target = {"run": ["-o", str(workdir / "missing" / "out.jsonl")], "eval": ["-o", str(workdir)],
-              "bench": ["-o", str(workdir / "a-file")], "ask": ["--overlay", str(workdir / "a-file")]}[command]
+              "bench": ["-o", str(workdir / "a-file")], "ask": ["--overlay", str(workdir / "a-file")],
+              "ask-missing": ["--overlay", str(workdir / "missing" / "overlays")]}[command]
+    command = command.removesuffix("-missing")
     source = [str(workdir / "a.pdf"), "total?"] if command == "ask" else [str(m)]
     result = runner.invoke(cli.app, [command, *source, *target, "--model", str(workdir / "no-model")])
     assert result.exit_code == EXIT_USAGE, result.stderr  # the model folder is never reached
-    assert "output" in result.stderr
+    assert "output" in result.stderr and not (workdir / "missing").exists()
 
 
 def test_resume_with_other_settings_is_refused(workdir, tiny_dir):
@@ -484,6 +486,8 @@ def test_the_run_summary_counts_what_was_answered_zoomed_and_failed(qz, workdir)
     assert summary.done == summary.total == len(rows) == len(written)
     assert summary.zoomed == sum(r["zoom"]["zoomed"] for r in written) > 0
     assert summary.failed == sum(r["status"] == "error" for r in written) > 0
+    assert summary.line() == f"{summary.done - summary.failed} rows answered ({summary.zoomed} zoomed), " \
+                             f"{summary.failed} failed"
 
     def no_model():
         raise AssertionError("the model was loaded for rows that need none")
@@ -889,3 +893,16 @@ def test_a_bad_password_value_or_a_torn_last_character_fails_only_its_row(tmp_pa
                                              for i, kind in enumerate(["int", "bool", "dict", "list"])]
     assert (read[4].password, read[5].password) == ("secret", None)
     assert "line 7 is not UTF-8" in read[6].message
+
+
+def test_the_time_left_is_what_the_shown_rate_says():
+    """Both from the first finished row on: loading the model is not a row."""
+    from qzoom_cli.cli.progress import Throughput, clock
+
+    pace = Throughput(total=11)
+    pace.finished(now=100.0)  # after a minute and a half of loading
+    assert pace.rate(100.0) is None and pace.left_s(100.0) is None and clock(None) == "-:--:--"
+    pace.finished(now=102.0)
+    pace.finished(now=104.0)
+    assert pace.rate(104.0) == 0.5 and pace.left_s(104.0) == 16.0  # 8 rows at 2 s each
+    assert clock(pace.left_s(104.0)) == "0:00:16" and clock(3725) == "1:02:05"

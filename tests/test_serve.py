@@ -409,7 +409,7 @@ def test_chat_completions_answer_the_image_in_the_last_user_message(qz, serve):
     assert response.status_code == 200, response.text
     body = response.json()
     [expected] = qz.ask(image, "What is the total?", max_new_tokens=3, zoom="never", budget=qz.resolve_budget(None, 48))
-    assert body["object"] == "chat.completion" and body["model"] == qz.model_info().id
+    assert body["object"] == "chat.completion" and body["model"] == "qwen2_5_vl"  # the tiny folder's name
     [choice] = body["choices"]
     assert choice["message"] == {"role": "assistant", "content": expected.answer}
     assert choice["finish_reason"] == ("length" if expected.status == "truncated" else "stop")
@@ -420,6 +420,10 @@ def test_chat_completions_answer_the_image_in_the_last_user_message(qz, serve):
     pdf = chat(client, [{"type": "image_url", "image_url": {"url": data_url(make_pdf(2), "application/pdf")}},
                         {"type": "text", "text": "Which page?"}], max_completion_tokens=2)
     assert pdf.status_code == 200 and pdf.json()["qzoom"]["input"]["pages"] == [1, 2]
+    stats = pdf.json()["qzoom"]["stats"]  # both pages' answers were generated: both are the completion
+    assert pdf.json()["usage"]["completion_tokens"] == stats["total_output_tokens"] == sum(
+        c["output_tokens"] for c in pdf.json()["qzoom"]["candidates"])
+    assert pdf.json()["usage"]["prompt_tokens"] == stats["total_prompt_tokens"]
 
 
 def test_chat_earlier_image_and_streamed_answer(serve):
@@ -534,7 +538,7 @@ def test_the_official_openai_client_reads_the_answers(qz):
         answer = client.chat.completions.create(model="qzoom", messages=messages, max_tokens=3,
                                                 extra_body={"qzoom": {"zoom": "never"}})
         assert answer.choices[0].message.role == "assistant" and answer.choices[0].message.content
-        assert answer.usage.completion_tokens >= 1 and answer.model == qz.model_info().id
+        assert answer.usage.completion_tokens >= 1 and answer.model == "qwen2_5_vl"
         assert answer.model_extra["qzoom"]["schema"] == "qzoom.result/v1"
         stream = client.chat.completions.create(model="qzoom", messages=messages, max_tokens=3, stream=True,
                                                 extra_body={"qzoom": {"zoom": "never"}})
@@ -544,8 +548,8 @@ def test_the_official_openai_client_reads_the_answers(qz):
                 model="qzoom", messages=messages)
         with pytest.raises(openai.BadRequestError, match="exactly one image"):
             client.chat.completions.create(model="qzoom", messages=[{"role": "user", "content": "total?"}])
-        served = qz.model_info().id
-        assert [model.id for model in client.models.list()] == [served]
+        served = "qwen2_5_vl"  # never the server's path to it
+        assert [model.id for model in client.models.list()] == [served] and str(qz.model_info().id) != served
         assert client.models.retrieve(served).id == served
         with pytest.raises(openai.NotFoundError, match="not other/model"):
             client.models.retrieve("other/model")
@@ -589,6 +593,7 @@ def test_the_serve_command_hands_its_ask_options_to_every_request_as_defaults(mo
     command = importlib.import_module("qzoom_cli.cli.serve")  # the package's `serve` is the command function
     made, ran = [], []
     monkeypatch.setattr(command, "load_model", lambda *args: "the model")
+    monkeypatch.setattr(command, "preflight", lambda *args: None)  # no model to look for
     monkeypatch.setattr(serve, "create_app", lambda qz, settings: made.append((qz, settings)) or "the app")
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: ran.append((self.config.app, sockets)))
     result = CliRunner().invoke(cli.app, [
@@ -604,7 +609,7 @@ def test_the_serve_command_hands_its_ask_options_to_every_request_as_defaults(mo
     listener.close()
 
 
-def test_a_taken_port_is_said_before_the_model_loads():
+def test_a_taken_port_is_said_before_the_model_loads(tiny_dir):
     import socket
 
     from typer.testing import CliRunner
@@ -616,7 +621,7 @@ def test_a_taken_port_is_said_before_the_model_loads():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = CliRunner().invoke(cli.app, ["serve", "--model", "/no/such/model", "--port", str(port)])
+        result = CliRunner().invoke(cli.app, ["serve", "--model", str(tiny_dir), "--port", str(port)])
     assert result.exit_code == EXIT_MODEL
     assert result.stderr.strip() == (f"qzoom: error: cannot listen on 127.0.0.1:{port}: Address already in use "
                                      "(choose another --port or --host)")
@@ -760,7 +765,7 @@ def test_the_serve_command_answers_then_drains_on_sigterm(tiny_dir, tmp_path):
 
     try:
         serving = next(line for line in server.stderr if "serving" in line)  # --port 0: the port it took
-        assert f"serving {tiny_dir} at http://127.0.0.1:" in serving
+        assert f"serving {tiny_dir} as qwen2_5_vl at http://127.0.0.1:" in serving
         url = re.search(r"(http://127\.0\.0\.1:\d+)/", serving).group(1)
         first = httpx.post(f"{url}/v1/ask", json={"path": "a.png", "question": "what?"}, timeout=60)
         assert first.status_code == 200 and first.json()["results"][0]["answer"] is not None
@@ -778,9 +783,12 @@ def test_the_serve_command_answers_then_drains_on_sigterm(tiny_dir, tmp_path):
         signalled = time.monotonic()
         asker.join()
         assert server.wait(60) == -signal.SIGTERM
+        said = server.stderr.read()
     finally:
         server.kill()
     assert answers[0].status_code == 200 and len(answers[0].json()["results"]) == 40
+    assert re.search(r"^qzoom: POST /v1/ask 200 \d+\.\d{3}s$", said, re.MULTILINE)  # one line per request
+    assert said.index("qzoom: stopping: answering the requests in flight first") < said.index("qzoom: stopped")
     assert answers[1] > signalled  # it was still being answered when the signal came
 
 
@@ -931,3 +939,26 @@ def test_the_page_picker_of_a_page_of_enormous_user_units_stays_small(serve):
     response = serve().post("/v1/pages", files={"file": ("bomb.pdf", make_raw_pdf("/UserUnit 1000000"))})
     assert response.status_code == 200, response.text
     assert len(response.text) < 50_000  # a page-picker thumbnail, not the page
+
+
+def test_the_served_model_name_is_what_clients_see_and_ask_for(serve):
+    client = serve(served_model_name="invoices-7b")
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["invoices-7b"]
+    assert client.get("/v1/models/invoices-7b").json()["id"] == "invoices-7b"
+    missing = client.get("/v1/models/qwen2_5_vl")
+    assert missing.status_code == 404 and "serves invoices-7b" in missing.json()["error"]["message"]
+    answer = chat(client, [{"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {
+        "url": data_url(make_image("PNG"))}}], max_tokens=2)
+    assert answer.json()["model"] == "invoices-7b"
+
+
+def test_each_request_is_one_log_line_when_asked(serve, capfd):
+    client = serve(log_requests=True)
+    client.get("/health")
+    client.get("/v1/nowhere%1B%5B2J")  # decoded, an escape sequence
+    lines = capfd.readouterr().err.splitlines()
+    assert re.fullmatch(r"qzoom: GET /health 200 \d+\.\d{3}s", lines[0])
+    assert re.fullmatch(r"qzoom: GET /v1/nowhere\\x1b\[2J 404 \d+\.\d{3}s", lines[1])  # never raw to a terminal
+    quiet = serve()
+    quiet.get("/health")
+    assert capfd.readouterr().err == ""

@@ -166,7 +166,7 @@ def test_train_sft_learns_the_mined_answers_reports_held_out_accuracy_and_resume
     manifest, _ = red_square_pages(tmp_path, 6, seed=21)
     out = tmp_path / "sft"
     seed_mined(manifest, out / "mined", plain="top left", zoomed="bottom")
-    run = _cli("train", "sft", manifest, "--adapter", region_adapter, "--out", out, "--epochs", "20", "--save-every",
+    run = _cli("train", "sft", "--json", manifest, "--adapter", region_adapter, "--out", out, "--epochs", "20", "--save-every",
                "10", *SFT_OPTIONS, *_device_args(tiny_dir))
     assert run.exit_code == 0, run.stderr
     report = json.loads(run.stdout)
@@ -187,17 +187,17 @@ def test_train_sft_learns_the_mined_answers_reports_held_out_accuracy_and_resume
         raise AssertionError("a mined pair was answered again")
 
     monkeypatch.setattr(mining, "_answer_both", no_mining)
-    more = _cli("train", "sft", manifest, "--adapter", region_adapter, "--out", out, "--epochs", "25", *SFT_OPTIONS,
+    more = _cli("train", "sft", "--json", manifest, "--adapter", region_adapter, "--out", out, "--epochs", "25", *SFT_OPTIONS,
                 *_device_args(tiny_dir))
     assert more.exit_code == 0, more.stderr
     assert json.loads(more.stdout)["steps"] == 50  # the 40 done, then 10 more from the last checkpoint
-    other = _cli("train", "sft", manifest, "--adapter", region_adapter, "--out", out, "--epochs", "25",
+    other = _cli("train", "sft", "--json", manifest, "--adapter", region_adapter, "--out", out, "--epochs", "25",
                  *SFT_OPTIONS, "--max-new-tokens", "5", *_device_args(tiny_dir))
     assert other.exit_code == EXIT_USAGE and "other settings (max_new_tokens)" in other.stderr
-    rank = _cli("train", "sft", manifest, "--adapter", region_adapter, "--out", out, "--epochs", "25",
+    rank = _cli("train", "sft", "--json", manifest, "--adapter", region_adapter, "--out", out, "--epochs", "25",
                 *SFT_OPTIONS, "--lora-rank", "8", *_device_args(tiny_dir))
     assert rank.exit_code == EXIT_USAGE and "other settings (lora)" in rank.stderr
-    tuned = _cli("train", "sft", manifest, "--adapter", out, "--out", tmp_path / "again", *SFT_OPTIONS,
+    tuned = _cli("train", "sft", "--json", manifest, "--adapter", out, "--out", tmp_path / "again", *SFT_OPTIONS,
                  *_device_args(tiny_dir))
     assert tuned.exit_code == EXIT_USAGE and "already carries LoRA weights" in tuned.stderr
     assert "fine-tune from an adapter without them (the one `train rpn` wrote)" in tuned.stderr
@@ -211,7 +211,7 @@ def test_train_sft_learns_the_mined_answers_reports_held_out_accuracy_and_resume
 def test_train_sft_refuses_bad_options_before_loading_anything(tmp_path, args, message):
     from qzoom_cli.errors import EXIT_USAGE
 
-    result = _cli("train", "sft", tmp_path / "none.jsonl", "--adapter", tmp_path, "--out", tmp_path / "o", *args,
+    result = _cli("train", "sft", "--json", tmp_path / "none.jsonl", "--adapter", tmp_path, "--out", tmp_path / "o", *args,
                   "--model", tmp_path / "no-model")
     assert result.exit_code == EXIT_USAGE and message in result.stderr
 
@@ -344,7 +344,7 @@ def test_train_sft_asks_the_judge_model_given(tiny_dir, region_adapter, tmp_path
     from qzoom_cli.errors import EXIT_MODEL, EXIT_USAGE
 
     manifest, _ = red_square_pages(tmp_path, 2, seed=26)
-    args = ["train", "sft", manifest, "--adapter", region_adapter, *SFT_OPTIONS, "--max-new-tokens", "2",
+    args = ["train", "sft", "--json", manifest, "--adapter", region_adapter, *SFT_OPTIONS, "--max-new-tokens", "2",
             *_device_args(tiny_dir)]
     judged = _cli(*args, "--out", tmp_path / "a", "--judge", tiny_dir)
     assert judged.exit_code == EXIT_USAGE and "0 pairs mined" in judged.stderr

@@ -403,7 +403,7 @@ def test_answer_ladders_are_the_plain_answers_at_each_budget_and_are_cached(qz, 
     with pytest.raises(ResumeMismatch) as refused:
         make_ladders(qz.backbone, samples, GateSettings(ladder=(16, 36, 100), dpi=72), store, Shard())
     assert refused.value.message == (f"cached answers in {store.folder} were made with another ladder; use another "
-                                     "--out or the same --ladder")
+                                     "--output or the same --ladder")
 
 
 def test_gate_training_reduces_the_loss(qz, tmp_path):
@@ -438,7 +438,7 @@ def train_args(tiny_dir):
 def test_train_rpn_command_resumes_from_its_caches(tiny_dir, tmp_path, monkeypatch):
     manifest, cells = red_square_pages(tmp_path, 6, seed=3)
     out = tmp_path / "adapter"
-    first = runner.invoke(cli.app, ["train", "rpn", str(manifest), "--out", str(out), "--view-tokens", "64",
+    first = runner.invoke(cli.app, ["train", "rpn", "--json", str(manifest), "--out", str(out), "--view-tokens", "64",
                                     "--batch-size", "2", "--save-every", "1", "--peak-floor", "0",
                                     "--max-area", "1.01", *train_args(tiny_dir)])
     assert first.exit_code == 0, first.stderr
@@ -455,12 +455,12 @@ def test_train_rpn_command_resumes_from_its_caches(tiny_dir, tmp_path, monkeypat
         raise AssertionError("the teacher ran again although its labels are cached")
 
     monkeypatch.setattr(rpn, "teacher_maps", no_teacher)
-    again = runner.invoke(cli.app, ["train", "rpn", str(manifest), "--out", str(out), "--view-tokens", "64",
+    again = runner.invoke(cli.app, ["train", "rpn", "--json", str(manifest), "--out", str(out), "--view-tokens", "64",
                                     "--batch-size", "2", "--epochs", "2", "--peak-floor", "0", "--max-area", "1.01",
                                     *train_args(tiny_dir)])
     assert again.exit_code == 0, again.stderr
     assert json.loads(again.stdout)["steps"] > report["steps"]  # continued from the checkpoint
-    other = runner.invoke(cli.app, ["train", "rpn", str(manifest), "--out", str(out), "--view-tokens", "64",
+    other = runner.invoke(cli.app, ["train", "rpn", "--json", str(manifest), "--out", str(out), "--view-tokens", "64",
                                     "--batch-size", "3", "--epochs", "2", "--peak-floor", "0", "--max-area", "1.01",
                                     *train_args(tiny_dir)])
     assert other.exit_code == EXIT_USAGE and "other settings (batch_size)" in other.stderr
@@ -477,7 +477,7 @@ def test_train_gate_command_adds_a_gate_to_the_adapter(qz, tiny_dir, tmp_path):
     ladder = (16, 36, 64, 100)
     seed_ladders(manifest, tmp_path / "ad" / "ladders", ladder,
                  {"Where is the red square?": ["?", "top", "top left", "top left"]})
-    result = runner.invoke(cli.app, ["train", "gate", str(manifest), "--adapter", str(tmp_path / "ad"), "--ladder",
+    result = runner.invoke(cli.app, ["train", "gate", "--json", str(manifest), "--adapter", str(tmp_path / "ad"), "--ladder",
                                      ",".join(map(str, ladder)), "--batch-size", "4", *train_args(tiny_dir)])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["transitions"] == 8
@@ -486,7 +486,7 @@ def test_train_gate_command_adds_a_gate_to_the_adapter(qz, tiny_dir, tmp_path):
     ask = runner.invoke(cli.app, ["ask", str(tmp_path / "page0.png"), "where?", "--adapter", str(tmp_path / "ad"),
                                   "--json", "--max-new-tokens", "1", *train_args(tiny_dir)])
     assert json.loads(ask.stdout)["zoom"]["gate"]["kind"] == "trained"
-    bad = runner.invoke(cli.app, ["train", "gate", str(manifest), "--ladder", "5,4,3", "--out", str(tmp_path / "x"),
+    bad = runner.invoke(cli.app, ["train", "gate", "--json", str(manifest), "--ladder", "5,4,3", "--out", str(tmp_path / "x"),
                                   *train_args(tiny_dir)])
     assert bad.exit_code == EXIT_USAGE
 
@@ -543,7 +543,7 @@ def test_two_processes_train_data_parallel(tiny_dir, tmp_path):
     seed_teacher_labels(manifest, cells, tmp_path / "ad" / "labels")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29657", "-m",
-               "qzoom_cli", "train", "rpn", str(manifest), "--out", str(tmp_path / "ad"), "--view-tokens", "64",
+               "qzoom_cli", "train", "rpn", "--json", str(manifest), "--out", str(tmp_path / "ad"), "--view-tokens", "64",
                "--batch-size", "2", "--branch-layer", "2", "--depth", "2", "-q", *train_args(tiny_dir)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -1020,7 +1020,7 @@ def test_each_process_takes_every_world_size_th_batch_and_all_take_the_same_step
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
     monkeypatch.setattr(Accelerator, "process_index", property(lambda self: rank))
     seen = []
-    _, losses, _ = _fit(tmp_path, "share", items, seen, batch_size=2)
+    _, losses, _ = _fit(tmp_path, "share", items, seen, batch_size=2, seed=0)
     assert len(losses) == 2 and seen == [(0, batch) for batch in expected]
 
 
@@ -1109,7 +1109,7 @@ def test_a_cache_made_with_other_settings_is_refused_naming_them(tmp_path):
     with pytest.raises(ResumeMismatch) as refused:
         ArtefactStore(tmp_path / "cache", {"ladder": [1, 2], "dpi": 96, "model": "m"})
     assert str(refused.value) == (f"{tmp_path / 'cache'} holds work done with other settings (dpi, ladder): rerun "
-                                  "with the same options, or write to another --out")
+                                  "with the same options, or write to another --output")
 
 
 @pytest.mark.parametrize("count, fraction, held", [(1, 0.5, 0), (2, 0.1, 1), (3, 0.5, 1), (4, 0.1, 1), (8, 0.25, 2),
@@ -1278,7 +1278,7 @@ def test_a_resume_continues_where_the_accumulated_steps_stopped_and_refuses_othe
     with pytest.raises(ResumeMismatch) as refused:
         _fit(tmp_path, "resumed", items[:6], **options)
     assert str(refused.value) == (f"{tmp_path / 'resumed' / 'checkpoint-4'} was trained with other settings (samples): "
-                                  "rerun with the same options and samples, or write to another --out")
+                                  "rerun with the same options and samples, or write to another --output")
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
     with pytest.raises(ResumeMismatch, match=r"other settings \(processes\)"):
         _fit(tmp_path, "resumed", items, **options)
@@ -1414,7 +1414,7 @@ def test_a_damaged_cache_entry_or_cache_settings_is_named_with_what_to_do(tmp_pa
             ArtefactStore(tmp_path / "labels", {"dpi": 72})
         assert str(damaged.value).startswith(f"{tmp_path / 'labels' / 'settings.json'} {reason}")
         assert str(damaged.value).endswith(f": delete {tmp_path / 'labels'} to compute its work afresh, or write to "
-                                           "another --out")
+                                           "another --output")
 
     def full_disk(*args, **kwargs):
         from safetensors import SafetensorError
@@ -1465,10 +1465,10 @@ def test_an_out_folder_training_cannot_write_is_refused_before_any_work(tmp_path
 
     (tmp_path / "file").write_text("x")
     for out in (tmp_path / "file", tmp_path / "file" / "adapter"):
-        with pytest.raises(UsageError, match=f"^--out {re.escape(str(out))}: {re.escape(str(tmp_path / 'file'))} "
+        with pytest.raises(UsageError, match=f"^--output {re.escape(str(out))}: {re.escape(str(tmp_path / 'file'))} "
                                              "is a file; name a folder for the adapter$"):
             check_out_folder(out, None)
-    with pytest.raises(UsageError, match=r"^--out /sys/qzoom/adapter: cannot write in /sys \(.+\); name a folder "
+    with pytest.raises(UsageError, match=r"^--output /sys/qzoom/adapter: cannot write in /sys \(.+\); name a folder "
                                          "you can write$"):
         check_out_folder(Path("/sys/qzoom/adapter"), None)
     check_out_folder(tmp_path / "new" / "adapter", str(tmp_path))
@@ -1483,6 +1483,6 @@ def test_training_into_the_models_own_folder_is_refused_before_any_work(tiny_dir
     result = runner.invoke(cli.app, ["train", command, str(manifest), "--out", str(tmp_path / "link"),
                                      *train_args(tiny_dir)])
     assert result.exit_code == EXIT_USAGE, result.stderr
-    assert result.stderr == f"qzoom: error: --out {tmp_path / 'link'} is the model's own folder; write the adapter " \
+    assert result.stderr == f"qzoom: error: --output {tmp_path / 'link'} is the model's own folder; write the adapter " \
                             "to a folder of its own\n"
     assert sorted(p.relative_to(tiny_dir) for p in tiny_dir.rglob("*")) == before

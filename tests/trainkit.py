@@ -60,8 +60,8 @@ def seed_mined(manifest: Path, store_dir: Path, plain: str, zoomed: str, kind: s
     store = ArtefactStore(store_dir)
     samples = expand_samples(read_manifest(manifest))
     for sample in samples.samples:
-        store.save(sample.key, {}, {"plain": plain, "zoomed": zoomed, "references": [reference],
-                                    "judged_by": judged_by, "verdicts": verdicts, "box": list(box)})
+        store.save(sample.judged_key, {}, {"plain": plain, "zoomed": zoomed, "references": [reference],
+                                           "judged_by": judged_by, "verdicts": verdicts, "box": list(box)})
     return samples
 
 

@@ -141,11 +141,11 @@ def check_train_run_eval_bench(model_dir: Path, tmp_path: Path, batch_size: str 
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = ["--model", str(model_dir), "--device", "cpu", "--dpi", "72"]
     out = tmp_path / "adapter"
-    rpn = runner.invoke(cli.app, ["train", "rpn", str(manifest), "--out", str(out), "--view-tokens", "16",
+    rpn = runner.invoke(cli.app, ["train", "rpn", "--json", str(manifest), "--out", str(out), "--view-tokens", "16",
                                   "--batch-size", "2", "--peak-floor", "0", "--max-area", "1.01", *model])
     assert rpn.exit_code == 0, rpn.stderr
     assert json.loads((out / "qzoom_config.json").read_text())["family"] == model_dir.name
-    gate = runner.invoke(cli.app, ["train", "gate", str(manifest), "--adapter", str(out), "--ladder", "4,9,16",
+    gate = runner.invoke(cli.app, ["train", "gate", "--json", str(manifest), "--adapter", str(out), "--ladder", "4,9,16",
                                    "--batch-size", "2", "--max-new-tokens", "2", *model])
     assert gate.exit_code in (0, 2), gate.stderr  # 2: no ladder survived the filter (random answers)
     common = [*model, "--adapter", str(out), "--max-new-tokens", "2", "--max-visual-tokens", "24",
@@ -182,6 +182,7 @@ def load_model_arguments(args: list[str], monkeypatch) -> dict:
 
     for module in ("ask", "run", "scoring", "serve"):  # the modules (the package's names are the commands)
         monkeypatch.setattr(sys.modules[f"qzoom_cli.cli.{module}"], "load_model", load)
+        monkeypatch.setattr(sys.modules[f"qzoom_cli.cli.{module}"], "preflight", lambda *args: None)  # no model here
     result = CliRunner().invoke(cli.app, args)
     assert len(seen) == 1, result.stderr
     return seen[0]

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 from typer._click import exceptions as parse_errors  # typer's own click: what its parser raises
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperGroup, TyperOption
 from typer.exceptions import TyperException
 
 from .. import __version__
@@ -28,10 +28,63 @@ from .scoring import bench, evaluate_command
 from .serve import serve
 from .train import train_app
 
+_METAVARS = {"int": "N", "float": "NUMBER", "str": "TEXT"}
+
+
+class _NamedArgument(TyperArgument):
+    """An argument shown by its name alone (PATH, QUESTIONS...), as in `qzoom ask PATH QUESTIONS...`,
+    rather than typer's `{path} <str>`."""
+
+    def _usage_display_name(self) -> str:
+        return self._rich_display_name() if self.required else f"[{self._rich_display_name()}]"
+
+    def _rich_display_name(self) -> str:
+        return self.name.upper() + ("..." if self.nargs == -1 else "")
+
+    def display_type_rich(self, ctx: typer.Context) -> None:
+        return None
+
+
+OLD_SPELLINGS = ("--out", "--page-range")  # still read, no longer shown: one spelling per flag in --help
+
+
+class _QuietAliasOption(TyperOption):
+    """An option whose old spelling still works but is left out of its help line."""
+
+    def get_help_record(self, ctx: typer.Context):
+        every = self.opts
+        self.opts = [name for name in every if name not in OLD_SPELLINGS]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = every
+
+
+def _readable(command) -> None:
+    """Help that names what a value is (PATH, N, TEXT, auto|always|never) rather than Python's types
+    (<str>, <list[str]>), and each flag by its one current spelling; an explicit metavar (choices,
+    or none for a flag) stays. Subcommands too. (The parameters are the same; only shown otherwise.)"""
+    for param in command.params:
+        if isinstance(param, TyperArgument):
+            param.__class__ = _NamedArgument
+            continue
+        if param.metavar is None:
+            param.metavar = _METAVARS.get(param.bare_type(), param.bare_type().upper())
+        if len(param.opts) > 1 and set(param.opts) & set(OLD_SPELLINGS):
+            param.__class__ = _QuietAliasOption
+    for sub in getattr(command, "commands", {}).values():
+        _readable(sub)
+
 
 class _ErrorBoundary(TyperGroup):
     """Every command runs inside this: a QZoomError becomes its one-line message and exit code,
     Ctrl-C exit 130, anything else an internal error (a bug; the traceback with -v)."""
+
+    def get_command(self, ctx: typer.Context, name: str):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _readable(command)
+        return command
 
     def invoke(self, ctx: typer.Context):
         try:
@@ -63,6 +116,8 @@ app = typer.Typer(
     help="Answer questions about PDFs and images with a local vision-language model.",
     cls=_ErrorBoundary,
     no_args_is_help=True,
+    rich_markup_mode=None,  # click's own help: wraps long text instead of cutting it, at any width
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     pretty_exceptions_enable=False,
     add_completion=False,
 )
@@ -80,13 +135,13 @@ def _root(version: Annotated[bool, flag("--version", callback=_version_callback,
     """qzoom: query-aware zoom for document question answering."""
 
 
-app.command()(ask)
-app.command()(run)
-app.command("eval")(evaluate_command)
-app.command()(bench)
+app.command(short_help="Answer questions about one PDF or image.")(ask)
+app.command(short_help="Answer a manifest of questions (JSONL), resumable.")(run)
+app.command("eval", short_help="Score answers against references, per zoom mode.")(evaluate_command)
+app.command(short_help="Speed against accuracy across visual-token budgets.")(bench)
 app.add_typer(train_app, name="train")
-app.command()(serve)
-app.command()(doctor)
+app.command(short_help="Answer over HTTP (qzoom's API, OpenAI's chat API, a page).")(serve)
+app.command(short_help="Versions, devices, flash-attention, the model cache.")(doctor)
 app.add_typer(models_app, name="models")
 
 

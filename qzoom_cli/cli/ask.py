@@ -43,6 +43,7 @@ from .common import (
     err_console,
     instruction_text,
     load_model,
+    preflight,
     print_json,
     warn,
     zoom_settings,
@@ -86,16 +87,16 @@ def ask(
     A cheap pass over each page first; when the question needs detail, the region it is about is
     read again at high resolution in the same pass (Q-Zoom).
     """
-    from ..doctor import check_transformers
-    from ..documents import open_document, parse_page_spec
+    from ..documents import check_page_spec, open_document, parse_page_spec
     from ..options import check_questions
 
     questions = check_questions(questions)
     settings = zoom_settings(zoom, gate_threshold, roi_threshold, roi_max_visual_tokens, explain, roi_native)
     batch = check_request(batch_size, max_new_tokens, min_visual_tokens, max_visual_tokens, dpi, instruction)
+    check_page_spec(pages)
     if overlay:
         check_output_folder(Path(overlay))
-    check_transformers()
+    preflight(model, adapter, revision)
     with open_document(path, password=password, dpi=dpi) as doc:
         parse_page_spec(pages, doc.page_count)
         configure_logging(verbose, quiet)

@@ -87,57 +87,80 @@ def print_json(obj: dict) -> None:
 
 
 # Options shared by the commands that load a model and answer questions.
-ModelOpt = Annotated[str | None, typer.Option("--model", help="Hub id or local checkpoint directory "
-                                                             "\\[default: the default model card].")]
-AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Zoom adapter directory (qzoom_config.json + "
-                                                                 "qzoom_adapter.safetensors) to attach.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", metavar="ID|DIR",
+                                              help="Hub id or local checkpoint directory "
+                                                   "[default: the default model card].")]
+AdapterOpt = Annotated[str | None, typer.Option("--adapter", metavar="DIR",
+                                                help="Zoom adapter directory (qzoom_config.json + "
+                                                     "qzoom_adapter.safetensors) to attach.")]
 NoMergeOpt = Annotated[bool, flag("--no-merge", help="Keep the adapter's LoRA weights (train sft) apart from the "
                                                    "base weights instead of merging them (slower, exact).")]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) to pin.")]
-ZoomOpt = Annotated[str, typer.Option("--zoom", help="auto: zoom when the gate says so; always: read the region "
-                                                     "whenever one is found; never: one pass at the page budget.")]
+ZoomOpt = Annotated[str, typer.Option("--zoom", metavar="auto|always|never",
+                                      help="auto: zoom when the gate says so; always: read the region "
+                                           "whenever one is found; never: one pass at the page budget.")]
 GateOpt = Annotated[float | None, typer.Option(
-    "--gate-threshold", help=f"Zoom when the gate score reaches this \\[default: model card, adapter, or "
+    "--gate-threshold", help=f"Zoom when the gate score reaches this [default: model card, adapter, or "
                              f"{TRAINED_GATE_THRESHOLD} for a trained gate / {LIFT_THRESHOLD} attention lift "
                              f"without one].")]
 RoiOpt = Annotated[float | None, typer.Option(
-    "--roi-threshold", help=f"Region map cut-off \\[default: model card, adapter, or {TRAINED_ROI_THRESHOLD} "
+    "--roi-threshold", help=f"Region map cut-off [default: model card, adapter, or {TRAINED_ROI_THRESHOLD} "
                             f"trained / {RELATIVE_ROI_THRESHOLD} training-free].")]
 RoiTokensOpt = Annotated[int | None, typer.Option(
-    "--roi-max-visual-tokens", help="Most visual tokens for the region \\[default: the page budget].")]
+    "--roi-max-visual-tokens", help="Most visual tokens for the region [default: the page budget].")]
 ThinkOpt = Annotated[bool | None, flag("--think/--no-think", help="Let a checkpoint that reasons on request "
                                         "(Qwen3.5/3.6) think before answering: reasoning in the record, longer "
-                                        "answers \\[default: the model card's; off].")]
+                                        "answers [default: the model card's; off].")]
 ExplainOpt = Annotated[bool, flag("--explain", help="When a region is read, also decode the answer without it "
                                                    "(zoom.direct_answer vs zoom.zoom_answer).")]
 RoiNativeOpt = Annotated[bool, flag("--roi-native", help="Never read a region at more tokens than it has "
                                                          "at its source resolution (faster on small regions; "
                                                          "the reference always uses the full budget).")]
 MinTokensOpt = Annotated[int | None, typer.Option("--min-visual-tokens", help="Fewest visual tokens per page "
-                                                                            "\\[default: from the model card].")]
+                                                                            "[default: from the model card].")]
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-visual-tokens", help="Most visual tokens per page (the "
-                                                  "coarse pass when zooming) \\[default: from the model card].")]
+                                                  "coarse pass when zooming) [default: from the model card].")]
 DpiOpt = Annotated[int, typer.Option("--dpi", help="PDF render resolution; boxes are in pixels at this DPI.")]
-PagesOpt = Annotated[str | None, typer.Option("--pages", "--page-range",
-                                              help="1-based inclusive pages, e.g. '1-3,7' \\[default: all].")]
+PagesOpt = Annotated[str | None, typer.Option("--pages", "--page-range", metavar="PAGES",
+                                              help="1-based inclusive pages, e.g. '1-3,7' [default: all].")]
 PasswordOpt = Annotated[str | None, typer.Option(help="Password of an encrypted PDF.")]
 MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Longest answer, in tokens "
-                                                "\\[default: 64; 1024 for thinking models].")]
+                                                "[default: 64; 1024 for thinking models].")]
 InstructionOpt = Annotated[str | None, typer.Option(
-    "--instruction", help="Text appended to each question \\[default: ask for a single word or phrase]; '' for none.")]
-BatchOpt = Annotated[str, typer.Option("--batch-size", help="(page, question) pairs answered together, across "
-                                                             "documents; 'auto' sizes it from free GPU memory.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (or $QZOOM_DEVICE).")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, bf16, fp16 or fp32.")]
-AttnOpt = Annotated[str, typer.Option("--attn", help="auto, sdpa, flash_attention_2 or eager.")]
-CompileOpt = Annotated[str, typer.Option("--compile", help="Decode on a static cache captured as a CUDA graph: "
-                                                           "auto (on CUDA), on (also elsewhere, uncaptured), max "
-                                                           "(also fuse kernels with torch.compile: slow first "
-                                                           "answer) or off (the eager loop).")]
-RootOpt = Annotated[str | None, typer.Option("--root", help="Folder that relative document paths in the manifest "
-                                                           "start from \\[default: the manifest's folder].")]
-MetricOpt = Annotated[str, typer.Option("--metric", help="auto (per row: its metric, its dataset, 10 references "
-                                                         "-> vqa, else anls), anls, relaxed, vqa or exact.")]
+    "--instruction", help="Text appended to each question [default: ask for a single word or phrase]; '' for none.")]
+ProgressOpt = Annotated[bool | None, flag("--progress/--no-progress",
+                                         help="Progress bar on stderr [default: when it is a terminal].")]
+BatchOpt = Annotated[str, typer.Option("--batch-size", metavar="N|auto",
+                                       help="(page, question) pairs answered together, across "
+                                            "documents; 'auto' sizes it from free GPU memory.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda|cuda:N|mps",
+                                        help="auto, cpu, cuda, cuda:N or mps (or $QZOOM_DEVICE).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", metavar="auto|bf16|fp16|fp32", help="auto, bf16, fp16 or fp32.")]
+AttnOpt = Annotated[str, typer.Option("--attn", metavar="auto|sdpa|flash_attention_2|eager",
+                                      help="auto, sdpa, flash_attention_2 or eager.")]
+CompileOpt = Annotated[str, typer.Option("--compile", metavar="auto|on|max|off",
+                                         help="Decode on a static cache captured as a CUDA graph: "
+                                              "auto (on CUDA), on (also elsewhere, uncaptured), max "
+                                              "(also fuse kernels with torch.compile: slow first "
+                                              "answer) or off (the eager loop).")]
+RootOpt = Annotated[str | None, typer.Option("--root", metavar="DIR",
+                                             help="Folder that relative document paths in the manifest "
+                                                  "start from [default: the manifest's folder].")]
+MetricOpt = Annotated[str, typer.Option("--metric", metavar="auto|anls|relaxed|vqa|exact",
+                                        help="auto (per row: its metric, its dataset, 10 references "
+                                             "-> vqa, else anls), anls, relaxed, vqa or exact.")]
+
+
+def preflight(model: str | None, adapter: str | None = None, revision: str | None = None) -> None:
+    """What a command checks before it imports the ML libraries and loads a model: the model (the
+    default card's when none is named) and adapter can be had, and the installed transformers is
+    one qzoom supports."""
+    from ..cards import default_card
+    from ..doctor import check_transformers
+    from ..refs import check_local_refs
+
+    check_local_refs(model or default_card().id, adapter, revision)
+    check_transformers()
 
 
 def load_model(model, adapter, revision, device, dtype, attn, compile_mode="off", no_merge=False, think=None):

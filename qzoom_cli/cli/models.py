@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from ..errors import UsageError
-from .common import JsonFlag, Quiet, Verbose, configure_logging, flag, print_json
+from .common import JsonFlag, Quiet, RevisionOpt, Verbose, configure_logging, flag, print_json
 
-models_app = typer.Typer(help="Model cards and tiny offline checkpoints.", no_args_is_help=True)
+models_app = typer.Typer(help="Model cards, downloads, conversion and tiny offline checkpoints.", no_args_is_help=True,
+                        rich_markup_mode=None)
 
 
 def doctor(as_json: JsonFlag = False, verbose: Verbose = False) -> None:
@@ -37,24 +39,58 @@ def doctor(as_json: JsonFlag = False, verbose: Verbose = False) -> None:
     console.print(f"hub cache: {hub['cache']}  offline: {hub['offline']}  endpoint: {hub['endpoint']}")
 
 
-@models_app.command("list")
+@models_app.command("list", short_help="The model cards, and which are cached.")
 def models_list(as_json: JsonFlag = False, verbose: Verbose = False) -> None:
-    """List the model cards qzoom ships (hub id, family, patch factor, default budgets)."""
+    """List the model cards qzoom ships (hub id, family, default budgets), the default marked *,
+    and which are in the Hugging Face cache, with their size on disk."""
     from dataclasses import asdict
 
     from ..cards import load_cards
+    from ..pull import cached_sizes, gigabytes
 
-    cards = load_cards()
+    cards, cached = load_cards(), cached_sizes()
     if as_json:
-        print_json({"models": [asdict(card) for card in cards]})
+        print_json({"models": [{**asdict(card), "cached": card.id in cached, "size_on_disk": cached.get(card.id)}
+                               for card in cards]})
         return
     for card in cards:
         mark = "*" if card.default else " "
-        print(f"{mark} {card.id:<34} {card.family:<12} patch {card.patch_factor}  "
-              f"tokens {card.min_visual_tokens}-{card.max_visual_tokens}  {card.description}")
+        where = f"cached {gigabytes(cached[card.id])}" if card.id in cached else "not cached"
+        print(f"{mark} {card.id:<34} {card.family:<12} {where:<18} tokens {card.min_visual_tokens}-"
+              f"{card.max_visual_tokens}  {card.description}")
 
 
-@models_app.command("make-tiny")
+@models_app.command("pull", short_help="Download a checkpoint into the cache.")
+def models_pull(
+    model: Annotated[str, typer.Argument(help="Hub id of the checkpoint (a card's or any supported one).")],
+    revision: RevisionOpt = None,
+    as_json: JsonFlag = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Download a checkpoint into the Hugging Face cache, with progress (resumes if stopped), so the
+    first `ask` starts at once; prints its folder."""
+    from ..pull import gigabytes, pull
+
+    configure_logging(verbose, quiet)
+
+    def on_plan(plan) -> None:
+        if not quiet:
+            print(f"qzoom: {model}: {plan.files} files, {gigabytes(plan.total_bytes)} "
+                  f"({gigabytes(plan.download_bytes)} to download)", file=sys.stderr)
+
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    folder = pull(model, revision, on_plan)
+    if as_json:
+        print_json({"model": model, "revision": revision, "path": str(folder)})
+    else:
+        print(folder)
+
+
+@models_app.command("make-tiny", short_help="A tiny random checkpoint, for tests.")
 def models_make_tiny(
     directory: Annotated[str, typer.Argument(help="Where to write the checkpoint.")],
     family: Annotated[str, typer.Option(help="Model family: qwen2_5_vl, qwen3_vl, qwen3_5, llava.")] = "qwen2_5_vl",
@@ -77,14 +113,15 @@ def models_make_tiny(
 
 
 
-@models_app.command("convert")
+@models_app.command("convert", short_help="An original LLaVA-1.5 checkpoint to llava-hf.")
 def convert_command(
     source: Annotated[str, typer.Argument(help="An original-layout LLaVA-1.5 checkpoint folder (LlavaLlamaForCausalLM, "
                                                "e.g. an SD-RPN region-head release).")],
     destination: Annotated[str, typer.Argument(help="Folder to write the llava-hf checkpoint (and adapter) into.")],
     vision_tower: Annotated[str | None, typer.Option(help="CLIP checkpoint the source names in mm_vision_tower "
-                                                          "(hub id or folder) \\[default: the source's].")] = None,
+                                                          "(hub id or folder) [default: the source's].")] = None,
     force: Annotated[bool, flag(help="Write into a folder that is not empty.")] = False,
+    as_json: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -104,4 +141,7 @@ def convert_command(
 
     configure_logging(verbose, quiet)
     report = convert_llava(source, target, vision_tower)
-    print_json(report)
+    if as_json:
+        print_json(report)
+    else:
+        print(target)

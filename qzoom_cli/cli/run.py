@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import EXIT_PARTIAL, UsageError
-from ..outputs import check_output_file
+from ..outputs import check_output_file, check_results_kept
 from .common import (
     AdapterOpt,
     AttnOpt,
@@ -27,6 +26,7 @@ from .common import (
     MinTokensOpt,
     ModelOpt,
     NoMergeOpt,
+    ProgressOpt,
     Quiet,
     RevisionOpt,
     RoiNativeOpt,
@@ -42,8 +42,10 @@ from .common import (
     flag,
     instruction_text,
     load_model,
+    preflight,
     zoom_settings,
 )
+from .progress import row_progress
 
 
 def _relaunch_on_gpus(gpus: str) -> int:
@@ -87,7 +89,8 @@ def _distributed(device: str) -> tuple[int, int, object]:
 def run(
     manifest: Annotated[str, typer.Argument(help="JSONL manifest of {id, file, question, pages?, password?, "
                                                  "answers?} rows; '-' reads it from stdin.")],
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Write the records here instead of stdout.")]
+    output: Annotated[str | None, typer.Option("--output", "-o", metavar="FILE",
+                                               help="Write the records here instead of stdout.")]
     = None,
     resume: Annotated[bool, flag(help="Keep the finished records already in --output, redo the rest "
                                               "(errors included).")] = False,
@@ -115,9 +118,7 @@ def run(
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
     compile_mode: CompileOpt = "auto",
-    progress: Annotated[bool | None, flag("--progress/--no-progress",
-                                       help="Progress bar on stderr \\[default: when it is a terminal].")]
-    = None,
+    progress: ProgressOpt = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -126,7 +127,6 @@ def run(
     Rows about the same document share one rendering. Exit code 5 when any row failed (its
     record says why); Ctrl-C leaves a valid file that --resume continues.
     """
-    from ..doctor import check_transformers
     from ..manifest import document_files, read_manifest
 
     if gpus:
@@ -140,7 +140,8 @@ def run(
     rows = read_manifest(manifest, root)
     if output:  # the rows' documents are inputs too
         check_output_file(Path(output), inputs=document_files(rows))
-    check_transformers()
+        check_results_kept(Path(output), resume, force)
+    preflight(model, adapter, revision)
     from ..batch import RunOptions, run_manifest
 
     configure_logging(verbose, quiet)
@@ -164,52 +165,12 @@ def run(
                          instruction=instruction_text(instruction),
                          batch_size=batch, verbose=verbose, settings=run_settings)
     show = (err_console.is_terminal if progress is None else progress) and not quiet
-    with _batch_progress(show, f"rank {rank}" if world > 1 else "rows") as (track, start):
+    with row_progress(show, f"rank {rank}" if world > 1 else "rows") as (track, start):
         summary = run_manifest(load, rows, options, output=Path(output) if output else None, stdout=sys.stdout,
                                resume=resume, force=force, rank=rank, world=world,
                                barrier=state.wait_for_everyone if state is not None else (lambda: None),
                                on_result=track, on_start=start)
     if not quiet and rank == 0:
-        kept = f", {summary.kept} kept from before" if summary.kept else ""
-        print(f"qzoom: {summary.done} rows answered ({summary.zoomed} zoomed, {summary.failed} failed){kept}",
-              file=sys.stderr)
+        print(f"qzoom: {summary.line()}", file=sys.stderr)
     if summary.failed:
         raise typer.Exit(EXIT_PARTIAL)
-
-
-@contextmanager
-def _batch_progress(show: bool, label: str):
-    """(on_result, on_start) callbacks feeding a rich progress bar on stderr, or doing nothing."""
-    if not show:
-        yield (lambda result: None), (lambda total: None)
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]} rows/s"), TimeRemainingColumn(),
-               TextColumn("zoom {task.fields[zoom]}"), TextColumn("[red]failed {task.fields[failed]}"))
-    counts = {"zoomed": 0, "failed": 0, "done": 0}
-    with Progress(*columns, console=err_console, transient=False) as bar:
-        task = bar.add_task(label, total=None, rate="-", zoom="-", failed=0)
-
-        def start(total: int) -> None:
-            bar.update(task, total=total)
-
-        def track(result) -> None:
-            counts["done"] += 1
-            counts["zoomed"] += bool(result.zoom.zoomed)
-            counts["failed"] += result.status == "error"
-            elapsed = bar.tasks[task].elapsed or 0
-            bar.update(task, advance=1, failed=counts["failed"],
-                       rate=f"{counts['done'] / elapsed:.2f}" if elapsed else "-",
-                       zoom=f"{counts['zoomed'] / counts['done']:.0%}")
-
-        yield track, start
-
-

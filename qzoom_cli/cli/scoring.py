@@ -29,6 +29,7 @@ from .common import (
     MinTokensOpt,
     ModelOpt,
     NoMergeOpt,
+    ProgressOpt,
     Quiet,
     RevisionOpt,
     RoiOpt,
@@ -38,12 +39,23 @@ from .common import (
     Verbose,
     check_request,
     configure_logging,
+    err_console,
     instruction_text,
     load_model,
+    preflight,
     print_json,
     write_or_print,
     zoom_settings,
 )
+from .progress import row_progress
+
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use only the first N rows.")]
+
+
+def check_limit(limit: int | None) -> int | None:
+    if limit is not None and limit < 1:
+        raise UsageError("--limit must be at least 1")
+    return limit
 
 
 def evaluate_command(
@@ -52,7 +64,9 @@ def evaluate_command(
     compare: Annotated[str, typer.Option(help="Zoom modes to run on the same rows, e.g. never,auto,always.")]
     = "auto",
     metric: MetricOpt = "auto",
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Write per-row scores (JSONL) here.")]
+    limit: LimitOpt = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", metavar="FILE",
+                                               help="Write per-row scores (JSONL) here.")]
     = None,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
@@ -74,13 +88,13 @@ def evaluate_command(
     attn: AttnOpt = "auto",
     compile_mode: CompileOpt = "auto",
     as_json: JsonFlag = False,
+    progress: ProgressOpt = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Score answers against the manifest's references, for each zoom mode in --compare."""
     from dataclasses import asdict
 
-    from ..doctor import check_transformers
     from ..evaluate import check_metric
     from ..manifest import document_files, read_manifest
     from ..options import parse_modes
@@ -89,12 +103,13 @@ def evaluate_command(
     check_metric(metric)
     settings = {mode: zoom_settings(mode, gate_threshold, roi_threshold, roi_max_visual_tokens) for mode in modes}
     batch = check_request(batch_size, max_new_tokens, min_visual_tokens, max_visual_tokens, dpi, instruction)
+    check_limit(limit)
     if output:
         check_output_file(Path(output), inputs=(manifest,))
-    rows = read_manifest(manifest, root)
+    rows = read_manifest(manifest, root)[:limit]
     if output:  # the rows' documents are inputs too
         check_output_file(Path(output), inputs=document_files(rows))
-    check_transformers()
+    preflight(model, adapter, revision)
     from ..batch import RunOptions
     from ..bench import compare_modes, score_lines
 
@@ -106,11 +121,14 @@ def evaluate_command(
                                 batch_size=batch, verbose=verbose)
                for mode in modes}
 
-    def on_mode(mode: str) -> None:
+    show = (err_console.is_terminal if progress is None else progress) and not quiet
+
+    def mode_progress(mode: str):
         if not quiet:
             print(f"qzoom: evaluating {len(rows)} rows with --zoom {mode}", file=sys.stderr)
+        return row_progress(show, f"--zoom {mode}")
 
-    summaries, per_mode = compare_modes(qz, rows, options, metric, on_mode)
+    summaries, per_mode = compare_modes(qz, rows, options, metric, mode_progress)
     if as_json:
         print_json({"model": asdict(qz.model_info()), "modes": [asdict(s) for s in summaries]})
     else:
@@ -123,12 +141,13 @@ def evaluate_command(
 
 def bench(
     manifest: Annotated[str, typer.Argument(help="Rows to time (and score, when they carry references).")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Folder for bench.json and pareto.png.")] = "qzoom-bench",
+    out: Annotated[str, typer.Option("--output", "-o", "--out", metavar="DIR",
+                                     help="Folder for bench.json and pareto.png.")] = "qzoom-bench",
     budgets: Annotated[str, typer.Option(help="Maximum visual tokens to sweep.")] = "256,576,1024,2048,4096",
     modes: Annotated[str, typer.Option(help="Zoom modes to sweep (never is the baseline); stock adds transformers' "
                                             "generate() on the same rows, and each point's time against it.")
                      ] = "never,auto",
-    limit: Annotated[int | None, typer.Option(help="Use only the first N rows.")] = None,
+    limit: LimitOpt = None,
     metric: MetricOpt = "auto",
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
@@ -146,11 +165,11 @@ def bench(
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
     compile_mode: CompileOpt = "auto",
+    as_json: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Sweep visual-token budgets for each zoom mode on the same rows: a JSON report and a Pareto plot."""
-    from ..doctor import check_transformers
     from ..evaluate import check_metric
     from ..manifest import read_manifest
     from ..options import MODES, STOCK, parse_counts, parse_modes
@@ -161,10 +180,8 @@ def bench(
     batch = check_request(batch_size, max_new_tokens, dpi=dpi, instruction=instruction)
     maxima = parse_counts(budgets, "--budgets")
     check_output_folder(Path(out))
-    if limit is not None and limit < 1:
-        raise UsageError("--limit must be at least 1")
-    rows = read_manifest(manifest, root)[:limit]
-    check_transformers()
+    rows = read_manifest(manifest, root)[:check_limit(limit)]
+    preflight(model, adapter, revision)
     from ..batch import RunOptions
     from ..bench import bench_report, mode_label, pareto_png, pareto_title, sweep
 
@@ -191,6 +208,9 @@ def bench(
     except OSError as exc:
         raise OutputError(f"could not write {folder / 'pareto.png'} ({exc.strerror or exc}); "
                           f"{folder / 'bench.json'} has the numbers") from None
-    print(folder / "bench.json")
-    print(folder / "pareto.png")
+    if as_json:
+        print_json(report_data)
+    else:
+        print(folder / "bench.json")
+        print(folder / "pareto.png")
 

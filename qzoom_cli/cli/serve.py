@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from ..errors import EnvironmentProblem, UsageError
+from ..refs import display_name
 from .common import (
     AdapterOpt,
     AttnOpt,
@@ -40,6 +41,7 @@ from .common import (
     flag,
     instruction_text,
     load_model,
+    preflight,
 )
 
 
@@ -71,6 +73,9 @@ def serve(
                                                             "beyond).")] = 1000,
     body_timeout: Annotated[float, typer.Option(help="Seconds a client may take to send its request's headers, "
                                                      "and between parts of its body (408 beyond).")] = 30.0,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="The model's name in /v1/models and chat answers [default: its hub id, or its folder's name].")]
+    = None,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
     no_merge: NoMergeOpt = False,
@@ -103,13 +108,13 @@ def serve(
     The ask options given here are the defaults; each request may set its own.
     """
     try:
+        import fastapi  # noqa: F401 (the extra's presence, checked before any work)
         import uvicorn
 
-        from ..serve import AskOptions, ServeSettings, create_app
+        from ..serve import AskOptions, ServeSettings
     except ImportError as exc:
         raise EnvironmentProblem(f"qzoom serve needs the serve extra ({exc.name} is missing): "
                                  "pip install 'qzoom[serve]'") from None
-    from ..doctor import check_transformers
 
     defaults = AskOptions(pages=pages, dpi=dpi, password=password, zoom=zoom, gate_threshold=gate_threshold,
                           roi_threshold=roi_threshold, roi_max_visual_tokens=roi_max_visual_tokens,
@@ -127,21 +132,25 @@ def serve(
                              batch_wait_ms=batch_wait_ms, api_key=api_key, allow_remote_images=allow_remote_images,
                              max_questions=max_questions, max_request_visual_tokens=max_request_visual_tokens,
                              max_answer_tokens=max_answer_tokens, max_instruction_chars=max_instruction_chars,
-                             allowed_hosts=hosts, body_timeout_s=body_timeout)
-    check_transformers()
+                             allowed_hosts=hosts, body_timeout_s=body_timeout, served_model_name=served_model_name,
+                             log_requests=not quiet)
+    preflight(model, adapter, revision)
+    from ..serve import create_app
+
     configure_logging(verbose, quiet)
     listener = listening_socket(host, port)  # a taken port is said before minutes of model loading
     qz = load_model(model, adapter, revision, device, dtype, attn, compile_mode, no_merge, think)
     listener.listen(2048)  # from here a request waits for the server instead of being refused (uvicorn's backlog)
     if not quiet:
         where = f"http://{host if ':' not in host else f'[{host}]'}:{listener.getsockname()[1]}/"
-        print(f"qzoom: serving {qz.model_info().id} at {where} (Ctrl-C to stop)", file=sys.stderr)
+        name = served_model_name or display_name(qz.model_info().id)
+        print(f"qzoom: serving {qz.model_info().id} as {name} at {where} (Ctrl-C to stop)", file=sys.stderr)
         if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
             print("qzoom: warning: listening beyond this machine without --api-key", file=sys.stderr)
     config = uvicorn.Config(create_app(qz, settings), host=host, port=port, log_level="info" if verbose else
                             "warning", timeout_graceful_shutdown=None, access_log=verbose,
                             http=header_deadline(body_timeout))
-    uvicorn.Server(config).run(sockets=[listener])
+    announcing_server(uvicorn.Server, quiet)(config).run(sockets=[listener])
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -155,6 +164,24 @@ def listening_socket(host: str, port: int) -> socket.socket:
         raise EnvironmentProblem(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
                                  "(choose another --port or --host)") from None
     return listener
+
+
+def announcing_server(server: type, quiet: bool) -> type:
+    """uvicorn's server, saying on stderr when a signal (Ctrl-C, SIGTERM) starts its shutdown
+    (requests in flight are answered first, which may take a while) and when it is done (before
+    uvicorn ends the process by that signal)."""
+    class AnnouncingServer(server):
+        def handle_exit(self, sig, frame) -> None:
+            if not quiet and not self.should_exit:
+                print("qzoom: stopping: answering the requests in flight first (again to force)", file=sys.stderr)
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            await super().shutdown(sockets)
+            if not quiet:
+                print("qzoom: stopped", file=sys.stderr)
+
+    return AnnouncingServer
 
 
 def header_deadline(seconds: float) -> type:

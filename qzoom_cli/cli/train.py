@@ -18,8 +18,8 @@ from ..training.saved import check_out_folder
 from ..training.settings import (
     DEFAULT_LADDER,
     DEFAULT_VIEW_TOKENS,
-    GATE_SEED,
     QUESTIONS_PER_PAGE,
+    SEED,
     FineTuneSettings,
     LabelSettings,
     LoraSettings,
@@ -32,6 +32,7 @@ from .common import (
     DeviceOpt,
     DpiOpt,
     DtypeOpt,
+    JsonFlag,
     MaxTokensOpt,
     MetricOpt,
     MinTokensOpt,
@@ -44,6 +45,7 @@ from .common import (
     err_console,
     flag,
     load_model,
+    preflight,
     print_json,
     warn,
 )
@@ -55,7 +57,8 @@ def _train_options(parameters: dict) -> TrainOptions:
     """TrainOptions from the command's parameters of the same names (it checks them itself)."""
     return TrainOptions(**{f.name: parameters[f.name] for f in fields(TrainOptions) if f.name in parameters})
 
-train_app = typer.Typer(help="Train the zoom adapter on your own documents, without labels.", no_args_is_help=True)
+train_app = typer.Typer(help="Train the zoom adapter on your own documents, without labels.", no_args_is_help=True,
+                        rich_markup_mode=None)
 
 EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the training samples.")]
 LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate (3% warm-up, cosine decay).")]
@@ -136,7 +139,7 @@ BoxNoiseOpt = Annotated[float, typer.Option("--box-noise", help="Chance a traini
                                                                 "the published setting is 0.8.")]
 AlignedOpt = Annotated[bool | None, flag("--aligned/--second-image", help="Region positions inside the page's grid "
                                                                           "(the published scheme), or a second "
-                                                                          "image's \\[default: aligned, 1-D on "
+                                                                          "image's [default: aligned, 1-D on "
                                                                           "LLaVA].")]
 LoraRankOpt = Annotated[int, typer.Option("--lora-rank", help="LoRA rank.")]
 LoraAlphaOpt = Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha (scale alpha/rank).")]
@@ -146,7 +149,7 @@ LoraTargetsOpt = Annotated[str, typer.Option("--lora-targets", help="Linear laye
                                                                     "in_proj_qkv,in_proj_z,out_proj).")]
 PseudoTokensOpt = Annotated[int | None, typer.Option(
     "--pseudo-reference-tokens", help="Without reference answers, the model's own answer at this many visual tokens "
-                                      "is the reference \\[default: the model's plain budget].")]
+                                      "is the reference [default: the model's plain budget].")]
 MiningTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Longest answer while mining and measuring.")]
 _TUNE = FineTuneSettings()
 _LORA = LoraSettings()
@@ -159,10 +162,14 @@ def _training_progress(quiet: bool, stage: str, total: int):
         yield callbacks
 
 
-def _finish_training(adapter_dir, report: dict, quiet: bool) -> None:
+def _finish_training(adapter_dir, report: dict, quiet: bool, as_json: bool) -> None:
+    """The adapter's folder on stdout (its training report as JSON with --json), a summary on stderr."""
     if int(os.environ.get("RANK", "0")) != 0:  # one report from a multi-process run
         return
-    print_json({"adapter": str(adapter_dir), **report})
+    if as_json:
+        print_json({"adapter": str(adapter_dir), **report})
+    else:
+        print(adapter_dir)
     if not quiet:
         from ..training.data import skipped_text
 
@@ -170,18 +177,19 @@ def _finish_training(adapter_dir, report: dict, quiet: bool) -> None:
               file=sys.stderr)
 
 
-@train_app.command("rpn")
+@train_app.command("rpn", short_help="Stage 1: the region head (SD-RPN).")
 def train_rpn_command(
     manifest: Annotated[str, typer.Argument(help="Rows of {file, question, pages?}; answers are not needed.")],
-    out: Annotated[str, typer.Option("--out", help="Adapter folder to write (labels are cached inside).")],
+    out: Annotated[str, typer.Option("--output", "-o", "--out", metavar="DIR",
+                                     help="Adapter folder to write (labels are cached inside).")],
     adapter: Annotated[str | None, typer.Option("--adapter", help="Train again from this adapter's region head, "
                                                                   "on the model its LoRA weights tuned (the "
                                                                   "adapter `train sft` wrote: stage 2.5).")] = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     branch_layer: Annotated[int | None, typer.Option(help="K: the region head reads base layer K's input "
-                                                          "\\[default: model card].")] = None,
-    depth: Annotated[int | None, typer.Option(help="T: region-head layers \\[default: model card].")] = None,
+                                                          "[default: model card].")] = None,
+    depth: Annotated[int | None, typer.Option(help="T: region-head layers [default: model card].")] = None,
     view_tokens: Annotated[int, typer.Option(help="Visual tokens of the square teacher/student view (a square "
                                                   "number).")] = DEFAULT_VIEW_TOKENS,
     free_answers: FreeAnswersOpt = False,
@@ -197,17 +205,17 @@ def train_rpn_command(
     max_samples: MaxSamplesOpt = None,
     save_every: SaveEveryOpt = TrainOptions.save_every,
     gradient_checkpointing: CheckpointingOpt = False,
-    seed: SeedOpt = TrainOptions.seed,
+    seed: SeedOpt = SEED,
     dpi: DpiOpt = 200,
     root: RootOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
+    as_json: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Stage 1 (SD-RPN): distil where the model looks while answering into the region head."""
-    from ..doctor import check_transformers
     from ..manifest import read_manifest
 
     side = view_side(view_tokens)
@@ -215,7 +223,7 @@ def train_rpn_command(
     labels = LabelSettings(sink_threshold, fg_ratio, bg_ratio, max_area, peak_floor)
     check_out_folder(Path(out), model)
     rows = read_manifest(manifest, root)
-    check_transformers()
+    preflight(model, adapter, revision)
     from ..training.data import expand_samples
     from ..training.rpn import rpn_settings, train_rpn
 
@@ -227,16 +235,17 @@ def train_rpn_command(
     with _training_progress(quiet, "teacher labels", len(samples.samples)) as (on_item, on_step):
         _, report = train_rpn(qz.backbone, samples, settings, options, Path(out), on_item, on_step,
                               start=qz.adapter if adapter else None)
-    _finish_training(out, report, quiet)
+    _finish_training(out, report, quiet, as_json)
 
 
-@train_app.command("gate")
+@train_app.command("gate", short_help="Stage 3: the gate.")
 def train_gate_command(
     manifest: Annotated[str, typer.Argument(help="Rows of {file, question, pages?, answers?}; reference answers "
                                                  "are used when present.")],
     adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter folder from `train rpn`; the gate is "
                                                                   "added to it.")] = None,
-    out: Annotated[str | None, typer.Option("--out", help="Where to write the adapter \\[default: --adapter].")] = None,
+    out: Annotated[str | None, typer.Option("--output", "-o", "--out", metavar="DIR",
+                                            help="Where to write the adapter [default: --adapter].")] = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     ladder: Annotated[str, typer.Option(help="Visual-token budgets the model answers at, ascending.")]
@@ -251,27 +260,27 @@ def train_gate_command(
     max_samples: MaxSamplesOpt = None,
     save_every: SaveEveryOpt = TrainOptions.save_every,
     gradient_checkpointing: CheckpointingOpt = False,
-    seed: SeedOpt = GATE_SEED,
+    seed: SeedOpt = SEED,
     dpi: DpiOpt = 200,
     root: RootOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
+    as_json: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Stage 3: teach the gate when the coarse view is not enough (answers at a ladder of resolutions)."""
-    from ..doctor import check_transformers
     from ..manifest import read_manifest
 
     rungs = parse_ladder(ladder)
     if adapter is None and out is None:
-        raise UsageError("give --adapter (from `qzoom train rpn`) or --out for a gate-only adapter")
+        raise UsageError("give --adapter (from `qzoom train rpn`) or --output for a gate-only adapter")
     options = _train_options(locals())
     target = Path(out or adapter)
     check_out_folder(target, model)
     rows = read_manifest(manifest, root)
-    check_transformers()
+    preflight(model, adapter, revision)
     from ..training.data import expand_samples
     from ..training.gate import GateSettings, train_gate
 
@@ -283,13 +292,14 @@ def train_gate_command(
     with _training_progress(quiet, "answer ladders", len(samples.samples)) as (on_item, on_step):
         _, report = train_gate(qz.backbone, qz.adapter, samples, settings, options, target,
                                qz.engine.branch_layer, qz.engine.depth, on_item, on_step)
-    _finish_training(target, report, quiet)
+    _finish_training(target, report, quiet, as_json)
 
 
-@train_app.command("questions")
+@train_app.command("questions", short_help="Questions about each page, as a manifest.")
 def train_questions_command(
     folder: Annotated[str, typer.Argument(help="Folder of documents (searched recursively).")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Manifest to write.")] = "questions.jsonl",
+    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE",
+                                        help="Manifest to write.")] = "questions.jsonl",
     per_page: Annotated[int, typer.Option(help="Questions asked for per page.")] = QUESTIONS_PER_PAGE,
     force: Annotated[bool, flag(help="Overwrite an existing --output.")] = False,
     model: ModelOpt = None,
@@ -299,11 +309,11 @@ def train_questions_command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
+    as_json: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Have the model write questions about details of every page, as a manifest for `train rpn`."""
-    from ..doctor import check_transformers
     from ..training.questions import documents, write_questions
 
     if not Path(folder).is_dir():
@@ -313,7 +323,7 @@ def train_questions_command(
     check_output_file(Path(output))
     if Path(output).exists() and Path(output).stat().st_size > 0 and not force:
         raise UsageError(f"{output} already exists: --force to overwrite it, or -o another file")
-    check_transformers()
+    preflight(model, revision=revision)
     configure_logging(verbose, quiet)
     qz = load_model(model, None, revision, device, dtype, attn)
     budget = qz.resolve_budget(None, max_visual_tokens, zoom_mode="never")
@@ -326,7 +336,10 @@ def train_questions_command(
                                     on_page=on_page)
     for path, reason in skipped.items():
         warn(f"skipped {path}: {reason}", quiet)
-    print(output)
+    if as_json:
+        print_json({"manifest": output, "written": rows, "skipped": skipped})
+    else:
+        print(output)
     if not quiet:
         print(f"qzoom: {rows} questions written", file=sys.stderr)
 
@@ -349,14 +362,15 @@ def _judge_loader(revision, device, dtype, attn):
     return lambda judge: load_model(judge, None, revision, device, dtype, attn)
 
 
-@train_app.command("sft")
+@train_app.command("sft", short_help="Stage 2: LoRA for the page with its region.")
 def train_sft_command(
     manifest: Annotated[str, typer.Argument(help="Rows of {file, question, pages?, answers?}; without answers the "
                                                  "model's own best read is the reference (label-free).")],
     adapter: Annotated[str, typer.Option("--adapter", help="The adapter `train rpn` wrote: its region head picks the "
                                                            "regions.")],
-    out: Annotated[str, typer.Option("--out", help="Adapter folder to write: the region head, the LoRA weights "
-                                                   "(lora/), the mined pairs and checkpoints.")],
+    out: Annotated[str, typer.Option("--output", "-o", "--out", metavar="DIR",
+                                     help="Adapter folder to write: the region head, the LoRA weights "
+                                          "(lora/), the mined pairs and checkpoints.")],
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     judge: JudgeOpt = None,
@@ -381,25 +395,25 @@ def train_sft_command(
     max_samples: MaxSamplesOpt = None,
     save_every: SaveEveryOpt = TrainOptions.save_every,
     gradient_checkpointing: CheckpointingOpt = False,
-    seed: SeedOpt = _TUNE.seed,
+    seed: SeedOpt = SEED,
     dpi: DpiOpt = 200,
     root: RootOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
+    as_json: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Stage 2: teach the model to read the page with the region spliced in (LoRA on the decoder),
     on the pairs the zoomed read answers worse than the plain one."""
-    from ..doctor import check_transformers
     from ..manifest import read_manifest
 
     settings = _fine_tune_settings(locals())
     options = _train_options(locals())
     check_out_folder(Path(out), model)
     rows = read_manifest(manifest, root)
-    check_transformers()
+    preflight(model, adapter, revision)
     from ..training.data import expand_samples
     from ..training.targeted import fine_tune
 
@@ -409,21 +423,22 @@ def train_sft_command(
     with _training_progress(quiet, "mining", len(samples.samples)) as (on_item, on_step):
         _, report = fine_tune(qz, samples, settings, options, Path(out), _judge_loader(revision, device, dtype, attn),
                               on_item, on_step)
-    _finish_training(out, report, quiet)
+    _finish_training(out, report, quiet, as_json)
 
 
-@train_app.command("all")
+@train_app.command("all", short_help="Every stage, resumable.")
 def train_all_command(
     source: Annotated[str, typer.Argument(help="A manifest of {file, question, pages?, answers?}, or a folder of "
                                                "documents the model first writes questions about.")],
-    out: Annotated[str, typer.Option("--out", help="Folder of the finished adapter; each stage works in "
-                                                   "out/stages, and a rerun resumes where it stopped.")],
+    out: Annotated[str, typer.Option("--output", "-o", "--out", metavar="DIR",
+                                     help="Folder of the finished adapter; each stage works in "
+                                          "out/stages, and a rerun resumes where it stopped.")],
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     per_page: Annotated[int, typer.Option(help="Questions written per page (a folder source).")] = QUESTIONS_PER_PAGE,
-    branch_layer: Annotated[int | None, typer.Option(help="K of the region head and gate \\[default: model card].")]
+    branch_layer: Annotated[int | None, typer.Option(help="K of the region head and gate [default: model card].")]
     = None,
-    depth: Annotated[int | None, typer.Option(help="T of the region head and gate \\[default: model card].")] = None,
+    depth: Annotated[int | None, typer.Option(help="T of the region head and gate [default: model card].")] = None,
     view_tokens: Annotated[int, typer.Option(help="Visual tokens of the region head's square teacher/student "
                                                   "view.")] = DEFAULT_VIEW_TOKENS,
     sink_threshold: SinkOpt = _LABELS.sink_threshold,
@@ -457,18 +472,18 @@ def train_all_command(
     max_samples: MaxSamplesOpt = None,
     save_every: SaveEveryOpt = TrainOptions.save_every,
     gradient_checkpointing: CheckpointingOpt = False,
-    seed: SeedOpt = TrainOptions.seed,
+    seed: SeedOpt = SEED,
     dpi: DpiOpt = 200,
     root: RootOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
+    as_json: JsonFlag = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Every stage, label-free unless the manifest has answers: questions (for a folder) -> rpn ->
     sft -> rpn again on the tuned model -> gate."""
-    from ..doctor import check_transformers
 
     settings = _fine_tune_settings(locals())
     options = _train_options(locals())
@@ -477,8 +492,8 @@ def train_all_command(
     if not Path(source).exists():
         raise FileNotFound(f"{source}: no such manifest or folder")
     check_out_folder(Path(out), model)
-    check_transformers()
-    from ..training.recipe import Recipe, train_all
+    preflight(model, revision=revision)
+    from ..training.recipe import NOT_RUN, Recipe, train_all
 
     configure_logging(verbose, quiet)
     recipe = Recipe(fine_tune=settings, labels=LabelSettings(sink_threshold, fg_ratio, bg_ratio, max_area, peak_floor),
@@ -492,4 +507,7 @@ def train_all_command(
     with TrainingDisplay(quiet) as display:
         report = train_all(Path(source), Path(out), recipe, options, load, display.stage, root,
                            _judge_loader(revision, device, dtype, attn))
-    _finish_training(out, report, quiet)
+    for stage, stage_report in report["stages"].items():
+        if NOT_RUN in stage_report:
+            warn(f"stage {stage} not run: {stage_report[NOT_RUN]}", quiet)
+    _finish_training(out, report, quiet, as_json)

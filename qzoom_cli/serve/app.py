@@ -8,6 +8,7 @@ import binascii
 import hmac
 import io
 import stat
+import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from ..api import QZoom
 from ..documents import Document, open_document, parse_page_spec
 from ..errors import Busy, FileNotFound, InputError, OutOfMemory, QZoomError, TooLarge, UsageError
 from ..options import check_questions
+from ..refs import display_name
+from ..render import printable
 from ..results import Result
 from .chat import chat_question, completion, completion_chunks, image_bytes
 from .metrics import Metrics
@@ -158,8 +161,11 @@ class GuardAndCount:
         if status >= 400:
             code = answered["headers"].get(b"x-qzoom-error", str(status).encode()).decode()
             self.metrics.failures.labels(code=code).inc()
+        elapsed = time.perf_counter() - start
         self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-        self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+        self.metrics.latency.labels(endpoint=endpoint).observe(elapsed)
+        if self.settings.log_requests:
+            print(f"qzoom: {request.method} {printable(request.url.path)} {status} {elapsed:.3f}s", file=sys.stderr)
 
 
 def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
@@ -180,13 +186,14 @@ def create_app(qz: QZoom, settings: ServeSettings) -> FastAPI:
         finally:
             await run_in_threadpool(state["scheduler"].close)
 
-    app = FastAPI(title="qzoom", version=qz.model_info().id, lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="qzoom", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.add_middleware(BodyLimit, limit=settings.body_limit, max_upload_mb=settings.max_upload_mb,
                        timeout=settings.body_timeout_s)
 
     app.add_middleware(GuardAndCount, settings=settings, metrics=metrics)  # added last: wraps the body limit
-    served = {"id": qz.model_info().id, "object": "model", "created": int(time.time()), "owned_by": "qzoom"}
+    name = settings.served_model_name or display_name(qz.model_info().id)
+    served = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "qzoom"}
 
     @app.exception_handler(HTTPException)
     async def no_such_route(request: Request, exc: HTTPException):

@@ -133,5 +133,5 @@ def _finish_reason(result: Result) -> str:
 
 def _usage(result: Result) -> dict:
     prompt = result.stats.total_prompt_tokens if result.stats else 0
-    output = result.stats.output_tokens if result.stats else 0
+    output = result.stats.total_output_tokens if result.stats else 0  # every page's answer was generated
     return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}

@@ -114,6 +114,8 @@ class ServeSettings:
     max_instruction_chars: int = 1000
     allowed_hosts: tuple[str, ...] | None = None  # Host names a keyless service answers; None: any
     body_timeout_s: float = 30.0  # the most a request may take to send its body (and its headers)
+    served_model_name: str | None = None  # the model's name to clients; None: its hub id or folder name
+    log_requests: bool = False  # one line per request on stderr
 
     def check_request(self, options: AskOptions, questions: int) -> None:
         """A request within the service's caps (413 beyond them)."""

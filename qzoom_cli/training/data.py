@@ -37,6 +37,12 @@ class TrainSample:
         digest = hashlib.sha256(f"{self.sha256}|{self.page}|{self.question}".encode()).hexdigest()
         return digest[:32]
 
+    @property
+    def judged_key(self) -> str:
+        """The name of what is judged against the sample's reference answers too (mined verdicts):
+        references changed in the manifest are judged again, not read from the cache."""
+        return hashlib.sha256(f"{self.key}|{json.dumps(self.answers)}".encode()).hexdigest()[:32]
+
 
 def skipped_text(skipped: dict[str, int]) -> str:
     """'2 answer too short for a map, 1 unreadable document', or 'none'."""
@@ -126,11 +132,11 @@ class ArtefactStore:
     def _check(self, settings: dict) -> None:
         path = self.folder / self.SETTINGS
         if path.exists():
-            saved = read_json(path, f"delete {self.folder} to compute its work afresh, or write to another --out")
+            saved = read_json(path, f"delete {self.folder} to compute its work afresh, or write to another --output")
             changed = changed_settings(saved, settings)
             if changed:
                 raise ResumeMismatch(f"{self.folder} holds work done with other settings ({', '.join(changed)}): "
-                                     "rerun with the same options, or write to another --out")
+                                     "rerun with the same options, or write to another --output")
         else:
             write_whole(path, json.dumps(settings, indent=2))
 

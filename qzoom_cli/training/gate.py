@@ -32,7 +32,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..decode import answer_plainly
-from ..errors import ResumeMismatch, UsageError
+from ..errors import NothingToLearn, ResumeMismatch, UsageError
 from ..options import TRAINED_GATE_THRESHOLD
 from ..zoom.adapter import AdapterConfig, ZoomAdapter
 from ..zoom.gate import gate_logits
@@ -49,7 +49,7 @@ from .loop import (
 from .pseudo_labels import IGNORE
 from .rpn import _Pages, branch_inputs, prompt_text
 from .saved import writing
-from .settings import DEFAULT_LADDER, GATE_SEED
+from .settings import DEFAULT_LADDER, SEED
 
 TOP_RUNGS = 2
 log = logging.getLogger("qzoom")
@@ -125,7 +125,7 @@ class GateSettings:
     free_answers: bool = False
     max_new_tokens: int = 32
     dpi: int = 200
-    seed: int = GATE_SEED
+    seed: int = SEED
     gate_threshold: float = TRAINED_GATE_THRESHOLD
     extra: dict = field(default_factory=dict)
 
@@ -172,7 +172,7 @@ def make_ladders(backbone: Backbone, samples: SampleSet, settings: GateSettings,
             tensors, meta = store.load(sample.key)
             if tuple(tensors["ladder"].tolist()) != tuple(settings.ladder):
                 raise ResumeMismatch(f"cached answers in {store.folder} were made with another ladder; "
-                                 "use another --out or the same --ladder")
+                                 "use another --output or the same --ladder")
             ladders[sample.key] = (meta["answers"], list(sample.answers))
             on_sample(sample)
     finally:
@@ -234,7 +234,7 @@ def train_gate(backbone: Backbone, adapter: ZoomAdapter | None, samples: SampleS
     ladders = make_ladders(backbone, samples, settings, store, Shard.current(), on_ladder)
     kept, dropped = build_pool(ladders, settings.seed)
     if not kept:
-        raise UsageError(f"no ladder survived the consistency filter ({dict(dropped)}); add questions "
+        raise NothingToLearn(f"no ladder survived the consistency filter ({dict(dropped)}); add questions "
                          "whose answers change with resolution")
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is None:

@@ -184,7 +184,7 @@ class Trainer:
         changed = changed_settings(before, self.plan)
         if changed:
             raise ResumeMismatch(f"{checkpoint} was trained with other settings ({', '.join(changed)}): rerun "
-                                 "with the same options and samples, or write to another --out")
+                                 "with the same options and samples, or write to another --output")
         with reading_checkpoint(checkpoint, TRAINER_STATE):
             self.optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])

@@ -112,13 +112,13 @@ def mine(qz: QZoom, samples: SampleSet, settings: MiningSettings, store: Artefac
     region, or whose judge reply could not be read, are left out."""
     for index, sample in enumerate(samples.samples):
         if shard.owns(index):
-            if sample.key not in store:
-                store.save(sample.key, {}, _answer_both(qz, sample, settings, judge))
+            if sample.judged_key not in store:
+                store.save(sample.judged_key, {}, _answer_both(qz, sample, settings, judge))
             on_sample(sample)
     shard.barrier()
     mined = []
     for sample in samples.samples:
-        record = store.load(sample.key)[1]
+        record = store.load(sample.judged_key)[1]
         if record["box"] is None or record["verdicts"] is None:
             continue
         plain_right, zoomed_right = record["verdicts"]

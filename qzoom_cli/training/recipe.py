@@ -3,7 +3,9 @@
 questions (when given a folder of documents) -> rpn -> sft -> rpn again (on the tuned model) ->
 gate. Each stage works in its own folder under `out/stages` and is recorded in
 `out/stages/progress.json` when it finishes; a rerun skips the finished stages and resumes the
-interrupted one from its own caches and checkpoints. The finished adapter is published into `out`.
+interrupted one from its own caches and checkpoints. A stage after rpn that finds nothing to learn
+(easy data: no regression to fine-tune on, no ladder whose answer changes) is recorded as not run
+and the recipe carries on from the last adapter trained; that adapter is published into `out`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..api import QZoom
-from ..errors import ResumeMismatch, UsageError
+from ..errors import NothingToLearn, ResumeMismatch, UsageError
 from ..options import TRAINED_GATE_THRESHOLD, changed_settings
 from ..runtime import release_memory
 from ..zoom.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -32,6 +34,7 @@ from .settings import DEFAULT_LADDER, DEFAULT_VIEW_TOKENS, QUESTIONS_PER_PAGE, v
 from .targeted import FineTuneSettings, fine_tune
 
 STAGES = ("questions", "rpn", "sft", "rpn_again", "gate")
+NOT_RUN = "not_run"  # a stage's report key: why it trained nothing
 PROGRESS = "progress.json"
 # a rerun may change these: they alter no result (the stages' own resumes accept them too)
 _FREE_ON_RESUME = ("save_every", "gradient_checkpointing")
@@ -69,17 +72,29 @@ def train_all(source: Path, out_dir: Path, recipe: Recipe, options: TrainOptions
     manifest = source if source.is_file() else stages_dir / "questions.jsonl"
     for stage in STAGES:
         if stage not in progress.done:
-            progress.finish(stage, _run_stage(stage, source, manifest, stages_dir, recipe, options, load, display,
-                                              root, load_judge))
+            try:
+                report = _run_stage(stage, source, manifest, stages_dir, recipe, options, load, display, root,
+                                    load_judge, _trained(progress.done))
+            except NothingToLearn as exc:
+                if stage == "rpn":  # every later stage builds on its region head
+                    raise
+                report = {"stage": stage, NOT_RUN: exc.message}
+            progress.finish(stage, report)
             release_memory()
     with writing(out_dir):
-        _publish(stages_dir / "gate", out_dir)
+        _publish(stages_dir / _trained(progress.done)[-1], out_dir)
     return {"adapter": str(out_dir), "stages": progress.done}
+
+
+def _trained(done: dict[str, dict]) -> list[str]:
+    """The stages, in order, whose folders hold an adapter."""
+    return [stage for stage in STAGES[1:] if stage in done and NOT_RUN not in done[stage]]
 
 
 def _run_stage(stage: str, source: Path, manifest: Path, stages_dir: Path, recipe: Recipe, options: TrainOptions,
                load: Loader, display: StageDisplay, root: str | None,
-               load_judge: Callable[[str], QZoom] | None) -> dict:
+               load_judge: Callable[[str], QZoom] | None, trained: list[str]) -> dict:
+    """One stage's report; it starts from the adapter of the last stage that trained one."""
     if stage == "questions":
         return _questions(source, manifest, recipe, load, display)
     samples = _samples(manifest, recipe, root)
@@ -89,16 +104,19 @@ def _run_stage(stage: str, source: Path, manifest: Path, stages_dir: Path, recip
         with display("rpn: teacher labels", len(samples.samples)) as (on_item, on_step):
             return train_rpn(qz.backbone, samples, _rpn_settings(qz, recipe), options, folder, on_item, on_step)[1]
     if stage == "sft":
-        qz = load(stages_dir / "rpn")
+        qz = load(stages_dir / trained[-1])
         settings = replace(recipe.fine_tune, free_answers=recipe.free_answers, dpi=recipe.dpi)
         with display("sft: mining", len(samples.samples)) as (on_item, on_step):
             return fine_tune(qz, samples, settings, options, folder, load_judge, on_item, on_step)[1]
     if stage == "rpn_again":
+        if trained[-1] != "sft":
+            raise NothingToLearn("sft did not run, so the model was not tuned: its region head needs no second "
+                                 "pass")
         qz = load(stages_dir / "sft")
         with display("rpn again: teacher labels", len(samples.samples)) as (on_item, on_step):
             return train_rpn(qz.backbone, samples, _rpn_settings(qz, recipe), options, folder, on_item, on_step,
                              start=qz.adapter)[1]
-    qz = load(stages_dir / "rpn_again")
+    qz = load(stages_dir / trained[-1])
     settings = GateSettings(ladder=recipe.ladder, free_answers=recipe.free_answers, dpi=recipe.dpi,
                             seed=options.seed, gate_threshold=recipe.gate_threshold)
     with display("gate: answer ladders", len(samples.samples)) as (on_item, on_step):
@@ -158,7 +176,7 @@ class _Progress:
                        if name not in _FREE_ON_RESUME]
             if changed:
                 raise ResumeMismatch(f"{path.parent.parent} was trained with other settings ({', '.join(changed)}): "
-                                     "rerun with the same options, or write to another --out")
+                                     "rerun with the same options, or write to another --output")
             self.done = done
 
     def finish(self, stage: str, report: dict) -> None:

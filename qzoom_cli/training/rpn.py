@@ -27,7 +27,7 @@ from torch import nn
 from ..api import QZoom
 from ..backbones import Backbone, ImageBlock
 from ..documents import Document, open_document
-from ..errors import UsageError
+from ..errors import NothingToLearn, UsageError
 from ..options import SHORT_ANSWER_INSTRUCTION, with_instruction
 from ..padding import pad_segments
 from ..zoom.adapter import AdapterConfig, ZoomAdapter
@@ -244,7 +244,7 @@ def train_rpn(backbone: Backbone, samples: SampleSet, settings: RpnSettings, opt
     store = ArtefactStore(out_dir / "labels")  # makes out_dir too
     usable = make_labels(backbone, samples, settings, store, Shard.current(), on_label)
     if not usable:
-        raise UsageError(f"no usable training sample (skipped: {skipped_text(samples.skipped)})")
+        raise NothingToLearn(f"no usable training sample (skipped: {skipped_text(samples.skipped)})")
     train, held = held_out_samples(usable, settings.held_out)
     config = AdapterConfig(branch_layer=settings.branch_layer, depth=settings.depth, gate=False,
                            family=backbone.family, hidden_size=backbone.hidden_size, base_model=backbone.model_id,

@@ -73,17 +73,17 @@ def write_whole(path: Path, text: str) -> None:
 
 
 def check_out_folder(out: Path, model: str | None) -> None:
-    """Refuse, before any work, an --out that training could not write its folder into, or the
+    """Refuse, before any work, an --output that training could not write its folder into, or the
     model's own folder (the adapter's files would mix with the checkpoint's)."""
     existing = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
     if not existing.is_dir():
-        raise UsageError(f"--out {out}: {existing} is a file; name a folder for the adapter")
+        raise UsageError(f"--output {out}: {existing} is a file; name a folder for the adapter")
     if model is not None and out.is_dir() and Path(model).expanduser().is_dir() \
             and os.path.samefile(out, Path(model).expanduser()):
-        raise UsageError(f"--out {out} is the model's own folder; write the adapter to a folder of its own")
+        raise UsageError(f"--output {out} is the model's own folder; write the adapter to a folder of its own")
     try:
         with tempfile.TemporaryFile(dir=existing):  # the kernel's answer: permissions, read-only mounts, root
             pass
     except OSError as exc:
-        raise UsageError(f"--out {out}: cannot write in {existing} ({exc.strerror}); name a folder you can "
+        raise UsageError(f"--output {out}: cannot write in {existing} ({exc.strerror}); name a folder you can "
                          "write") from None

@@ -32,7 +32,7 @@ from .loop import StepReport, Trainer, TrainOptions, latest_checkpoint, reading_
 from .mining import Mined, is_right
 from .rpn import _Pages, answer_instruction, prompt_text
 from .saved import writing
-from .settings import LoraSettings
+from .settings import SEED, LoraSettings
 from .teacher import with_answer
 
 
@@ -96,7 +96,7 @@ class SftSettings:
     box_noise: float = 0.0                # chance a visit reads a random box instead of the mined one
     free_answers: bool = False
     dpi: int = 200
-    seed: int = 42
+    seed: int = SEED
 
 
 def noisy_box(box: Box, grid: tuple[int, int], chance: float, rng: random.Random) -> Box:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..api import QZoom
 from ..budget import VisualBudget
-from ..errors import UsageError
+from ..errors import NothingToLearn, UsageError
 from ..runtime import release_memory
 from ..zoom.adapter import ZoomAdapter
 from ..zoom.lora import check_untuned
@@ -66,7 +66,7 @@ def fine_tune(qz: QZoom, samples: SampleSet, settings: FineTuneSettings, options
     train, held = split_held_out(chosen, settings.held_out, settings.seed)
     mining = {**mining_report(mined, chosen), "left_out": len(samples.samples) - len(mined)}
     if not train:
-        raise UsageError(f"nothing to fine-tune on: {mining['pairs']} pairs mined ({_kinds(mining)}); the zoomed "
+        raise NothingToLearn(f"nothing to fine-tune on: {mining['pairs']} pairs mined ({_kinds(mining)}); the zoomed "
                          "read answered no pair worse than the plain one" +
                          ("" if settings.mix else " (--mix also trains on improvements)"))
     by_key = {s.key: s for s in samples.samples}
@@ -96,7 +96,7 @@ def _mine(qz: QZoom, samples: SampleSet, settings: FineTuneSettings, mining: Min
     store = ArtefactStore(out_dir / "mined", {**asdict(mining), "model": qz.backbone.model_id,
                                               "aligned": settings.aligned, "judge": settings.judge})
     judge = None
-    if settings.judge is not None and any(s.key not in store for s in samples.samples):
+    if settings.judge is not None and any(s.judged_key not in store for s in samples.samples):
         if load_judge is None:
             raise ValueError("a judge is named but no way to load it was given")
         judge = load_judge(settings.judge)
