@@ -30,15 +30,17 @@ def resolve_model_ref(ref: str) -> str:
 
 def check_local_refs(model: str, adapter: str | None = None, revision: str | None = None) -> None:
     """What can be known without the ML libraries: the folders given exist, a model folder holds a
-    config, and a hub model is in the cache when the hub is switched off."""
+    config, and a hub model is in the cache when the hub is off or out of reach."""
     from huggingface_hub import try_to_load_from_cache
 
     source = resolve_model_ref(model)
-    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
-        raise not_available(model, revision, FileNotFoundError("it has no config.json"))
-    if not Path(source).is_dir() and constants.HF_HUB_OFFLINE and \
-            not isinstance(try_to_load_from_cache(source, "config.json", revision=revision), str):
-        raise not_available(model, revision, FileNotFoundError("not cached"))
+    if Path(source).is_dir():
+        if not (Path(source) / "config.json").is_file():
+            raise not_available(model, revision, FileNotFoundError("it has no config.json"))
+    elif not isinstance(try_to_load_from_cache(source, "config.json", revision=revision), str):
+        use_cache_when_hub_unreachable()
+        if constants.HF_HUB_OFFLINE:
+            raise not_available(model, revision, FileNotFoundError("not cached"))
     if adapter is not None and not Path(adapter).expanduser().is_dir():
         raise ModelNotAvailable(f"adapter folder {adapter} does not exist")
 
@@ -87,8 +89,8 @@ def not_available(ref: str, revision: str | None, exc: Exception) -> ModelNotAva
         return ModelNotAvailable(f"{ref}{at} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1: download it "
                                  f"where there is network ({pull}), or pass --model a local folder; {TRIAL}")
     if _went_offline or _unreachable(exc):
-        return ModelNotAvailable(f"cannot reach the Hugging Face hub for {ref}{at}: download it where there is "
-                                 f"network ({pull}) and pass --model the folder, or set HF_HUB_OFFLINE=1 if it is "
-                                 f"cached; {TRIAL}")
+        return ModelNotAvailable(f"cannot reach the Hugging Face hub for {ref}{at}, and it is not in the local cache: "
+                                 f"fetch it where there is network ({pull}); from then on it loads from the cache; "
+                                 f"{TRIAL}")
     return ModelNotAvailable(f"cannot load model {ref}{at}: check the id and revision, and your access to it "
                              f"(`hf auth login` for gated models) ({reason})")

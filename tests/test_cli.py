@@ -504,8 +504,10 @@ def test_an_unreachable_hub_means_the_cache_at_once(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     with pytest.raises(ModelNotAvailable, match="cannot reach the Hugging Face hub"):
-        backbones.detect_family("nobody/not-cached")
+        refs.check_local_refs("nobody/not-cached")  # before any ML library: at once
     assert constants.HF_HUB_OFFLINE
+    with pytest.raises(ModelNotAvailable, match="cannot reach the Hugging Face hub"):
+        backbones.detect_family("nobody/not-cached")
 
 
 def test_overlays_that_cannot_be_written_keep_the_answers(tiny_dir, pdf_path, tmp_path, monkeypatch):
